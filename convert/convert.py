@@ -1,0 +1,67 @@
+"""Strict conversion of an upstream state_dict into the Flax parameter tree of a ModelConfig."""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.model import param_shapes
+
+from .keymap import map_key, transformed_shape
+
+log = logging.getLogger(__name__)
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not match the configuration; the message lists every problem."""
+
+
+def _target(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {".".join(k): tuple(v.shape) for k, v in flatten_dict(param_shapes(cfg)).items()}
+
+
+def _report(unused, missing, mismatched, source: str) -> None:
+    problems = []
+    if unused:
+        problems.append(f"{len(unused)} unused source key(s): " + ", ".join(sorted(unused)))
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) not filled: " + ", ".join(sorted(missing)))
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): " + ", ".join(
+            f"{k} (source {s} -> {t}, expected {e})" for k, s, t, e in sorted(mismatched)))
+    if problems:
+        raise ConversionError(f"{source} is not a StreamVGGT state_dict for this configuration:\n  "
+                              + "\n  ".join(problems))
+
+
+def check_coverage(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, source: str = "checkpoint") -> None:
+    """Validate a key -> shape listing against `cfg` without any tensor data."""
+    target = _target(cfg)
+    filled, unused, mismatched = set(), [], []
+    for key, shape in shapes.items():
+        path, fn = map_key(key, len(shape))
+        if path not in target:
+            unused.append(key)
+            continue
+        got = transformed_shape(tuple(shape), fn)
+        if got != target[path]:
+            mismatched.append((key, tuple(shape), got, target[path]))
+        filled.add(path)
+    _report(unused, set(target) - filled, mismatched, source)
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, source: str = "checkpoint",
+                       dtype=np.float32) -> dict:
+    """Map every tensor of an upstream state_dict onto the Flax params of `cfg` (strict)."""
+    check_coverage({k: v.shape for k, v in state_dict.items()}, cfg, source)
+    flat = {}
+    for key, value in state_dict.items():
+        path, fn = map_key(key, value.ndim)
+        flat[tuple(path.split("."))] = np.ascontiguousarray(fn(np.asarray(value))).astype(dtype, copy=False)
+    log.info("converted %d tensors from %s", len(flat), source)
+    return unflatten_dict(flat)

@@ -1,0 +1,313 @@
+"""Tests for xsvggt_jax.io.checkpoint_reader (no torch: fixtures are hand-built)."""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from xsvggt_jax.io.checkpoint_reader import CheckpointError, read_state_dict
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
+
+# ---------------------------------------------------------------------------
+# Hand-made torch.save look-alike
+# ---------------------------------------------------------------------------
+
+_STORAGE_NAMES = {
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float64): "DoubleStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
+    np.dtype(np.int64): "LongStorage",
+    np.dtype(np.int32): "IntStorage",
+    np.dtype(np.uint8): "ByteStorage",
+    np.dtype(np.bool_): "BoolStorage",
+}
+
+
+class FakeGlobal:
+    """An object that pickles as ``GLOBAL '<module> <name>'`` (see ``_TorchPickler``)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> Any:  # pickle requires reduce targets to be callable
+        raise AssertionError("fake global must never be called")
+
+
+REBUILD_TENSOR = FakeGlobal("torch._utils", "_rebuild_tensor_v2")
+REBUILD_PARAMETER = FakeGlobal("torch._utils", "_rebuild_parameter")
+
+
+class FakeStorage:
+    """A flat storage saved as data record ``key``."""
+
+    def __init__(self, key: str, data: np.ndarray) -> None:
+        self.key, self.shape = key, np.shape(data)
+        self.data = np.ascontiguousarray(data).reshape(-1)
+
+
+class FakeTensor:
+    """Reduces like a torch tensor: ``_rebuild_tensor_v2(storage, offset, size, stride, ...)``."""
+
+    def __init__(self, storage: FakeStorage, offset: int, size: tuple, stride: tuple) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        args = (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict())
+        return (REBUILD_TENSOR, args)
+
+
+class FakeParameter:
+    def __init__(self, tensor: FakeTensor) -> None:
+        self.tensor = tensor
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return (REBUILD_PARAMETER, (self.tensor, True, collections.OrderedDict()))
+
+
+class FakeCall:
+    """Pickles as a call ``module.name(*args)`` -- used for malicious payloads."""
+
+    def __init__(self, module: str, name: str, *args: Any) -> None:
+        self.target, self.args = FakeGlobal(module, name), args
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return (self.target, self.args)
+
+
+class _TorchPickler(pickle._Pickler):  # pure-Python pickler so save() can be hooked
+    """Emits GLOBAL opcodes for FakeGlobal and torch-style persistent ids for storages."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, FakeStorage):
+            name = _STORAGE_NAMES[obj.data.dtype]
+            return ("storage", FakeGlobal("torch", name), obj.key, "cpu", obj.data.size)
+        return None
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if isinstance(obj, FakeGlobal):
+            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+            return
+        super().save(obj, save_persistent_id)
+
+
+def tensor(
+    storage: FakeStorage, shape: tuple | None = None, offset: int = 0, stride: tuple | None = None
+) -> FakeTensor:
+    shape = storage.shape if shape is None else shape
+    if stride is None:
+        stride = tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
+    return FakeTensor(storage, offset, tuple(shape), tuple(stride))
+
+
+def write_torch_zip(path: Path, obj: Any, archive: str = "archive", byteorder: bytes = b"little") -> Path:
+    buf = io.BytesIO()
+    _TorchPickler(buf, protocol=2).dump(obj)
+    storages: dict[str, FakeStorage] = {}
+
+    def collect(o: Any) -> None:
+        if isinstance(o, FakeTensor):
+            storages[o.storage.key] = o.storage
+        elif isinstance(o, FakeParameter):
+            collect(o.tensor)
+        elif isinstance(o, dict):
+            for v in o.values():
+                collect(v)
+
+    collect(obj)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{archive}/data.pkl", buf.getvalue())
+        if byteorder is not None:
+            zf.writestr(f"{archive}/byteorder", byteorder)
+        for key, st in storages.items():
+            zf.writestr(f"{archive}/data/{key}", st.data.astype(st.data.dtype.newbyteorder("<")).tobytes())
+        zf.writestr(f"{archive}/version", b"3\n")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# torch zip format
+# ---------------------------------------------------------------------------
+
+
+def test_round_trip_dtypes_strides_offsets_shared(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    f32 = rng.standard_normal((3, 4)).astype(np.float32)
+    f16 = rng.standard_normal(5).astype(np.float16)
+    i64 = np.arange(-6, 6, dtype=np.int64).reshape(2, 2, 3)
+    bf16 = rng.standard_normal((2, 3)).astype(ml_dtypes.bfloat16)
+    shared = np.arange(20, dtype=np.float32)
+    s_f32, s_shared = FakeStorage("0", f32), FakeStorage("4", shared)
+    sd = collections.OrderedDict(
+        [
+            ("w", tensor(s_f32)),
+            ("w_t", tensor(s_f32, shape=(4, 3), stride=(1, 4))),  # transposed view
+            ("h", tensor(FakeStorage("1", f16))),
+            ("idx", tensor(FakeStorage("2", i64))),
+            ("bf", FakeParameter(tensor(FakeStorage("3", bf16)))),
+            ("a", tensor(s_shared, shape=(2, 3), offset=2)),  # nonzero offset
+            ("b", tensor(s_shared, shape=(3, 2), offset=10, stride=(1, 3))),  # same storage
+            ("scalar", tensor(FakeStorage("5", np.array([7], dtype=np.int64)), shape=())),
+        ]
+    )
+    out = read_state_dict(write_torch_zip(tmp_path / "m.pth", sd))
+
+    expected = {
+        "w": f32,
+        "w_t": f32.T,
+        "h": f16,
+        "idx": i64,
+        "bf": bf16,
+        "a": shared[2:8].reshape(2, 3),
+        "b": shared[10:16].reshape(2, 3).T,
+        "scalar": np.array(7, dtype=np.int64),
+    }
+    assert list(out) == list(expected)
+    for k, ref in expected.items():
+        assert out[k].dtype == ref.dtype, k
+        assert out[k].shape == ref.shape, k
+        assert out[k].flags["C_CONTIGUOUS"], k
+        np.testing.assert_array_equal(out[k], ref, err_msg=k)
+
+
+@pytest.mark.parametrize("wrapper", ["model", "state_dict"])
+def test_wrapper_and_module_prefix(tmp_path: Path, wrapper: str) -> None:
+    data = np.ones((2, 2), np.float32)
+    inner = {"module.x": tensor(FakeStorage("0", data)), "module.y.z": tensor(FakeStorage("1", data * 2))}
+    for top in ({wrapper: inner}, {wrapper: inner, "epoch": 3, "optimizer": {"lr": 0.1}}):
+        out = read_state_dict(write_torch_zip(tmp_path / f"{wrapper}.pt", top, archive="any_name"))
+        assert sorted(out) == ["x", "y.z"]
+        np.testing.assert_array_equal(out["y.z"], data * 2)
+
+
+def test_partial_module_prefix_kept(tmp_path: Path) -> None:
+    st = FakeStorage("0", np.zeros(2, np.float32))
+    out = read_state_dict(write_torch_zip(tmp_path / "p.bin", {"module.a": tensor(st), "b": tensor(st)}))
+    assert sorted(out) == ["b", "module.a"]
+
+
+def test_non_array_inside_state_dict_is_error(tmp_path: Path) -> None:
+    sd = {"w": tensor(FakeStorage("0", np.zeros(2, np.float32))), "num_steps": 5}
+    with pytest.raises(CheckpointError, match="num_steps"):
+        read_state_dict(write_torch_zip(tmp_path / "bad.pth", sd))
+
+
+def test_truncated_zip(tmp_path: Path) -> None:
+    path = write_torch_zip(tmp_path / "t.pth", {"w": tensor(FakeStorage("0", np.zeros(64, np.float32)))})
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="t.pth"):
+        read_state_dict(path)
+
+
+def test_storage_too_short_and_missing_record(tmp_path: Path) -> None:
+    st = FakeStorage("0", np.zeros(4, np.float32))
+    path = write_torch_zip(tmp_path / "s.pth", {"w": tensor(st, shape=(4,), offset=2)})
+    with pytest.raises(CheckpointError, match="too short"):
+        read_state_dict(path)
+    with zipfile.ZipFile(path) as zf:
+        pkl = zf.read("archive/data.pkl")
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pkl)
+    with pytest.raises(CheckpointError, match="missing data record"):
+        read_state_dict(path)
+
+
+def test_big_endian_refused(tmp_path: Path) -> None:
+    path = write_torch_zip(tmp_path / "be.pth", {"w": tensor(FakeStorage("0", np.zeros(2, np.float32)))}, byteorder=b"big")
+    with pytest.raises(CheckpointError, match="little-endian"):
+        read_state_dict(path)
+
+
+def test_os_system_is_not_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    payload = {"w": FakeCall("os", "system", f"touch {marker}")}
+    path = write_torch_zip(tmp_path / "evil.pth", payload)
+    with pytest.raises(CheckpointError, match=r"os\.system") as info:
+        read_state_dict(path)
+    assert "evil.pth" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "module,name",
+    [("builtins", "eval"), ("__builtin__", "getattr"), ("numpy.core.multiarray", "_reconstruct"), ("torch", "load")],
+)
+def test_forbidden_globals(tmp_path: Path, module: str, name: str) -> None:
+    path = write_torch_zip(tmp_path / "evil.pth", {"w": FakeCall(module, name, "1")})
+    with pytest.raises(CheckpointError, match=f"forbidden global '{module}.{name}'"):
+        read_state_dict(path)
+
+
+def test_missing_legacy_and_garbage(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        read_state_dict(tmp_path / "nope.pth")
+    legacy = tmp_path / "legacy.pth"
+    legacy.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2))
+    with pytest.raises(CheckpointError, match="legacy torch format"):
+        read_state_dict(legacy)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"hello world, not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a recognised checkpoint"):
+        read_state_dict(junk)
+    other_zip = tmp_path / "other.pth"
+    with zipfile.ZipFile(other_zip, "w") as zf:
+        zf.writestr("readme.txt", "hi")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+        read_state_dict(other_zip)
+
+
+# ---------------------------------------------------------------------------
+# safetensors
+# ---------------------------------------------------------------------------
+
+
+def test_safetensors_round_trip_and_truncation(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {
+        "module.a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "module.b": np.arange(5, dtype=np.int64),
+        "module.c": np.ones((2, 2), np.float16),
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    out = read_state_dict(path)
+    assert sorted(out) == ["a", "b", "c"]
+    for k, v in tensors.items():
+        assert out[k[len("module.") :]].dtype == v.dtype
+        np.testing.assert_array_equal(out[k[len("module.") :]], v)
+
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="w.safetensors"):
+        read_state_dict(path)
+
+
+# ---------------------------------------------------------------------------
+# Real torch.save reference
+# ---------------------------------------------------------------------------
+
+
+def test_reference_pth_matches_safetensors() -> None:
+    pth, sft = REFERENCE_DIR / "weights.pth", REFERENCE_DIR / "weights.safetensors"
+    if not (pth.is_file() and sft.is_file()):
+        reason = f"reference checkpoints not found under {REFERENCE_DIR}"
+        if os.environ.get("XSVGGT_REQUIRE_REFERENCE") == "1":
+            pytest.fail(reason + " (XSVGGT_REQUIRE_REFERENCE=1)")
+        pytest.skip(reason)
+    a, b = read_state_dict(pth), read_state_dict(sft)
+    assert a and set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k

@@ -1,0 +1,84 @@
+"""Alternating-attention aggregator: per-frame attention and global (cross-frame) attention.
+
+Token layout of every frame: [camera (1), registers (R), patches (Hp*Wp)], P' = 1 + R + Hp*Wp.
+Camera/register tokens come from slot 0 for the first frame of a stream and slot 1 for later ones.
+Output `i` (what the heads read) is concat(frame block i output, global block i output): [B, S, P', 2C].
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .dino import Dinov2
+from .layers import Block, KVHook
+from .rope import make_rope
+
+Array = jax.Array
+
+RESNET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+RESNET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def frame_causal_bias(frames: int, tokens_per_frame: int) -> Array:
+    """Additive [L, L] bias (L = frames * tokens): a token may not attend to later frames."""
+    fid = np.arange(frames * tokens_per_frame) // tokens_per_frame
+    return jnp.asarray(np.where(fid[:, None] < fid[None, :], -np.inf, 0.0).astype(np.float32))
+
+
+class Aggregator(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        c = cfg.embed_dim
+        self.patch_embed = Dinov2(cfg)
+        block = lambda name: Block(cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm, dtype=cfg.jnp_dtype,
+                                   precision=cfg.jax_precision, name=name)
+        self.frame_blocks = [block(f"frame_blocks_{i}") for i in range(cfg.depth)]
+        self.global_blocks = [block(f"global_blocks_{i}") for i in range(cfg.depth)]
+        self.camera_token = self.param("camera_token", nn.initializers.normal(1e-6), (1, 2, 1, c))
+        self.register_token = self.param("register_token", nn.initializers.normal(1e-6),
+                                         (1, 2, cfg.num_register_tokens, c))
+
+    def __call__(self, images: Array, slot: Array, *, global_bias: Optional[Array] = None,
+                 global_hook: Optional[Callable[[int], KVHook]] = None):
+        """Run the aggregator on a clip.
+
+        images: [B, S, H, W, 3] in [0, 1]. slot: [S] int32, special-token slot per frame (0 or 1).
+        global_bias: additive bias [S*P', S*P'] for global attention (offline), or None.
+        global_hook: layer index -> KV hook substituting the global keys/values (streaming caches).
+        Returns (list of `depth` arrays [B, S, P', 2C], list of hook auxiliaries per global layer).
+        """
+        cfg = self.cfg
+        b, s, h, w, _ = images.shape
+        ph, pw = h // cfg.patch_size, w // cfg.patch_size
+        x = (images - RESNET_MEAN) / RESNET_STD
+        patch = self.patch_embed(x.reshape(b * s, h, w, 3)).reshape(b, s, ph * pw, cfg.embed_dim)
+
+        cam = self.camera_token[0][slot]        # [S, 1, C]
+        reg = self.register_token[0][slot]      # [S, R, C]
+        special = jnp.broadcast_to(jnp.concatenate([cam, reg], 1)[None],
+                                   (b, s, cfg.num_special_tokens, cfg.embed_dim)).astype(patch.dtype)
+        tokens = jnp.concatenate([special, patch], axis=2)  # [B, S, P', C]
+        p = tokens.shape[2]
+
+        rope_frame = make_rope(ph, pw, cfg.num_special_tokens, cfg.head_dim, cfg.rope_freq)
+        rope_global = make_rope(ph, pw, cfg.num_special_tokens, cfg.head_dim, cfg.rope_freq, frames=s)
+
+        outputs, aux = [], []
+        for i in range(cfg.depth):
+            t, _ = self.frame_blocks[i](tokens.reshape(b * s, p, -1), rope=rope_frame)
+            frame_out = t.reshape(b, s, p, -1)
+            hook = global_hook(i) if global_hook is not None else None
+            t, a = self.global_blocks[i](frame_out.reshape(b, s * p, -1), rope=rope_global, bias=global_bias,
+                                         kv_hook=hook)
+            tokens = t.reshape(b, s, p, -1)
+            aux.append(a)
+            outputs.append(jnp.concatenate([frame_out, tokens], axis=-1))
+        return outputs, aux

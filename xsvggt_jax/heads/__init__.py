@@ -1,0 +1,1 @@
+"""Prediction heads: camera pose, DPT dense (depth / point map), point tracks."""

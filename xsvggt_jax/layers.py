@@ -1,0 +1,190 @@
+"""Transformer building blocks shared by the backbone and the heads (Flax Linen).
+
+Parameter names follow the upstream module names so the checkpoint key map stays a readable table
+(`convert/keymap.py`). All matmuls take an explicit `precision`; parity needs float32 + HIGHEST.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Precision = jax.lax.Precision
+
+NEG_INF = -jnp.inf
+
+
+class Dense(nn.Module):
+    """y = x @ kernel + bias; kernel [in, out] (torch Linear weight transposed)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    precision: Precision = Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                       precision=self.precision)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, computed in float32 (torch eps default 1e-5)."""
+
+    eps: float = 1e-5
+    use_affine: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.use_affine:
+            d = x.shape[-1]
+            y = y * self.param("scale", nn.initializers.ones, (d,)) + self.param("bias", nn.initializers.zeros, (d,))
+        return y.astype(dtype)
+
+
+class LayerScale(nn.Module):
+    init_value: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+        return x * gamma.astype(x.dtype)
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, as torch.nn.GELU()."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2."""
+
+    hidden: int
+    out: Optional[int] = None
+    dtype: Any = jnp.float32
+    precision: Precision = Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = gelu(Dense(self.hidden, dtype=self.dtype, precision=self.precision, name="fc1")(x))
+        return Dense(self.out or x.shape[-1], dtype=self.dtype, precision=self.precision, name="fc2")(h)
+
+
+def attend(q: Array, k: Array, v: Array, *, bias: Optional[Array] = None,
+           precision: Precision = Precision.HIGHEST) -> Array:
+    """Scaled dot-product attention.
+
+    q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; bias: broadcastable to [B, H, Nq, Nk] (additive, -inf
+    masks). Returns [B, H, Nq, D]. Softmax is taken in float32.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision).astype(jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=precision)
+
+
+# KV hook: given this layer's (q, k, v) [B, H, N, D] after norm + RoPE, return the keys/values to
+# attend over, an additive bias for the logits, and an auxiliary value (e.g. an updated cache).
+KVHook = Callable[[Array, Array, Array], tuple[Array, Array, Optional[Array], Any]]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional q/k LayerNorm and 2D RoPE.
+
+    `rope` is a callable (x [B,H,N,D]) -> x applying rotary embedding with positions bound in.
+    `kv_hook` lets the caller substitute the attended keys/values (streaming caches); its auxiliary
+    output is returned next to the attention output.
+    """
+
+    num_heads: int
+    qk_norm: bool = False
+    dtype: Any = jnp.float32
+    precision: Precision = Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array, *, rope: Optional[Callable[[Array], Array]] = None,
+                 bias: Optional[Array] = None, kv_hook: Optional[KVHook] = None):
+        b, n, c = x.shape
+        hd = c // self.num_heads
+        qkv = Dense(3 * c, dtype=self.dtype, precision=self.precision, name="qkv")(x)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)  # [3, B, H, N, D]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.qk_norm:
+            q = LayerNorm(name="q_norm")(q)
+            k = LayerNorm(name="k_norm")(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        aux = None
+        if kv_hook is not None:
+            k, v, bias, aux = kv_hook(q, k, v)
+        o = attend(q, k, v, bias=bias, precision=self.precision)  # [B, H, N, D]
+        o = o.transpose(0, 2, 1, 3).reshape(b, n, c)
+        o = Dense(c, dtype=self.dtype, precision=self.precision, name="proj")(o)
+        return o, aux
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with LayerScale: x += ls1(attn(norm1 x)); x += ls2(mlp(norm2 x))."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    layer_norm_eps: float = 1e-5
+    layer_scale: bool = True
+    dtype: Any = jnp.float32
+    precision: Precision = Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array, *, rope=None, bias=None, kv_hook: Optional[KVHook] = None):
+        c = x.shape[-1]
+        h, aux = Attention(self.num_heads, qk_norm=self.qk_norm, dtype=self.dtype, precision=self.precision,
+                           name="attn")(LayerNorm(self.layer_norm_eps, name="norm1")(x), rope=rope, bias=bias,
+                                        kv_hook=kv_hook)
+        if self.layer_scale:
+            h = LayerScale(name="ls1")(h)
+        x = x + h
+        h = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, precision=self.precision, name="mlp")(
+            LayerNorm(self.layer_norm_eps, name="norm2")(x))
+        if self.layer_scale:
+            h = LayerScale(name="ls2")(h)
+        return x + h, aux
+
+
+class MultiheadAttention(nn.Module):
+    """torch.nn.MultiheadAttention (batch_first): packed `in_proj` and `out_proj`."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+    precision: Precision = Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        c = x.shape[-1]
+        hd = c // self.num_heads
+        w = self.param("in_proj_kernel", nn.initializers.lecun_normal(), (c, 3 * c))
+        bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * c,))
+        wq, wk, wv = jnp.split(w, 3, axis=-1)
+        bq, bk, bv = jnp.split(bias, 3)
+
+        def heads(t, wt, bt):  # [B, N, C] -> [B, H, N, hd]
+            y = jnp.einsum("bnc,co->bno", t, wt, precision=self.precision) + bt
+            return y.reshape(*y.shape[:2], self.num_heads, hd).transpose(0, 2, 1, 3)
+
+        o = attend(heads(x, wq, bq), heads(context, wk, bk), heads(context, wv, bv), precision=self.precision)
+        o = o.transpose(0, 2, 1, 3).reshape(x.shape)
+        return Dense(c, dtype=self.dtype, precision=self.precision, name="out_proj")(o)

@@ -1,0 +1,106 @@
+"""The StreamVGGT network (Flax Linen): aggregator + camera, depth, point and track heads.
+
+Methods take images NHWC in [0, 1]: [B, S, H, W, 3]. Outputs are dicts with upstream names, batch
+first and frame axis second:
+  pts3d_in_other_view [B,S,H,W,3], conf [B,S,H,W], depth [B,S,H,W,1], depth_conf [B,S,H,W],
+  camera_pose [B,S,9], and with query points: track [B,S,N,2], vis [B,S,N], track_conf [B,S,N].
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .aggregator import Aggregator, frame_causal_bias
+from .config import ModelConfig
+from .heads.camera import CameraHead
+from .heads.dpt import DPTHead
+from .heads.track import TrackHead
+from .layers import KVHook
+
+Array = jax.Array
+
+
+class StreamVGGT(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.aggregator = Aggregator(cfg)
+        self.camera_head = CameraHead(cfg)
+        self.point_head = DPTHead(cfg, cfg.dpt.features, out_dim=4, activation="inv_log", conf_activation="expp1")
+        self.depth_head = DPTHead(cfg, cfg.dpt.features, out_dim=2, activation="exp", conf_activation="expp1")
+        self.track_head = TrackHead(cfg)
+
+    def __call__(self, images: Array, query_points: Optional[Array] = None, causal: bool = True) -> dict:
+        return self.offline(images, query_points, causal)
+
+    def _heads(self, aggregated, pose: Array, h: int, w: int, query_points: Optional[Array]) -> dict:
+        b, s = aggregated[0].shape[:2]
+        pts, pts_conf = self.point_head(aggregated, h, w)
+        depth, depth_conf = self.depth_head(aggregated, h, w)
+        out = {
+            "pts3d_in_other_view": pts.reshape(b, s, h, w, 3),
+            "conf": pts_conf.reshape(b, s, h, w),
+            "depth": depth.reshape(b, s, h, w, 1),
+            "depth_conf": depth_conf.reshape(b, s, h, w),
+            "camera_pose": pose,
+        }
+        if query_points is not None:
+            out["track"], out["vis"], out["track_conf"] = self.track_head(aggregated, h, w, query_points)
+        return out
+
+    def offline(self, images: Array, query_points: Optional[Array] = None, causal: bool = True,
+                return_aggregated: bool = False) -> dict:
+        """Batch forward over all S frames. causal: frame t sees frames <= t (StreamVGGT); otherwise
+        every frame sees every frame (VGGT-style, upstream XStreamVGGT's batch path)."""
+        b, s, h, w, _ = images.shape
+        p = self.cfg.tokens_per_frame(h, w)
+        slot = jnp.minimum(jnp.arange(s), 1)
+        agg_bias = frame_causal_bias(s, p) if causal else None
+        aggregated, _ = self.aggregator(images, slot, global_bias=agg_bias)
+        cam_bias = frame_causal_bias(s, 1) if causal else None
+        pose = self.camera_head(aggregated[-1], bias=cam_bias)[-1]
+        out = self._heads(aggregated, pose, h, w, query_points)
+        if return_aggregated:
+            out["aggregated"] = aggregated
+        return out
+
+    def stream_frame(self, images: Array, slot: Array, global_hook: Callable[[int], KVHook],
+                     camera_hook: Callable[[int], KVHook], query_points: Optional[Array] = None,
+                     return_aggregated: bool = False) -> dict:
+        """One streaming step: images [B, 1, H, W, 3]; slot: [1] int32 special-token slot.
+
+        The hooks read and extend the caller's KV caches (see `xsvggt_jax.cache`).
+        """
+        h, w = images.shape[2:4]
+        aggregated, _ = self.aggregator(images, slot, global_hook=global_hook)
+        pose = self.camera_head(aggregated[-1], kv_hook=camera_hook)[-1]
+        out = self._heads(aggregated, pose, h, w, query_points)
+        if return_aggregated:
+            out["aggregated"] = aggregated
+        return out
+
+    def dino_tokens(self, images: Array) -> Array:
+        """Normalised DINOv2 patch tokens of images [N, H, W, 3] -> [N, Hp*Wp, C] (for parity tests)."""
+        from .aggregator import RESNET_MEAN, RESNET_STD
+        return self.aggregator.patch_embed((images - RESNET_MEAN) / RESNET_STD)
+
+
+def init_params(cfg: ModelConfig, key: Array, height: int | None = None, width: int | None = None,
+                num_queries: int = 1) -> dict:
+    """Randomly initialised parameters (the `params` collection) for `cfg`."""
+    # big enough that every level of the track head's correlation pyramid is non-empty
+    side = cfg.patch_size * max(2, -(-(cfg.track.stride * 2 ** cfg.track.corr_levels) // cfg.patch_size))
+    height, width = height or side, width or side
+    images = jnp.zeros((1, 2, height, width, 3), jnp.float32)
+    qp = jnp.zeros((1, num_queries, 2), jnp.float32)
+    return StreamVGGT(cfg).init(key, images, qp)["params"]
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Parameter tree of `cfg` as ShapeDtypeStructs (no allocation)."""
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
