@@ -1,0 +1,59 @@
+"""Shared fixtures. The upstream reference data lives beside the repo in ../shared/reference.
+
+On a user's fresh clone it is absent and the parity tests skip with a reason; CI sets
+XSVGGT_REQUIRE_REFERENCE=1 so a missing reference fails instead of silently skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", False)
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+TINY = REFERENCE / "tiny"
+
+
+def require_reference(path: Path = REFERENCE) -> Path:
+    if not path.exists():
+        msg = f"upstream reference data not found at {path}"
+        if os.environ.get("XSVGGT_REQUIRE_REFERENCE") == "1":
+            pytest.fail(msg + " (XSVGGT_REQUIRE_REFERENCE=1)")
+        pytest.skip(msg)
+    return path
+
+
+def rel_err(ours, ref) -> float:
+    """||ours - ref|| / ||ref|| in float64."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return require_reference(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_dir):
+    from xsvggt_jax.config import ModelConfig
+    return ModelConfig.from_spec(tiny_dir / "spec.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_dir, tiny_cfg):
+    from convert import convert_state_dict
+    from xsvggt_jax.io.checkpoint_reader import read_state_dict
+    return convert_state_dict(read_state_dict(tiny_dir / "weights.pth"), tiny_cfg, source="weights.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_frames(tiny_dir):
+    d = np.load(tiny_dir / "frames.npz")
+    return d["images"], d["query_points"]

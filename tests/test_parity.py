@@ -1,0 +1,94 @@
+"""Numerical parity with the upstream PyTorch outputs in ../shared/reference/tiny (float32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import rel_err
+from xsvggt_jax.cache import init_cache
+from xsvggt_jax.dino import interpolate_pos_embed
+from xsvggt_jax.model import StreamVGGT
+from xsvggt_jax.step import make_step
+
+OUTPUTS = ("pts3d_in_other_view", "conf", "depth", "depth_conf", "camera_pose", "track", "vis", "track_conf")
+TOL = 1e-5  # relative error, every output and intermediate
+
+# Offline track *scores* (vis, track_conf) sit at upstream's own float32 noise floor: the tracker embeds
+# flows as sin/cos(flow * k * 1000 / C), so a 1e-7 relative change of a coordinate moves the embedding by
+# ~1e-4. Measured with the upstream PyTorch code: its float32 result differs from its own float64 result
+# by 1.1e-5 (vis) / 1.1e-5 (conf), and perturbing its input feature maps by 1e-7 changes vis by 1.3e-5.
+# No float32 implementation can match it tighter than that noise, so these two get 3e-5. Tracks
+# themselves, and every streaming output (S = 1 there, flows are exactly 0), keep 1e-5.
+OFFLINE_TRACK_SCORE_TOL = 3e-5
+
+
+def _nhwc(images: np.ndarray) -> jnp.ndarray:
+    return jnp.asarray(images.transpose(0, 2, 3, 1))
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny_cfg, tiny_params, tiny_frames):
+    images, queries = tiny_frames
+    s, _, h, w = images.shape
+    cache = init_cache(tiny_cfg, 1, (h, w), s, jnp.asarray(queries)[None])
+    step = make_step(tiny_cfg)
+    outs = []
+    for t in range(s):
+        cache, out = step(tiny_params, cache, _nhwc(images[t:t + 1]))
+        outs.append(jax.tree.map(np.asarray, out))
+    return {k: np.stack([o[k][0] for o in outs]) for k in outs[0]}
+
+
+def test_stream_none_outputs(streamed, tiny_dir):
+    ref = np.load(tiny_dir / "stream_none.npz")
+    errs = {k: rel_err(streamed[k], ref[k]) for k in OUTPUTS}
+    print("stream_none relative errors:", errs)
+    assert all(e <= TOL for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("mode", ["offline_causal", "offline_full"])
+def test_offline_outputs(mode, tiny_dir, tiny_cfg, tiny_params, tiny_frames):
+    images, queries = tiny_frames
+    fn = jax.jit(lambda p, x, q: StreamVGGT(tiny_cfg).apply({"params": p}, x, q, mode == "offline_causal",
+                                                            method=StreamVGGT.offline))
+    out = fn(tiny_params, _nhwc(images)[None], jnp.asarray(queries)[None])
+    ref = np.load(tiny_dir / f"{mode}.npz")
+    errs = {k: rel_err(np.asarray(out[k][0]), ref[k]) for k in OUTPUTS}
+    print(f"{mode} relative errors:", errs)
+    for k, e in errs.items():
+        assert e <= (OFFLINE_TRACK_SCORE_TOL if k in ("vis", "track_conf") else TOL), (k, e)
+
+
+def test_intermediates(tiny_dir, tiny_cfg, tiny_params, tiny_frames):
+    """DINOv2 patch tokens and every aggregator output, frame by frame, through the streaming step."""
+    images, _ = tiny_frames
+    ref = np.load(tiny_dir / "stream_none.npz")
+    model = StreamVGGT(tiny_cfg)
+    dino = model.apply({"params": tiny_params}, _nhwc(images), method=StreamVGGT.dino_tokens)
+    assert rel_err(dino, ref["layer_dino_patch_tokens"]) <= TOL
+
+    # causal offline == streaming for the aggregator (the README's "agree to 1e-6")
+    out = jax.jit(lambda p, x: model.apply({"params": p}, x, None, True, True, method=StreamVGGT.offline))(
+        tiny_params, _nhwc(images)[None])
+    for i in range(tiny_cfg.depth):
+        ours = np.asarray(out["aggregated"][i][0])[:, None]  # [S, 1, P', 2C]
+        e = rel_err(ours, ref[f"layer_aggregated_{i}"])
+        print(f"layer_aggregated_{i}: {e:.2e}")
+        assert e <= TOL, (i, e)
+
+
+@pytest.mark.parametrize("m,h,w", [(37, 28, 37), (5, 4, 5), (37, 74, 20), (5, 9, 3), (16, 16, 16)])
+def test_pos_embed_interpolation_matches_pil_antialiased_bicubic(m, h, w):
+    """torch's bicubic(antialias=True) is PIL's resampling filter (a = -0.5, support scaled when
+    downsampling); PIL's float ('F') resize is an independent implementation of it."""
+    rng = np.random.default_rng(m * 100 + h)
+    grid = rng.standard_normal((m, m, 4)).astype(np.float32)
+    ours = np.asarray(interpolate_pos_embed(jnp.asarray(grid), h, w))
+    pil = np.stack([np.asarray(Image.fromarray(grid[..., c], mode="F").resize((w, h), Image.Resampling.BICUBIC))
+                    for c in range(grid.shape[-1])], -1)
+    assert ours.shape == (h, w, 4)
+    assert rel_err(ours, pil) <= 1e-6
