@@ -13,7 +13,7 @@ from flax.traverse_util import flatten_dict
 from conftest import require_reference
 from convert import ConversionError, check_coverage, convert_state_dict
 from convert.keymap import map_key
-from xsvggt_jax.cache import init_cache
+from xsvggt_jax.cache import CacheConfig, init_cache
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.model import param_shapes
 from xsvggt_jax.step import step
@@ -81,9 +81,10 @@ def test_published_streaming_step_eval_shape():
     cfg = ModelConfig.published()
     h, w = 392, 518
     params = param_shapes(cfg)
-    cache = jax.eval_shape(lambda: init_cache(cfg, 1, (h, w), max_frames=2, query_points=jnp.zeros((1, 4, 2))))
+    cc = CacheConfig.uncompressed()
+    cache = jax.eval_shape(lambda: init_cache(cfg, cc, 1, (h, w), max_frames=2, query_points=jnp.zeros((1, 4, 2))))
     frame = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-    new_cache, out = jax.eval_shape(lambda p, c, f: step(cfg, p, c, f), params, cache, frame)
+    new_cache, out = jax.eval_shape(lambda p, c, f: step(cfg, cc, p, c, f), params, cache, frame)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), new_cache) == jax.tree.map(lambda a: (a.shape, a.dtype), cache)
     p = cfg.tokens_per_frame(h, w)
     assert p == 5 + 28 * 37 and new_cache.global_kv[0].k.shape == (1, 16, 2 * p, 64)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import rel_err
-from xsvggt_jax.cache import init_cache
+from xsvggt_jax.cache import CacheConfig, init_cache
 from xsvggt_jax.dino import interpolate_pos_embed
 from xsvggt_jax.model import StreamVGGT
 from xsvggt_jax.step import make_step
@@ -30,23 +30,28 @@ def _nhwc(images: np.ndarray) -> jnp.ndarray:
     return jnp.asarray(images.transpose(0, 2, 3, 1))
 
 
-@pytest.fixture(scope="module")
-def streamed(tiny_cfg, tiny_params, tiny_frames):
-    images, queries = tiny_frames
+def stream_outputs(cfg, cache_cfg, params, images, queries) -> dict:
+    """Frame-by-frame streaming through the jitted step; outputs stacked [S, ...] (batch dropped)."""
     s, _, h, w = images.shape
-    cache = init_cache(tiny_cfg, 1, (h, w), s, jnp.asarray(queries)[None])
-    step = make_step(tiny_cfg)
+    cache = init_cache(cfg, cache_cfg, 1, (h, w), s, jnp.asarray(queries)[None])
+    step = make_step(cfg, cache_cfg)
     outs = []
     for t in range(s):
-        cache, out = step(tiny_params, cache, _nhwc(images[t:t + 1]))
+        cache, out = step(params, cache, _nhwc(images[t:t + 1]))
         outs.append(jax.tree.map(np.asarray, out))
     return {k: np.stack([o[k][0] for o in outs]) for k in outs[0]}
 
 
-def test_stream_none_outputs(streamed, tiny_dir):
-    ref = np.load(tiny_dir / "stream_none.npz")
-    errs = {k: rel_err(streamed[k], ref[k]) for k in OUTPUTS}
-    print("stream_none relative errors:", errs)
+@pytest.mark.parametrize("run,cache_cfg", [
+    ("stream_none", CacheConfig.uncompressed()),
+    ("stream_xs_c64_p16", CacheConfig(prune="xstream", budget=64, pool=16)),
+    ("stream_sliding_c64", CacheConfig(prune="sliding", budget=64)),
+])
+def test_stream_outputs(run, cache_cfg, tiny_dir, tiny_cfg, tiny_params, tiny_frames):
+    out = stream_outputs(tiny_cfg, cache_cfg, tiny_params, *tiny_frames)
+    ref = np.load(tiny_dir / f"{run}.npz")
+    errs = {k: rel_err(out[k], ref[k]) for k in OUTPUTS}
+    print(f"{run} relative errors:", errs)
     assert all(e <= TOL for e in errs.values()), errs
 
 

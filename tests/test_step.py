@@ -5,24 +5,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import xsvggt_jax.step as step_mod
-from xsvggt_jax.cache import cache_bytes, init_cache
+from xsvggt_jax.cache import CacheConfig, cache_bytes, init_cache
 from xsvggt_jax.pose import pose_encoding_to_extri_intri, quat_to_mat
 
 
-def test_step_traces_once_for_a_stream(monkeypatch, tiny_cfg, tiny_params, tiny_frames):
+@pytest.mark.parametrize("cache_cfg", [CacheConfig.uncompressed(), CacheConfig("xstream", 64, 16),
+                                       CacheConfig("sliding", 64), CacheConfig("random", 64, seed=3)])
+def test_step_traces_once_for_a_stream(monkeypatch, cache_cfg, tiny_cfg, tiny_params, tiny_frames):
     images, queries = tiny_frames
     traces = []
     real = step_mod.step
 
-    def counting(cfg, params, cache, frame):
+    def counting(*args):
         traces.append(1)
-        return real(cfg, params, cache, frame)
+        return real(*args)
 
     monkeypatch.setattr(step_mod, "step", counting)
-    fn = step_mod.make_step(tiny_cfg)
-    cache = init_cache(tiny_cfg, 1, images.shape[2:], 6, jnp.asarray(queries)[None])
+    fn = step_mod.make_step(tiny_cfg, cache_cfg)
+    cache = init_cache(tiny_cfg, cache_cfg, 1, images.shape[2:], 6, jnp.asarray(queries)[None])
     before = cache_bytes(cache)
     for t in range(6):
         cache, _ = fn(tiny_params, cache, jnp.asarray(images[t:t + 1].transpose(0, 2, 3, 1)))
@@ -33,9 +36,10 @@ def test_step_traces_once_for_a_stream(monkeypatch, tiny_cfg, tiny_params, tiny_
 def test_scan_runner_equals_step_loop(tiny_cfg, tiny_params, tiny_frames):
     images, queries = tiny_frames
     frames = jnp.asarray(images[:4].transpose(0, 2, 3, 1))[:, None]  # [S, B=1, H, W, 3]
-    fresh = lambda: init_cache(tiny_cfg, 1, images.shape[2:], 4, jnp.asarray(queries)[None])
-    _, scanned = jax.jit(lambda p, c, f: step_mod.run_stream(tiny_cfg, p, c, f))(tiny_params, fresh(), frames)
-    fn = step_mod.make_step(tiny_cfg)
+    cc = CacheConfig("xstream", 64, 16)
+    fresh = lambda: init_cache(tiny_cfg, cc, 1, images.shape[2:], None, jnp.asarray(queries)[None])
+    _, scanned = jax.jit(lambda p, c, f: step_mod.run_stream(tiny_cfg, cc, p, c, f))(tiny_params, fresh(), frames)
+    fn = step_mod.make_step(tiny_cfg, cc)
     cache = fresh()
     for t in range(4):
         cache, out = fn(tiny_params, cache, frames[t])

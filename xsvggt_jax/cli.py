@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PREDICTION_KEYS = ("pts3d_in_other_view", "conf", "depth", "depth_conf", "camera_pose")
 TRACK_KEYS = ("track", "vis", "track_conf")
+MAX_MESSAGE = 2000
 
 
 class UsageError(Exception):
@@ -96,12 +97,14 @@ def _stream(cfg, params, images_nhwc: np.ndarray, qp: np.ndarray | None):
     import jax
     import jax.numpy as jnp
 
-    from .cache import cache_bytes, init_cache
+    from .cache import CacheConfig, cache_bytes, init_cache
     from .step import make_step
 
     s, h, w, _ = images_nhwc.shape
-    step_fn = make_step(cfg)
-    cache = init_cache(cfg, 1, (h, w), max_frames=s, query_points=None if qp is None else jnp.asarray(qp)[None])
+    cache_cfg = CacheConfig.uncompressed()  # every token of every frame: plain StreamVGGT
+    step_fn = make_step(cfg, cache_cfg)
+    cache = init_cache(cfg, cache_cfg, 1, (h, w), max_frames=s,
+                       query_points=None if qp is None else jnp.asarray(qp)[None])
     n_bytes = cache_bytes(cache)
     outs, times = [], []
     for i in range(s):
@@ -230,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = _convert(args) if args.command == "convert" else _reconstruct(args)
     except UsageError as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if len(msg) > MAX_MESSAGE:  # e.g. a wrong --spec: every parameter is listed
+            log.info("full error: %s", e)
+            msg = msg[:MAX_MESSAGE] + f" ... ({len(msg) - MAX_MESSAGE} more characters; -v shows all)"
         sys.stderr.write(f"xsvggt: error: {msg}\n")
         raise SystemExit(2) from None
     print(out)

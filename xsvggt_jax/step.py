@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from .cache import AppendWriter, StreamCache
+
+from .cache import CacheConfig, CacheWriter, StreamCache
 from .config import ModelConfig, check_frame_size
 from .model import StreamVGGT
 
@@ -18,7 +17,8 @@ Array = jax.Array
 log = logging.getLogger(__name__)
 
 
-def step(cfg: ModelConfig, params: dict, cache: StreamCache, frame: Array) -> tuple[StreamCache, dict]:
+def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
+         frame: Array) -> tuple[StreamCache, dict]:
     """Process one frame of a stream.
 
     frame: [B, H, W, 3] float in [0, 1] (NHWC). Returns the updated cache and the outputs for this
@@ -30,8 +30,11 @@ def step(cfg: ModelConfig, params: dict, cache: StreamCache, frame: Array) -> tu
     check_frame_size(cfg, h, w)
     p = cfg.tokens_per_frame(h, w)
     model = StreamVGGT(cfg)
-    glob = AppendWriter(cache.global_kv, cache.global_len)
-    cam = AppendWriter(cache.camera_kv, cache.camera_len)
+    rng, key = jax.random.split(cache.rng)
+    glob = CacheWriter(cache.global_kv, cache.global_len, cache_cfg, cfg.num_special_tokens,
+                       jax.random.fold_in(key, 0))
+    cam = CacheWriter(cache.camera_kv, cache.camera_len, cache_cfg, cfg.num_special_tokens,
+                      jax.random.fold_in(key, 1))
     slot = jnp.minimum(cache.frame_index, 1).reshape(1)
     queries = cache.track_points if cache.track_points.shape[1] > 0 else None
     out = model.apply({"params": params}, frame[:, None], slot, glob.hook, cam.hook, queries,
@@ -39,38 +42,29 @@ def step(cfg: ModelConfig, params: dict, cache: StreamCache, frame: Array) -> tu
     out = {k: v[:, 0] for k, v in out.items()}
     new_cache = StreamCache(
         global_kv=tuple(glob.layers), camera_kv=tuple(cam.layers),
-        global_len=cache.global_len + p,
-        camera_len=cache.camera_len + cfg.camera.iterations,
+        global_len=glob.lengths[0],
+        camera_len=cam.lengths[0],
         frame_index=cache.frame_index + 1,
         track_points=out["track"] if queries is not None else cache.track_points,
+        rng=rng,
     )
     return new_cache, out
 
 
-def make_step(cfg: ModelConfig):
-    """`step` jitted for `cfg`, with the cache donated (updated in place on the device)."""
-    return jax.jit(functools.partial(step, cfg), donate_argnums=(1,))
+def make_step(cfg: ModelConfig, cache_cfg: CacheConfig):
+    """`step(params, cache, frame)` jitted for the configuration, with the cache donated."""
+    return jax.jit(functools.partial(step, cfg, cache_cfg), donate_argnums=(1,))
 
 
-def stream(cfg: ModelConfig, params: dict, cache: StreamCache, frames: Iterable[Array],
-           step_fn=None) -> Iterator[dict]:
-    """Feed frames ([B, H, W, 3] each) through `step`, yielding each frame's outputs (device arrays).
-
-    Refuses to run past the cache's capacity (the uncompressed cache has a fixed frame budget).
-    """
-    step_fn = step_fn or make_step(cfg)
-    max_frames = cache.camera_capacity // cfg.camera.iterations
-    done = int(cache.frame_index)
-    for frame in frames:
-        if done >= max_frames:
-            raise ValueError(f"stream longer than the cache capacity of {max_frames} frames")
-        cache, out = step_fn(params, cache, jnp.asarray(frame))
-        done += 1
-        yield out
-    stream.last_cache = cache  # type: ignore[attr-defined]
+def frames_left(cfg: ModelConfig, cache_cfg: CacheConfig, cache: StreamCache) -> int | None:
+    """Frames the cache can still take (None: unbounded, a pruned cache runs forever)."""
+    if cache_cfg.prune != "none":
+        return None
+    return cache.camera_capacity // cfg.camera.iterations - int(cache.frame_index)
 
 
-def run_stream(cfg: ModelConfig, params: dict, cache: StreamCache, frames: Array) -> tuple[StreamCache, dict]:
+def run_stream(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
+               frames: Array) -> tuple[StreamCache, dict]:
     """All frames [S, B, H, W, 3] through `step` inside one `lax.scan` (one compile). Outputs are
     stacked on a leading frame axis: [S, B, ...]."""
-    return jax.lax.scan(lambda c, f: step(cfg, params, c, f), cache, frames)
+    return jax.lax.scan(lambda c, f: step(cfg, cache_cfg, params, c, f), cache, frames)

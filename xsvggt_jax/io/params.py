@@ -42,7 +42,7 @@ def _check_target(final: Path, overwrite: bool) -> None:
         if not final.is_dir():
             raise ParamsError(f"{final} exists and is not a directory")
         if not overwrite and any(final.iterdir()):
-            raise ParamsError(f"{final} already exists and is not empty (pass overwrite to replace it)")
+            raise ParamsError(f"{final} already exists and is not empty (use --overwrite / overwrite=True to replace it)")
 
 
 def _umask() -> int:
