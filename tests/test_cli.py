@@ -213,3 +213,22 @@ def test_reconstruct_bad_params_dir(small_input, tmp_path, capsys):
                     capsys)
     assert "config.json" in err
     no_leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("flags,run,tol", [
+    (["--prune", "xstream", "--cache-size", "64", "--pool", "16"], "stream_xs_c64_p16", 1e-5),
+    (["--prune", "xstream", "--cache-size", "64", "--pool", "16", "--quant", "ktvt"], "stream_xs_c64_p16_KTVT", 1e-3),
+])
+def test_reconstruct_compressed_stream(flags, run, tol, tiny_dir, params_dirs, tmp_path):
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(tiny_dir / "frames.npz"), "--params", str(params_dirs["pth"]),
+                 "--out", str(out), *flags]) == 0
+    preds, ref = np.load(out / "predictions.npz"), np.load(tiny_dir / f"{run}.npz")
+    errs = {k: rel_err(preds[k], ref[k]) for k in ALL_KEYS}
+    print(run, errs)
+    assert max(errs.values()) <= tol, errs
+    report = json.loads((out / "report.json").read_text())
+    for field in ("cache_bytes", "cache_bytes_global", "cache_bytes_camera", "packed_floor_bytes"):
+        assert report[field] > 0, field
+    assert report["cache_bytes"] == report["cache_bytes_global"] + report["cache_bytes_camera"] + 8 * 2 * 4 + 12 + 8
+    assert report["cache"]["prune"] == "xstream" and report["cache"]["budget"] == 64

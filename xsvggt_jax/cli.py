@@ -11,6 +11,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import resource
@@ -93,19 +94,28 @@ def _load_input(path: Path, cfg) -> tuple[np.ndarray, np.ndarray | None]:
     return images.astype(np.float32), qp
 
 
-def _stream(cfg, params, images_nhwc: np.ndarray, qp: np.ndarray | None):
+def _cache_config(args):
+    from .cache import CacheConfig
+
+    try:
+        return CacheConfig(prune=args.prune, budget=args.cache_size, pool=args.pool, seed=args.seed,
+                           quant=args.quant, bits=args.bits, group=args.group)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _stream(cfg, cache_cfg, params, images_nhwc: np.ndarray, qp: np.ndarray | None):
     import jax
     import jax.numpy as jnp
 
-    from .cache import CacheConfig, cache_bytes, init_cache
+    from .cache import cache_report, init_cache
     from .step import make_step
 
     s, h, w, _ = images_nhwc.shape
-    cache_cfg = CacheConfig.uncompressed()  # every token of every frame: plain StreamVGGT
     step_fn = make_step(cfg, cache_cfg)
     cache = init_cache(cfg, cache_cfg, 1, (h, w), max_frames=s,
                        query_points=None if qp is None else jnp.asarray(qp)[None])
-    n_bytes = cache_bytes(cache)
+    n_bytes = cache_report(cfg, cache_cfg, cache)
     outs, times = [], []
     for i in range(s):
         t0 = time.perf_counter()
@@ -143,7 +153,7 @@ def _offline(cfg, params, images_nhwc: np.ndarray, qp: np.ndarray | None, causal
     preds = {k: np.asarray(v[0]) for k, v in out.items()}
     s = images_nhwc.shape[0]
     timing = {"compile_seconds": compile_s, "seconds_per_frame": total / s, "total_seconds": total}
-    return preds, timing, 0
+    return preds, timing, {"cache_bytes": 0}
 
 
 def _peak_rss_bytes() -> int:
@@ -174,7 +184,8 @@ def _reconstruct(args) -> Path:
     log.info("%s: %d frames of %dx%d, %s queries, backend %s", mode, s, h, w,
              0 if qp is None else len(qp), jax.default_backend())
     if args.offline is None:
-        preds, timing, n_bytes = _stream(cfg, params, nhwc, qp)
+        cache_cfg = _cache_config(args)
+        preds, timing, n_bytes = _stream(cfg, cache_cfg, params, nhwc, qp)
     else:
         preds, timing, n_bytes = _offline(cfg, params, nhwc, qp, causal=args.offline == "causal")
     keys = PREDICTION_KEYS + (TRACK_KEYS if qp is not None else ())
@@ -183,7 +194,8 @@ def _reconstruct(args) -> Path:
         "mode": mode, "frames": s, "height": h, "width": w,
         "num_queries": 0 if qp is None else int(len(qp)),
         **{k: float(v) for k, v in timing.items()},
-        "cache_bytes": int(n_bytes),
+        **n_bytes,
+        "cache": None if args.offline else dataclasses.asdict(cache_cfg),
         "peak_memory_bytes": _peak_rss_bytes(),
         "backend": jax.default_backend(), "device": str(jax.devices()[0]),
         "jax_version": jax.__version__, "dtype": cfg.dtype, "precision": cfg.precision,
@@ -196,7 +208,8 @@ def _reconstruct(args) -> Path:
     except ParamsError as e:  # e.g. OUTDIR appeared while we were running
         raise UsageError(str(e)) from e
     log.info("%.4f s/frame after compile (%.2f s compile), cache %d bytes, peak RSS %d bytes",
-             timing["seconds_per_frame"], timing["compile_seconds"], n_bytes, report["peak_memory_bytes"])
+             timing["seconds_per_frame"], timing["compile_seconds"], n_bytes["cache_bytes"],
+             report["peak_memory_bytes"])
     return out_dir
 
 
@@ -219,6 +232,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--offline", choices=("causal", "full"),
                    help="batch forward over all frames instead of streaming (causal or full attention)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    g = r.add_argument_group("streaming cache (XStreamVGGT compression)")
+    g.add_argument("--prune", choices=("none", "xstream", "sliding", "random"), default="none",
+                   help="cache pruning policy (default none: plain StreamVGGT, every token kept)")
+    g.add_argument("--cache-size", type=int, default=2048, help="tokens kept per attention layer when pruning")
+    g.add_argument("--pool", type=int, default=16, help="query pooling size of the xstream score")
+    g.add_argument("--quant", choices=("none", "kcvt", "ktvt", "kcvc", "ktvc"), default="none",
+                   help="K/V quantization layout: K per Channel|Token, V per Channel|Token")
+    g.add_argument("--bits", type=int, choices=(2, 4, 8), default=4, help="quantization code width")
+    g.add_argument("--group", type=int, default=64, help="quantization group size")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random pruning policy")
     return p
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 
-from .cache import CacheConfig, CacheWriter, StreamCache
+from .cache import CacheConfig, CacheWriter, StreamCache, stored_slots
 from .config import ModelConfig, check_frame_size
 from .model import StreamVGGT
 
@@ -60,7 +60,7 @@ def frames_left(cfg: ModelConfig, cache_cfg: CacheConfig, cache: StreamCache) ->
     """Frames the cache can still take (None: unbounded, a pruned cache runs forever)."""
     if cache_cfg.prune != "none":
         return None
-    return cache.camera_capacity // cfg.camera.iterations - int(cache.frame_index)
+    return stored_slots(cache.camera_kv[0]) // cfg.camera.iterations - int(cache.frame_index)
 
 
 def run_stream(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
