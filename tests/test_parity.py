@@ -55,6 +55,34 @@ def test_stream_outputs(run, cache_cfg, tiny_dir, tiny_cfg, tiny_params, tiny_fr
     assert all(e <= TOL for e in errs.values()), errs
 
 
+QUANT_TOL = 1e-3  # quantized runs: a float difference can flip a code by one step (reference README)
+
+# With per-channel groups AND pruning the upstream algorithm is chaotic in float32. Measured:
+# * the upstream PyTorch code itself (prune_and_quantize branch, torch 2.13 CPU), rerun on the same weights
+#   and frames, misses its own reference camera_pose by 2.6e-3 (KCVT), 1.9e-2 (KCVC), 7.3e-3 (KTVC);
+# * perturbing our parameters by 1e-7 (relative) moves our KCVT depth by 1.3e-3, the size of our gap.
+# Both diverge at frame 4 (frames 0-3 agree to 4e-7): the second pruned re-quantization, where pruning has
+# regrouped tokens into new per-channel groups and one code flipped by float noise feeds the next top-k.
+# Per-token K (KTVT) and quantization without pruning stay within 3e-5, upstream's rerun within 2e-5.
+CHAOTIC = pytest.mark.xfail(strict=True, reason="float32-chaotic upstream algorithm (per-channel groups + "
+                                                "pruning); see the comment above CHAOTIC")
+
+
+@pytest.mark.parametrize("run,cache_cfg", [
+    ("stream_xs_c64_p16_KTVT", CacheConfig("xstream", 64, 16, quant="ktvt")),
+    ("stream_quant_KCVT", CacheConfig("none", quant="kcvt")),
+    pytest.param("stream_xs_c64_p16_KCVT", CacheConfig("xstream", 64, 16, quant="kcvt"), marks=CHAOTIC),
+    pytest.param("stream_xs_c64_p16_KCVC", CacheConfig("xstream", 64, 16, quant="kcvc"), marks=CHAOTIC),
+    pytest.param("stream_xs_c64_p16_KTVC", CacheConfig("xstream", 64, 16, quant="ktvc"), marks=CHAOTIC),
+])
+def test_quantized_stream_outputs(run, cache_cfg, tiny_dir, tiny_cfg, tiny_params, tiny_frames):
+    out = stream_outputs(tiny_cfg, cache_cfg, tiny_params, *tiny_frames)
+    ref = np.load(tiny_dir / f"{run}.npz")
+    errs = {k: rel_err(out[k], ref[k]) for k in OUTPUTS}
+    print(f"{run} relative errors:", errs)
+    assert all(e <= QUANT_TOL for e in errs.values()), errs
+
+
 @pytest.mark.parametrize("mode", ["offline_causal", "offline_full"])
 def test_offline_outputs(mode, tiny_dir, tiny_cfg, tiny_params, tiny_frames):
     images, queries = tiny_frames

@@ -75,9 +75,10 @@ class CacheConfig:
         return cls(prune="none")
 
     def keep(self, tokens_per_step: int) -> int:
-        """Tokens a pruned layer holds at most: upstream always keeps the first and the newest
-        `tokens_per_step` tokens, so a budget below twice that still keeps both."""
-        return max(self.budget, 2 * tokens_per_step)
+        """Tokens a pruned layer holds at most. xstream always keeps the first and the newest
+        `tokens_per_step` tokens (upstream), so a budget below twice that still keeps both; the other
+        policies keep exactly `budget`."""
+        return max(self.budget, 2 * tokens_per_step) if self.prune == "xstream" else self.budget
 
     def quantizes(self, head_dim: int) -> bool:
         return self.quant != "none" and (self.quant_head_dim is None or head_dim == self.quant_head_dim)

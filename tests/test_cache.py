@@ -1,0 +1,181 @@
+"""The compressed cache: upstream's quantize-then-prune order reproduced bit-exactly in storage,
+fixed shapes and bytes, one trace per stream, vmap over streams, reproducible random pruning."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xsvggt_jax.step as step_mod
+from test_quant import ref_quant
+from xsvggt_jax.cache import (CacheConfig, CacheWriter, LayerPlan, Packed, _empty_layers, cache_bytes, init_cache,
+                              plan_layers, tree_bytes)
+from xsvggt_jax.config import (CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig)
+from xsvggt_jax.model import init_params
+
+LAYOUTS = ("kcvt", "ktvt", "kcvc", "ktvc")
+
+
+def micro_cfg() -> ModelConfig:
+    """A very small model (random weights) for shape / trace tests; 28x28 frames = 2x2 patches."""
+    return ModelConfig(img_size=28, embed_dim=32, depth=2, num_heads=2, num_register_tokens=4,
+                       dino=DinoConfig(embed_dim=32, depth=1, num_heads=2),
+                       camera=CameraHeadConfig(trunk_depth=1, num_heads=2),
+                       dpt=DPTConfig(features=8, out_channels=(4, 8, 16, 16), intermediate_layer_idx=(0, 1, 1, 1)),
+                       track=TrackHeadConfig(features=8, corr_levels=2, corr_radius=1, hidden_size=16, depth=1,
+                                             max_scale=28.0, iters=1, num_heads=2, num_virtual_tracks=4))
+
+
+@pytest.fixture(scope="module")
+def micro():
+    cfg = micro_cfg()
+    return cfg, init_params(cfg, jax.random.PRNGKey(0))
+
+
+def _frames(n, seed=0, hw=(28, 28)):
+    return np.random.default_rng(seed).uniform(size=(n, 1, *hw, 3)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------- upstream order, bit-exact
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("prune", ["none", "sliding"])
+def test_quantized_storage_equals_upstream_fake_quant_then_prune(layout, prune):
+    """Simulate upstream in numpy: cache = prune(fake_quant(cat(cache, current))) each step, the
+    current step attending to cat(cache, current). Our packed storage must dequantize to exactly
+    those values, and the staged attention inputs must equal cat(cache, current)."""
+    b, h, n, d, steps, budget, group = 1, 2, 5, 16, 7, 12, 8
+    cc = CacheConfig(prune=prune, budget=budget, quant=layout, bits=4, group=group, quant_head_dim=None)
+    slots = budget if prune != "none" else steps * n
+    plan = LayerPlan(1, h, d, n, slots, True, prune != "none")
+    layers, length = _empty_layers(plan, cc, b, jnp.float32), jnp.zeros((), jnp.int32)
+    k_axis, v_axis = (-2 if layout[1] == "c" else -1), (-2 if layout[3] == "c" else -1)
+    rng = np.random.default_rng(1)
+    ref_k = np.zeros((b, h, 0, d), np.float32)
+    ref_v = np.zeros((b, h, 0, d), np.float32)
+    for _ in range(steps):
+        k, v, q = (rng.standard_normal((b, h, n, d)).astype(np.float32) for _ in range(3))
+        writer = CacheWriter(tuple(layers), length, cc, num_special=1, key=jax.random.PRNGKey(0))
+        att_k, att_v, bias, _ = writer.hook(0)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+        cat_k, cat_v = np.concatenate([ref_k, k], 2), np.concatenate([ref_v, v], 2)
+        t = cat_k.shape[2]
+        np.testing.assert_array_equal(np.asarray(att_k)[:, :, :t], cat_k)
+        np.testing.assert_array_equal(np.asarray(att_v)[:, :, :t], cat_v)
+        assert np.all(np.isfinite(np.asarray(bias)[:t])) and np.all(np.isneginf(np.asarray(bias)[t:]))
+        ref_k, ref_v = ref_quant(cat_k, 4, group, k_axis)[0], ref_quant(cat_v, 4, group, v_axis)[0]
+        if prune == "sliding" and t > budget:
+            ref_k, ref_v = ref_k[:, :, -budget:], ref_v[:, :, -budget:]
+        layers, length = writer.layers, writer.lengths[0]
+        keep = int(length)
+        assert keep == ref_k.shape[2]
+        np.testing.assert_array_equal(np.asarray(layers[0].k.dequantize())[:, :, :keep], ref_k)
+        np.testing.assert_array_equal(np.asarray(layers[0].v.dequantize())[:, :, :keep], ref_v)
+        assert layers[0].k.codes.dtype == jnp.uint8 and layers[0].k.codes.shape[-1] == d // 2  # int4 packed
+
+
+# ------------------------------------------------------------------------------------ shapes, bytes
+def test_cache_bytes_do_not_grow_with_frames(micro):
+    cfg, params = micro
+    cc = CacheConfig(prune="xstream", budget=20, pool=2, quant="kcvt", quant_head_dim=None)
+    fn = step_mod.make_step(cfg, cc)
+    cache = init_cache(cfg, cc, 1, (28, 28))
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), cache)
+    sizes = []
+    for t, frame in enumerate(_frames(30)):
+        cache, _ = fn(params, cache, jnp.asarray(frame))
+        if t in (0, 29):
+            sizes.append(cache_bytes(cache))
+    assert sizes[0] == sizes[1]
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), cache) == shapes
+    assert int(cache.global_len) == cc.keep(cfg.tokens_per_frame(28, 28)) and int(cache.frame_index) == 30
+
+
+def test_published_int4_cache_bytes():
+    """Published model, 518x392 frames, budget 2048, KCVT int4 group 64 (shapes only)."""
+    cfg = ModelConfig.published()
+    cc = CacheConfig(prune="xstream", budget=2048, quant="kcvt", bits=4, group=64)
+    cache = jax.eval_shape(lambda: init_cache(cfg, cc, 1, (392, 518)))
+    p = cfg.tokens_per_frame(392, 518)                       # 1041
+    keep = max(2048, 2 * p)                                  # upstream keeps the first + current frame
+    rows = -(-(keep + p) // 64)                              # per-channel groups of one step's cache
+    per_layer = (2 * 16 * keep * 64 // 2                     # K and V codes, two per byte
+                 + 16 * rows * 64 * (4 + 1)                  # K: fp32 scale + uint8 zero per (group, channel)
+                 + 16 * keep * 1 * (4 + 1)                   # V: fp32 scale + uint8 zero per (token, 64 dims)
+                 + keep * 4)                                 # K: int32 group index per kept token
+    glob = tree_bytes(cache.global_kv)
+    assert glob == 24 * per_layer
+    floor = 2048 * 24 * 2 * 1024 * 0.5
+    fp32_200 = 200 * p * 24 * 2 * 1024 * 4                   # uncompressed after 200 frames
+    print(f"global int4 cache {glob} B = {glob / floor:.3f} x packed floor; fp32 after 200 frames is "
+          f"{fp32_200 / glob:.0f}x larger; camera cache {tree_bytes(cache.camera_kv)} B (fp32, as upstream)")
+    assert all(leaf.dtype in (jnp.uint8, jnp.float32, jnp.int32) for leaf in jax.tree_util.tree_leaves(cache.global_kv))
+    assert fp32_200 / glob >= 100
+
+
+# -------------------------------------------------------------------------------------- tracing
+@pytest.mark.parametrize("prune", ["none", "xstream", "sliding", "random"])
+def test_one_trace_per_stream_every_policy_and_layout(monkeypatch, micro, prune):
+    cfg, params = micro
+    traces = []
+    real = step_mod.step
+    monkeypatch.setattr(step_mod, "step", lambda *a: (traces.append(1), real(*a))[1])
+    for quant in ("none",) + LAYOUTS:
+        cc = CacheConfig(prune=prune, budget=24, pool=3, quant=quant, quant_head_dim=None)
+        fn = step_mod.make_step(cfg, cc)
+        cache = init_cache(cfg, cc, 1, (28, 28), max_frames=20, query_points=jnp.ones((1, 3, 2)))
+        before = len(traces)
+        for frame in _frames(20):
+            cache, out = fn(params, cache, jnp.asarray(frame))
+        assert len(traces) - before == 1, (prune, quant)
+        assert np.all(np.isfinite(np.asarray(out["depth"])))
+
+
+# ----------------------------------------------------------------------------------- vmap, random
+def test_vmap_over_streams_equals_separate_runs(micro):
+    cfg, params = micro
+    cc = CacheConfig(prune="xstream", budget=24, pool=3, quant="ktvt", quant_head_dim=None)
+    streams = [_frames(6, seed=s) for s in range(3)]
+    queries = [jnp.full((1, 2, 2), 5.0 + s) for s in range(3)]
+    fn = step_mod.make_step(cfg, cc)
+    separate = []
+    for s in range(3):
+        cache = init_cache(cfg, cc, 1, (28, 28), query_points=queries[s])
+        outs = []
+        for frame in streams[s]:
+            cache, out = fn(params, cache, jnp.asarray(frame))
+            outs.append(out)
+        separate.append(outs)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[init_cache(cfg, cc, 1, (28, 28), query_points=q)
+                                                        for q in queries])
+    vstep = jax.jit(jax.vmap(lambda c, f: step_mod.step(cfg, cc, params, c, f)))
+    for t in range(6):
+        stacked, out = vstep(stacked, jnp.asarray(np.stack([streams[s][t] for s in range(3)])))
+        for s in range(3):
+            for k in ("depth", "camera_pose", "pts3d_in_other_view", "vis"):
+                np.testing.assert_allclose(np.asarray(out[k][s]), np.asarray(separate[s][t][k]), rtol=1e-5,
+                                           atol=1e-6, err_msg=f"stream {s} frame {t} {k}")
+
+
+def test_random_policy_reproducible_from_seed(micro):
+    cfg, params = micro
+
+    def run(seed):
+        cc = CacheConfig(prune="random", budget=16, seed=seed)
+        fn = step_mod.make_step(cfg, cc)
+        cache = init_cache(cfg, cc, 1, (28, 28))
+        for frame in _frames(6):
+            cache, out = fn(params, cache, jnp.asarray(frame))
+        return np.asarray(cache.global_kv[0].k), np.asarray(out["depth"])
+
+    a, b, c = run(7), run(7), run(8)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_plan_rejects_unbounded_uncompressed_cache():
+    with pytest.raises(ValueError, match="max_frames"):
+        plan_layers(micro_cfg(), CacheConfig.uncompressed(), (28, 28), None)
+    with pytest.raises(ValueError, match="prune"):
+        CacheConfig(prune="lru")
