@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ from xsvggt_jax.pose import pose_encoding_to_extri_intri, quat_to_mat
 
 @pytest.mark.parametrize("cache_cfg", [CacheConfig.uncompressed(), CacheConfig("xstream", 64, 16),
                                        CacheConfig("sliding", 64), CacheConfig("random", 64, seed=3)])
-def test_step_traces_once_for_a_stream(monkeypatch, cache_cfg, tiny_cfg, tiny_params, tiny_frames):
+def test_step_traces_once_for_a_stream(monkeypatch, caplog, cache_cfg, tiny_cfg, tiny_params, tiny_frames):
     images, queries = tiny_frames
     traces = []
     real = step_mod.step
@@ -27,9 +29,13 @@ def test_step_traces_once_for_a_stream(monkeypatch, cache_cfg, tiny_cfg, tiny_pa
     fn = step_mod.make_step(tiny_cfg, cache_cfg)
     cache = init_cache(tiny_cfg, cache_cfg, 1, images.shape[2:], 6, jnp.asarray(queries)[None])
     before = cache_bytes(cache)
-    for t in range(6):
-        cache, _ = fn(tiny_params, cache, jnp.asarray(images[t:t + 1].transpose(0, 2, 3, 1)))
+    params = jax.device_put(tiny_params)  # committed, as loaded parameters are
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for t in range(6):
+            cache, _ = fn(params, cache, jnp.asarray(images[t:t + 1].transpose(0, 2, 3, 1)))
     assert len(traces) == 1
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(counting)")]
+    assert len(compiles) == 1, [r.getMessage()[:80] for r in compiles]
     assert int(cache.frame_index) == 6 and cache_bytes(cache) == before
 
 

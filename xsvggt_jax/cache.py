@@ -240,7 +240,7 @@ def init_cache(cfg: ModelConfig, cache_cfg: CacheConfig, batch: int, frame_hw: t
     g_plan, c_plan = plan_layers(cfg, cache_cfg, frame_hw, max_frames)
     if query_points is None:
         query_points = jnp.zeros((batch, 0, 2), jnp.float32)
-    return StreamCache(
+    cache = StreamCache(
         global_kv=_empty_layers(g_plan, cache_cfg, batch, cfg.jnp_dtype),
         camera_kv=_empty_layers(c_plan, cache_cfg, batch, cfg.jnp_dtype),
         global_len=jnp.zeros((), jnp.int32),
@@ -249,6 +249,9 @@ def init_cache(cfg: ModelConfig, cache_cfg: CacheConfig, batch: int, frame_hw: t
         track_points=jnp.array(query_points, jnp.float32, copy=True).reshape(batch, -1, 2),  # own buffer: donated
         rng=jax.random.PRNGKey(cache_cfg.seed),
     )
+    # committed to the default device like `step`'s outputs: otherwise the second call of a jitted
+    # step sees different input shardings than the first and compiles a second time
+    return jax.device_put(cache, jax.devices()[0])
 
 
 class CacheWriter:

@@ -1,7 +1,11 @@
-"""Command line: `xsvggt convert` (upstream checkpoint -> params dir) and `xsvggt reconstruct`.
+"""Command line of xsvggt-jax.
 
-    xsvggt convert SRC --out DIR [--spec spec.json] [--overwrite]
-    xsvggt reconstruct INPUT.npz --params DIR --out OUTDIR [--offline causal|full] [--overwrite]
+    xsvggt demo [--checkpoint FILE] [--out DIR]           procedural scene through the whole pipeline
+    xsvggt convert SRC --out DIR [--spec spec.json]       upstream checkpoint -> orbax params dir
+    xsvggt reconstruct INPUT (--params DIR | --checkpoint FILE) --out OUTDIR [options]
+
+INPUT is a folder of images, a video file, or an .npz with `images` [S,3,H,W] (and optionally
+`query_points` [N,2]).
 
 Input problems (bad files, shapes, values, existing outputs) end with one line
 `xsvggt: error: ...` on stderr and exit code 2; outputs are written atomically, so a failed run
@@ -15,6 +19,7 @@ import dataclasses
 import json
 import logging
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,44 +59,19 @@ def _convert(args) -> Path:
 
 
 # ------------------------------------------------------------------------------------- reconstruct
-def _load_input(path: Path, cfg) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validated `images` [S,3,H,W] float32 and optional `query_points` [N,2] float32."""
-    import zipfile
+OUTDIR_MARKER = "xsvggt-jax"  # report.json["producer"]: an OUTDIR we wrote may be replaced
 
-    from .config import check_frame_size
 
-    if not path.is_file():
-        raise UsageError(f"{path}: input file not found")
+def _peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def _ours(out_dir: Path) -> bool:
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UsageError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
-    if "images" not in arrays:
-        raise UsageError(f"{path}: no 'images' array (found: {sorted(arrays) or 'none'})")
-    images = arrays["images"]
-    if not np.issubdtype(images.dtype, np.floating):
-        raise UsageError(f"{path}: 'images' must be float in [0, 1], got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
-        raise UsageError(f"{path}: 'images' must have shape [S, 3, H, W] with S >= 1, got {list(images.shape)}")
-    try:
-        check_frame_size(cfg, *images.shape[2:])
-    except ValueError as e:
-        raise UsageError(f"{path}: 'images' {list(images.shape)}: {e}") from e
-    if not np.all(np.isfinite(images)):
-        raise UsageError(f"{path}: 'images' contains {int(np.sum(~np.isfinite(images)))} non-finite values")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < 0.0 or hi > 1.0:
-        log.warning("%s: 'images' values span [%g, %g], expected [0, 1]", path, lo, hi)
-    qp = arrays.get("query_points")
-    if qp is not None:
-        if not np.issubdtype(qp.dtype, np.number) or qp.ndim != 2 or qp.shape[1] != 2 or qp.shape[0] < 1:
-            raise UsageError(f"{path}: 'query_points' must have shape [N, 2] with N >= 1, "
-                             f"got {list(qp.shape)} ({qp.dtype})")
-        if not np.all(np.isfinite(qp)):
-            raise UsageError(f"{path}: 'query_points' contains non-finite values")
-        qp = qp.astype(np.float32)
-    return images.astype(np.float32), qp
+        return json.loads((out_dir / "report.json").read_text()).get("producer") == OUTDIR_MARKER
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _cache_config(args):
@@ -104,120 +84,264 @@ def _cache_config(args):
         raise UsageError(str(e)) from e
 
 
-def _stream(cfg, cache_cfg, params, images_nhwc: np.ndarray, qp: np.ndarray | None):
-    import jax
-    import jax.numpy as jnp
+def _model(args):
+    """(params, cfg) from --params or --checkpoint [--spec]."""
+    from convert import ConversionError
 
-    from .cache import cache_report, init_cache
-    from .step import make_step
+    from .config import ModelConfig
+    from .io.checkpoint_reader import CheckpointError
+    from .io.params import ParamsError, load_params
+    from .weights import params_from_checkpoint
 
-    s, h, w, _ = images_nhwc.shape
-    step_fn = make_step(cfg, cache_cfg)
-    cache = init_cache(cfg, cache_cfg, 1, (h, w), max_frames=s,
-                       query_points=None if qp is None else jnp.asarray(qp)[None])
-    n_bytes = cache_report(cfg, cache_cfg, cache)
-    outs, times = [], []
-    for i in range(s):
-        t0 = time.perf_counter()
-        cache, out = step_fn(params, cache, jnp.asarray(images_nhwc[i:i + 1]))
-        out = jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-        outs.append({k: np.asarray(v[0]) for k, v in out.items()})
-        log.info("frame %d/%d: %.3f s", i + 1, s, times[-1])
-    preds = {k: np.stack([o[k] for o in outs]) for k in outs[0]}
-    per_frame = float(np.mean(times[1:])) if s > 1 else times[0]
-    timing = {"compile_seconds": times[0], "seconds_per_frame": per_frame, "total_seconds": float(sum(times)),
-              "first_frame_seconds": times[0]}
-    return preds, timing, n_bytes
+    try:
+        if args.params:
+            return load_params(args.params)
+        cfg = ModelConfig.from_spec(args.spec) if args.spec else ModelConfig.published()
+        return params_from_checkpoint(args.checkpoint, cfg, Path(args.cache_dir) if args.cache_dir else None)
+    except (CheckpointError, ConversionError, ParamsError) as e:
+        raise UsageError(str(e)) from e
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"bad spec {args.spec}: {e}") from e
 
 
-def _offline(cfg, params, images_nhwc: np.ndarray, qp: np.ndarray | None, causal: bool):
+def _query_points(text: str | None):
+    if not text:
+        return None
+    try:
+        pts = np.array([[float(v) for v in p.split(",")] for p in text.replace(";", " ").split()], np.float32)
+    except ValueError:
+        pts = np.zeros((0, 3))
+    if pts.ndim != 2 or pts.shape[1] != 2 or not len(pts) or not np.all(np.isfinite(pts)):
+        raise UsageError(f"--query-points must look like 'x,y x,y ...', got {text!r}")
+    return pts
+
+
+def _offline(cfg, params, source, qp, causal: bool):
     import jax
     import jax.numpy as jnp
 
     from .model import StreamVGGT
 
+    frames = np.stack(list(source))  # the batch forward needs every frame at once
     model = StreamVGGT(cfg)
-
-    def fwd(p, x, q):
-        return model.apply({"params": p}, x, q, causal, method=StreamVGGT.offline)
-
-    x = jnp.asarray(images_nhwc)[None]
+    fwd = jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, causal, method=StreamVGGT.offline))
+    x = jnp.asarray(frames.transpose(0, 2, 3, 1))[None]
     q = None if qp is None else jnp.asarray(qp)[None]
     t0 = time.perf_counter()
-    compiled = jax.jit(fwd).lower(params, x, q).compile()
+    compiled = fwd.lower(params, x, q).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(params, x, q))
     total = time.perf_counter() - t0
     preds = {k: np.asarray(v[0]) for k, v in out.items()}
-    s = images_nhwc.shape[0]
-    timing = {"compile_seconds": compile_s, "seconds_per_frame": total / s, "total_seconds": total}
-    return preds, timing, {"cache_bytes": 0}
+    rgb = np.clip(np.rint(frames.transpose(0, 2, 3, 1) * 255), 0, 255).astype(np.uint8)
+    s = len(frames)
+    return preds, rgb, {"compile_seconds": compile_s, "seconds_per_frame": total / s, "total_seconds": total,
+                        "latency_s": [total / s] * s}, {"cache_bytes": 0}, [0] * s
 
 
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+def _exports(tmp: Path, preds: dict, rgb: np.ndarray, hw, args, names) -> dict:
+    """predictions.npz (+ cameras), points.ply, trajectory.txt, colmap/, depth/ into `tmp`."""
+    from .io import exports as ex
+
+    extr, intr = ex.pose_to_extri_intri_np(np.asarray(preds["camera_pose"]), hw)
+    np.savez(tmp / "predictions.npz", **{k: np.asarray(v, np.float32) for k, v in preds.items()},
+             extrinsics=extr.astype(np.float32), intrinsics=intr.astype(np.float32))
+    s = len(extr)
+    step = max(1, int(np.ceil(s * hw[0] * hw[1] / args.ply_max_pixels)))  # bound the cloud's memory
+    idx = np.arange(0, s, step)
+    if args.points == "depth":
+        pts = ex.unproject_depth(np.asarray(preds["depth"][idx]), extr[idx], intr[idx])
+        conf = np.asarray(preds["depth_conf"][idx])
+    else:
+        pts, conf = np.asarray(preds["pts3d_in_other_view"][idx]), np.asarray(preds["conf"][idx])
+    xyz, colours = ex.select_points(pts, conf, rgb[idx].transpose(0, 3, 1, 2) / np.float32(255), args.conf_percentile)
+    ex.write_ply(tmp / "points.ply", xyz, colours)
+    ex.write_tum(tmp / "trajectory.txt", extr)
+    ex.write_colmap_text(tmp / "colmap", extr, intr, hw, xyz, colours, names)
+    ex.write_depth(tmp / "depth", np.asarray(preds["depth"]), np.asarray(preds["depth_conf"]))
+    return {"points": int(len(xyz)), "point_frames_step": step}
 
 
-def _reconstruct(args) -> Path:
+def _reconstruct(args, source=None, names=None, note: str | None = None) -> Path:
+    """Run a reconstruction and write OUTDIR. `source` (a FrameSource) overrides args.input."""
     import jax
 
-    from .io.params import ParamsError, _check_target, load_config, load_params, staged_dir
+    from .config import check_frame_size
+    from .io.exports import plot_stream
+    from .io.frames import FrameError, open_frames
+    from .io.params import ParamsError, _check_target, staged_dir
+    from .io.state import StateError
+    from .pipeline import stream_frames
 
     out_dir = Path(args.out).absolute()
+    overwrite = args.overwrite or _ours(out_dir)
     try:
-        _check_target(out_dir, args.overwrite)
-        cfg = load_config(args.params)
+        _check_target(out_dir, overwrite)
     except ParamsError as e:
-        raise UsageError(str(e)) from e
-    images, qp = _load_input(Path(args.input), cfg)
+        raise UsageError(f"{e} (not an xsvggt output directory)") from e
+    if args.resume and args.save_state and Path(args.resume).absolute() != Path(args.save_state).absolute():
+        raise UsageError("--resume and --save-state name different directories")
+    state_dir = Path(args.resume or args.save_state).absolute() if (args.resume or args.save_state) else None
+    if args.offline and state_dir:
+        raise UsageError("--save-state/--resume apply to streaming, not --offline")
     try:
-        params, cfg = load_params(args.params)
-    except ParamsError as e:
+        if source is None:
+            source = open_frames(args.input, mode=args.resize, fps=args.fps, stride=args.stride)
+    except FrameError as e:
         raise UsageError(str(e)) from e
-    params = jax.device_put(params)
-    s, _, h, w = images.shape
-    nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-    mode = "stream" if args.offline is None else f"offline_{args.offline}"
-    log.info("%s: %d frames of %dx%d, %s queries, backend %s", mode, s, h, w,
+    params, cfg = _model(args)
+    try:
+        check_frame_size(cfg, source.height, source.width)
+    except ValueError as e:
+        raise UsageError(f"{source.name}: {e}") from e
+    qp = _query_points(args.query_points)
+    qp = source.query_points if qp is None else qp
+    if source.num_frames is None:
+        raise UsageError(f"{source.name}: the number of frames is unknown (container without a frame count); "
+                         "convert the video or pass a folder of images")
+    s, hw = source.num_frames, (source.height, source.width)
+    cache_cfg = None if args.offline else _cache_config(args)
+    mode = f"offline_{args.offline}" if args.offline else "stream"
+    log.info("%s: %s, %d frames of %dx%d, %d queries, backend %s", mode, source.name, s, *hw,
              0 if qp is None else len(qp), jax.default_backend())
-    if args.offline is None:
-        cache_cfg = _cache_config(args)
-        preds, timing, n_bytes = _stream(cfg, cache_cfg, params, nhwc, qp)
-    else:
-        preds, timing, n_bytes = _offline(cfg, params, nhwc, qp, causal=args.offline == "causal")
-    keys = PREDICTION_KEYS + (TRACK_KEYS if qp is not None else ())
-    preds = {k: np.asarray(preds[k], np.float32) for k in keys}
-    report = {
-        "mode": mode, "frames": s, "height": h, "width": w,
-        "num_queries": 0 if qp is None else int(len(qp)),
-        **{k: float(v) for k, v in timing.items()},
-        **n_bytes,
-        "cache": None if args.offline else dataclasses.asdict(cache_cfg),
-        "peak_memory_bytes": _peak_rss_bytes(),
-        "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-        "jax_version": jax.__version__, "dtype": cfg.dtype, "precision": cfg.precision,
-        "input": str(Path(args.input).absolute()), "params": str(Path(args.params).absolute()),
-    }
+    if note:
+        log.warning(note)
+    params = jax.device_put(params)
+    meta = {"model": cfg.to_spec(), "cache": dataclasses.asdict(cache_cfg) if cache_cfg else None,
+            "frames": s, "height": hw[0], "width": hw[1], "queries": 0 if qp is None else len(qp)}
     try:
-        with staged_dir(out_dir, args.overwrite) as tmp:
-            np.savez(tmp / "predictions.npz", **preds)
+        with staged_dir(out_dir, overwrite) as tmp:
+            if args.offline:
+                preds, rgb, timing, cinfo, nbytes = _offline(cfg, params, source, qp, args.offline == "causal")
+                latency = timing.pop("latency_s")
+            else:
+                run = stream_frames(cfg, cache_cfg, params, source, s, hw, qp, tmp / ".work", state_dir=state_dir,
+                                    save_every=args.save_every, resume=bool(args.resume), quiet=args.quiet,
+                                    meta=meta)
+                preds, rgb, latency, nbytes, cinfo = run.predictions, run.rgb, run.latency_s, run.cache_bytes, \
+                    run.cache_info
+                timing = {"compile_seconds": latency[0],
+                          "seconds_per_frame": float(np.median(latency[1:])) if s > 1 else latency[0],
+                          "total_seconds": float(sum(latency))}
+            names = names or [f"frame_{i:05d}.png" for i in range(s)]
+            extra = _exports(tmp, preds, rgb, hw, args, names)
+            plot_stream(tmp / "stream.png", np.asarray(latency), np.asarray(nbytes))
+            report = {
+                "producer": OUTDIR_MARKER, "mode": mode, "input": source.name, "frames": s,
+                "height": hw[0], "width": hw[1], "num_queries": 0 if qp is None else int(len(qp)),
+                **{k: float(v) for k, v in timing.items()}, **cinfo,
+                "cache": meta["cache"], "latency_s": [float(x) for x in latency],
+                "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": _peak_rss_bytes(),
+                "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
+                "dtype": cfg.dtype, "precision": cfg.precision, **extra, **({"note": note} if note else {}),
+            }
             (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    except ParamsError as e:  # e.g. OUTDIR appeared while we were running
+            for work in (tmp / ".work",):
+                if work.exists():
+                    shutil.rmtree(work)
+    except (FrameError, StateError, ParamsError) as e:
         raise UsageError(str(e)) from e
+    if state_dir is not None and not args.keep_state:
+        shutil.rmtree(state_dir, ignore_errors=True)  # the run completed: the checkpoint is spent
     log.info("%.4f s/frame after compile (%.2f s compile), cache %d bytes, peak RSS %d bytes",
-             timing["seconds_per_frame"], timing["compile_seconds"], n_bytes["cache_bytes"],
-             report["peak_memory_bytes"])
+             timing["seconds_per_frame"], timing["compile_seconds"], cinfo["cache_bytes"], _peak_rss_bytes())
     return out_dir
 
 
-# --------------------------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------------------------- demo
+def _demo(args) -> Path:
+    """A procedural scene streamed with compression on; a random tiny model unless --checkpoint."""
+    import jax
+
+    from .config import ModelConfig
+    from .demo import make_scene
+    from .io.frames import FrameSource
+
+    args.offline, args.params = None, None
+    scene = make_scene(frames=args.frames)
+    if args.checkpoint:
+        note = None
+        h, w = 392, 518  # the published model's frame size; the scene is rendered at it
+        scene = make_scene(frames=args.frames, height=h, width=w)
+    else:
+        from .io.params import save_params
+        from .model import init_params
+
+        cfg = ModelConfig.tiny()
+        note = ("demo: no --checkpoint, so a small RANDOMLY INITIALISED model is used; its predictions are "
+                "meaningless (this run proves install, speed, memory and outputs)")
+        params_dir = Path(args.out).absolute().parent / f".{Path(args.out).name}.demo-params"
+        if not params_dir.exists():
+            save_params(init_params(cfg, jax.random.PRNGKey(0)), params_dir, cfg, overwrite=True)
+        args.params = str(params_dir)
+
+    class SceneSource(FrameSource):
+        def __iter__(self):
+            yield from scene.images
+
+    source = SceneSource("procedural demo scene", len(scene.images), scene.images.shape[2], scene.images.shape[3],
+                         scene.query_points)
+    try:
+        out = _reconstruct(args, source=source, note=note)
+    finally:
+        if not args.checkpoint:
+            shutil.rmtree(Path(args.params), ignore_errors=True)
+    np.savez(out / "scene_ground_truth.npz", depth=scene.depth, extrinsics=scene.extrinsics,
+             intrinsics=scene.intrinsics, images=scene.images)
+    if note:
+        print(note)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ parsers
+def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
+    w = r.add_argument_group("weights")
+    if not demo:
+        src = w.add_mutually_exclusive_group(required=True)
+        src.add_argument("--params", help="params directory written by `xsvggt convert`")
+        src.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (converted on the fly)")
+    else:
+        w.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (default: random tiny model)")
+    w.add_argument("--spec", help="spec.json of a non-published configuration (with --checkpoint)")
+    w.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/xsvggt-jax)")
+    o = r.add_argument_group("outputs")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR that xsvggt did not write")
+    o.add_argument("--conf-percentile", type=float, default=50.0,
+                   help="keep points whose confidence is at least this percentile (0-100; default 50)")
+    o.add_argument("--points", choices=("depth", "pointmap"), default="depth",
+                   help="point cloud from unprojected depth (default) or from the point map head")
+    o.add_argument("--ply-max-pixels", type=int, default=20_000_000,
+                   help="frames are subsampled so the cloud draws from at most this many pixels")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--query-points", help="points to track in frame 0: 'x,y x,y ...' (pixels of the model input)")
+    g = r.add_argument_group("streaming cache (XStreamVGGT compression)")
+    g.add_argument("--prune", choices=("none", "xstream", "sliding", "random"), default="xstream" if demo else "none",
+                   help="cache pruning policy (reconstruct default none: plain StreamVGGT)")
+    g.add_argument("--cache-size", type=int, default=512 if demo else 2048,
+                   help="tokens kept per attention layer when pruning")
+    g.add_argument("--pool", type=int, default=16, help="query pooling size of the xstream score")
+    g.add_argument("--quant", choices=("none", "kcvt", "ktvt", "kcvc", "ktvc"), default="kcvt" if demo else "none",
+                   help="K/V quantization layout: K per Channel|Token, V per Channel|Token")
+    g.add_argument("--bits", type=int, choices=(2, 4, 8), default=4, help="quantization code width")
+    g.add_argument("--group", type=int, default=64, help="quantization group size")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random pruning policy")
+    st = r.add_argument_group("checkpointing the stream")
+    st.add_argument("--save-state", help="directory to checkpoint the stream into every --save-every frames")
+    st.add_argument("--save-every", type=int, default=50, help="frames between stream checkpoints")
+    st.add_argument("--resume", help="continue the stream checkpointed in this directory")
+    st.add_argument("--keep-state", action="store_true", help="keep the state directory after a completed run")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xsvggt", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="xsvggt", description="StreamVGGT in JAX: streaming 4D reconstruction")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="stream a procedural scene through the whole pipeline")
+    d.add_argument("--out", default="xsvggt-demo", help="output directory (default ./xsvggt-demo)")
+    d.add_argument("--frames", type=int, default=24, help="frames of the procedural scene")
+    _add_run_options(d, demo=True)
 
     c = sub.add_parser("convert", help="convert an upstream .pth/.safetensors checkpoint to a params dir")
     c.add_argument("src", help="upstream state_dict (.pth zip format or .safetensors)")
@@ -225,23 +349,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--spec", help="model spec.json (default: the published StreamVGGT configuration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
-    r = sub.add_parser("reconstruct", help="run a model on frames from an .npz file")
-    r.add_argument("input", help=".npz with 'images' [S,3,H,W] in [0,1] and optional 'query_points' [N,2] (x, y)")
-    r.add_argument("--params", required=True, help="params directory written by `xsvggt convert`")
-    r.add_argument("--out", required=True, help="output directory (predictions.npz, report.json)")
+    r = sub.add_parser("reconstruct", help="reconstruct from images, a video or an .npz")
+    r.add_argument("input", help="folder of images, video file, or .npz with 'images' [S,3,H,W] in [0,1]")
+    r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--offline", choices=("causal", "full"),
                    help="batch forward over all frames instead of streaming (causal or full attention)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    g = r.add_argument_group("streaming cache (XStreamVGGT compression)")
-    g.add_argument("--prune", choices=("none", "xstream", "sliding", "random"), default="none",
-                   help="cache pruning policy (default none: plain StreamVGGT, every token kept)")
-    g.add_argument("--cache-size", type=int, default=2048, help="tokens kept per attention layer when pruning")
-    g.add_argument("--pool", type=int, default=16, help="query pooling size of the xstream score")
-    g.add_argument("--quant", choices=("none", "kcvt", "ktvt", "kcvc", "ktvc"), default="none",
-                   help="K/V quantization layout: K per Channel|Token, V per Channel|Token")
-    g.add_argument("--bits", type=int, choices=(2, 4, 8), default=4, help="quantization code width")
-    g.add_argument("--group", type=int, default=64, help="quantization group size")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random pruning policy")
+    r.add_argument("--resize", choices=("crop", "pad"), default="crop", help="preprocessing of images/video")
+    fr = r.add_mutually_exclusive_group()
+    fr.add_argument("--fps", type=float, help="sample a video at this frame rate")
+    fr.add_argument("--stride", type=int, default=1, help="take every STRIDE-th frame")
+    _add_run_options(r)
     return p
 
 
@@ -253,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     try:
-        out = _convert(args) if args.command == "convert" else _reconstruct(args)
+        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo}[args.command](args)
     except UsageError as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         if len(msg) > MAX_MESSAGE:  # e.g. a wrong --spec: every parameter is listed

@@ -141,6 +141,24 @@ class ModelConfig:
         return cls()
 
     @classmethod
+    def tiny(cls) -> "ModelConfig":
+        """A small model with the published model's structure (head dim 64, every head), the size of
+        the reference test model: for demos, benchmarks and tests with random weights."""
+        return cls(img_size=70, embed_dim=128, depth=4, num_heads=2,
+                   dino=DinoConfig(embed_dim=128, depth=2, num_heads=2),
+                   camera=CameraHeadConfig(trunk_depth=2, num_heads=8),
+                   dpt=DPTConfig(features=32, out_channels=(16, 32, 64, 64), intermediate_layer_idx=(0, 1, 2, 3)),
+                   track=TrackHeadConfig(features=32, corr_levels=3, corr_radius=2, hidden_size=64, depth=2,
+                                         max_scale=70.0, iters=2))
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        presets = {"published": cls.published, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+        return presets[name]()
+
+    @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | str | Path, **overrides) -> "ModelConfig":
         """Build from the reference `spec.json` format (see ../shared/reference/README.md)."""
         if not isinstance(spec, Mapping):

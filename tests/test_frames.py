@@ -1,0 +1,319 @@
+"""Input frames: upstream preprocessing parity, folder / video / npz sources, laziness, errors."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from conftest import REFERENCE, require_reference
+from xsvggt_jax.io.frames import (FrameError, FrameSource, harmonize_frames, load_and_preprocess_images,
+                                  open_frames, pad_frame, preprocess_image, preprocessed_size)
+
+T = 56  # small target width for speed
+
+
+def _save(path: Path, size=(56, 42), color=(10, 120, 200), mode="RGB") -> Path:
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def _noise(path: Path, size=(70, 50), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- parity with upstream
+
+def test_preprocess_parity_518(tmp_path):
+    ref_dir = require_reference(REFERENCE / "preprocess_518.npz").parent
+    ref = np.load(ref_dir / "preprocess_518.npz")["images"]
+    photos = [ref_dir / "photos" / "0.jpg", ref_dir / "photos" / "4.jpg"]
+    np.testing.assert_array_equal(load_and_preprocess_images(photos, mode="crop"), ref)
+    for p in photos:  # the lazy folder source gives the same arrays
+        shutil.copy(p, tmp_path / p.name)
+    src = open_frames(tmp_path)
+    assert (src.num_frames, src.height, src.width) == (2, 392, 518)
+    frames = list(src)
+    assert all(f.dtype == np.float32 for f in frames)
+    np.testing.assert_array_equal(np.stack(frames), ref)
+
+
+# ---------------------------------------------------------------- preprocessing rules
+
+def test_crop_resize_and_center_crop():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 80, 3), dtype=np.uint8))
+    out = preprocess_image(img, "crop", T)
+    new_h = round(200 * (T / 80) / 14) * 14  # 140 -> centre 56 rows kept
+    full = np.asarray(img.resize((T, new_h), Image.Resampling.BICUBIC), np.float32).transpose(2, 0, 1) / 255
+    start = (new_h - T) // 2
+    np.testing.assert_array_equal(out, full[:, start:start + T])
+    assert preprocessed_size(80, 200, "crop", T) == (T, T)
+
+
+def test_pad_mode_portrait_padded_white():
+    img = Image.new("RGB", (30, 60), (0, 0, 0))
+    out = preprocess_image(img, "pad", T)
+    assert out.shape == (3, T, T)
+    new_w = round(30 * (T / 60) / 14) * 14  # 28
+    left = (T - new_w) // 2
+    assert np.all(out[:, :, :left] == 1.0) and np.all(out[:, :, left + new_w:] == 1.0)
+    assert np.all(out[:, :, left:left + new_w] == 0.0)
+
+
+def test_rgba_composited_on_white():
+    img = Image.new("RGBA", (T, T), (255, 0, 0, 0))  # fully transparent red
+    img.putpixel((0, 0), (255, 0, 0, 255))
+    out = preprocess_image(img, "crop", T)
+    assert out[:, 20:, 20:].min() == 1.0  # transparent red -> white
+    assert out[0, 0, 0] > 0.9 and out[1, 0, 0] < 0.5  # the opaque pixel stays red
+
+
+def test_grayscale_gives_three_equal_channels(tmp_path):
+    p = tmp_path / "g.png"
+    Image.fromarray(np.arange(T * T, dtype=np.uint8).reshape(T, T)).save(p)
+    (frame,) = list(open_frames(p, target=T))
+    assert frame.shape == (3, T, T)
+    np.testing.assert_array_equal(frame[0], frame[1])
+    np.testing.assert_array_equal(frame[0], frame[2])
+
+
+def test_harmonize_pads_to_max_white():
+    a, b = np.zeros((3, 28, 56), np.float32), np.zeros((3, 56, 42), np.float32)
+    pa, pb = harmonize_frames([a, b])
+    assert pa.shape == pb.shape == (3, 56, 56)
+    assert np.all(pa[:, :14] == 1) and np.all(pa[:, 42:] == 1) and np.all(pa[:, 14:42] == 0)
+    assert np.all(pb[:, :, :7] == 1) and np.all(pb[:, :, 49:] == 1) and np.all(pb[:, :, 7:49] == 0)
+    np.testing.assert_array_equal(pad_frame(np.zeros((3, 1, 1), np.float32), 4, 3)[0],
+                                  [[1, 1, 1], [1, 0, 1], [1, 1, 1], [1, 1, 1]])
+
+
+# ---------------------------------------------------------------- folder source
+
+def test_natural_order_and_extensions(tmp_path):
+    for i, name in enumerate(["img10.png", "img2.JPG", "img1.jpeg", "IMG3.webp", "img20.PNG"]):
+        _save(tmp_path / name, color=(i * 40, 0, 0))
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub.png").mkdir()
+    src = open_frames(tmp_path, target=T)
+    assert isinstance(src, FrameSource) and src.num_frames == 5 and src.query_points is None
+    assert [p.name for p in src.paths] == ["img1.jpeg", "img2.JPG", "IMG3.webp", "img10.png", "img20.PNG"]
+    reds = [round(float(f[0].mean()) * 255 / 40) for f in src]
+    assert reds == [2, 1, 3, 0, 4]
+    assert [p.name for p in open_frames(tmp_path, target=T, stride=2).paths] == [
+        "img1.jpeg", "IMG3.webp", "img20.PNG"]
+
+
+def test_mixed_sizes_padded_with_warning(tmp_path, caplog):
+    _noise(tmp_path / "a.png", (56, 56))   # -> 56x56
+    _noise(tmp_path / "b.png", (112, 56))  # -> 28x56
+    with caplog.at_level(logging.WARNING, logger="xsvggt_jax.io.frames"):
+        src = open_frames(tmp_path, target=T)
+    assert sum("different sizes" in r.getMessage() for r in caplog.records) == 1
+    assert (src.height, src.width) == (56, 56)
+    frames = list(src)
+    assert [f.shape for f in frames] == [(3, 56, 56)] * 2
+    assert np.all(frames[1][:, :14] == 1.0) and np.all(frames[1][:, 42:] == 1.0)
+    eager = harmonize_frames([preprocess_image(Image.open(tmp_path / n), "crop", T) for n in ("a.png", "b.png")])
+    np.testing.assert_array_equal(np.stack(frames), np.stack(eager))
+
+
+def test_folder_is_lazy(tmp_path, monkeypatch):
+    for i in range(4):
+        _noise(tmp_path / f"f{i}.png", seed=i)
+    decoded = []
+    orig = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        decoded.append(Path(self.filename).name)
+        return orig(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    src = open_frames(tmp_path, target=T)  # header pass: no pixel decode
+    assert decoded == []
+    it = iter(src)
+    next(it)
+    assert set(decoded) == {"f0.png"}
+    next(it)
+    assert set(decoded) == {"f0.png", "f1.png"}
+
+
+# ---------------------------------------------------------------- npz source
+
+def test_npz_source_streams_and_validates(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.random((5, 3, 28, 42), dtype=np.float32)
+    qp = np.array([[1.0, 2.0], [3.0, 4.0]])
+    for save in (np.savez, np.savez_compressed):
+        p = tmp_path / f"{save.__name__}.npz"
+        save(p, images=images, query_points=qp)
+        src = open_frames(p)
+        assert (src.num_frames, src.height, src.width) == (5, 28, 42)
+        assert src.query_points.dtype == np.float32
+        np.testing.assert_array_equal(src.query_points, qp)
+        np.testing.assert_array_equal(np.stack(list(src)), images)
+        s2 = open_frames(p, stride=2)
+        assert s2.num_frames == 3
+        np.testing.assert_array_equal(np.stack(list(s2)), images[::2])
+    p = tmp_path / "f64.npz"
+    np.savez(p, images=images.astype(np.float64))
+    assert next(iter(open_frames(p))).dtype == np.float32
+
+
+@pytest.mark.parametrize("images, match", [
+    (np.full((2, 3, 14, 14), np.nan, np.float32), "non-finite"),
+    (np.full((2, 3, 14, 14), np.inf, np.float32), "non-finite"),
+    (np.zeros((2, 4, 14, 14), np.float32), r"shape \[S, 3, H, W\]"),
+    (np.zeros((3, 14, 14), np.float32), r"shape \[S, 3, H, W\]"),
+    (np.zeros((0, 3, 14, 14), np.float32), r"S >= 1"),
+    (np.zeros((1, 3, 15, 14), np.float32), "multiples of the patch size"),
+    (np.zeros((1, 3, 0, 14), np.float32), "multiples of the patch size"),
+    (np.zeros((1, 3, 14, 14), np.uint8), "must be float"),
+])
+def test_npz_errors(tmp_path, images, match):
+    p = tmp_path / "bad.npz"
+    np.savez(p, images=images)
+    with pytest.raises(FrameError, match=match) as e:
+        open_frames(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_npz_other_errors(tmp_path):
+    p = tmp_path / "noimages.npz"
+    np.savez(p, frames=np.zeros((1, 3, 14, 14), np.float32))
+    with pytest.raises(FrameError, match="no 'images' array"):
+        open_frames(p)
+    p = tmp_path / "qp.npz"
+    np.savez(p, images=np.zeros((1, 3, 14, 14), np.float32), query_points=np.zeros((3, 3)))
+    with pytest.raises(FrameError, match="'query_points' must have shape"):
+        open_frames(p)
+    np.savez(p, images=np.zeros((1, 3, 14, 14), np.float32), query_points=np.array([[0.0, np.nan]]))
+    with pytest.raises(FrameError, match="'query_points' contains non-finite"):
+        open_frames(p)
+    p = tmp_path / "garbage.npz"
+    p.write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(FrameError, match="not a readable .npz"):
+        open_frames(p)
+    p = tmp_path / "trunc.npz"
+    with zipfile.ZipFile(p, "w") as zf:  # header says 2 frames, data holds 1
+        with zf.open("images.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f4", "fortran_order": False, "shape": (2, 3, 14, 14)})
+            f.write(np.zeros((1, 3, 14, 14), np.float32).tobytes())
+    with pytest.raises(FrameError, match="truncated at frame 1"):
+        open_frames(p)
+
+
+# ---------------------------------------------------------------- errors
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FrameError, match="not found") as e:
+        open_frames(tmp_path / "nope")
+    assert "nope" in str(e.value)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(FrameError, match="no images") as e:
+        open_frames(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_garbage_image_found_in_header_pass(tmp_path):
+    _save(tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"this is not a jpeg" * 20)
+    with pytest.raises(FrameError, match="not a readable image") as e:
+        open_frames(tmp_path, target=T)
+    assert "b.jpg" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_truncated_image_found_at_decode(tmp_path):
+    _noise(tmp_path / "a.png", seed=1)
+    data = _noise(tmp_path / "b.png", seed=2).read_bytes()
+    (tmp_path / "b.png").write_bytes(data[:len(data) // 2])  # valid header, truncated pixels
+    src = open_frames(tmp_path, target=T)
+    it = iter(src)
+    next(it)
+    with pytest.raises(FrameError, match="cannot decode image") as e:
+        next(it)
+    assert "b.png" in str(e.value)
+
+
+def test_image_too_small_after_preprocessing(tmp_path):
+    _save(tmp_path / "strip.png", size=(400, 4))  # crop at 56 wide -> 0 rows
+    with pytest.raises(FrameError, match="smaller than one 14-px patch") as e:
+        open_frames(tmp_path, target=T)
+    assert "strip.png" in str(e.value)
+    with pytest.raises(FrameError, match="smaller than one"):
+        preprocess_image(Image.new("RGB", (4, 400)), "pad", T)
+    # a tiny but well-proportioned image is upsampled, as upstream does
+    (frame,) = list(open_frames(_save(tmp_path / "tiny.png", size=(8, 8)), target=T))
+    assert frame.shape == (3, T, T)
+
+
+def test_bad_arguments_and_types(tmp_path):
+    img = _save(tmp_path / "a.png")
+    for kwargs, match in [({"mode": "stretch"}, "mode"), ({"target": 50}, "target"),
+                          ({"stride": 0}, "stride"), ({"fps": -1.0}, "fps"),
+                          ({"fps": 2.0, "stride": 2}, "either fps or stride"),
+                          ({"fps": 2.0}, "videos only")]:
+        with pytest.raises(FrameError, match=match):
+            open_frames(img, **kwargs)
+    other = tmp_path / "data.csv"
+    other.write_text("1,2")
+    with pytest.raises(FrameError, match="unsupported input type"):
+        open_frames(other)
+
+
+# ---------------------------------------------------------------- video source
+
+def _write_video(path: Path, n=10, fps=10, size=(64, 48), codec="libx264"):
+    iio = pytest.importorskip("imageio.v3")
+    pytest.importorskip("av")
+    # frame i is filled with grey level 20 * i so the kept indices can be read back
+    frames = np.stack([np.full((size[1], size[0], 3), 20 * i, np.uint8) for i in range(n)])
+    iio.imwrite(path, frames, plugin="pyav", fps=fps, codec=codec)
+    return path
+
+
+def _indices(src):
+    return [round(float(f.mean()) * 255 / 20) for f in src]
+
+
+def test_video_stride_and_fps(tmp_path):
+    p = _write_video(tmp_path / "clip.mp4")
+    src = open_frames(p, target=T)
+    assert (src.num_frames, src.height, src.width) == (10, 42, 56)
+    assert _indices(src) == list(range(10))
+    s2 = open_frames(p, target=T, stride=2)
+    assert s2.num_frames == 5 and _indices(s2) == [0, 2, 4, 6, 8]
+    f5 = open_frames(p, target=T, fps=5)
+    assert f5.num_frames == 5 and _indices(f5) == [0, 2, 4, 6, 8]
+    f3 = open_frames(p, target=T, fps=3)  # frames at or after 0, 1/3, 2/3 s
+    assert f3.num_frames == 3 and _indices(f3) == [0, 4, 7]
+    f30 = open_frames(p, target=T, fps=30)  # faster than the source: every frame
+    assert f30.num_frames == 10
+    frame = next(iter(src))
+    assert frame.dtype == np.float32 and frame.shape == (3, 42, 56)
+
+
+def test_video_unknown_length(tmp_path):
+    p = _write_video(tmp_path / "clip.mkv", n=6)
+    src = open_frames(p, target=T, stride=2)
+    assert src.num_frames in (None, 3)
+    assert _indices(src) == [0, 2, 4]
+
+
+def test_video_garbage(tmp_path):
+    pytest.importorskip("av")
+    p = tmp_path / "broken.mp4"
+    p.write_bytes(b"definitely not a video" * 100)
+    with pytest.raises(FrameError, match="cannot decode video") as e:
+        open_frames(p)
+    assert "broken.mp4" in str(e.value) and "\n" not in str(e.value)
