@@ -29,8 +29,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PREDICTION_KEYS = ("pts3d_in_other_view", "conf", "depth", "depth_conf", "camera_pose")
-TRACK_KEYS = ("track", "vis", "track_conf")
 MAX_MESSAGE = 2000
 
 

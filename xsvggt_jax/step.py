@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 
-
-from .cache import CacheConfig, CacheWriter, StreamCache, stored_slots
+from .cache import CacheConfig, CacheWriter, StreamCache
 from .config import ModelConfig, check_frame_size
 from .model import StreamVGGT
 
 Array = jax.Array
-log = logging.getLogger(__name__)
 
 
 def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
@@ -26,9 +23,7 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
     query points (N > 0): frame t is queried with frame t-1's tracks, as upstream chains them.
     Pure: jit it (see `make_step`); the counters are arrays, so it traces once per stream shape.
     """
-    h, w = frame.shape[1:3]
-    check_frame_size(cfg, h, w)
-    p = cfg.tokens_per_frame(h, w)
+    check_frame_size(cfg, *frame.shape[1:3])
     model = StreamVGGT(cfg)
     rng, key = jax.random.split(cache.rng)
     glob = CacheWriter(cache.global_kv, cache.global_len, cache_cfg, cfg.num_special_tokens,
@@ -54,13 +49,6 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
 def make_step(cfg: ModelConfig, cache_cfg: CacheConfig):
     """`step(params, cache, frame)` jitted for the configuration, with the cache donated."""
     return jax.jit(functools.partial(step, cfg, cache_cfg), donate_argnums=(1,))
-
-
-def frames_left(cfg: ModelConfig, cache_cfg: CacheConfig, cache: StreamCache) -> int | None:
-    """Frames the cache can still take (None: unbounded, a pruned cache runs forever)."""
-    if cache_cfg.prune != "none":
-        return None
-    return stored_slots(cache.camera_kv[0]) // cfg.camera.iterations - int(cache.frame_index)
 
 
 def run_stream(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
