@@ -35,6 +35,17 @@ def rel_err(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
+def run_error(argv, capsys) -> str:
+    """Run the CLI's main(argv), expect exit code 2 and one `xsvggt: error: ...` line; return it."""
+    from xsvggt_jax.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xsvggt: error: ") and "\n" not in err, err
+    return err
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return require_reference(TINY)

@@ -9,23 +9,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from conftest import rel_err
+from conftest import rel_err, run_error
 from xsvggt_jax.cli import main
 from xsvggt_jax.io.params import ParamsError, load_params
 
 ALL_KEYS = ("pts3d_in_other_view", "conf", "depth", "depth_conf", "camera_pose", "track", "vis", "track_conf")
 REPORT_FIELDS = ("mode", "frames", "height", "width", "seconds_per_frame", "compile_seconds", "cache_bytes",
                  "peak_memory_bytes", "backend", "device")
-
-
-def run_error(argv, capsys) -> str:
-    """Run main(argv), expect exit code 2, return the one-line stderr message."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("xsvggt: error: ") and "\n" not in err, err
-    return err
 
 
 def no_leftovers(parent: Path, name: str) -> None:
@@ -142,7 +132,7 @@ def test_load_params_rejects_foreign_dir(tmp_path):
 def test_reconstruct_stream_matches_upstream(stream_run, tiny_dir):
     preds = np.load(stream_run / "predictions.npz")
     ref = np.load(tiny_dir / "stream_none.npz")
-    assert sorted(preds.files) == sorted(ALL_KEYS)
+    assert sorted(preds.files) == sorted(ALL_KEYS + ("extrinsics", "intrinsics"))
     errs = {}
     for k in ALL_KEYS:
         assert preds[k].dtype == np.float32

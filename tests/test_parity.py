@@ -71,6 +71,7 @@ CHAOTIC = pytest.mark.xfail(strict=True, reason="float32-chaotic upstream algori
 @pytest.mark.parametrize("run,cache_cfg", [
     ("stream_xs_c64_p16_KTVT", CacheConfig("xstream", 64, 16, quant="ktvt")),
     ("stream_quant_KCVT", CacheConfig("none", quant="kcvt")),
+    ("stream_xs_c64_p16_KTVT", CacheConfig("xstream", 64, 16, quant="ktvt", scale_dtype="float16")),
     pytest.param("stream_xs_c64_p16_KCVT", CacheConfig("xstream", 64, 16, quant="kcvt"), marks=CHAOTIC),
     pytest.param("stream_xs_c64_p16_KCVC", CacheConfig("xstream", 64, 16, quant="kcvc"), marks=CHAOTIC),
     pytest.param("stream_xs_c64_p16_KTVC", CacheConfig("xstream", 64, 16, quant="ktvc"), marks=CHAOTIC),

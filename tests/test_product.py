@@ -14,20 +14,11 @@ from PIL import Image
 from plyfile import PlyData
 
 import xsvggt_jax.pipeline as pipeline
-from conftest import REFERENCE, require_reference
+from conftest import require_reference, run_error
 from xsvggt_jax.cli import main
 
 OUTPUT_FILES = ("predictions.npz", "points.ply", "trajectory.txt", "colmap/cameras.txt", "colmap/images.txt",
                 "colmap/points3D.txt", "depth/depth.npz", "depth/depth_00000.png", "report.json", "stream.png")
-
-
-def run_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("xsvggt: error: ") and "\n" not in err, err
-    return err
 
 
 def check_outputs(out: Path, frames: int, hw: tuple[int, int]) -> dict:
@@ -68,9 +59,6 @@ def test_demo_runs_end_to_end_with_one_compile(tmp_path, caplog, capsys):
     assert np.load(out / "scene_ground_truth.npz")["depth"].shape == (5, 112, 154)
     compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]
     assert len(compiles) == 1
-    # running again into our own OUTDIR replaces it without --overwrite
-    assert main(["demo", "--out", str(out), "--frames", "3", "--quiet"]) == 0
-    assert json.loads((out / "report.json").read_text())["frames"] == 3
 
 
 def test_reconstruct_image_folder(tiny_params_dir, tmp_path):
@@ -216,3 +204,5 @@ def test_refuses_foreign_outdir(tiny_params_dir, tmp_path, capsys):
     assert main(["reconstruct", str(src), "--params", str(tiny_params_dir), "--out", str(out), "--quiet",
                  "--overwrite"]) == 0
     assert not (out / "thesis.tex").exists()
+    # an OUTDIR that xsvggt wrote is replaced without --overwrite
+    assert main(["reconstruct", str(src), "--params", str(tiny_params_dir), "--out", str(out), "--quiet"]) == 0

@@ -49,6 +49,9 @@ class CacheConfig:
     bits:   code width (2, 4 or 8); group: quantization group size.
     quant_head_dim: upstream quantizes only attention layers whose head dim is 64 (the aggregator's
             global blocks at the published size, never its camera trunk); None quantizes every layer.
+    scale_dtype: "float32" stores the group scales exactly (bit-exact with upstream); "float16" halves
+            their bytes (the cache then sits within 1.15x of the packed floor at the published size)
+            at the price of rounding each scale to 11 significant bits.
     """
 
     prune: str = "xstream"
@@ -59,6 +62,7 @@ class CacheConfig:
     bits: int = 4
     group: int = 64
     quant_head_dim: Optional[int] = 64
+    scale_dtype: str = "float32"
 
     def __post_init__(self):
         if self.prune not in POLICIES:
@@ -67,6 +71,8 @@ class CacheConfig:
             raise ValueError(f"quant must be one of {QUANT_LAYOUTS}, got {self.quant!r}")
         if self.bits not in quant.PACK_BITS:
             raise ValueError(f"bits must be one of {quant.PACK_BITS}, got {self.bits}")
+        if self.scale_dtype not in ("float32", "float16"):
+            raise ValueError(f"scale_dtype must be float32 or float16, got {self.scale_dtype!r}")
         if self.budget < 1 or self.pool < 1 or self.group < 1:
             raise ValueError(f"budget, pool and group must be positive ({self.budget}, {self.pool}, {self.group})")
 
@@ -93,8 +99,9 @@ class Packed:
     """A group-quantized [B, H, T, D] tensor.
 
     codes: uint8 [B, H, T, ceil(D * bits / 8)] codes packed along D (first code in the low bits).
-    scale: float32, per token [B, H, T, ceil(D / group)]; per channel [B, H, G, D] with G groups of
-           `group` consecutive tokens of the step that quantized them.
+    scale: float32 (or float16, see CacheConfig.scale_dtype), per token [B, H, T, ceil(D / group)];
+           per channel [B, H, G, D] with G groups of `group` consecutive tokens of the step that
+           quantized them.
     zero:  uint8, same shape as scale: integer zero points in [0, 2**bits - 1].
     group_of: int32 [B, T] per channel: the row of scale/zero each token uses; per token: [B, 0].
     """
@@ -109,16 +116,17 @@ class Packed:
     dim: int = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def empty(cls, b, h, t, d, bits, group, per_channel, groups_rows: int) -> "Packed":
+    def empty(cls, b, h, t, d, bits, group, per_channel, groups_rows: int, scale_dtype=jnp.float32) -> "Packed":
         codes = jnp.zeros((b, h, t, quant.packed_bytes((d,), bits)), jnp.uint8)
         pshape = (b, h, groups_rows, d) if per_channel else (b, h, t, -(-d // group))
-        return cls(codes, jnp.ones(pshape, jnp.float32), jnp.zeros(pshape, jnp.uint8),
+        return cls(codes, jnp.ones(pshape, scale_dtype), jnp.zeros(pshape, jnp.uint8),
                    jnp.zeros((b, t if per_channel else 0), jnp.int32), bits, group, per_channel, d)
 
     @classmethod
-    def from_float(cls, x: Array, bits: int, group: int, per_channel: bool) -> "Packed":
+    def from_float(cls, x: Array, bits: int, group: int, per_channel: bool, scale_dtype=jnp.float32) -> "Packed":
         """Quantize x [B, H, T, D] (groups along T per channel, along D per token)."""
         codes, scale, zero = quant.quantize(x, bits, group, axis=-2 if per_channel else -1)
+        scale = scale.astype(scale_dtype)
         b, _, t, d = x.shape
         group_of = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) // group, (b, t)) if per_channel
                     else jnp.zeros((b, 0), jnp.int32))
@@ -127,7 +135,7 @@ class Packed:
     def dequantize(self) -> Array:
         """float32 [B, H, T, D]: scale * (code - zero)."""
         codes = quant.unpack(self.codes, self.bits, self.dim).astype(jnp.float32)
-        scale, zero = self.scale, self.zero.astype(jnp.float32)
+        scale, zero = self.scale.astype(jnp.float32), self.zero.astype(jnp.float32)
         if self.per_channel:  # [B, H, G, D] -> the row of each token: [B, H, T, D]
             rows = self.group_of[:, None, :, None]
             scale = jnp.take_along_axis(scale, rows, axis=2)
@@ -230,7 +238,7 @@ def _empty_layers(plan: LayerPlan, cache_cfg: CacheConfig, batch: int, dtype) ->
         return tuple(LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(plan.layers))
     rows = -(-plan.work_slots // cache_cfg.group)
     kc, vc = cache_cfg.per_channel()
-    mk = lambda pc: Packed.empty(*shape, cache_cfg.bits, cache_cfg.group, pc, rows)
+    mk = lambda pc: Packed.empty(*shape, cache_cfg.bits, cache_cfg.group, pc, rows, jnp.dtype(cache_cfg.scale_dtype))
     return tuple(LayerKV(mk(kc), mk(vc)) for _ in range(plan.layers))
 
 
@@ -291,8 +299,8 @@ class CacheWriter:
             bias = jnp.where(jnp.arange(work) < end, 0.0, -jnp.inf).astype(jnp.float32)
 
             if qz:  # upstream: the whole cache [past; current] is fake-quantized, then pruned
-                sk = Packed.from_float(new_k, kv.k.bits, kv.k.group, kv.k.per_channel)
-                sv = Packed.from_float(new_v, kv.v.bits, kv.v.group, kv.v.per_channel)
+                sk = Packed.from_float(new_k, kv.k.bits, kv.k.group, kv.k.per_channel, kv.k.scale.dtype)
+                sv = Packed.from_float(new_v, kv.v.bits, kv.v.group, kv.v.per_channel, kv.v.scale.dtype)
                 score_k = sk.dequantize()
             else:
                 sk, sv, score_k = new_k, new_v, new_k

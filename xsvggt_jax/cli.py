@@ -77,7 +77,7 @@ def _cache_config(args):
 
     try:
         return CacheConfig(prune=args.prune, budget=args.cache_size, pool=args.pool, seed=args.seed,
-                           quant=args.quant, bits=args.bits, group=args.group)
+                           quant=args.quant, bits=args.bits, group=args.group, scale_dtype=args.scale_dtype)
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -323,6 +323,8 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="K/V quantization layout: K per Channel|Token, V per Channel|Token")
     g.add_argument("--bits", type=int, choices=(2, 4, 8), default=4, help="quantization code width")
     g.add_argument("--group", type=int, default=64, help="quantization group size")
+    g.add_argument("--scale-dtype", choices=("float32", "float16"), default="float32",
+                   help="group scales: float32 (bit-exact with upstream) or float16 (smaller cache)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random pruning policy")
     st = r.add_argument_group("checkpointing the stream")
     st.add_argument("--save-state", help="directory to checkpoint the stream into every --save-every frames")

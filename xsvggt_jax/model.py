@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .aggregator import Aggregator, frame_causal_bias
 from .config import ModelConfig
@@ -90,17 +91,41 @@ class StreamVGGT(nn.Module):
         return self.aggregator.patch_embed((images - RESNET_MEAN) / RESNET_STD)
 
 
-def init_params(cfg: ModelConfig, key: Array, height: int | None = None, width: int | None = None,
-                num_queries: int = 1) -> dict:
-    """Randomly initialised parameters (the `params` collection) for `cfg`."""
-    # big enough that every level of the track head's correlation pyramid is non-empty
-    side = cfg.patch_size * max(2, -(-(cfg.track.stride * 2 ** cfg.track.corr_levels) // cfg.patch_size))
-    height, width = height or side, width or side
-    images = jnp.zeros((1, 2, height, width, 3), jnp.float32)
-    qp = jnp.zeros((1, num_queries, 2), jnp.float32)
-    return StreamVGGT(cfg).init(key, images, qp)["params"]
+def _init_input_side(cfg: ModelConfig) -> int:
+    """A frame side big enough that every level of the track head's correlation pyramid is non-empty."""
+    return cfg.patch_size * max(2, -(-(cfg.track.stride * 2 ** cfg.track.corr_levels) // cfg.patch_size))
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
-    """Parameter tree of `cfg` as ShapeDtypeStructs (no allocation)."""
-    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    """Parameter tree of `cfg` as ShapeDtypeStructs (traced abstractly: no allocation, no compile)."""
+    side = _init_input_side(cfg)
+    images = jax.ShapeDtypeStruct((1, 2, side, side, 3), jnp.float32)
+    queries = jax.ShapeDtypeStruct((1, 1, 2), jnp.float32)
+    return jax.eval_shape(StreamVGGT(cfg).init, jax.random.key(0), images, queries)["params"]
+
+
+def init_params(cfg: ModelConfig, key: Array) -> dict:
+    """Random parameters of sane scale for `cfg` (demos, benchmarks, shape tests).
+
+    Built leaf by leaf from `param_shapes` rather than by `StreamVGGT.init`, which would compile the
+    whole forward pass: kernels ~ N(0, 1/fan_in), biases 0, norm scales 1, LayerScale gammas 0.1,
+    embeddings and tokens ~ N(0, 0.02^2).
+    """
+    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
+    keys = jax.random.split(key, len(flat))
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(keys[0])).ravel().tolist())
+    leaves = []
+    for path, leaf in flat:
+        name, shape = path[-1].key, leaf.shape
+        if name in ("kernel", "in_proj_kernel"):
+            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+        elif name in ("bias", "in_proj_bias"):
+            value = np.zeros(shape)
+        elif name == "scale":
+            value = np.ones(shape)
+        elif name == "gamma":
+            value = np.full(shape, 0.1)
+        else:
+            value = 0.02 * rng.standard_normal(shape)
+        leaves.append(jnp.asarray(value, leaf.dtype))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(param_shapes(cfg)), leaves)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
 
 def quat_to_mat(q: Array) -> Array:
-    """Quaternions [..., 4] (x, y, z, w; need not be unit) -> rotation matrices [..., 3, 3]."""
+    """Quaternions [..., 4] (x, y, z, w; need not be unit) -> rotation matrices [..., 3, 3].
+
+    Works on jax arrays (traceable) and on numpy arrays (computed in numpy, keeping their dtype)."""
+    xp = jnp if isinstance(q, jax.Array) else np
     i, j, k, r = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
-    two_s = 2.0 / jnp.sum(q * q, -1)
-    m = jnp.stack([
+    two_s = 2.0 / xp.sum(q * q, -1)
+    m = xp.stack([
         1 - two_s * (j * j + k * k), two_s * (i * j - k * r), two_s * (i * k + j * r),
         two_s * (i * j + k * r), 1 - two_s * (i * i + k * k), two_s * (j * k - i * r),
         two_s * (i * k - j * r), two_s * (j * k + i * r), 1 - two_s * (i * i + j * j),

@@ -26,6 +26,8 @@ from typing import IO
 
 import numpy as np
 
+from ..pose import quat_to_mat
+
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
@@ -68,16 +70,8 @@ def _atomic_write_text(path: PathLike, text: str) -> Path:
 
 
 def quat_to_mat_np(q: np.ndarray) -> np.ndarray:
-    """Quaternions [..., 4] (x, y, z, w scalar-last; need not be unit) -> rotations [..., 3, 3]."""
-    q = np.asarray(q, np.float64)
-    i, j, k, r = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
-    two_s = 2.0 / np.sum(q * q, -1)
-    m = np.stack([
-        1 - two_s * (j * j + k * k), two_s * (i * j - k * r), two_s * (i * k + j * r),
-        two_s * (i * j + k * r), 1 - two_s * (i * i + k * k), two_s * (j * k - i * r),
-        two_s * (i * k - j * r), two_s * (j * k + i * r), 1 - two_s * (i * i + j * j),
-    ], -1)
-    return m.reshape(*q.shape[:-1], 3, 3)
+    """Quaternions [..., 4] (x, y, z, w scalar-last; need not be unit) -> rotations [..., 3, 3], float64."""
+    return quat_to_mat(np.asarray(q, np.float64))
 
 
 def mat_to_quat_np(rot: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Streaming benchmarks for xsvggt_jax (run `python -m benchmarks.stream --help`)."""

@@ -1,0 +1,478 @@
+"""Streaming benchmark: per-frame latency, compile time, traces, FLOP floor and cache bytes per setting.
+
+    python -m benchmarks.stream --config tiny --frames 20 --settings none,xstream,xstream-int4,sliding
+
+Random weights (`init_params(cfg, PRNGKey(0))`) and deterministic random frames
+(`np.random.default_rng(0)`, one [1, H, W, 3] float32 image drawn per frame, the same frames for
+every setting). For each cache setting the step (`xsvggt_jax.step.step`, jitted here with the cache
+donated, as `make_step` does) is lowered and compiled explicitly (timed apart from execution), then
+every frame is run once and timed device-synchronised (`jax.block_until_ready` on the new cache and
+the outputs). Summary latencies are medians over frame windows (early: frames [5, 15), late: the last
+10 frames; clipped for short runs, windows are half-open and reported).
+
+FLOP floor: XLA's cost analysis of the compiled step divided by the matmul peak measured in the same
+process (a jitted square matmul in the compute dtype and precision). Shapes are static, so the
+analysed step is the per-frame cost at the allocated cache size (all `max_frames` slots for `none`,
+the budget for pruned caches); masked slots are counted.
+
+Writes `<out-dir>/<name>.json` and `<out-dir>/<name>.png` (atomically) and prints a markdown table.
+`--upstream-src` optionally times upstream PyTorch StreamVGGT (aggregator + camera head) in a
+separate interpreter; see `benchmarks/upstream_stream.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xsvggt_jax import step as step_mod
+from xsvggt_jax.cache import CacheConfig, CacheWriter, StreamCache, cache_report, init_cache, stored_slots, tree_bytes
+from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig
+from xsvggt_jax.model import StreamVGGT, init_params
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+SETTINGS = ("none", "xstream", "xstream-int4", "sliding")
+EARLY_WINDOW = (5, 15)
+LATE_FRAMES = 10
+
+
+def medium_config() -> ModelConfig:
+    """Between tiny and published: 384 dims, 8 + 8 blocks, head dim 64 (so KCVT quantizes it, as the
+    published global blocks), a 6-block DINOv2 embedder and slim heads."""
+    return ModelConfig(
+        embed_dim=384, depth=8, num_heads=6,
+        dino=DinoConfig(embed_dim=384, depth=6, num_heads=6),
+        camera=CameraHeadConfig(trunk_depth=2, num_heads=8),
+        dpt=DPTConfig(features=64, out_channels=(48, 96, 192, 384), intermediate_layer_idx=(1, 3, 5, 7)),
+        track=TrackHeadConfig(features=64, hidden_size=128, depth=2),
+    )
+
+
+CONFIGS: dict[str, Callable[[], ModelConfig]] = {
+    "tiny": ModelConfig.tiny, "medium": medium_config, "published": ModelConfig.published,
+}
+DEFAULT_HW = {"tiny": (112, 154), "medium": (392, 518), "published": (392, 518)}
+
+
+def cache_setting(name: str, budget: int, bits: int) -> CacheConfig:
+    """A named cache setting."""
+    if name == "none":
+        return CacheConfig(prune="none")
+    if name == "xstream":
+        return CacheConfig(prune="xstream", budget=budget)
+    if name == "xstream-int4":
+        return CacheConfig(prune="xstream", budget=budget, quant="kcvt", bits=bits)
+    if name == "sliding":
+        return CacheConfig(prune="sliding", budget=budget)
+    raise ValueError(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (monotone over the process)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def device_peak_bytes() -> int | None:
+    """Peak device memory in use so far (GPU/TPU), None where the backend does not report it."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def flops_of(compiled) -> float | None:
+    """'flops' from XLA's cost analysis (a dict, or a list of dicts on some versions)."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception as e:  # noqa: BLE001 - not every backend implements it
+        log.warning("cost analysis unavailable: %s", e)
+        return None
+    if isinstance(ca, dict):
+        ca = [ca]
+    total = sum(float(d.get("flops", 0.0)) for d in (ca or []) if d)
+    return total or None
+
+
+def median(xs: Sequence[float]) -> float | None:
+    return float(statistics.median(xs)) if len(xs) else None
+
+
+def windows(n: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Half-open (early, late) frame windows for the summary medians, clipped for short runs: frame 0
+    (it also pays for the first dispatch) is left out whenever another frame exists."""
+    first = 1 if n > 1 else 0
+    lo, hi = EARLY_WINDOW
+    early = (lo, min(hi, n)) if n > lo else (first, n)
+    late = (max(n - LATE_FRAMES, first), n)
+    return early, late
+
+
+def matmul_peak(n: int, dtype: str, precision, inner: int, repeats: int = 5) -> float:
+    """FLOP/s of a jitted [n, n] @ [n, n] matmul chain (`inner` matmuls per call, median of `repeats`)."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(1))
+    a = (jax.random.normal(ka, (n, n), jnp.float32) / np.sqrt(n)).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+
+    @jax.jit
+    def chain(a, b):
+        return jax.lax.fori_loop(0, inner, lambda i, x: jnp.dot(a, x, precision=precision), b)
+
+    jax.block_until_ready(chain(a, b))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(chain(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 * inner / statistics.median(times)
+
+
+def frame_stream(frames: int, hw: tuple[int, int]):
+    """Deterministic random frames [1, H, W, 3] float32 in [0, 1], drawn one at a time."""
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        yield rng.random((1, *hw, 3), dtype=np.float32)
+
+
+def used_cache_bytes(cache: StreamCache) -> int:
+    """Bytes of the filled part of the cache: each layer group's bytes times its fill fraction."""
+    def part(layers, length):
+        if not layers:
+            return 0
+        slots = stored_slots(layers[0])
+        return int(round(tree_bytes(layers) * min(int(length), slots) / slots)) if slots else 0
+    fixed = tree_bytes(cache) - tree_bytes(cache.global_kv) - tree_bytes(cache.camera_kv)
+    return fixed + part(cache.global_kv, cache.global_len) + part(cache.camera_kv, cache.camera_len)
+
+
+def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write through a temporary file in the same folder, then os.replace it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------- the runs
+@functools.lru_cache(maxsize=1)
+def random_params(cfg: ModelConfig) -> dict:
+    """`init_params(cfg, PRNGKey(0))` on the default device (the last one is kept, so repeated
+    `main` calls in one process, as the tests make, initialise once)."""
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    return jax.block_until_ready(jax.device_put(params, jax.devices()[0]))
+
+
+def agg_cam_step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
+                 frame: jax.Array) -> tuple[StreamCache, jax.Array]:
+    """`xsvggt_jax.step.step` without the DPT / track heads: aggregator + camera head only, the part
+    upstream's `Aggregator` + `CameraHead` comparison runs. Returns the cache and the pose [B, 9]."""
+    model = StreamVGGT(cfg)
+    rng, key = jax.random.split(cache.rng)
+    glob = CacheWriter(cache.global_kv, cache.global_len, cache_cfg, cfg.num_special_tokens,
+                       jax.random.fold_in(key, 0))
+    cam = CacheWriter(cache.camera_kv, cache.camera_len, cache_cfg, cfg.num_special_tokens,
+                      jax.random.fold_in(key, 1))
+    slot = jnp.minimum(cache.frame_index, 1).reshape(1)
+
+    def run(m, images):
+        aggregated, _ = m.aggregator(images, slot, global_hook=glob.hook)
+        return m.camera_head(aggregated[-1], kv_hook=cam.hook)[-1]
+
+    pose = model.apply({"params": params}, frame[:, None], method=run)[:, 0]
+    new_cache = cache.replace(global_kv=tuple(glob.layers), camera_kv=tuple(cam.layers),
+                              global_len=glob.lengths[0], camera_len=cam.lengths[0],
+                              frame_index=cache.frame_index + 1, rng=rng)
+    return new_cache, pose
+
+
+def run_setting(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, hw: tuple[int, int], frames: int,
+                queries: jax.Array | None, fn: Callable = step_mod.step, record_cache: bool = True) -> dict:
+    """Compile `fn(cfg, cache_cfg, params, cache, frame)` once and stream `frames` frames through it."""
+    traces = [0]
+
+    def counted(params, cache, frame):
+        traces[0] += 1
+        return fn(cfg, cache_cfg, params, cache, frame)
+
+    jitted = jax.jit(counted, donate_argnums=(1,))
+    max_frames = frames if cache_cfg.prune == "none" else None
+    cache = init_cache(cfg, cache_cfg, 1, hw, max_frames=max_frames, query_points=queries)
+    example = jax.device_put(np.zeros((1, *hw, 3), np.float32))  # as the frames are put, so no recompile
+
+    t0 = time.perf_counter()
+    lowered = jitted.lower(params, cache, example)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    flops = flops_of(compiled)
+    del lowered, compiled
+
+    latency, alloc, used = [], [], []
+    for img in frame_stream(frames, hw):
+        frame = jax.block_until_ready(jax.device_put(img))
+        t = time.perf_counter()
+        cache, out = jitted(params, cache, frame)
+        jax.block_until_ready((cache, out))
+        latency.append(time.perf_counter() - t)
+        if record_cache:
+            alloc.append(int(cache_report(cfg, cache_cfg, cache)["cache_bytes"]))
+            used.append(used_cache_bytes(cache))
+    res = {"lower_s": t1 - t0, "compile_s": t2 - t1, "traces": traces[0], "flops_per_step": flops,
+           "latency_s": latency}
+    if record_cache:
+        res.update(cache_bytes=alloc, cache_bytes_used=used, cache_report=cache_report(cfg, cache_cfg, cache),
+                   max_frames=max_frames)
+    del cache, out, jitted
+    gc.collect()
+    return res
+
+
+def summarize_latency(latency: Sequence[float]) -> dict:
+    early, late = windows(len(latency))
+    e, l = median(latency[slice(*early)]), median(latency[slice(*late)])
+    first = 1 if len(latency) > 1 else 0
+    return {"latency_median_s": median(latency[first:]), "early_window": list(early), "late_window": list(late),
+            "latency_median_early_s": e, "latency_median_late_s": l,
+            "latency_ratio_late_over_early": (l / e) if e and l is not None else None}
+
+
+# -------------------------------------------------------------------------------------- upstream
+UPSTREAM_ENV = {  # upstream reads these in Attention.__init__ (XStreamVGGT; quant: prune_and_quantize branch)
+    "none": {"KV_PRUNE_MODE": "none", "KV_QUANT_MODE": ""},
+    "xstream": {"KV_PRUNE_MODE": "XStreamVGGT", "KV_QUANT_MODE": ""},
+    "xstream-int4": {"KV_PRUNE_MODE": "XStreamVGGT", "KV_QUANT_MODE": "KCVT"},
+    "sliding": {"KV_PRUNE_MODE": "SlidingWindow", "KV_QUANT_MODE": ""},
+}
+
+
+def torch_python_ok(python: str) -> bool:
+    try:
+        r = subprocess.run([python, "-c", "import torch"], capture_output=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("cannot run %s: %s", python, e)
+        return False
+    return r.returncode == 0
+
+
+def run_upstream(args, cfg: ModelConfig, settings: list[str], hw, ours_params: dict) -> dict | None:
+    """Time upstream Aggregator + CameraHead (one subprocess per setting, env set before import) and
+    our aggregator + camera step on the same frames. None (with a warning) when torch is unavailable."""
+    python = args.upstream_python or sys.executable
+    if not torch_python_ok(python):
+        log.warning("--upstream-src given but `import torch` fails for %s: skipping the upstream comparison "
+                    "(pass --upstream-python with a torch interpreter)", python)
+        return None
+    runner = Path(__file__).resolve().parent / "upstream_stream.py"
+    out = {"src": str(Path(args.upstream_src).resolve()), "python": python,
+           "ran": "upstream: streamvggt Aggregator (DINOv2 patch embed) + CameraHead (4 iterations), "
+                  "torch.no_grad, float32, CPU threads as torch defaults; "
+                  "ours: benchmarks.stream.agg_cam_step = aggregator + camera head with the same cache "
+                  f"setting (no DPT / track heads), jitted, {cfg.dtype}, same frames",
+           "settings": {}, "ours_agg_cam": {}, "time_ratio_ours_over_upstream": {}}
+    for name in settings:
+        cache_cfg = cache_setting(name, args.budget, args.bits)
+        env = dict(os.environ, **UPSTREAM_ENV[name], KV_CACHE_SIZE=str(args.budget),
+                   KV_POOL_SIZE=str(cache_cfg.pool))
+        with tempfile.TemporaryDirectory() as tmp:
+            res_path = Path(tmp) / "upstream.json"
+            cmd = [python, str(runner), "--src", str(args.upstream_src), "--spec", json.dumps(cfg.to_spec()),
+                   "--height", str(hw[0]), "--width", str(hw[1]), "--frames", str(args.frames),
+                   "--out", str(res_path)]
+            log.info("upstream %s: %s", name, " ".join(cmd[:2]))
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if r.returncode != 0 or not res_path.exists():
+                log.warning("upstream run %s failed (rc %s): %s", name, r.returncode, r.stderr[-2000:])
+                continue
+            up = json.loads(res_path.read_text())
+        up["env"] = {k: env[k] for k in ("KV_PRUNE_MODE", "KV_QUANT_MODE", "KV_CACHE_SIZE", "KV_POOL_SIZE")}
+        up.update(summarize_latency(up["latency_s"]))
+        out["settings"][name] = up
+        if name == "xstream-int4" and (not up.get("quant_supported") or args.bits != 4):
+            log.warning("upstream xstream-int4: quantization %s (upstream fixes 4 bits, group 64)",
+                        "not in this upstream tree" if not up.get("quant_supported") else f"bits {args.bits} != 4")
+        ours = run_setting(cfg, cache_cfg, ours_params, hw, args.frames, None, fn=agg_cam_step, record_cache=False)
+        ours.update(summarize_latency(ours["latency_s"]))
+        out["ours_agg_cam"][name] = ours
+        if ours["latency_median_s"] and up["latency_median_s"]:
+            out["time_ratio_ours_over_upstream"][name] = ours["latency_median_s"] / up["latency_median_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ output
+def plot(result: dict, path: Path) -> None:
+    """Two panels: latency (ms) and cache (MB, solid: filled, dashed: allocated) vs frame index."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax_t, ax_m = fig.subplots(1, 2)
+    for i, (name, s) in enumerate(result["settings"].items()):
+        color = f"C{i}"
+        x = np.arange(len(s["latency_s"]))
+        ax_t.plot(x, np.asarray(s["latency_s"]) * 1e3, color=color, label=name)
+        ax_m.plot(x, np.asarray(s["cache_bytes_used"]) / 2 ** 20, color=color, label=f"{name} (filled)")
+        ax_m.plot(x, np.asarray(s["cache_bytes"]) / 2 ** 20, color=color, ls="--", lw=0.8)
+    ax_t.set(xlabel="frame", ylabel="latency (ms, log)", title="per-frame step latency (frame 0: first dispatch)",
+             yscale="log")
+    ax_m.set(xlabel="frame", ylabel="cache (MiB)", title="KV cache (dashed: allocated)")
+    for ax in (ax_t, ax_m):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['config']} {result['frame_hw'][0]}x{result['frame_hw'][1]}, {result['dtype']}, "
+                 f"{result['device']}", fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.stream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model size (default tiny)")
+    p.add_argument("--height", type=int, help="frame height (default 392 for published/medium, 112 for tiny)")
+    p.add_argument("--width", type=int, help="frame width (default 518 for published/medium, 154 for tiny)")
+    p.add_argument("--frames", type=int, default=20, help="stream length (default 20)")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma list of cache settings from {', '.join(SETTINGS)} (default all)")
+    p.add_argument("--budget", type=int, default=2048, help="tokens kept per layer by pruned settings (default 2048)")
+    p.add_argument("--bits", type=int, default=4, choices=(2, 4, 8), help="code width of xstream-int4 (default 4)")
+    p.add_argument("--queries", type=int, default=0,
+                   help="query points per frame (> 0 also runs the track head each frame)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")
+    p.add_argument("--precision", choices=("default", "high", "highest"), default="highest",
+                   help="matmul precision of the model and of the peak matmul (default highest)")
+    p.add_argument("--matmul-size", type=int, help="side of the peak matmul (default 2048 on CPU, 4096 else)")
+    p.add_argument("--name", help="output base name (default <config>_<H>x<W>_<frames>f)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="default benchmarks/results")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--upstream-src", type=Path,
+                   help="upstream StreamVGGT checkout (its src/ is imported at run time) to time as well")
+    p.add_argument("--upstream-python", help="interpreter with torch for --upstream-src (default: this one)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log progress")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        log.setLevel(logging.INFO)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for s in settings:
+        cache_setting(s, args.budget, args.bits)  # validate early
+    if args.frames < 1:
+        raise SystemExit("--frames must be >= 1")
+    dh, dw = DEFAULT_HW[args.config]
+    hw = (args.height or dh, args.width or dw)
+    cfg = CONFIGS[args.config]().replace(dtype=args.dtype, precision=args.precision)
+    cfg.tokens_per_frame(*hw)  # validates the frame size
+    name = args.name or f"{args.config}_{hw[0]}x{hw[1]}_{args.frames}f"
+    dev = jax.devices()[0]
+    backend = jax.default_backend()
+
+    n = args.matmul_size or (2048 if backend == "cpu" else 4096)
+    inner = 1 if backend == "cpu" else 20
+    peak = {"size": n, "matmuls_per_call": inner, "precision": args.precision,
+            "float32_flops_per_s": matmul_peak(n, "float32", cfg.jax_precision, inner)}
+    if args.dtype != "float32":
+        peak[f"{args.dtype}_flops_per_s"] = matmul_peak(n, args.dtype, cfg.jax_precision, inner)
+    peak["used_flops_per_s"] = peak[f"{args.dtype}_flops_per_s"]
+    log.info("matmul peak %.3g FLOP/s (%s, n=%d)", peak["used_flops_per_s"], args.dtype, n)
+
+    t0 = time.perf_counter()
+    params = random_params(cfg)
+    init_s = time.perf_counter() - t0
+    n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+    log.info("params: %d (%.1f s)", n_params, init_s)
+    queries = None
+    if args.queries:
+        q = np.random.default_rng(1).random((1, args.queries, 2), dtype=np.float32) * np.array([hw[1], hw[0]], np.float32)
+        queries = jnp.asarray(q)
+
+    result: dict[str, Any] = {
+        "schema": SCHEMA, "name": name, "config": args.config, "model": cfg.to_spec(), "params": n_params,
+        "params_init_s": init_s, "frame_hw": list(hw), "tokens_per_frame": cfg.tokens_per_frame(*hw),
+        "frames": args.frames, "dtype": args.dtype, "precision": args.precision, "queries": args.queries,
+        "budget": args.budget, "bits": args.bits,
+        "backend": backend, "device": getattr(dev, "device_kind", str(dev)), "device_count": jax.device_count(),
+        "jax_version": jax.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "ran": "xsvggt_jax.step.step per frame: aggregator + camera head + depth and point DPT heads"
+               + (" + track head" if args.queries else " (no query points: no track head)"),
+        "notes": [
+            "latency_s: every frame once, after an explicit lower+compile, device-synchronised "
+            "(jax.block_until_ready); frame 0 also pays the first dispatch, summary medians skip it",
+            "flops_per_step: XLA cost analysis of the compiled step; static shapes, so attention spans the "
+            "allocated cache (max_frames slots for 'none', the budget for pruned caches), masked slots included",
+            "cache_bytes: allocated cache arrays (cache_report); cache_bytes_used: allocated bytes times the "
+            "filled fraction of each layer group",
+            "peak_rss_bytes / device_peak_bytes: process-wide peaks so far (monotone), read after each setting",
+        ],
+        "matmul_peak": peak, "settings": {},
+    }
+
+    for s in settings:
+        cache_cfg = cache_setting(s, args.budget, args.bits)
+        log.info("setting %s: %s", s, cache_cfg)
+        r = run_setting(cfg, cache_cfg, params, hw, args.frames, queries)
+        r.update(summarize_latency(r["latency_s"]))
+        floor = r["flops_per_step"] / peak["used_flops_per_s"] if r["flops_per_step"] else None
+        r["flop_floor_seconds"] = floor
+        r["achieved_over_floor"] = r["latency_median_s"] / floor if floor and r["latency_median_s"] else None
+        r["cache_config"] = dataclasses.asdict(cache_cfg)
+        r["peak_rss_bytes"] = peak_rss_bytes()
+        r["device_peak_bytes"] = device_peak_bytes()
+        result["settings"][s] = r
+        if r["traces"] != 1:
+            log.warning("setting %s traced %d times", s, r["traces"])
+
+    out_dir = Path(args.out_dir)
+    if args.upstream_src:
+        result["upstream"] = run_upstream(args, cfg, settings, hw, params)
+
+    json_path = out_dir / f"{name}.json"
+    write_atomic(json_path, lambda f: json.dump(result, f, indent=1))
+    log.info("wrote %s", json_path)
+    if not args.no_plot:
+        plot(result, out_dir / f"{name}.png")
+        log.info("wrote %s", out_dir / f"{name}.png")
+
+    from .summarize import report
+    sys.stdout.write(report([result]) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

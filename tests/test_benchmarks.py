@@ -1,0 +1,86 @@
+"""The streaming benchmark runs end to end on the tiny model and writes complete results (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import stream, summarize
+
+SMALL_MATMUL = ["--matmul-size", "256"]  # keeps the peak measurement cheap on a busy CPU
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--config", "tiny", "--frames", "3", "--settings", "none,xstream-int4", "--budget", "64",
+            "--out-dir", str(out), "--no-plot", *SMALL_MATMUL]
+    result = stream.main(argv)
+    return out, result
+
+
+def test_json_has_every_field(run):
+    out, returned = run
+    path = out / "tiny_112x154_3f.json"
+    assert path.exists() and not (out / "tiny_112x154_3f.png").exists()
+    res = json.loads(path.read_text())
+    assert res == json.loads(json.dumps(returned))
+    assert res["config"] == "tiny" and res["frame_hw"] == [112, 154] and res["frames"] == 3
+    assert res["dtype"] == "float32" and res["backend"] and res["jax_version"]
+    assert res["matmul_peak"]["float32_flops_per_s"] > 0 and res["matmul_peak"]["used_flops_per_s"] > 0
+    assert list(res["settings"]) == ["none", "xstream-int4"]
+    for name, s in res["settings"].items():
+        assert s["traces"] == 1, name
+        assert s["compile_s"] > 0 and s["lower_s"] > 0
+        assert s["flops_per_step"] > 0
+        assert len(s["latency_s"]) == 3 and all(t > 0 for t in s["latency_s"])
+        assert len(s["cache_bytes"]) == 3 and len(s["cache_bytes_used"]) == 3
+        assert s["cache_report"]["cache_bytes"] == s["cache_bytes"][-1] > 0
+        for k in ("latency_median_s", "latency_median_early_s", "latency_median_late_s",
+                  "latency_ratio_late_over_early", "flop_floor_seconds", "achieved_over_floor"):
+            assert s[k] is not None and s[k] > 0, (name, k)
+        assert s["peak_rss_bytes"] > 0
+    assert res["settings"]["none"]["cache_config"]["prune"] == "none"
+    assert res["settings"]["none"]["max_frames"] == 3
+    int4 = res["settings"]["xstream-int4"]
+    assert int4["cache_config"]["quant"] == "kcvt" and int4["cache_config"]["budget"] == 64
+    # the uncompressed cache fills up frame by frame; the quantized one is smaller
+    used = res["settings"]["none"]["cache_bytes_used"]
+    assert used[0] < used[1] < used[2] == res["settings"]["none"]["cache_bytes"][-1]
+    assert int4["cache_bytes"][-1] < res["settings"]["none"]["cache_bytes"][-1]
+
+
+def test_summary_table_lists_every_setting(run, capsys):
+    out, _ = run
+    text = summarize.main(["--results-dir", str(out)])
+    assert text.count("tiny 112x154, 3 f") == 2 and "xstream-int4" in text
+    assert text in capsys.readouterr().out
+
+
+def test_plot_is_written(tmp_path):
+    res = stream.main(["--config", "tiny", "--frames", "2", "--settings", "sliding", "--budget", "64",
+                       "--out-dir", str(tmp_path), "--name", "plotted", *SMALL_MATMUL])
+    png = tmp_path / "plotted.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "plotted.json").exists() and res["settings"]["sliding"]["traces"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_windows_guard_short_runs():
+    assert stream.windows(1) == ((0, 1), (0, 1))
+    assert stream.windows(3) == ((1, 3), (1, 3))
+    assert stream.windows(12) == ((5, 12), (2, 12))
+    assert stream.windows(40) == ((5, 15), (30, 40))
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(ValueError, match="unknown setting"):
+        stream.main(["--settings", "none,bogus", "--no-plot"])
+
+
+def test_upstream_comparison_skips_without_torch(caplog, tmp_path):
+    args = stream.build_parser().parse_args(["--upstream-src", str(tmp_path), "--upstream-python",
+                                             str(tmp_path / "no-such-python")])
+    assert stream.run_upstream(args, stream.CONFIGS["tiny"](), ["none"], (112, 154), {}) is None
+    assert "skipping the upstream comparison" in caplog.text
