@@ -126,3 +126,15 @@ def test_pos_embed_interpolation_matches_pil_antialiased_bicubic(m, h, w):
                     for c in range(grid.shape[-1])], -1)
     assert ours.shape == (h, w, 4)
     assert rel_err(ours, pil) <= 1e-6
+
+
+BF16_TOL = 5e-2  # bfloat16 keeps 8 significant bits (2^-8 = 3.9e-3 per rounding), compounded over the network
+
+
+def test_bfloat16_stream_close_to_reference(tiny_dir, tiny_cfg, tiny_params, tiny_frames):
+    """bf16 compute (params stay float32; LayerNorm and softmax in float32) against the float32 reference."""
+    out = stream_outputs(tiny_cfg.replace(dtype="bfloat16"), CacheConfig("xstream", 64, 16), tiny_params, *tiny_frames)
+    ref = np.load(tiny_dir / "stream_xs_c64_p16.npz")
+    errs = {k: rel_err(out[k].astype(np.float32), ref[k]) for k in OUTPUTS if k != "track"}
+    print("bfloat16 relative errors:", errs)
+    assert max(errs.values()) <= BF16_TOL, errs

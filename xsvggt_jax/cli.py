@@ -189,6 +189,8 @@ def _reconstruct(args, source=None, names=None, note: str | None = None) -> Path
     except FrameError as e:
         raise UsageError(str(e)) from e
     params, cfg = _model(args)
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
     try:
         check_frame_size(cfg, source.height, source.width)
     except ValueError as e:
@@ -303,6 +305,8 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
         w.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (default: random tiny model)")
     w.add_argument("--spec", help="spec.json of a non-published configuration (with --checkpoint)")
     w.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/xsvggt-jax)")
+    w.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default: the model's, float32; bfloat16 is faster on accelerators)")
     o = r.add_argument_group("outputs")
     o.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR that xsvggt did not write")
     o.add_argument("--conf-percentile", type=float, default=50.0,
