@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -259,12 +260,11 @@ def _demo(args) -> Path:
     from .io.frames import FrameSource
 
     args.offline, args.params = None, None
-    scene = make_scene(frames=args.frames)
     if args.checkpoint:
         note = None
-        h, w = 392, 518  # the published model's frame size; the scene is rendered at it
-        scene = make_scene(frames=args.frames, height=h, width=w)
+        scene = make_scene(frames=args.frames, height=392, width=518)  # the published model's frame size
     else:
+        scene = make_scene(frames=args.frames)
         from .io.params import save_params
         from .model import init_params
 
@@ -287,8 +287,9 @@ def _demo(args) -> Path:
     finally:
         if not args.checkpoint:
             shutil.rmtree(Path(args.params), ignore_errors=True)
-    np.savez(out / "scene_ground_truth.npz", depth=scene.depth, extrinsics=scene.extrinsics,
-             intrinsics=scene.intrinsics, images=scene.images)
+    tmp = out / ".scene_ground_truth.tmp.npz"
+    np.savez(tmp, depth=scene.depth, extrinsics=scene.extrinsics, intrinsics=scene.intrinsics, images=scene.images)
+    os.replace(tmp, out / "scene_ground_truth.npz")
     if note:
         print(note)
     return out
