@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xsvggt_jax import step as step_mod
-from xsvggt_jax.cache import CacheConfig, CacheWriter, StreamCache, cache_report, init_cache, stored_slots, tree_bytes
+from xsvggt_jax.cache import CacheConfig, StreamCache, cache_report, init_cache, stored_slots, tree_bytes
 from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig
 from xsvggt_jax.model import StreamVGGT, init_params
 
@@ -195,23 +195,14 @@ def agg_cam_step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: 
                  frame: jax.Array) -> tuple[StreamCache, jax.Array]:
     """`xsvggt_jax.step.step` without the DPT / track heads: aggregator + camera head only, the part
     upstream's `Aggregator` + `CameraHead` comparison runs. Returns the cache and the pose [B, 9]."""
-    model = StreamVGGT(cfg)
-    rng, key = jax.random.split(cache.rng)
-    glob = CacheWriter(cache.global_kv, cache.global_len, cache_cfg, cfg.num_special_tokens,
-                       jax.random.fold_in(key, 0))
-    cam = CacheWriter(cache.camera_kv, cache.camera_len, cache_cfg, cfg.num_special_tokens,
-                      jax.random.fold_in(key, 1))
-    slot = jnp.minimum(cache.frame_index, 1).reshape(1)
+    update = step_mod.CacheUpdate(cfg, cache_cfg, cache)
 
     def run(m, images):
-        aggregated, _ = m.aggregator(images, slot, global_hook=glob.hook)
-        return m.camera_head(aggregated[-1], kv_hook=cam.hook)[-1]
+        aggregated, _ = m.aggregator(images, update.slot, global_hook=update.glob.hook)
+        return m.camera_head(aggregated[-1], kv_hook=update.cam.hook)[-1]
 
-    pose = model.apply({"params": params}, frame[:, None], method=run)[:, 0]
-    new_cache = cache.replace(global_kv=tuple(glob.layers), camera_kv=tuple(cam.layers),
-                              global_len=glob.lengths[0], camera_len=cam.lengths[0],
-                              frame_index=cache.frame_index + 1, rng=rng)
-    return new_cache, pose
+    pose = StreamVGGT(cfg).apply({"params": params}, frame[:, None], method=run)[:, 0]
+    return update.finish(cache.track_points), pose
 
 
 def run_setting(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, hw: tuple[int, int], frames: int,

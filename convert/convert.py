@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Mapping
 
-import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 

@@ -10,7 +10,7 @@ import pytest
 
 import xsvggt_jax.step as step_mod
 from test_quant import ref_quant
-from xsvggt_jax.cache import (CacheConfig, CacheWriter, LayerPlan, Packed, _empty_layers, cache_bytes, init_cache,
+from xsvggt_jax.cache import (CacheConfig, CacheWriter, LayerPlan, _empty_layers, cache_bytes, init_cache,
                               plan_layers, tree_bytes)
 from xsvggt_jax.config import (CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig)
 from xsvggt_jax.model import init_params

@@ -14,6 +14,26 @@ from .model import StreamVGGT
 Array = jax.Array
 
 
+class CacheUpdate:
+    """One step's cache bookkeeping: the KV writers the model's hooks use, the special-token slot,
+    and `finish`, which assembles the next cache once the model has run."""
+
+    def __init__(self, cfg: ModelConfig, cache_cfg: CacheConfig, cache: StreamCache):
+        self.cache = cache
+        self.rng, key = jax.random.split(cache.rng)
+        self.glob = CacheWriter(cache.global_kv, cache.global_len, cache_cfg, cfg.num_special_tokens,
+                                jax.random.fold_in(key, 0))
+        self.cam = CacheWriter(cache.camera_kv, cache.camera_len, cache_cfg, cfg.num_special_tokens,
+                               jax.random.fold_in(key, 1))
+        self.slot = jnp.minimum(cache.frame_index, 1).reshape(1)  # frame 0 uses special-token slot 0
+
+    def finish(self, track_points: Array) -> StreamCache:
+        return StreamCache(
+            global_kv=tuple(self.glob.layers), camera_kv=tuple(self.cam.layers),
+            global_len=self.glob.lengths[0], camera_len=self.cam.lengths[0],
+            frame_index=self.cache.frame_index + 1, track_points=track_points, rng=self.rng)
+
+
 def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
          frame: Array) -> tuple[StreamCache, dict]:
     """Process one frame of a stream.
@@ -24,26 +44,12 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
     Pure: jit it (see `make_step`); the counters are arrays, so it traces once per stream shape.
     """
     check_frame_size(cfg, *frame.shape[1:3])
-    model = StreamVGGT(cfg)
-    rng, key = jax.random.split(cache.rng)
-    glob = CacheWriter(cache.global_kv, cache.global_len, cache_cfg, cfg.num_special_tokens,
-                       jax.random.fold_in(key, 0))
-    cam = CacheWriter(cache.camera_kv, cache.camera_len, cache_cfg, cfg.num_special_tokens,
-                      jax.random.fold_in(key, 1))
-    slot = jnp.minimum(cache.frame_index, 1).reshape(1)
+    update = CacheUpdate(cfg, cache_cfg, cache)
     queries = cache.track_points if cache.track_points.shape[1] > 0 else None
-    out = model.apply({"params": params}, frame[:, None], slot, glob.hook, cam.hook, queries,
-                      method=StreamVGGT.stream_frame)
+    out = StreamVGGT(cfg).apply({"params": params}, frame[:, None], update.slot, update.glob.hook,
+                                update.cam.hook, queries, method=StreamVGGT.stream_frame)
     out = {k: v[:, 0] for k, v in out.items()}
-    new_cache = StreamCache(
-        global_kv=tuple(glob.layers), camera_kv=tuple(cam.layers),
-        global_len=glob.lengths[0],
-        camera_len=cam.lengths[0],
-        frame_index=cache.frame_index + 1,
-        track_points=out["track"] if queries is not None else cache.track_points,
-        rng=rng,
-    )
-    return new_cache, out
+    return update.finish(out["track"] if queries is not None else cache.track_points), out
 
 
 def make_step(cfg: ModelConfig, cache_cfg: CacheConfig):
