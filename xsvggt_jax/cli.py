@@ -139,7 +139,7 @@ def _offline(cfg, params, source, qp, causal: bool):
                         "latency_s": [total / s] * s}, {"cache_bytes": 0}, [0] * s
 
 
-def _exports(tmp: Path, preds: dict, rgb: np.ndarray, hw, args, names) -> dict:
+def _exports(tmp: Path, preds: dict, rgb: np.ndarray, hw, args) -> dict:
     """predictions.npz (+ cameras), points.ply, trajectory.txt, colmap/, depth/ into `tmp`."""
     from .io import exports as ex
 
@@ -157,12 +157,13 @@ def _exports(tmp: Path, preds: dict, rgb: np.ndarray, hw, args, names) -> dict:
     xyz, colours = ex.select_points(pts, conf, rgb[idx].transpose(0, 3, 1, 2) / np.float32(255), args.conf_percentile)
     ex.write_ply(tmp / "points.ply", xyz, colours)
     ex.write_tum(tmp / "trajectory.txt", extr)
+    names = [f"frame_{i:05d}.png" for i in range(s)]
     ex.write_colmap_text(tmp / "colmap", extr, intr, hw, xyz, colours, names)
     ex.write_depth(tmp / "depth", np.asarray(preds["depth"]), np.asarray(preds["depth_conf"]))
     return {"points": int(len(xyz)), "point_frames_step": step}
 
 
-def _reconstruct(args, source=None, names=None, note: str | None = None) -> Path:
+def _reconstruct(args, source=None, note: str | None = None) -> Path:
     """Run a reconstruction and write OUTDIR. `source` (a FrameSource) overrides args.input."""
     import jax
 
@@ -225,8 +226,7 @@ def _reconstruct(args, source=None, names=None, note: str | None = None) -> Path
                 timing = {"compile_seconds": latency[0],
                           "seconds_per_frame": float(np.median(latency[1:])) if s > 1 else latency[0],
                           "total_seconds": float(sum(latency))}
-            names = names or [f"frame_{i:05d}.png" for i in range(s)]
-            extra = _exports(tmp, preds, rgb, hw, args, names)
+            extra = _exports(tmp, preds, rgb, hw, args)
             plot_stream(tmp / "stream.png", np.asarray(latency), np.asarray(nbytes))
             report = {
                 "producer": OUTDIR_MARKER, "mode": mode, "input": source.name, "frames": s,
@@ -238,9 +238,7 @@ def _reconstruct(args, source=None, names=None, note: str | None = None) -> Path
                 "dtype": cfg.dtype, "precision": cfg.precision, **extra, **({"note": note} if note else {}),
             }
             (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-            for work in (tmp / ".work",):
-                if work.exists():
-                    shutil.rmtree(work)
+            shutil.rmtree(tmp / ".work", ignore_errors=True)  # the streaming memory maps
     except (FrameError, StateError, ParamsError) as e:
         raise UsageError(str(e)) from e
     if state_dir is not None and not args.keep_state:

@@ -115,6 +115,7 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
         cache = fresh()
         store = PredictionStore(out_dir, num_frames, h, w, nq)
     step_fn = make_step(cfg, cache_cfg)
+    info = cache_report(cfg, cache_cfg, cache)  # every array has a fixed shape: the bytes never change
     bar = _progress(num_frames, quiet)
     if bar is not None:
         bar.update(start)
@@ -130,7 +131,6 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
         out = jax.block_until_ready(out)
         latency.append(time.perf_counter() - t0)
         store.write(t, out, frame)
-        info = cache_report(cfg, cache_cfg, cache)
         nbytes.append(info["cache_bytes"])
         t += 1
         if bar is not None:
@@ -146,4 +146,4 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
     if t != num_frames:
         raise ValueError(f"the source ended after {t} of the {num_frames} frames it announced")
     store.flush()
-    return StreamRun(store.arrays, store.rgb, latency, nbytes, cache_report(cfg, cache_cfg, cache), t)
+    return StreamRun(store.arrays, store.rgb, latency, nbytes, info, t)
