@@ -44,15 +44,27 @@ def stream_outputs(cfg, cache_cfg, params, images, queries) -> dict:
 
 QUANT_TOL = 1e-3  # quantized runs: a float difference can flip a code by one step (reference README)
 
-# With per-channel groups AND pruning the upstream algorithm is chaotic in float32. Measured:
-# * the upstream PyTorch code itself (prune_and_quantize branch, torch 2.13 CPU), rerun on the same weights
-#   and frames, misses its own reference camera_pose by 2.6e-3 (KCVT), 1.9e-2 (KCVC), 7.3e-3 (KTVC);
-# * perturbing our parameters by 1e-7 (relative) moves our KCVT depth by 1.3e-3, the size of our gap.
-# Both diverge at frame 4 (frames 0-3 agree to 4e-7): the second pruned re-quantization, where pruning has
-# regrouped tokens into new per-channel groups and one code flipped by float noise feeds the next top-k.
-# Per-token K (KTVT) and quantization without pruning stay within 3e-5, upstream's rerun within 2e-5.
-CHAOTIC = pytest.mark.xfail(strict=True, reason="float32-chaotic upstream algorithm (per-channel groups + "
-                                                "pruning); see the comment above CHAOTIC")
+# Per-channel groups + pruning (KCVT, KCVC, KTVC) are NOT reproducible to 1e-3 by any implementation whose
+# keys differ from upstream's by one ulp, upstream's own code included: rerun here (torch 2.13 CPU, same
+# weights and frames) it misses its reference camera_pose by 2.6e-3 / 1.9e-2 / 7.3e-3. The cause is exact
+# rounding ties. Each step re-quantizes the whole cache, and once tokens join or leave a per-channel group
+# (a new frame, pruning) values that already sit on the old group's grid are rounded onto a new grid whose
+# step is a simple ratio of the old one, so x / scale lands EXACTLY on k + 0.5 in float32 for ~100 values
+# a step (measured, KCVT: 0 at frames 0-1, 7 at frame 2, 112 at frame 3, 46..252 a step after; a random
+# float hits within 1e-6 of .5 0.2 times a step). Which way each tie rounds is decided by the last ulp of
+# the old scale, i.e. by matmul summation order. Breaking every tie up, or every tie down, instead of
+# to even moves our outputs to 1.3e-2 .. 1.9e-2 from the reference; ours (to even) are at 5.4e-3 / 1.3e-2 /
+# 7.5e-3 (the first gap is at frame 4, after frame 3's 112 ties in every global layer's K). So for these
+# runs we assert what is reproducible: frame 0-1 outputs, which only read values quantized once (no
+# re-quantization, hence no structural ties), to 1e-5 like unquantized parity (the layouts differ from each
+# other there by >= 1.1e-2), and the whole stream within the tie envelope. Storage itself is checked
+# bit-exact against upstream's quantize-then-prune order in test_cache.py.
+TIE_FREE_FRAMES = 2
+TIE_ENVELOPE_TOL = 2.5e-2
+
+
+def _errors(out, ref, frames=slice(None)) -> dict:
+    return {k: rel_err(out[k][frames], ref[k][frames]) for k in OUTPUTS}
 
 
 @pytest.mark.parametrize("run,cache_cfg,tol", [
@@ -62,16 +74,24 @@ CHAOTIC = pytest.mark.xfail(strict=True, reason="float32-chaotic upstream algori
     ("stream_xs_c64_p16_KTVT", CacheConfig("xstream", 64, 16, quant="ktvt"), QUANT_TOL),
     ("stream_quant_KCVT", CacheConfig("none", quant="kcvt"), QUANT_TOL),
     ("stream_xs_c64_p16_KTVT", CacheConfig("xstream", 64, 16, quant="ktvt", scale_dtype="float16"), QUANT_TOL),
-    pytest.param("stream_xs_c64_p16_KCVT", CacheConfig("xstream", 64, 16, quant="kcvt"), QUANT_TOL, marks=CHAOTIC),
-    pytest.param("stream_xs_c64_p16_KCVC", CacheConfig("xstream", 64, 16, quant="kcvc"), QUANT_TOL, marks=CHAOTIC),
-    pytest.param("stream_xs_c64_p16_KTVC", CacheConfig("xstream", 64, 16, quant="ktvc"), QUANT_TOL, marks=CHAOTIC),
 ])
 def test_stream_outputs(run, cache_cfg, tol, tiny_dir, tiny_cfg, tiny_params, tiny_frames):
     out = stream_outputs(tiny_cfg, cache_cfg, tiny_params, *tiny_frames)
-    ref = np.load(tiny_dir / f"{run}.npz")
-    errs = {k: rel_err(out[k], ref[k]) for k in OUTPUTS}
+    errs = _errors(out, np.load(tiny_dir / f"{run}.npz"))
     print(f"{run} relative errors:", errs)
     assert all(e <= tol for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("layout", ["kcvt", "kcvc", "ktvc"])
+def test_stream_per_channel_pruned(layout, tiny_dir, tiny_cfg, tiny_params, tiny_frames):
+    """Per-channel quantization with pruning: exact where no rounding tie is possible, within the tie
+    envelope after (see the comment above TIE_FREE_FRAMES)."""
+    out = stream_outputs(tiny_cfg, CacheConfig("xstream", 64, 16, quant=layout), tiny_params, *tiny_frames)
+    ref = np.load(tiny_dir / f"stream_xs_c64_p16_{layout.upper()}.npz")
+    head, whole = _errors(out, ref, slice(0, TIE_FREE_FRAMES)), _errors(out, ref)
+    print(f"{layout} relative errors, frames < {TIE_FREE_FRAMES}:", head, "all frames:", whole)
+    assert all(e <= TOL for e in head.values()), head
+    assert all(e <= TIE_ENVELOPE_TOL for e in whole.values()), whole
 
 
 @pytest.mark.parametrize("mode", ["offline_causal", "offline_full"])
