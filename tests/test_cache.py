@@ -14,6 +14,7 @@ from xsvggt_jax.cache import (CacheConfig, CacheWriter, LayerPlan, _empty_layers
                               plan_layers, tree_bytes)
 from xsvggt_jax.config import (CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig)
 from xsvggt_jax.model import init_params
+from xsvggt_jax.layers import Prefix
 
 LAYOUTS = ("kcvt", "ktvt", "kcvc", "ktvc")
 
@@ -57,12 +58,15 @@ def test_quantized_storage_equals_upstream_fake_quant_then_prune(layout, prune):
     for _ in range(steps):
         k, v, q = (rng.standard_normal((b, h, n, d)).astype(np.float32) for _ in range(3))
         writer = CacheWriter(tuple(layers), length, cc, num_special=1, key=jax.random.PRNGKey(0))
-        att_k, att_v, bias, _ = writer.hook(0)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+        att_k, att_v, mask, _ = writer.hook(0)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
         cat_k, cat_v = np.concatenate([ref_k, k], 2), np.concatenate([ref_v, v], 2)
         t = cat_k.shape[2]
         np.testing.assert_array_equal(np.asarray(att_k)[:, :, :t], cat_k)
         np.testing.assert_array_equal(np.asarray(att_v)[:, :, :t], cat_v)
-        assert np.all(np.isfinite(np.asarray(bias)[:t])) and np.all(np.isneginf(np.asarray(bias)[t:]))
+        if prune == "none":  # static capacity: attention walks the filled prefix
+            assert isinstance(mask, Prefix) and int(mask.length) == t
+        else:
+            assert np.all(np.isfinite(np.asarray(mask)[:t])) and np.all(np.isneginf(np.asarray(mask)[t:]))
         ref_k, ref_v = ref_quant(cat_k, 4, group, k_axis)[0], ref_quant(cat_v, 4, group, v_axis)[0]
         if prune == "sliding" and t > budget:
             ref_k, ref_v = ref_k[:, :, -budget:], ref_v[:, :, -budget:]

@@ -69,6 +69,7 @@ def _errors(out, ref, frames=slice(None)) -> dict:
 
 @pytest.mark.parametrize("run,cache_cfg,tol", [
     ("stream_none", CacheConfig.uncompressed(), TOL),
+    ("stream_none", CacheConfig(prune="none", chunk=64), TOL),  # the filled-prefix loop over many chunks
     ("stream_xs_c64_p16", CacheConfig(prune="xstream", budget=64, pool=16), TOL),
     ("stream_sliding_c64", CacheConfig(prune="sliding", budget=64), TOL),
     ("stream_xs_c64_p16_KTVT", CacheConfig("xstream", 64, 16, quant="ktvt"), QUANT_TOL),

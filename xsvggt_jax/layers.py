@@ -6,7 +6,8 @@ Parameter names follow the upstream module names so the checkpoint key map stays
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import dataclasses
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -83,13 +84,33 @@ class Mlp(nn.Module):
         return Dense(self.out or x.shape[-1], dtype=self.dtype, precision=self.precision, name="fc2")(h)
 
 
-def attend(q: Array, k: Array, v: Array, *, bias: Optional[Array] = None,
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+    """Attention mask "only the first `length` keys exist", evaluated chunk by chunk.
+
+    A cache with a static capacity (the uncompressed stream cache) holds `length` filled slots and
+    garbage after them. Instead of masking the whole capacity, `attend` then loops over the
+    ceil(length / chunk) filled chunks only (a `lax.fori_loop` with a dynamic trip count, online
+    softmax), so a step costs what the stream so far costs, not what the whole stream will.
+    length: int32 [] (traced); chunk: static, divides the key capacity.
+    """
+
+    length: Array
+    chunk: int
+
+
+Mask = Union[Array, Prefix]
+
+
+def attend(q: Array, k: Array, v: Array, *, bias: Optional[Mask] = None,
            precision: Precision = Precision.HIGHEST) -> Array:
     """Scaled dot-product attention.
 
-    q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; bias: broadcastable to [B, H, Nq, Nk] (additive, -inf
-    masks). Returns [B, H, Nq, D]. Softmax is taken in float32.
+    q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; bias: an additive array broadcastable to [B, H, Nq, Nk]
+    (-inf masks), or a `Prefix`. Returns [B, H, Nq, D]. Softmax is taken in float32.
     """
+    if isinstance(bias, Prefix):
+        return _attend_prefix(q, k, v, bias, precision)
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision).astype(jnp.float32) * scale
     if bias is not None:
@@ -98,9 +119,35 @@ def attend(q: Array, k: Array, v: Array, *, bias: Optional[Array] = None,
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=precision)
 
 
+def _attend_prefix(q: Array, k: Array, v: Array, prefix: Prefix, precision: Precision) -> Array:
+    """`attend` over keys [0, prefix.length) only, one chunk of keys per loop iteration."""
+    b, h, nq, d = q.shape
+    c = prefix.chunk
+    if k.shape[2] % c:
+        raise ValueError(f"key capacity {k.shape[2]} is not a multiple of the chunk {c}")
+    scale = d ** -0.5
+
+    def body(i, carry):
+        m, l, acc = carry                                   # [B,H,Nq], [B,H,Nq], [B,H,Nq,D] (float32)
+        kc = jax.lax.dynamic_slice_in_dim(k, i * c, c, axis=2)       # [B, H, c, D]
+        vc = jax.lax.dynamic_slice_in_dim(v, i * c, c, axis=2)
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, kc, precision=precision).astype(jnp.float32) * scale
+        s = jnp.where(i * c + jnp.arange(c) < prefix.length, s, NEG_INF)  # [B, H, Nq, c]
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vc, precision=precision).astype(jnp.float32)
+        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    init = (jnp.full((b, h, nq), NEG_INF, jnp.float32), jnp.zeros((b, h, nq), jnp.float32),
+            jnp.zeros((b, h, nq, d), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, (prefix.length + c - 1) // c, body, init)
+    return (acc / l[..., None]).astype(v.dtype)
+
+
 # KV hook: given this layer's (q, k, v) [B, H, N, D] after norm + RoPE, return the keys/values to
-# attend over, an additive bias for the logits, and an auxiliary value (e.g. an updated cache).
-KVHook = Callable[[Array, Array, Array], tuple[Array, Array, Optional[Array], Any]]
+# attend over, their mask (an additive bias or a `Prefix`), and an auxiliary value (e.g. a cache).
+KVHook = Callable[[Array, Array, Array], tuple[Array, Array, Optional[Mask], Any]]
 
 
 class Attention(nn.Module):
@@ -118,7 +165,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, rope: Optional[Callable[[Array], Array]] = None,
-                 bias: Optional[Array] = None, kv_hook: Optional[KVHook] = None):
+                 bias: Optional[Mask] = None, kv_hook: Optional[KVHook] = None):
         b, n, c = x.shape
         hd = c // self.num_heads
         qkv = Dense(3 * c, dtype=self.dtype, precision=self.precision, name="qkv")(x)

@@ -97,14 +97,17 @@ def _check_q(bits: int, group: int) -> None:
 
 
 def _grouped(x: Array, group: int, axis: int) -> tuple[Array, int]:
-    """x [..., L, ...] (L at `axis`) -> float32 [..., G, group] with the group axis moved last,
-    zero-padded to G * group; also returns L."""
-    x = jnp.moveaxis(x, axis, -1)                                          # [..., L]
-    L = x.shape[-1]
+    """x [..., L, *rest] (L at `axis`) -> float32 [..., G, group, *rest], zero-padded to G * group
+    along L; also returns L. The axis stays in place (no transpose: per-channel groups run along
+    tokens, the second-last axis of a [.., T, D] cache, and reduce there directly)."""
+    axis = axis % x.ndim
+    L = x.shape[axis]
     G = -(-L // group)
     if G * group != L:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, G * group - L)])     # [..., G*group]
-    return x.reshape(*x.shape[:-1], G, group), L                           # [..., G, group]
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, G * group - L)
+        x = jnp.pad(x, pad)                                                # [..., G*group, *rest]
+    return x.reshape(*x.shape[:axis], G, group, *x.shape[axis + 1:]), L    # [..., G, group, *rest]
 
 
 def _div(a: Array, b) -> Array:
@@ -130,20 +133,22 @@ def quantize(x: Array, bits: int, group: int, axis: int = -1) -> tuple[Array, Ar
     """
     _check_q(bits, group)
     x = jnp.asarray(x)
+    axis = axis % x.ndim
     eps = _eps(x.dtype)
     maxq = 2**bits - 1
-    g, L = _grouped(x.astype(jnp.float32), group, axis)                    # [..., G, group]
-    xmax = jnp.max(g, axis=-1, keepdims=True)                              # [..., G, 1]
-    xmin = jnp.min(g, axis=-1, keepdims=True)                              # [..., G, 1]
-    scale = jnp.maximum(_div(xmax - xmin, maxq), eps)                       # [..., G, 1]
+    g, L = _grouped(x.astype(jnp.float32), group, axis)                    # [..., G, group, *rest]
+    red = axis + 1                                                         # the within-group axis
+    xmax = jnp.max(g, axis=red, keepdims=True)                             # [..., G, 1, *rest]
+    xmin = jnp.min(g, axis=red, keepdims=True)
+    scale = jnp.maximum(_div(xmax - xmin, maxq), eps)                       # [..., G, 1, *rest]
     zero = jnp.round(-xmin / scale)                                        # same shapes: exact
     zero = jnp.clip(jnp.nan_to_num(zero, nan=0.0, posinf=maxq, neginf=0.0), 0, maxq)
-    q = jnp.round(_div(g, scale)) + zero                                   # [..., G, group]
+    q = jnp.round(_div(g, scale)) + zero                                   # [..., G, group, *rest]
     q = jnp.clip(jnp.nan_to_num(q, nan=0.0, posinf=maxq, neginf=0.0), 0, maxq)
-    codes = q.reshape(*q.shape[:-2], -1)[..., :L].astype(jnp.uint8)        # [..., L]
-    codes = jnp.moveaxis(codes, -1, axis)                                  # x.shape
-    scale = jnp.moveaxis(scale[..., 0], -1, axis)                          # x.shape, L -> G
-    zero = jnp.moveaxis(zero[..., 0], -1, axis)
+    q = q.reshape(*q.shape[:axis], -1, *q.shape[red + 1:])                 # [..., G*group, *rest]
+    codes = jax.lax.slice_in_dim(q, 0, L, axis=axis).astype(jnp.uint8)     # x.shape
+    scale = jnp.squeeze(scale, red)                                        # x.shape, L -> G
+    zero = jnp.squeeze(zero, red)
     return codes, scale, zero
 
 
