@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
+from xsvggt_jax import layers
 from xsvggt_jax.layers import Prefix, attend
 
 CHUNK = 16
@@ -42,7 +43,36 @@ def test_prefix_length_is_traced_not_static():
     np.testing.assert_allclose(outs[-1], attend(q, k, v), rtol=1e-5, atol=1e-6)
 
 
+def test_prefix_attention_with_query_blocks():
+    """Many queries over a prefix (the CPU path blocks the queries, each block walks the key chunks)."""
+    nq = 2 * layers.CPU_QUERY_BLOCK + 9
+    q, k, v = _qkv(5, nq=nq, cap=4 * CHUNK)
+    length = 2 * CHUNK + 3
+    dense = attend(q, k, v, bias=jnp.where(jnp.arange(k.shape[2]) < length, 0.0, -jnp.inf))
+    ours = jax.jit(lambda q, k, v, n: attend(q, k, v, bias=Prefix(n, CHUNK)))(q, k, v, jnp.int32(length))
+    assert rel_err(ours, dense) <= 1e-6
+
+
 def test_prefix_capacity_must_be_whole_chunks():
     q, k, v = _qkv(0, cap=4 * CHUNK + 1)
     with pytest.raises(ValueError, match="multiple of the chunk"):
         attend(q, k, v, bias=Prefix(jnp.int32(3), CHUNK))
+
+
+@pytest.mark.parametrize("bias_kind", ["none", "per_key", "per_query"])
+def test_query_blocked_attention_equals_dense(bias_kind):
+    """The CPU path walks queries in blocks of CPU_QUERY_BLOCK; it must give the dense values for any
+    mask shape (a key mask of a pruned cache, a causal [Nq, Nk] mask of the offline forward)."""
+    nq = 2 * layers.CPU_QUERY_BLOCK + 37  # blocked, with a padded last block
+    q, k, v = _qkv(3, nq=nq, cap=nq)
+    if bias_kind == "per_key":
+        bias = jnp.where(jnp.arange(nq) % 5 == 0, -jnp.inf, 0.0)
+    elif bias_kind == "per_query":
+        bias = jnp.where(jnp.arange(nq)[:, None] >= jnp.arange(nq)[None, :], 0.0, -jnp.inf)
+    else:
+        bias = None
+    dense = layers._attend_dense(q, k, v, bias, layers.Precision.HIGHEST)
+    one = lambda qb, bb: layers._attend_dense(qb, k, v, bb, layers.Precision.HIGHEST)
+    blocked = layers._query_blocks(one, q, layers._rows_of(bias, q, k), bias, layers.CPU_QUERY_BLOCK)
+    assert blocked.shape == dense.shape
+    assert rel_err(blocked, dense) <= 1e-6

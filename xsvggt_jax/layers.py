@@ -102,6 +102,13 @@ class Prefix:
 Mask = Union[Array, Prefix]
 
 
+# On CPU one fused attention over all queries materialises the whole [B, H, Nq, Nk] logits (208 MB
+# for a published global layer: 1041 queries x 3123 keys x 16 heads) and runs memory-bound. Walking the
+# queries in blocks of this many keeps each block's logits in cache: 344 -> 162 ms for that layer,
+# 67 -> 53 ms for 1041 keys, bit-identical (benchmarks/README.md). GPUs/TPUs keep the single fusion.
+CPU_QUERY_BLOCK = 128
+
+
 def attend(q: Array, k: Array, v: Array, *, bias: Optional[Mask] = None,
            precision: Precision = Precision.HIGHEST) -> Array:
     """Scaled dot-product attention.
@@ -110,13 +117,51 @@ def attend(q: Array, k: Array, v: Array, *, bias: Optional[Mask] = None,
     (-inf masks), or a `Prefix`. Returns [B, H, Nq, D]. Softmax is taken in float32.
     """
     if isinstance(bias, Prefix):
-        return _attend_prefix(q, k, v, bias, precision)
+        one = lambda qb, _: _attend_prefix(qb, k, v, bias, precision)
+    else:
+        one = lambda qb, bb: _attend_dense(qb, k, v, bb, precision)
+    if q.shape[2] > 2 * CPU_QUERY_BLOCK and jax.default_backend() == "cpu":
+        return _query_blocks(one, q, bias if isinstance(bias, Prefix) else _rows_of(bias, q, k), bias,
+                             CPU_QUERY_BLOCK)
+    return one(q, bias)
+
+
+def _attend_dense(q: Array, k: Array, v: Array, bias: Optional[Array], precision: Precision) -> Array:
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision).astype(jnp.float32) * scale
     if bias is not None:
         logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=precision)
+
+
+def _rows_of(bias: Optional[Array], q: Array, k: Array) -> Optional[Array]:
+    """A bias with a row per query, broadcast to [..., Nq, Nk]; None if it has no query axis."""
+    if bias is None or jnp.ndim(bias) < 2 or jnp.shape(bias)[-2] == 1:
+        return None
+    bias = jnp.asarray(bias)
+    return jnp.broadcast_to(bias, bias.shape[:-2] + (q.shape[2], k.shape[2]))
+
+
+def _query_blocks(one: Callable, q: Array, rows: Any, bias: Any, block: int) -> Array:
+    """one(q_block, bias) over blocks of `block` queries (`lax.map`), concatenated: the same values as
+    one(q, bias). `rows`: a [..., Nq, Nk] bias blocked along with the queries, or None to pass `bias`
+    to every block as is."""
+    b, h, nq, d = q.shape
+    nb = -(-nq // block)
+    pad = nb * block - nq                     # zero queries: finite, and sliced off below
+
+    def blocks(x):                            # [..., Nq, X] -> [nb, ..., block, X]
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
+        x = x.reshape(*x.shape[:-2], nb, block, x.shape[-1])
+        return jnp.moveaxis(x, -3, 0)
+
+    if isinstance(rows, jax.Array):
+        out = jax.lax.map(lambda a: one(a[0], a[1]), (blocks(q), blocks(rows)))
+    else:
+        out = jax.lax.map(lambda qb: one(qb, bias), blocks(q))         # [nb, B, H, block, D]
+    out = jnp.moveaxis(out, 0, -3).reshape(b, h, nb * block, d)          # [B, H, nb*block, D]
+    return out[:, :, :nq]
 
 
 def _attend_prefix(q: Array, k: Array, v: Array, prefix: Prefix, precision: Precision) -> Array:
