@@ -43,16 +43,6 @@ def test_prefix_length_is_traced_not_static():
     np.testing.assert_allclose(outs[-1], attend(q, k, v), rtol=1e-5, atol=1e-6)
 
 
-def test_prefix_attention_with_query_blocks():
-    """Many queries over a prefix (the CPU path blocks the queries, each block walks the key chunks)."""
-    nq = 2 * layers.CPU_QUERY_BLOCK + 9
-    q, k, v = _qkv(5, nq=nq, cap=4 * CHUNK)
-    length = 2 * CHUNK + 3
-    dense = attend(q, k, v, bias=jnp.where(jnp.arange(k.shape[2]) < length, 0.0, -jnp.inf))
-    ours = jax.jit(lambda q, k, v, n: attend(q, k, v, bias=Prefix(n, CHUNK)))(q, k, v, jnp.int32(length))
-    assert rel_err(ours, dense) <= 1e-6
-
-
 def test_prefix_capacity_must_be_whole_chunks():
     q, k, v = _qkv(0, cap=4 * CHUNK + 1)
     with pytest.raises(ValueError, match="multiple of the chunk"):

@@ -116,14 +116,12 @@ def attend(q: Array, k: Array, v: Array, *, bias: Optional[Mask] = None,
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; bias: an additive array broadcastable to [B, H, Nq, Nk]
     (-inf masks), or a `Prefix`. Returns [B, H, Nq, D]. Softmax is taken in float32.
     """
-    if isinstance(bias, Prefix):
-        one = lambda qb, _: _attend_prefix(qb, k, v, bias, precision)
-    else:
-        one = lambda qb, bb: _attend_dense(qb, k, v, bb, precision)
+    if isinstance(bias, Prefix):  # its key loop already bounds the logits to one chunk
+        return _attend_prefix(q, k, v, bias, precision)
     if q.shape[2] > 2 * CPU_QUERY_BLOCK and jax.default_backend() == "cpu":
-        return _query_blocks(one, q, bias if isinstance(bias, Prefix) else _rows_of(bias, q, k), bias,
-                             CPU_QUERY_BLOCK)
-    return one(q, bias)
+        one = lambda qb, bb: _attend_dense(qb, k, v, bb, precision)
+        return _query_blocks(one, q, _rows_of(bias, q, k), bias, CPU_QUERY_BLOCK)
+    return _attend_dense(q, k, v, bias, precision)
 
 
 def _attend_dense(q: Array, k: Array, v: Array, bias: Optional[Array], precision: Precision) -> Array:
@@ -143,12 +141,13 @@ def _rows_of(bias: Optional[Array], q: Array, k: Array) -> Optional[Array]:
     return jnp.broadcast_to(bias, bias.shape[:-2] + (q.shape[2], k.shape[2]))
 
 
-def _query_blocks(one: Callable, q: Array, rows: Any, bias: Any, block: int) -> Array:
-    """one(q_block, bias) over blocks of `block` queries (`lax.map`), concatenated: the same values as
+def _query_blocks(one: Callable, q: Array, rows: Optional[Array], bias: Optional[Array], block: int) -> Array:
+    """one(q_block, bias) over blocks of at most `block` queries (`lax.map`), concatenated: the same values as
     one(q, bias). `rows`: a [..., Nq, Nk] bias blocked along with the queries, or None to pass `bias`
     to every block as is."""
     b, h, nq, d = q.shape
     nb = -(-nq // block)
+    block = -(-nq // nb)                      # even blocks of at most `block`: little padding
     pad = nb * block - nq                     # zero queries: finite, and sliced off below
 
     def blocks(x):                            # [..., Nq, X] -> [nb, ..., block, X]
@@ -156,7 +155,7 @@ def _query_blocks(one: Callable, q: Array, rows: Any, bias: Any, block: int) -> 
         x = x.reshape(*x.shape[:-2], nb, block, x.shape[-1])
         return jnp.moveaxis(x, -3, 0)
 
-    if isinstance(rows, jax.Array):
+    if rows is not None:
         out = jax.lax.map(lambda a: one(a[0], a[1]), (blocks(q), blocks(rows)))
     else:
         out = jax.lax.map(lambda qb: one(qb, bias), blocks(q))         # [nb, B, H, block, D]
