@@ -104,8 +104,9 @@ Mask = Union[Array, Prefix]
 
 # On CPU one fused attention over all queries materialises the whole [B, H, Nq, Nk] logits (208 MB
 # for a published global layer: 1041 queries x 3123 keys x 16 heads) and runs memory-bound. Walking the
-# queries in blocks of this many keeps each block's logits in cache: 344 -> 162 ms for that layer,
-# 67 -> 53 ms for 1041 keys, bit-identical (benchmarks/README.md). GPUs/TPUs keep the single fusion.
+# queries in (even) blocks of at most this many keeps each block's logits in cache: 344 -> 155 ms for
+# that layer, 67 -> 56 ms for 1041 keys, bit-identical (benchmarks/README.md). GPUs/TPUs keep the
+# single fusion.
 CPU_QUERY_BLOCK = 128
 
 
@@ -142,9 +143,9 @@ def _rows_of(bias: Optional[Array], q: Array, k: Array) -> Optional[Array]:
 
 
 def _query_blocks(one: Callable, q: Array, rows: Optional[Array], bias: Optional[Array], block: int) -> Array:
-    """one(q_block, bias) over blocks of at most `block` queries (`lax.map`), concatenated: the same values as
-    one(q, bias). `rows`: a [..., Nq, Nk] bias blocked along with the queries, or None to pass `bias`
-    to every block as is."""
+    """one(q_block, bias) over blocks of at most `block` queries (`lax.map`), concatenated: the same
+    values as one(q, bias). `rows`: a [..., Nq, Nk] bias blocked along with the queries, or None to
+    pass `bias` to every block as is."""
     b, h, nq, d = q.shape
     nb = -(-nq // block)
     block = -(-nq // nb)                      # even blocks of at most `block`: little padding
