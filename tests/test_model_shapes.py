@@ -87,7 +87,8 @@ def test_published_streaming_step_eval_shape():
     new_cache, out = jax.eval_shape(lambda p, c, f: step(cfg, cc, p, c, f), params, cache, frame)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), new_cache) == jax.tree.map(lambda a: (a.shape, a.dtype), cache)
     p = cfg.tokens_per_frame(h, w)
-    slots = -(-2 * p // cc.chunk) * cc.chunk  # two frames, rounded up to whole attention chunks
+    slots = -(-2 * p // cc.chunk) * cc.chunk  # two frames (> one chunk), rounded up to whole attention chunks
+    assert 2 * p > cc.chunk
     assert p == 5 + 28 * 37 and new_cache.global_kv[0].k.shape == (1, 16, slots, 64)
     assert out["depth"].shape == (1, h, w, 1) and out["pts3d_in_other_view"].shape == (1, h, w, 3)
     assert out["camera_pose"].shape == (1, 9) and out["track"].shape == (1, 4, 2)

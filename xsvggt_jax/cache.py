@@ -51,8 +51,8 @@ class CacheConfig:
     bits:   code width (2, 4 or 8); group: quantization group size.
     quant_head_dim: upstream quantizes only attention layers whose head dim is 64 (the aggregator's
             global blocks at the published size, never its camera trunk); None quantizes every layer.
-    chunk:  prune="none" only: attention walks the filled slots in chunks of this many tokens (the
-            capacity is rounded up to a multiple of it).
+    chunk:  prune="none" only: attention walks the filled slots in chunks of this many tokens (a
+            longer stream's capacity is rounded up to a multiple of it; a shorter one is one chunk).
     scale_dtype: "float32" stores the group scales exactly (bit-exact with upstream); "float16" halves
             their bytes (the cache then sits within 1.15x of the packed floor at the published size)
             at the price of rounding each scale to 11 significant bits.
@@ -235,8 +235,9 @@ def plan_layers(cfg: ModelConfig, cache_cfg: CacheConfig, frame_hw: tuple[int, i
 
     def plan(layers, heads, hd, n, frames_tokens):
         qz = cache_cfg.quantizes(hd)
-        if cache_cfg.prune == "none":  # a whole number of attention chunks
-            slots = -(-frames_tokens // cache_cfg.chunk) * cache_cfg.chunk
+        if cache_cfg.prune == "none":  # one short chunk, or a whole number of attention chunks
+            c = cache_cfg.chunk
+            slots = frames_tokens if frames_tokens <= c else -(-frames_tokens // c) * c
         else:  # room for the current tokens too, unless they are staged outside (quantized)
             slots = cache_cfg.keep(n) + (0 if qz else n)
         return LayerPlan(layers, heads, hd, n, slots, qz, cache_cfg.prune != "none")
@@ -310,7 +311,7 @@ class CacheWriter:
             new_k, new_v = self._stage(kv.k, start, k, work), self._stage(kv.v, start, v, work)
             end = start + n
             if self.policy is None:  # static capacity: attend over the filled chunks only
-                mask = Prefix(end, self.cfg.chunk)
+                mask = Prefix(end, min(self.cfg.chunk, slots))  # slots <= chunk, or a multiple of it
             else:                    # a pruned buffer is (nearly) full: one masked pass
                 mask = jnp.where(jnp.arange(work) < end, 0.0, -jnp.inf).astype(jnp.float32)
 
