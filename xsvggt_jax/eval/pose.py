@@ -188,12 +188,13 @@ def pairwise_pose_errors(pred_extrinsics: np.ndarray,
     rel_gt = gt[i] @ np.linalg.inv(gt[j])
     rot_err = rotation_angle_deg(np.swapaxes(rel_gt[:, :3, :3], -1, -2) @ rel_pred[:, :3, :3])
 
-    def unit(v: np.ndarray) -> np.ndarray:
-        norm = np.linalg.norm(v, axis=-1, keepdims=True)
-        return np.divide(v, norm, out=np.zeros_like(v), where=norm > 0)
-
-    cos = np.abs(np.sum(unit(rel_pred[:, :3, 3]) * unit(rel_gt[:, :3, 3]), -1))
-    trans_err = np.degrees(np.arccos(np.clip(cos, 0.0, 1.0)))
+    t_pred, t_gt = rel_pred[:, :3, 3], rel_gt[:, :3, 3]
+    # angle between the lines through the two vectors: atan2(|a x b|, |a . b|) in [0, 90]
+    # (well conditioned near 0, unlike arccos); 90 when either vector has zero length
+    sin = np.linalg.norm(np.cross(t_pred, t_gt), axis=-1)
+    cos = np.abs(np.sum(t_pred * t_gt, -1))
+    degenerate = (np.linalg.norm(t_pred, axis=-1) == 0) | (np.linalg.norm(t_gt, axis=-1) == 0)
+    trans_err = np.where(degenerate, 90.0, np.degrees(np.arctan2(sin, cos)))
     return rot_err, trans_err
 
 
