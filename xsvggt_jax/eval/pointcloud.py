@@ -67,7 +67,8 @@ def median_shift_scale(pred_points: np.ndarray, gt_points: np.ndarray, valid: np
     """The protocol's alignment before ICP (upstream `Regr3D_t_ScaleShiftInv`, gt_scale=True).
 
     pred_points, gt_points: [S, H, W, 3] in the first camera's frame; valid: bool [S, H, W].
-    Each cloud's z is shifted by its own median z over valid pixels; then pred is multiplied by
+    Each cloud's z is shifted by its own median z over valid pixels (with finite coordinates;
+    medians of an even count take the lower middle value, as torch); then pred is multiplied by
     gt_scale / clip(pred_scale, min_scale, max_scale), scale = median distance of the valid
     points to their per-axis median. Returns (pred [S, H, W, 3], gt [S, H, W, 3]), both shifted.
     """
@@ -79,11 +80,15 @@ def median_shift_scale(pred_points: np.ndarray, gt_points: np.ndarray, valid: np
                              f"{pred.shape}, {gt.shape}, {valid.shape}")
     if not valid.any():
         raise EvalInputError("no valid ground-truth pixel")
+    scales = []
     for cloud in (pred, gt):
-        cloud[..., 2] -= lower_median(cloud[..., 2][valid])
-    gt_scale = _median_centre_scale(gt[valid])
-    pred_scale = float(np.clip(_median_centre_scale(pred[valid]), min_scale, max_scale))
-    return pred * (gt_scale / pred_scale), gt
+        use = valid & np.isfinite(cloud).all(-1)  # non-finite points are ignored (nanmedian)
+        if not use.any():
+            raise EvalInputError("no valid point with finite coordinates")
+        cloud[..., 2] -= lower_median(cloud[..., 2][use])
+        scales.append(_median_centre_scale(cloud[use]))
+    pred_scale = float(np.clip(scales[0], min_scale, max_scale))
+    return pred * (scales[1] / pred_scale), gt
 
 
 class IcpResult(NamedTuple):
