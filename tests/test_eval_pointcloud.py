@@ -130,3 +130,33 @@ def test_reconstruction_metrics_rejects_bad_input():
         reconstruction_metrics(gt[:1], gt, valid)
     with pytest.raises(EvalInputError, match="no valid"):
         reconstruction_metrics(gt, gt, np.zeros_like(valid))
+
+
+def test_icp_normals_and_metrics_match_open3d():
+    """Expected values computed with Open3D 0.20.0 on the same clouds: `registration_icp`
+    (threshold 0.1, identity start, TransformationEstimationPointToPoint, default criteria), then
+    `estimate_normals()` on both clouds and upstream's accuracy / completion."""
+    k = np.arange(400, dtype=float)
+    x, y = np.sin(k * 0.37), np.cos(k * 0.91)
+    gt = np.stack([x, y, 3 + 0.3 * np.sin(2.5 * x) * np.cos(2 * y)], -1)
+    rot = Rotation.from_euler("xyz", [1.0, -0.7, 0.5], degrees=True).as_matrix()
+    noise = 0.004 * np.stack([np.sin(k * 1.3), np.cos(k * 2.1), np.sin(k * 0.7)], -1)
+    pred = gt @ rot.T + [0.03, -0.02, 0.01] + noise
+    pred[::10] += [0.0, 0.0, 0.5]  # 10% of the points beyond the threshold
+    icp = icp_point_to_point(pred, gt, threshold=0.1)
+    assert icp.fitness == pytest.approx(0.9, abs=1e-12)
+    assert icp.inlier_rmse == pytest.approx(0.0048810921262229705, rel=1e-9)
+    open3d_transformation = np.array([
+        [0.9998867726875951, 0.00875968714026451, 0.01223559093753769, -0.02998236759071699],
+        [-0.00897164212433995, 0.9998087614742575, 0.01737671191294081, 0.02030773010228354],
+        [-0.01208103646128147, -0.01748451773762381, 0.9997741445934201, -0.00998142567178586],
+        [0.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(icp.transformation, open3d_transformation, atol=1e-12)
+    moved = pred @ icp.transformation[:3, :3].T + icp.transformation[:3, 3]
+    m = accuracy_completeness(moved, gt, estimate_normals(moved), estimate_normals(gt))
+    expected = {"acc": 0.050883846427550276, "acc_med": 0.005083870155757992,
+                "comp": 0.008997764901911308, "comp_med": 0.005099648561186004,
+                "nc1": 0.9404435740772715, "nc1_med": 0.9997526077750699,
+                "nc2": 0.9993778631198308, "nc2_med": 0.999783948771793}
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value, rel=1e-9), key
