@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from xsvggt_jax.eval import (DEPTH_PROTOCOLS, EvalInputError, average_depth_metrics, depth_metrics,
-                             evaluate_depth, lstsq_scale_shift, median_scale, robust_scale,
-                             valid_depth_mask)
+                             evaluate_depth, lstsq_scale_shift, median_scale, resize_depth,
+                             robust_scale, valid_depth_mask)
 
 
 def _gt(shape=(2, 4, 5)) -> np.ndarray:
@@ -118,3 +118,16 @@ def test_bad_input_raises_typed_errors():
         evaluate_depth(np.ones(2), np.ones(2), align="affine")
     with pytest.raises(EvalInputError, match="unknown depth dataset"):
         evaluate_depth(np.ones(2), np.ones(2), dataset="moon")
+
+
+def test_resize_depth_matches_opencv_inter_cubic():
+    """Expected values from OpenCV 5.0 `cv2.resize(d, (5, 3), interpolation=cv2.INTER_CUBIC)` on
+    the float64 array below (OpenCV keeps its cubic weights in float32: ~3e-7 relative noise)."""
+    d = np.array([[1.0, 2.0, 4.0], [3.0, 5.0, 10.0]])
+    opencv = np.array([
+        [0.7387219987478417, 1.0554584729423162, 1.739583432674408, 2.869959236491095, 3.646166798571741],
+        [1.8559995293617249, 2.3300001323223114, 3.5, 5.750001400709152, 7.335999846458435],
+        [2.973277173462833, 3.6045419211636016, 5.260416746139526, 8.630043857466873, 11.025833269139127]])
+    np.testing.assert_allclose(resize_depth(d, (3, 5)), opencv, rtol=2e-6)
+    np.testing.assert_array_equal(resize_depth(d, (2, 3)), d)  # same size: identity
+    np.testing.assert_allclose(resize_depth(np.full((2, 4, 6), 7.0), (9, 5)), 7.0, rtol=1e-12)

@@ -1,7 +1,7 @@
 """Evaluation metrics of the StreamVGGT / XStreamVGGT papers (numpy + scipy).
 
 * `depth`: AbsRel, delta < 1.25 (and friends) with per-frame median, per-sequence robust scale,
-  least-squares scale-and-shift or no alignment; per-dataset depth caps.
+  least-squares scale-and-shift or no alignment; per-dataset depth caps; OpenCV-bicubic resize.
 * `pose`: ATE / RPE-trans / RPE-rot (evo conventions, Sim(3) Umeyama), TUM files, VGGT's
   RRA / RTA / AUC@30.
 * `pointcloud`: Accuracy, Completeness, Normal Consistency with the 7-Scenes / NRGBD protocol
@@ -9,7 +9,8 @@
 """
 
 from .depth import (DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, depth_metrics,
-                    evaluate_depth, lstsq_scale_shift, median_scale, robust_scale, valid_depth_mask)
+                    evaluate_depth, lstsq_scale_shift, median_scale, resize_depth, robust_scale,
+                    valid_depth_mask)
 from .geometry import EvalInputError, Similarity, umeyama
 from .pointcloud import (accuracy_completeness, centre_crop, estimate_normals, icp_point_to_point,
                          median_shift_scale, reconstruction_metrics, world_to_camera)
@@ -19,7 +20,7 @@ from .pose import (absolute_trajectory_error, align_trajectory, c2w_to_extrinsic
 
 __all__ = [
     "DEPTH_PROTOCOLS", "DepthProtocol", "average_depth_metrics", "depth_metrics", "evaluate_depth",
-    "lstsq_scale_shift", "median_scale", "robust_scale", "valid_depth_mask",
+    "lstsq_scale_shift", "median_scale", "resize_depth", "robust_scale", "valid_depth_mask",
     "EvalInputError", "Similarity", "umeyama",
     "accuracy_completeness", "centre_crop", "estimate_normals", "icp_point_to_point",
     "median_shift_scale", "reconstruction_metrics", "world_to_camera",

@@ -1,8 +1,8 @@
 """Depth metrics with the alignments of StreamVGGT's `src/eval/{monodepth,video_depth}` protocol.
 
 Conventions (arrays are depth in scene units, any shape, e.g. one frame [H, W] or a sequence
-[S, H, W]; the prediction must already have the ground truth's resolution — upstream resizes it
-with bicubic interpolation before evaluating):
+[S, H, W]; the prediction must already have the ground truth's resolution: upstream resizes it
+with OpenCV's bicubic `cv2.resize(..., INTER_CUBIC)`, which `resize_depth` reproduces):
 
 * valid pixels: ground truth finite, > 0 and < the dataset's `max_depth` cap (no cap: > 0 only);
 * one alignment is fitted over all valid pixels of the arrays passed in. Monocular depth passes one
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
 
+from ..resample import _cubic_aa as _keys_cubic
 from .geometry import EvalInputError, lower_median
 
 Alignment = Literal["median", "scale", "scale&shift", "metric"]
@@ -48,12 +50,12 @@ class DepthProtocol:
 
 
 #: Caps used by upstream's `video_depth/eval_depth.py` and `monodepth/eval_metrics.py`.
-DEPTH_PROTOCOLS: Mapping[str, DepthProtocol] = {
+DEPTH_PROTOCOLS: Mapping[str, DepthProtocol] = MappingProxyType({
     "sintel": DepthProtocol(max_depth=70.0, post_clip_max=70.0),
     "bonn": DepthProtocol(max_depth=70.0),
     "kitti": DepthProtocol(),
     "nyu": DepthProtocol(),
-}
+})
 
 
 def depth_protocol(dataset: str | DepthProtocol | None) -> DepthProtocol:
@@ -67,6 +69,33 @@ def depth_protocol(dataset: str | DepthProtocol | None) -> DepthProtocol:
     except KeyError:
         raise EvalInputError(
             f"unknown depth dataset {dataset!r}; known: {', '.join(DEPTH_PROTOCOLS)}") from None
+
+
+def cv2_cubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] float64 weights of OpenCV's `INTER_CUBIC` resize along one axis:
+    source coordinate (i + 0.5) * in / out - 0.5, Keys cubic with a = -0.75 on the 4 nearest
+    samples, out-of-range taps clamped to the edge sample, no antialiasing when shrinking."""
+    src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    base = np.floor(src).astype(np.int64)
+    frac = src - base
+    weights = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    for tap in (-1, 0, 1, 2):
+        cols = np.clip(base + tap, 0, in_size - 1)
+        np.add.at(weights, (rows, cols), _keys_cubic(frac - tap, a=-0.75))
+    return weights
+
+
+def resize_depth(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize depth [..., H, W] to size (h, w) as `cv2.resize(depth, (w, h),
+    interpolation=cv2.INTER_CUBIC)` does (float64 arithmetic; OpenCV computes float32 input in
+    float32, so results agree to ~1e-6 relative)."""
+    d = np.asarray(depth, np.float64)
+    if d.ndim < 2:
+        raise EvalInputError(f"depth must have shape [..., H, W], got {d.shape}")
+    rows = cv2_cubic_matrix(d.shape[-2], size[0])  # [h, H]
+    cols = cv2_cubic_matrix(d.shape[-1], size[1])  # [w, W]
+    return rows @ d @ cols.T
 
 
 def valid_depth_mask(gt: np.ndarray, max_depth: float | None = None) -> np.ndarray:
