@@ -99,7 +99,7 @@ class IcpResult(NamedTuple):
 
 
 def _correspondences(tree: cKDTree, source: np.ndarray, threshold: float):
-    dist, idx = tree.query(source, k=1, distance_upper_bound=threshold)
+    dist, idx = tree.query(source, k=1, distance_upper_bound=threshold, workers=-1)
     hit = np.isfinite(dist)
     n = int(hit.sum())
     fitness = n / len(source)
@@ -153,7 +153,7 @@ def estimate_normals(points: np.ndarray, knn: int = NORMAL_KNN) -> np.ndarray:
     tree = cKDTree(pts)
     normals = np.empty_like(pts)
     for start in range(0, len(pts), _CHUNK):
-        _, idx = tree.query(pts[start:start + _CHUNK], k=k)
+        _, idx = tree.query(pts[start:start + _CHUNK], k=k, workers=-1)
         nbrs = pts[idx]  # [B, k, 3]
         centred = nbrs - nbrs.mean(1, keepdims=True)
         cov = np.einsum("bki,bkj->bij", centred, centred) / k
@@ -172,8 +172,8 @@ def accuracy_completeness(pred: np.ndarray, gt: np.ndarray, pred_normals: np.nda
     """
     pred = check_points(pred, "pred")
     gt = check_points(gt, "gt")
-    d_acc, to_gt = cKDTree(gt).query(pred)
-    d_comp, to_pred = cKDTree(pred).query(gt)
+    d_acc, to_gt = cKDTree(gt).query(pred, workers=-1)
+    d_comp, to_pred = cKDTree(pred).query(gt, workers=-1)
     nc1 = np.abs(np.sum(np.asarray(gt_normals)[to_gt] * pred_normals, -1))
     nc2 = np.abs(np.sum(np.asarray(pred_normals)[to_pred] * gt_normals, -1))
     out = {
