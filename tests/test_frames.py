@@ -12,8 +12,10 @@ import pytest
 from PIL import Image, ImageFile
 
 from conftest import REFERENCE, require_reference
-from xsvggt_jax.io.frames import (FrameError, FrameSource, harmonize_frames, load_and_preprocess_images,
-                                  open_frames, pad_frame, preprocess_image, preprocessed_size)
+from xsvggt_jax.io import video as video_mod
+from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, load_and_preprocess_images,
+                                  open_frames, pad_frame, preprocess_image, preprocess_transform, preprocessed_size,
+                                  to_uint8)
 
 T = 56  # small target width for speed
 
@@ -274,11 +276,17 @@ def test_bad_arguments_and_types(tmp_path):
 # ---------------------------------------------------------------- video source
 
 def _write_video(path: Path, n=10, fps=10, size=(64, 48), codec="libx264"):
-    iio = pytest.importorskip("imageio.v3")
-    pytest.importorskip("av")
+    import av
+
     # frame i is filled with grey level 20 * i so the kept indices can be read back
-    frames = np.stack([np.full((size[1], size[0], 3), 20 * i, np.uint8) for i in range(n)])
-    iio.imwrite(path, frames, plugin="pyav", fps=fps, codec=codec)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p" if codec != "ffv1" else "bgr0"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 20 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
     return path
 
 
@@ -301,17 +309,41 @@ def test_video_stride_and_fps(tmp_path):
     assert f30.num_frames == 10
     frame = next(iter(src))
     assert frame.dtype == np.float32 and frame.shape == (3, 42, 56)
+    np.testing.assert_allclose([fi.time for fi in f3.frames_info], [0.0, 0.4, 0.7], atol=1e-9)
 
 
-def test_video_unknown_length(tmp_path):
-    p = _write_video(tmp_path / "clip.mkv", n=6)
-    src = open_frames(p, target=T, stride=2)
-    assert src.num_frames in (None, 3)
-    assert _indices(src) == [0, 2, 4]
+@pytest.mark.parametrize("name, codec", [("clip.webm", "libvpx"), ("clip.mkv", "ffv1")])
+def test_video_without_frame_count(tmp_path, name, codec):
+    import av
+
+    p = _write_video(tmp_path / name, n=6, codec=codec)
+    with av.open(str(p)) as c:
+        assert c.streams.video[0].frames == 0  # the container does not say: counted by demuxing
+    src = open_frames(p, target=T)
+    assert src.num_frames == 6 and _indices(src) == list(range(6))
+    s2 = open_frames(p, target=T, stride=2)
+    assert s2.num_frames == 3 and _indices(s2) == [0, 2, 4]
+    assert [fi.name for fi in s2.frames_info] == ["frame_000000.jpg", "frame_000002.jpg", "frame_000004.jpg"]
+    np.testing.assert_allclose([fi.time for fi in s2.frames_info], [0.0, 0.2, 0.4], atol=1e-9)
+    f4 = open_frames(p, target=T, fps=4)  # frames at or after 0, 0.25, 0.5 s
+    assert f4.num_frames == 3 and _indices(f4) == [0, 3, 5]
+    np.testing.assert_allclose([fi.time for fi in f4.frames_info], [0.0, 0.3, 0.5], atol=1e-9)
+    info = f4.frames_info[1]
+    assert (info.width, info.height, info.index) == (64, 48, 3)
+    originals = list(f4.iter_originals())  # full-size pictures for the exports
+    assert [o.shape for o in originals] == [(48, 64, 3)] * 3 and originals[0].dtype == np.uint8
+    assert [round(float(o.mean()) / 20) for o in originals] == [0, 3, 5]
+
+
+def test_video_counted_by_decoding_when_packets_have_no_times(tmp_path, monkeypatch):
+    p = _write_video(tmp_path / "clip.webm", n=5, codec="libvpx")
+    monkeypatch.setattr(video_mod, "_demuxed_times", lambda path: None)
+    src = open_frames(p, target=T, fps=5)
+    assert src.num_frames == 3 and _indices(src) == [0, 2, 4]
+    np.testing.assert_allclose([fi.time for fi in src.frames_info], [0.0, 0.2, 0.4], atol=1e-9)
 
 
 def test_video_garbage(tmp_path):
-    pytest.importorskip("av")
     p = tmp_path / "broken.mp4"
     p.write_bytes(b"definitely not a video" * 100)
     with pytest.raises(FrameError, match="cannot decode video") as e:
