@@ -540,3 +540,52 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         E._atomic_write(target, boom)
     assert target.read_text() == "old"
     assert _tmp_leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- write_outputs
+
+
+def test_write_outputs_video_times_and_colmap(tmp_path):
+    from PIL import Image
+
+    from test_frames import _write_video
+    from xsvggt_jax.io.frames import open_frames, to_uint8
+    from xsvggt_jax.io.outputs import ExportOptions, write_outputs
+
+    src = open_frames(_write_video(tmp_path / "clip.webm", n=6, codec="libvpx"), target=28, fps=4)
+    assert (src.num_frames, src.height, src.width) == (3, 28, 28)  # 64 x 48 -> 28 x 28: x 7/16, x 7/12
+    rng = np.random.default_rng(9)
+    pose = _random_poses(rng, 3)
+    pose[1, 7:] = 0.0  # an untrained field of view: infinite focal length, frame 1 leaves the COLMAP model
+    preds = {"camera_pose": pose, "depth": rng.uniform(1, 3, (3, 28, 28, 1)),
+             "depth_conf": rng.uniform(1, 2, (3, 28, 28))}
+    out = tmp_path / "out"
+    stats = write_outputs(out, preds, to_uint8(np.stack(list(src))), src, ExportOptions(colmap_binary=True))
+    assert stats["colmap_images"] == 2 and stats["colmap_dropped_frames"] == [1]
+
+    ts, _, _ = _parse_tum(out / "trajectory.txt")
+    np.testing.assert_allclose(ts, [0.0, 0.3, 0.5])  # presentation times of video frames 0, 3, 5
+    npz = np.load(out / "predictions.npz")
+    np.testing.assert_allclose(npz["timestamps"], ts)
+    rec = pycolmap.Reconstruction(str(out / "colmap" / "sparse" / "0"))
+    assert sorted(im.name for im in rec.images.values()) == ["frame_000000.jpg", "frame_000005.jpg"]
+    for im in rec.images.values():
+        i = {"frame_000000.jpg": 0, "frame_000005.jpg": 2}[im.name]
+        np.testing.assert_allclose(im.cam_from_world().matrix(), npz["extrinsics"][i], atol=1e-6)
+        cam = rec.cameras[im.camera_id]
+        k = npz["intrinsics"][i].astype(np.float64)
+        assert (cam.width, cam.height) == (64, 48) and cam.verify_params()
+        np.testing.assert_allclose(cam.params, [k[0, 0] * 64 / 28, k[1, 1] * 48 / 28, 32.0, 24.0], rtol=1e-6)
+        with Image.open(out / "colmap" / "images" / im.name) as img:
+            assert img.size == (64, 48)
+            assert round(float(np.asarray(img).mean()) / 20) == {0: 0, 2: 5}[i]  # the frame's own picture
+    assert (out / "depth" / "preview" / "depth_00002.png").exists() and (out / "points.ply").exists()
+
+
+@pytest.mark.parametrize("field, value", [("points", "mesh"), ("conf_percentile", 150.0),
+                                          ("ply_max_pixels", 0), ("colmap_max_points", -1)])
+def test_export_options_checked_up_front(field, value):
+    from xsvggt_jax.io.outputs import ExportError, ExportOptions
+
+    with pytest.raises(ExportError, match=field.replace("_", " ")):
+        ExportOptions(**{field: value})

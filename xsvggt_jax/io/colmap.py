@@ -191,7 +191,6 @@ def export_colmap(directory: PathLike, extr: np.ndarray, intr: np.ndarray, frame
         log.warning("COLMAP export: %d of %d frames left out, their cameras are unusable (non-finite pose or "
                     "field of view <= 0): frames %s", len(dropped), len(extr), dropped[:20])
     names = colmap_names([fi.name for fi in frames_info])
-    intr_orig = np.stack([fi.intrinsics_to_original(k) for fi, k in zip(frames_info, intr)]) if len(intr) else intr
     xyz, rgb = np.asarray(xyz), np.asarray(rgb)
     if len(xyz) > max_points:
         pick = np.sort(np.random.default_rng(seed).choice(len(xyz), max_points, replace=False))
@@ -208,7 +207,8 @@ def export_colmap(directory: PathLike, extr: np.ndarray, intr: np.ndarray, frame
     if n_placed != int(keep.sum()):
         raise ValueError(f"{n_placed} originals for {int(keep.sum())} kept frames")
     idx = np.flatnonzero(keep)
-    write_colmap_model(directory / "sparse" / "0", extr[idx], intr_orig[idx],
+    intr_orig = np.array([frames_info[i].intrinsics_to_original(intr[i]) for i in idx]).reshape(-1, 3, 3)
+    write_colmap_model(directory / "sparse" / "0", extr[idx], intr_orig,
                        [(frames_info[i].width, frames_info[i].height) for i in idx], [names[i] for i in idx],
                        xyz, rgb, binary=binary)
     return {"colmap_images": int(len(idx)), "colmap_points": int(len(xyz)), "colmap_dropped_frames": dropped}
