@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exports import PathLike, _atomic_write, _atomic_write_text, _check_cameras, _fmt, mat_to_quat_np
+from .exports import PathLike, _atomic_write, _check_cameras, _fmt, mat_to_quat_np
 from .frames import FrameInfo
 
 log = logging.getLogger(__name__)

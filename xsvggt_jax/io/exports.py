@@ -272,8 +272,8 @@ def write_tum(path: PathLike, extr: np.ndarray, timestamps: Sequence[float] | No
 def write_depth(directory: PathLike, depth: np.ndarray, conf: np.ndarray | None = None) -> Path:
     """`depth.npz` (depth [S,H,W] float32, depth_conf, scale), `depth_scale.json` and 16-bit PNGs
     `depth_{i:05d}.png` holding round(depth * scale); scale maps the largest finite depth to
-    65535 (depth = png / scale). Non-finite or negative depths are written as 0. Returns
-    `directory`."""
+    65535 (depth = png / scale). Non-finite or negative depths are written as 0. Colour-mapped
+    previews with a depth colour bar go to `preview/` (`write_depth_previews`). Returns `directory`."""
     directory = Path(directory)
     d = _squeeze_depth(depth).astype(np.float32)
     if conf is not None:
