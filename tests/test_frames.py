@@ -12,8 +12,10 @@ import pytest
 from PIL import Image, ImageFile
 
 from conftest import REFERENCE, require_reference
-from xsvggt_jax.io.frames import (FrameError, FrameSource, harmonize_frames, load_and_preprocess_images,
-                                  open_frames, pad_frame, preprocess_image, preprocessed_size)
+from xsvggt_jax.io import video as video_mod
+from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, load_and_preprocess_images,
+                                  open_frames, pad_frame, preprocess_image, preprocess_transform, preprocessed_size,
+                                  to_uint8)
 
 T = 56  # small target width for speed
 
@@ -274,11 +276,17 @@ def test_bad_arguments_and_types(tmp_path):
 # ---------------------------------------------------------------- video source
 
 def _write_video(path: Path, n=10, fps=10, size=(64, 48), codec="libx264"):
-    iio = pytest.importorskip("imageio.v3")
-    pytest.importorskip("av")
+    import av
+
     # frame i is filled with grey level 20 * i so the kept indices can be read back
-    frames = np.stack([np.full((size[1], size[0], 3), 20 * i, np.uint8) for i in range(n)])
-    iio.imwrite(path, frames, plugin="pyav", fps=fps, codec=codec)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p" if codec != "ffv1" else "bgr0"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 20 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
     return path
 
 
@@ -301,19 +309,177 @@ def test_video_stride_and_fps(tmp_path):
     assert f30.num_frames == 10
     frame = next(iter(src))
     assert frame.dtype == np.float32 and frame.shape == (3, 42, 56)
+    np.testing.assert_allclose([fi.time for fi in f3.frames_info], [0.0, 0.4, 0.7], atol=1e-9)
 
 
-def test_video_unknown_length(tmp_path):
-    p = _write_video(tmp_path / "clip.mkv", n=6)
-    src = open_frames(p, target=T, stride=2)
-    assert src.num_frames in (None, 3)
-    assert _indices(src) == [0, 2, 4]
+@pytest.mark.parametrize("name, codec", [("clip.webm", "libvpx"), ("clip.mkv", "ffv1")])
+def test_video_without_frame_count(tmp_path, name, codec):
+    import av
+
+    p = _write_video(tmp_path / name, n=6, codec=codec)
+    with av.open(str(p)) as c:
+        assert c.streams.video[0].frames == 0  # the container does not say: counted by demuxing
+    src = open_frames(p, target=T)
+    assert src.num_frames == 6 and _indices(src) == list(range(6))
+    s2 = open_frames(p, target=T, stride=2)
+    assert s2.num_frames == 3 and _indices(s2) == [0, 2, 4]
+    assert [fi.name for fi in s2.frames_info] == ["frame_000000.jpg", "frame_000002.jpg", "frame_000004.jpg"]
+    np.testing.assert_allclose([fi.time for fi in s2.frames_info], [0.0, 0.2, 0.4], atol=1e-9)
+    f4 = open_frames(p, target=T, fps=4)  # frames at or after 0, 0.25, 0.5 s
+    assert f4.num_frames == 3 and _indices(f4) == [0, 3, 5]
+    np.testing.assert_allclose([fi.time for fi in f4.frames_info], [0.0, 0.3, 0.5], atol=1e-9)
+    info = f4.frames_info[1]
+    assert (info.width, info.height, info.index) == (64, 48, 3)
+    originals = list(f4.iter_originals())  # full-size pictures for the exports
+    assert [o.shape for o in originals] == [(48, 64, 3)] * 3 and originals[0].dtype == np.uint8
+    assert [round(float(o.mean()) / 20) for o in originals] == [0, 3, 5]
+
+
+def test_video_counted_by_decoding_when_packets_have_no_times(tmp_path, monkeypatch):
+    p = _write_video(tmp_path / "clip.webm", n=5, codec="libvpx")
+    monkeypatch.setattr(video_mod, "_demuxed_times", lambda path: None)
+    src = open_frames(p, target=T, fps=5)
+    assert src.num_frames == 3 and _indices(src) == [0, 2, 4]
+    np.testing.assert_allclose([fi.time for fi in src.frames_info], [0.0, 0.2, 0.4], atol=1e-9)
 
 
 def test_video_garbage(tmp_path):
-    pytest.importorskip("av")
     p = tmp_path / "broken.mp4"
     p.write_bytes(b"definitely not a video" * 100)
     with pytest.raises(FrameError, match="cannot decode video") as e:
         open_frames(p)
     assert "broken.mp4" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- colour modes
+
+GREY16 = np.array([0, 1000, 30000, 65535], np.uint16)
+
+
+def _decode_png(tmp_path: Path, img: Image.Image, **save) -> np.ndarray:
+    """Save `img` as PNG, read it back through open_frames: [T, T, 3] values in [0, 1]."""
+    p = tmp_path / "m.png"
+    img.save(p, **save)
+    (frame,) = list(open_frames(p, target=T))
+    return frame.transpose(1, 2, 0)
+
+
+def _tile(values: np.ndarray) -> np.ndarray:
+    """A T x T array whose columns cycle through `values` (T is a multiple of their count)."""
+    return np.tile(values, (T, T // len(values)))
+
+
+def test_16bit_grey_scaled_not_white(tmp_path):
+    grey = _tile(GREY16)
+    want = np.rint(grey.astype(np.float64) * 255 / 65535) / 255
+    img = Image.frombytes("I;16B", (T, T), grey.astype(">u2").tobytes())
+    got = _decode_png(tmp_path, img)  # a 16-bit PNG reopens as I;16
+    np.testing.assert_allclose(got, np.repeat(want[..., None], 3, -1), atol=1e-7)
+    for mode, data in (("I", grey.astype("<i4")), ("I;16", grey.astype("<u2"))):  # in-memory modes
+        out = preprocess_image(Image.frombytes(mode, (T, T), data.tobytes()), "crop", T)
+        np.testing.assert_allclose(out[1], want, atol=1e-7)
+
+
+def test_float_and_1bit_modes(tmp_path):
+    f = _tile(np.array([0.0, 0.25, 0.5, 1.0], np.float32))
+    out = preprocess_image(Image.fromarray(f, "F"), "crop", T)
+    np.testing.assert_allclose(out[0], np.rint(f * 255) / 255, atol=1e-7)
+    bits = _tile(np.array([0, 1], bool))
+    got = _decode_png(tmp_path, Image.fromarray(bits))
+    np.testing.assert_array_equal(got[..., 2], bits.astype(np.float32))
+
+
+@pytest.mark.parametrize("alpha", [0, 128, 255])
+def test_grey_alpha_composited_like_rgba(tmp_path, alpha):
+    la = Image.new("LA", (T, T), (60, alpha))
+    rgba = Image.new("RGBA", (T, T), (60, 60, 60, alpha))
+    got = _decode_png(tmp_path, la)
+    np.testing.assert_array_equal(got, preprocess_image(rgba, "crop", T).transpose(1, 2, 0))
+    want = {0: 1.0, 255: 60 / 255}.get(alpha)
+    if want is not None:  # fully transparent -> white, opaque -> its grey
+        np.testing.assert_allclose(got, want, atol=1e-7)
+    pa = Image.new("RGBA", (T, T), (60, 60, 60, alpha)).convert("PA")  # in-memory only (no PNG writer)
+    np.testing.assert_array_equal(preprocess_image(pa, "crop", T), preprocess_image(rgba, "crop", T))
+    premult = Image.new("LA", (T, T), (60, alpha)).convert("La")
+    np.testing.assert_allclose(preprocess_image(premult, "crop", T), preprocess_image(rgba, "crop", T), atol=2 / 255)
+
+
+def test_palette_and_colour_key_transparency_white(tmp_path):
+    pal = Image.new("P", (T, T), 0)
+    pal.putpalette([0, 0, 0, 200, 30, 10] + [0] * 762)
+    pal.paste(1, (0, 0, T // 2, T))  # left half: palette entry 1, right half: entry 0 (transparent)
+    got = _decode_png(tmp_path, pal, transparency=0)
+    np.testing.assert_allclose(got[:, T // 2:], 1.0)
+    np.testing.assert_allclose(got[:, :T // 2], np.broadcast_to(np.array([200, 30, 10]) / 255, (T, T // 2, 3)),
+                               atol=1e-7)
+    grey = Image.fromarray(_tile(np.array([7, 90], np.uint8)))  # tRNS on grey: level 7 is transparent
+    got = _decode_png(tmp_path, grey, transparency=7)
+    np.testing.assert_allclose(got[:, 0::2], 1.0)
+    np.testing.assert_allclose(got[:, 1::2], 90 / 255, atol=1e-7)
+    rgb = Image.new("RGB", (T, T), (1, 2, 3))
+    rgb.paste((100, 50, 25), (0, 0, 8, 8))
+    got = _decode_png(tmp_path, rgb, transparency=(1, 2, 3))  # tRNS colour key on RGB
+    np.testing.assert_allclose(got[8:], 1.0)
+    np.testing.assert_allclose(got[0, 0], np.array([100, 50, 25]) / 255, atol=1e-7)
+
+
+def test_cmyk_jpeg(tmp_path):
+    p = tmp_path / "c.jpg"
+    Image.new("CMYK", (T, T), (255, 0, 0, 0)).save(p, quality=100)  # pure cyan
+    (frame,) = list(open_frames(p, target=T))
+    np.testing.assert_allclose(frame[:, T // 2, T // 2], [0.0, 1.0, 1.0], atol=3 / 255)
+
+
+def test_to_uint8():
+    frames = np.array([0.0, 0.5 / 255, 1.0, 1.5, -0.2, np.nan], np.float32).reshape(1, 1, 6, 1)
+    out = to_uint8(np.repeat(frames, 3, axis=1))
+    assert out.dtype == np.uint8 and out.shape == (1, 6, 1, 3)
+    assert out[0, :, 0, 0].tolist() == [0, 0, 255, 255, 0, 0]
+    with pytest.raises(ValueError):
+        to_uint8(np.zeros((2, 4, 4)))
+
+
+# ---------------------------------------------------------------- where frames came from
+
+def _marker_centroid(frame: np.ndarray) -> tuple[float, float]:
+    """(x, y) centroid, in continuous pixel coordinates, of the dark pixels of a [3, H, W] frame."""
+    dark = frame.mean(0) < 0.5
+    ys, xs = np.nonzero(dark)
+    weights = 1.0 - frame.mean(0)[dark]
+    return float(np.average(xs + 0.5, weights=weights)), float(np.average(ys + 0.5, weights=weights))
+
+
+@pytest.mark.parametrize("mode, size", [("crop", (80, 200)), ("crop", (140, 70)), ("pad", (60, 150)),
+                                        ("pad", (150, 60))])
+def test_transform_maps_original_points_into_the_frame(mode, size):
+    w, h = size
+    img = Image.new("RGB", size, (255, 255, 255))
+    x0, y0 = int(w * 0.4), int(h * 0.55)  # a 10 x 10 black marker, centre (x0 + 5, y0 + 5)
+    img.paste((0, 0, 0), (x0, y0, x0 + 10, y0 + 10))
+    frame = preprocess_image(img, mode, T)
+    sx, sy, ox, oy = preprocess_transform(w, h, mode, T)
+    cx, cy = _marker_centroid(frame)
+    assert abs(cx - (sx * (x0 + 5) + ox)) < 0.3 and abs(cy - (sy * (y0 + 5) + oy)) < 0.3
+
+
+def test_frames_info_of_a_folder(tmp_path):
+    _save(tmp_path / "a.png", size=(56, 56))
+    _save(tmp_path / "b.png", size=(112, 56))  # -> 28 x 56, padded by 14 rows above to the common 56 x 56
+    src = open_frames(tmp_path, target=T)
+    a, b = src.frames_info
+    assert (a.name, a.width, a.height, a.time) == ("a.png", 56, 56, None)
+    assert (b.name, b.width, b.height) == ("b.png", 112, 56)
+    assert (b.scale_x, b.scale_y, b.offset_x, b.offset_y) == (0.5, 0.5, 0.0, 14.0)
+    assert list(src.iter_originals()) == [tmp_path / "a.png", tmp_path / "b.png"]
+    # intrinsics of the model frame -> the original image: A @ K_original == K
+    k = np.array([[40.0, 0, 28], [0, 41.0, 28], [0, 0, 1]])
+    k_orig = b.intrinsics_to_original(k)
+    np.testing.assert_allclose(k_orig, [[80.0, 0, 56], [0, 82.0, 28], [0, 0, 1]])
+
+
+def test_default_frames_info_and_npz():
+    src = FrameSource("x", 2, 28, 42)
+    assert src.frames_info == [FrameInfo("frame_000000.png", 42, 28, index=0),
+                               FrameInfo("frame_000001.png", 42, 28, index=1)]
+    with pytest.raises(ValueError):
+        FrameSource("x", 2, 28, 42, frames_info=src.frames_info[:1])

@@ -17,8 +17,9 @@ import xsvggt_jax.pipeline as pipeline
 from conftest import require_reference, run_error
 from xsvggt_jax.cli import main
 
-OUTPUT_FILES = ("predictions.npz", "points.ply", "trajectory.txt", "colmap/cameras.txt", "colmap/images.txt",
-                "colmap/points3D.txt", "depth/depth.npz", "depth/depth_00000.png", "report.json", "stream.png")
+OUTPUT_FILES = ("predictions.npz", "points.ply", "trajectory.txt", "colmap/sparse/0/cameras.txt",
+                "colmap/sparse/0/images.txt", "colmap/sparse/0/points3D.txt", "depth/depth.npz",
+                "depth/depth_00000.png", "depth/preview/depth_00000.png", "report.json", "stream.png")
 
 
 def check_outputs(out: Path, frames: int, hw: tuple[int, int]) -> dict:
@@ -71,8 +72,11 @@ def test_reconstruct_image_folder(tiny_params_dir, tmp_path):
     assert main(["reconstruct", str(folder), "--params", str(tiny_params_dir), "--out", str(out), "--quiet",
                  "--prune", "xstream", "--cache-size", "3000", "--query-points", "10,20 100,200"]) == 0
     check_outputs(out, 3, (392, 518))
-    images = (out / "colmap" / "images.txt").read_text()
-    assert "frame_00000.png" in images
+    report = json.loads((out / "report.json").read_text())  # the tiny random model's fields of view are
+    kept = sorted({0, 1, 2} - set(report["colmap_dropped_frames"]))  # unusable for COLMAP: frames left out
+    assert report["colmap_images"] == len(kept)
+    names = [["0.jpg", "1.jpg", "10.jpg"][i] for i in kept]  # the inputs' own names
+    assert sorted(p.name for p in (out / "colmap" / "images").iterdir()) == names
     assert np.load(out / "predictions.npz")["track"].shape == (3, 2, 2)
 
 

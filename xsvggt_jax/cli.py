@@ -139,28 +139,13 @@ def _offline(cfg, params, source, qp, causal: bool):
                         "latency_s": [total / s] * s}, {"cache_bytes": 0}, [0] * s
 
 
-def _exports(tmp: Path, preds: dict, rgb: np.ndarray, hw, args) -> dict:
-    """predictions.npz (+ cameras), points.ply, trajectory.txt, colmap/, depth/ into `tmp`."""
-    from .io import exports as ex
+def _exports(tmp: Path, preds: dict, rgb: np.ndarray, source, args) -> dict:
+    """predictions.npz, points.ply, trajectory.txt, colmap/, depth/ into `tmp` (see io/outputs.py)."""
+    from .io.outputs import ExportOptions, write_outputs
 
-    extr, intr = ex.pose_to_extri_intri_np(np.asarray(preds["camera_pose"]), hw)
-    np.savez(tmp / "predictions.npz", **{k: np.asarray(v, np.float32) for k, v in preds.items()},
-             extrinsics=extr.astype(np.float32), intrinsics=intr.astype(np.float32))
-    s = len(extr)
-    step = max(1, int(np.ceil(s * hw[0] * hw[1] / args.ply_max_pixels)))  # bound the cloud's memory
-    idx = np.arange(0, s, step)
-    if args.points == "depth":
-        pts = ex.unproject_depth(np.asarray(preds["depth"][idx]), extr[idx], intr[idx])
-        conf = np.asarray(preds["depth_conf"][idx])
-    else:
-        pts, conf = np.asarray(preds["pts3d_in_other_view"][idx]), np.asarray(preds["conf"][idx])
-    xyz, colours = ex.select_points(pts, conf, rgb[idx].transpose(0, 3, 1, 2) / np.float32(255), args.conf_percentile)
-    ex.write_ply(tmp / "points.ply", xyz, colours)
-    ex.write_tum(tmp / "trajectory.txt", extr)
-    names = [f"frame_{i:05d}.png" for i in range(s)]
-    ex.write_colmap_text(tmp / "colmap", extr, intr, hw, xyz, colours, names)
-    ex.write_depth(tmp / "depth", np.asarray(preds["depth"]), np.asarray(preds["depth_conf"]))
-    return {"points": int(len(xyz)), "point_frames_step": step}
+    options = ExportOptions(points=args.points, conf_percentile=args.conf_percentile,
+                            ply_max_pixels=args.ply_max_pixels)
+    return write_outputs(tmp, preds, rgb, source, options)
 
 
 def _reconstruct(args, source=None, note: str | None = None) -> Path:
@@ -168,7 +153,7 @@ def _reconstruct(args, source=None, note: str | None = None) -> Path:
     import jax
 
     from .config import check_frame_size
-    from .io.exports import plot_stream
+    from .io.plots import plot_offline, plot_stream
     from .io.frames import FrameError, open_frames
     from .io.params import ParamsError, _check_target, staged_dir
     from .io.state import StateError
@@ -226,8 +211,12 @@ def _reconstruct(args, source=None, note: str | None = None) -> Path:
                 timing = {"compile_seconds": latency[0],
                           "seconds_per_frame": float(np.median(latency[1:])) if s > 1 else latency[0],
                           "total_seconds": float(sum(latency))}
-            extra = _exports(tmp, preds, rgb, hw, args)
-            plot_stream(tmp / "stream.png", np.asarray(latency), np.asarray(nbytes))
+            extra = _exports(tmp, preds, rgb, source, args)
+            if args.offline:
+                plot_offline(tmp / "stream.png", timing["compile_seconds"], timing["total_seconds"], s,
+                             _peak_rss_bytes())
+            else:
+                plot_stream(tmp / "stream.png", np.asarray(latency), allocated_bytes=np.asarray(nbytes))
             report = {
                 "producer": OUTDIR_MARKER, "mode": mode, "input": source.name, "frames": s,
                 "height": hw[0], "width": hw[1], "num_queries": 0 if qp is None else int(len(qp)),

@@ -2,8 +2,9 @@
 
 Pure numpy functions over StreamVGGT predictions with the frame axis first:
 `depth` [S,H,W,1], `depth_conf` [S,H,W], `pts3d_in_other_view` [S,H,W,3], `conf` [S,H,W],
-`camera_pose` [S,9] (translation 3, quaternion xyzw 4, field of view h, w 2), `images` [S,3,H,W]
-in [0, 1].
+`camera_pose` [S,9] (translation 3, quaternion xyzw 4, field of view h, w 2), frame colours
+[S,H,W,3] uint8. `io.outputs.write_outputs` writes them all into an output directory; COLMAP is in
+`io.colmap`, plots in `io.plots`.
 
 Camera conventions follow upstream VGGT: extrinsics are camera-from-world [R|t] with OpenCV axes
 (x right, y down, z forward); intrinsics put the principal point at (W/2, H/2) in pixel-index
@@ -181,18 +182,10 @@ def unproject_depth(depth: np.ndarray, extr: np.ndarray, intr: np.ndarray) -> np
     return world.astype(np.float32)
 
 
-def images_to_rgb(images: np.ndarray) -> np.ndarray:
-    """Images [S,3,H,W] in [0, 1] -> colours [S,H,W,3] uint8."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [S,3,H,W], got {images.shape}")
-    rgb = np.nan_to_num(np.moveaxis(images, 1, -1).astype(np.float64), nan=0.0)
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
-
-
-def select_points(points: np.ndarray, conf: np.ndarray, images: np.ndarray,
+def select_points(points: np.ndarray, conf: np.ndarray, colours: np.ndarray,
                   conf_percentile: float) -> tuple[np.ndarray, np.ndarray]:
-    """Confident, finite points -> (xyz [M,3] float32, rgb [M,3] uint8).
+    """Confident, finite points [S,H,W,3] with conf [S,H,W] and colours [S,H,W,3] uint8 (`to_uint8`
+    of the frames) -> (xyz [M,3] float32, rgb [M,3] uint8).
 
     Keeps conf >= the `conf_percentile`-th percentile (0..100) of the finite confidences and
     conf > 1e-5 (as the VGGT demo), dropping points with a non-finite coordinate."""
@@ -204,9 +197,9 @@ def select_points(points: np.ndarray, conf: np.ndarray, images: np.ndarray,
         raise ValueError(f"conf must be {points.shape[:-1]}, got {conf.shape}")
     if not 0.0 <= conf_percentile <= 100.0:
         raise ValueError(f"conf_percentile must be in [0, 100], got {conf_percentile}")
-    rgb = images_to_rgb(images)
-    if rgb.shape[:-1] != points.shape[:-1]:
-        raise ValueError(f"images {np.shape(images)} do not match points {points.shape}")
+    rgb = np.asarray(colours)
+    if rgb.shape != points.shape or rgb.dtype != np.uint8:
+        raise ValueError(f"colours must be uint8 {points.shape}, got {rgb.dtype} {rgb.shape}")
     finite_conf = np.isfinite(conf)
     mask = finite_conf & np.isfinite(points).all(-1) & (conf > 1e-5)
     if finite_conf.any():
@@ -243,7 +236,7 @@ def write_ply(path: PathLike, xyz: np.ndarray, rgb: np.ndarray) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# trajectories and COLMAP
+# trajectories
 
 
 def _fmt(x: float) -> str:
@@ -272,80 +265,15 @@ def write_tum(path: PathLike, extr: np.ndarray, timestamps: Sequence[float] | No
     return out
 
 
-def write_colmap_text(directory: PathLike, extr: np.ndarray, intr: np.ndarray,
-                      hw: tuple[int, int], xyz: np.ndarray, rgb: np.ndarray,
-                      image_names: Sequence[str]) -> Path:
-    """COLMAP text model (cameras.txt, images.txt, points3D.txt) in `directory`.
-
-    One PINHOLE camera per frame (camera id = image id = frame index + 1) with the intrinsics as
-    given (VGGT's principal point W/2, H/2 is written unchanged); the image pose is the
-    camera-from-world extrinsic (COLMAP's convention) with a Hamilton quaternion qw first. Images
-    have no 2D points and the 3D points have empty tracks with error 0. Returns `directory`."""
-    directory = Path(directory)
-    extr = np.asarray(extr, np.float64)
-    intr = np.asarray(intr, np.float64)
-    _check_cameras(extr, intr)
-    s = extr.shape[0]
-    h, w = (int(v) for v in hw)
-    names = [str(n) for n in image_names]
-    if len(names) != s:
-        raise ValueError(f"{s} cameras but {len(names)} image names")
-    for n in names:
-        if not n or any(c.isspace() for c in n):
-            raise ValueError(f"COLMAP image names cannot be empty or contain whitespace: {n!r}")
-    if len(set(names)) != s:
-        raise ValueError("image names must be unique")
-    xyz = np.asarray(xyz, np.float64)
-    rgb = np.asarray(rgb)
-    if xyz.ndim != 2 or xyz.shape[1] != 3 or rgb.shape != xyz.shape:
-        raise ValueError(f"xyz and rgb must both be [M,3], got {xyz.shape} and {rgb.shape}")
-    if rgb.dtype != np.uint8:
-        raise ValueError(f"rgb must be uint8, got {rgb.dtype}")
-
-    cams = ["# Camera list with one line of data per camera:",
-            "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]",
-            f"# Number of cameras: {s}"]
-    for n in range(s):
-        k = intr[n]
-        params = " ".join(_fmt(v) for v in (k[0, 0], k[1, 1], k[0, 2], k[1, 2]))
-        cams.append(f"{n + 1} PINHOLE {w} {h} {params}")
-
-    quat = mat_to_quat_np(extr[:, :3, :3])  # xyzw
-    imgs = ["# Image list with two lines of data per image:",
-            "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
-            "#   POINTS2D[] as (X, Y, POINT3D_ID)",
-            f"# Number of images: {s}, mean observations per image: 0"]
-    for n in range(s):
-        qx, qy, qz, qw = quat[n]
-        vals = " ".join(_fmt(v) for v in (qw, qx, qy, qz, *extr[n, :, 3]))
-        imgs.append(f"{n + 1} {vals} {n + 1} {names[n]}")
-        imgs.append("")
-
-    pts = ["# 3D point list with one line of data per point:",
-           "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)",
-           f"# Number of points: {len(xyz)}, mean track length: 0"]
-    for n in range(len(xyz)):
-        x, y, z = xyz[n]
-        r, g, b = (int(c) for c in rgb[n])
-        pts.append(f"{n + 1} {_fmt(x)} {_fmt(y)} {_fmt(z)} {r} {g} {b} 0")
-
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(directory / "cameras.txt", "\n".join(cams) + "\n")
-    _atomic_write_text(directory / "images.txt", "\n".join(imgs) + "\n")
-    _atomic_write_text(directory / "points3D.txt", "\n".join(pts) + "\n")
-    log.info("wrote COLMAP model (%d images, %d points) to %s", s, len(xyz), directory)
-    return directory
-
-
 # --------------------------------------------------------------------------------------------
-# depth and plots
+# depth
 
 
 def write_depth(directory: PathLike, depth: np.ndarray, conf: np.ndarray | None = None) -> Path:
     """`depth.npz` (depth [S,H,W] float32, depth_conf, scale), `depth_scale.json` and 16-bit PNGs
     `depth_{i:05d}.png` holding round(depth * scale); scale maps the largest finite depth to
-    65535 (depth = png / scale). Non-finite or negative depths are written as 0. Returns
-    `directory`."""
+    65535 (depth = png / scale). Non-finite or negative depths are written as 0. Colour-mapped
+    previews with a depth colour bar go to `preview/` (`write_depth_previews`). Returns `directory`."""
     directory = Path(directory)
     d = _squeeze_depth(depth).astype(np.float32)
     if conf is not None:
@@ -374,42 +302,67 @@ def write_depth(directory: PathLike, depth: np.ndarray, conf: np.ndarray | None 
         img.save(buf, format="PNG")
         _atomic_write(directory / f"depth_{n:05d}.png", lambda f, b=buf.getvalue(): f.write(b))
     log.info("wrote %d depth maps (scale %.6g) to %s", len(q), scale, directory)
+    write_depth_previews(directory / "preview", d)
     return directory
 
 
-def plot_stream(path: PathLike, latency_s: np.ndarray, cache_bytes: np.ndarray) -> Path:
-    """PNG with two panels over frame index: per-frame latency (ms) and cache size (MB, 1e6 B).
+PREVIEW_CMAP = "turbo"
+PREVIEW_RANGE_PERCENTILES = (1.0, 99.0)
+PREVIEW_SAMPLES = 1_000_000  # depths drawn (evenly) to estimate the colour range of a long stream
 
-    Renders with the Agg canvas through `matplotlib.figure.Figure`, so it works headless and
-    leaves pyplot's global backend (and any open figures) alone."""
-    # No matplotlib.use("Agg"): the explicit Agg canvas below needs no global backend, and
-    # switching it after pyplot is imported would close the caller's open figures.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    lat = np.asarray(latency_s, np.float64).reshape(-1) * 1e3
-    cache = np.asarray(cache_bytes, np.float64).reshape(-1) / 1e6
-    if lat.shape != cache.shape:
-        raise ValueError(f"latency {lat.shape} and cache {cache.shape} lengths differ")
-    frames = np.arange(len(lat))
+def depth_preview_range(depth: np.ndarray) -> tuple[float, float]:
+    """(near, far): the 1st and 99th percentiles of the finite positive depths [S,H,W] (estimated
+    from at most 1e6 evenly spaced values), shared by every frame's preview; (0, 1) without any."""
+    flat = depth.reshape(-1)
+    flat = flat[::max(1, flat.size // PREVIEW_SAMPLES)]
+    valid = flat[np.isfinite(flat) & (flat > 0)]
+    if not valid.size:
+        return 0.0, 1.0
+    near, far = (float(v) for v in np.percentile(valid, PREVIEW_RANGE_PERCENTILES))
+    return near, far if far > near else near + 1.0
 
-    fig = Figure(figsize=(8, 6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax_l, ax_c = fig.subplots(2, 1, sharex=True)
-    ax_l.plot(frames, lat, marker=".", lw=1)
-    ax_l.set_ylabel("latency (ms)")
-    ax_l.set_title("per-frame latency")
-    ax_l.grid(alpha=0.3)
-    ax_c.plot(frames, cache, marker=".", lw=1, color="tab:orange")
-    ax_c.set_ylabel("cache (MB)")
-    ax_c.set_xlabel("frame")
-    ax_c.set_title("KV cache size")
-    ax_c.grid(alpha=0.3)
-    fig.tight_layout()
 
-    def _save(f):
-        fig.savefig(f, format="png")
+def depth_preview(depth: np.ndarray, near: float, far: float) -> np.ndarray:
+    """One depth map [H,W] -> RGB uint8 [H, W + bar, 3]: the map colour-mapped (turbo, near blue to far
+    red, clipped to [near, far]; invalid depths black) and, at the right, a colour bar labelled with
+    the depths (model units) at its top, middle and bottom."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
 
-    out = _atomic_write(path, _save)
-    log.info("wrote stream plot (%d frames) to %s", len(lat), out)
-    return out
+    cmap = colormaps[PREVIEW_CMAP]
+    h, w = depth.shape
+    valid = np.isfinite(depth) & (depth > 0)
+    t = np.clip((np.where(valid, depth, near) - near) / (far - near), 0.0, 1.0)
+    rgb = (cmap(t)[..., :3] * 255).round().astype(np.uint8)
+    rgb[~valid] = 0
+    font = ImageFont.load_default()
+    labels = [f"{v:.3g}" for v in (far, (near + far) / 2, near)]
+    label_w = max(int(np.ceil(font.getlength(text))) for text in labels) + 4
+    bar_w, gap = max(6, w // 32), 4
+    canvas = Image.new("RGB", (w + gap + bar_w + label_w, h), (255, 255, 255))
+    canvas.paste(Image.fromarray(rgb), (0, 0))
+    ramp = (cmap(np.linspace(1.0, 0.0, h))[:, :3] * 255).round().astype(np.uint8)  # far at the top
+    canvas.paste(Image.fromarray(np.repeat(ramp[:, None], bar_w, 1)), (w + gap, 0))
+    draw = ImageDraw.Draw(canvas)
+    x = w + gap + bar_w + 2
+    for text, y, anchor in zip(labels, (0, h / 2, h), ("la", "lm", "ld")):
+        draw.text((x, y), text, fill=(0, 0, 0), font=font, anchor=anchor)
+    return np.asarray(canvas)
+
+
+def write_depth_previews(directory: PathLike, depth: np.ndarray) -> Path:
+    """Colour-mapped previews `depth_{i:05d}.png` of depth [S,H,W(,1)] in `directory`, one colour
+    scale for all frames (`depth_preview_range`). Returns `directory`."""
+    from PIL import Image
+
+    directory = Path(directory)
+    d = _squeeze_depth(depth)
+    near, far = depth_preview_range(d)
+    directory.mkdir(parents=True, exist_ok=True)
+    for n in range(len(d)):
+        buf = io.BytesIO()
+        Image.fromarray(depth_preview(d[n], near, far)).save(buf, format="PNG")
+        _atomic_write(directory / f"depth_{n:05d}.png", lambda f, b=buf.getvalue(): f.write(b))
+    log.info("wrote %d depth previews (colours %.3g..%.3g) to %s", len(d), near, far, directory)
+    return directory

@@ -11,10 +11,16 @@ Size rule (decided here, upstream has none): the check is made on the size *afte
 which is what the model sees. Upstream happily upsamples a tiny image, so a 10x10 photo is accepted
 (crop mode makes it 518x518), but an image whose aspect ratio rounds one preprocessed side below one
 patch (14 px, e.g. a 1000x10 strip -> 518x0) is rejected with a `FrameError` naming the file.
+
+Every source also describes where each model frame came from (`FrameSource.frames_info`, one
+`FrameInfo` per frame: a file name, the original size, the preprocessing transform and the video
+presentation time), which the exports use to name images and to map intrinsics back to the
+original images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -38,6 +44,52 @@ PAD_VALUE = 1.0  # white, as upstream
 
 class FrameError(ValueError):
     """An input that cannot be turned into frames; the message is one line naming the file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# colour conversion
+# ----------------------------------------------------------------------------------------------
+
+INTEGER_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})  # 16-bit grey (PNG) and 32-bit int
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _grey_to_l(img: Image.Image) -> Image.Image:
+    """A 16-bit ("I;16*", or "I" as a 16-bit PNG may open) or float ("F") grey image -> 8-bit "L".
+
+    Integer modes are scaled by 65535 (the full 16-bit range: 65535 -> 255); "F" is taken as
+    intensity in [0, 1] (clipped). PIL's own conversion clips instead, making most 16-bit images white."""
+    arr = np.asarray(img).astype(np.float64)
+    unit = arr / 65535.0 if img.mode in INTEGER_MODES else arr
+    return Image.fromarray(np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> mode "RGB" with every kind of transparency composited on white.
+
+    RGBA takes upstream's path exactly (alpha-composite on opaque white, then drop alpha); LA, La,
+    PA, RGBa, a palette or grey/RGB image with a `transparency` entry go through RGBA first, so a
+    transparent pixel is white whatever colour it stores. 16-bit and float grey are scaled (see
+    `_grey_to_l`); CMYK, YCbCr, 1-bit, ... use PIL's conversion."""
+    if img.mode in INTEGER_MODES or img.mode == "F":
+        img = _grey_to_l(img)
+    if img.mode == "La":  # premultiplied: PIL converts it to RGBA only through LA
+        img = img.convert("LA")
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        if img.mode != "RGBA":
+            img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Frames [..., 3, H, W] float in [0, 1] -> colours [..., H, W, 3] uint8 (rounded, clipped, NaN -> 0)."""
+    frames = np.asarray(frames)
+    if frames.ndim < 3 or frames.shape[-3] != 3:
+        raise ValueError(f"frames must be [..., 3, H, W], got {frames.shape}")
+    rgb = np.nan_to_num(np.moveaxis(frames, -3, -1).astype(np.float32), nan=0.0)
+    return np.clip(np.rint(rgb * np.float32(255.0)), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,11 +131,7 @@ def preprocess_image(pil_image: Image.Image, mode: str = "crop", target: int = D
                      name: str = "image") -> np.ndarray:
     """One PIL image -> float32 [3, H, W] in [0, 1], exactly as upstream preprocesses it."""
     _check_args(mode, target)
-    img = pil_image
-    if img.mode == "RGBA":
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    img = img.convert("RGB")
+    img = to_rgb(pil_image)
     width, height = img.size
     _check_size(width, height, mode, target, name)
     new_w, new_h = resized_size(width, height, mode, target)
@@ -136,24 +184,92 @@ def load_and_preprocess_images(paths: Sequence[str | Path], mode: str = "crop",
     return np.stack(harmonize_frames([_decode_image(Path(p), mode, target) for p in paths]))
 
 
+def preprocess_transform(width: int, height: int, mode: str = "crop",
+                         target: int = DEFAULT_TARGET) -> tuple[float, float, float, float]:
+    """(scale_x, scale_y, offset_x, offset_y) of `preprocess_image` on a `width` x `height` image:
+    a point at (x, y) of the original lands at (scale_x * x + offset_x, scale_y * y + offset_y) of
+    the preprocessed frame, in continuous pixel coordinates whose origin is the top-left image corner
+    (the bicubic resize maps corners to corners; the centre crop shifts up, the white padding down)."""
+    new_w, new_h = resized_size(width, height, mode, target)
+    offset_x = offset_y = 0.0
+    if mode == "crop" and new_h > target:
+        offset_y = -float((new_h - target) // 2)
+    if mode == "pad":
+        offset_x, offset_y = float((target - new_w) // 2), float((target - new_h) // 2)
+    return new_w / width, new_h / height, offset_x, offset_y
+
+
 # ----------------------------------------------------------------------------------------------
 # sources
 # ----------------------------------------------------------------------------------------------
 
-class FrameSource:
-    """Lazily read frames: `.num_frames` (None when unknown), `.height`, `.width`, `.query_points`,
-    `.name`; iterating yields float32 [3, height, width] frames, decoding one at a time."""
+@dataclasses.dataclass(frozen=True)
+class FrameInfo:
+    """Where one model frame came from.
 
-    def __init__(self, name: str, num_frames: int | None, height: int, width: int,
-                 query_points: np.ndarray | None = None):
+    name: file name for exports (an image's own name; `frame_000123.jpg` for video frame 123 and
+        `frame_000123.png` for an `.npz` frame); width, height: original size in pixels, before
+        preprocessing; scale_x, scale_y, offset_x, offset_y: the map original -> model frame (see
+        `preprocess_transform`, including the padding to the common frame size); time: presentation
+        time in seconds (videos) or None; index: position in the source (video frame number)."""
+
+    name: str
+    width: int
+    height: int
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    offset_x: float = 0.0
+    offset_y: float = 0.0
+    time: float | None = None
+    index: int = 0
+
+    def intrinsics_to_original(self, intr: np.ndarray) -> np.ndarray:
+        """Intrinsics [..., 3, 3] of the model frame -> the same camera in the original image:
+        K_original = A^-1 K with A = [[scale_x, 0, offset_x], [0, scale_y, offset_y], [0, 0, 1]]."""
+        intr = np.asarray(intr, np.float64)
+        a_inv = np.array([[1.0 / self.scale_x, 0.0, -self.offset_x / self.scale_x],
+                          [0.0, 1.0 / self.scale_y, -self.offset_y / self.scale_y],
+                          [0.0, 0.0, 1.0]])
+        return a_inv @ intr
+
+
+def frame_info_for(name: str, width: int, height: int, mode: str, target: int, frame_hw: tuple[int, int],
+                   *, time: float | None = None, index: int = 0) -> FrameInfo:
+    """The `FrameInfo` of a `width` x `height` image preprocessed (`mode`, `target`) and then padded,
+    centred, to the common frame size `frame_hw` (H, W)."""
+    sx, sy, ox, oy = preprocess_transform(width, height, mode, target)
+    h, w = preprocessed_size(width, height, mode, target)
+    return FrameInfo(name, width, height, sx, sy, ox + (frame_hw[1] - w) // 2, oy + (frame_hw[0] - h) // 2,
+                     time, index)
+
+
+class FrameSource:
+    """Lazily read frames: `.num_frames`, `.height`, `.width`, `.query_points`, `.name` and
+    `.frames_info` (one `FrameInfo` per frame; by default `frame_{i:06d}.png` at the frame size, no
+    transform, no time); iterating yields float32 [3, height, width] frames, decoding one at a time.
+    `iter_originals()` yields each frame's original picture for exports."""
+
+    def __init__(self, name: str, num_frames: int, height: int, width: int,
+                 query_points: np.ndarray | None = None, frames_info: Sequence[FrameInfo] | None = None):
         self.name = name
         self.num_frames = num_frames
         self.height = height
         self.width = width
         self.query_points = query_points
+        if frames_info is None:
+            frames_info = [FrameInfo(f"frame_{i:06d}.png", width, height, index=i) for i in range(num_frames)]
+        if len(frames_info) != num_frames:
+            raise ValueError(f"{num_frames} frames but {len(frames_info)} frame infos")
+        self.frames_info = list(frames_info)
 
     def __iter__(self) -> Iterator[np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def iter_originals(self) -> Iterator[Path | np.ndarray]:
+        """Per frame, in order: the original image file (a Path), or its pixels as uint8 [h, w, 3]
+        at the original size. Default: the model frames themselves."""
+        for frame in self:
+            yield to_uint8(frame)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, num_frames={self.num_frames}, "
@@ -201,11 +317,15 @@ class ImageFolderSource(FrameSource):
         self.paths = list(paths)
         self.mode, self.target = mode, target
         self.sizes = []
+        originals = []
         for p in self.paths:
             w, h = _image_header_size(p)
+            originals.append((w, h))
             self.sizes.append(_check_size(w, h, mode, target, str(p)))
         height, width = common_size(self.sizes, [p.name for p in self.paths])
-        super().__init__(name, len(self.paths), height, width)
+        infos = [frame_info_for(p.name, w, h, mode, target, (height, width), index=i)
+                 for i, (p, (w, h)) in enumerate(zip(self.paths, originals))]
+        super().__init__(name, len(self.paths), height, width, frames_info=infos)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for path, size in zip(self.paths, self.sizes):
@@ -215,91 +335,8 @@ class ImageFolderSource(FrameSource):
                                  f"header said {size[0]}x{size[1]}")
             yield pad_frame(frame, self.height, self.width)
 
-
-def _resample_indices(num_frames: int | None, src_fps: float, fps: float) -> Iterator[int]:
-    """Indices of the frames kept when resampling `src_fps` to `fps`: frame ceil(k * src_fps / fps)
-    for k = 0, 1, ... (the first frame at or after each target time k / fps). Unbounded when
-    num_frames is None. With fps >= src_fps every frame is kept."""
-    ratio = max(src_fps / fps, 1.0)
-    k = 0
-    while True:
-        i = math.ceil(k * ratio - 1e-9)
-        if num_frames is not None and i >= num_frames:
-            return
-        yield i
-        k += 1
-
-
-def _count_resampled(num_frames: int, src_fps: float, fps: float) -> int:
-    return sum(1 for _ in _resample_indices(num_frames, src_fps, fps))
-
-
-def _import_imageio_pyav():
-    try:
-        import av  # noqa: F401  (the pyav plugin needs it)
-        import imageio.v3 as iio
-    except ImportError as e:
-        raise FrameError(f"reading videos needs imageio and PyAV (pip install imageio av): {e}") from e
-    return iio
-
-
-class VideoSource(FrameSource):
-    """A video decoded with imageio's pyav plugin, one frame at a time, every `stride`-th frame or
-    resampled to `fps` (using the container's frame rate; exact for constant-frame-rate video).
-    `num_frames` comes from the container (None when it does not say, e.g. most mkv/webm)."""
-
-    def __init__(self, path: Path, mode: str = "crop", target: int = DEFAULT_TARGET,
-                 fps: float | None = None, stride: int = 1):
-        _check_args(mode, target)
-        iio = _import_imageio_pyav()
-        self.path, self.mode, self.target, self.fps, self.stride = path, mode, target, fps, stride
-        try:
-            with iio.imopen(path, "r", plugin="pyav") as video:
-                props, meta = video.properties(), video.metadata()
-                first = next(iter(video.iter()), None)  # decode one frame: proves the stream decodes
-        except Exception as e:  # noqa: BLE001 - any decoder failure is the file's problem
-            raise FrameError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
-        if first is None:
-            raise FrameError(f"{path}: video has no frames")
-        self.src_fps = float(meta.get("fps") or 0.0) or None
-        n_src = int(props.n_images) if props.n_images else None
-        if fps is not None and self.src_fps is None:
-            raise FrameError(f"{path}: frame rate unknown, cannot resample to {fps} fps (use stride instead)")
-        height, width = _check_size(first.shape[1], first.shape[0], mode, target, str(path))
-        if n_src is None:
-            num = None
-        elif fps is not None:
-            num = _count_resampled(n_src, self.src_fps, fps)
-        else:
-            num = -(-n_src // stride)
-        if fps is not None and fps > self.src_fps:
-            log.warning("%s: requested %g fps exceeds the video's %g fps: keeping every frame", path, fps,
-                        self.src_fps)
-        super().__init__(str(path), num, height, width)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        iio = _import_imageio_pyav()
-        if self.fps is not None:
-            wanted = _resample_indices(None, self.src_fps, self.fps)
-        else:
-            wanted = iter(range(0, 2**62, self.stride))
-        want = next(wanted)
-        i = -1
-        try:
-            for i, frame in enumerate(iio.imiter(self.path, plugin="pyav")):
-                if i != want:
-                    continue
-                want = next(wanted)
-                out = preprocess_image(Image.fromarray(np.asarray(frame, np.uint8)).convert("RGB"), self.mode,
-                                       self.target, name=f"{self.path} frame {i}")
-                if out.shape[1:] != (self.height, self.width):
-                    raise FrameError(f"{self.path}: frame {i} preprocesses to {out.shape[1]}x{out.shape[2]}, "
-                                     f"expected {self.height}x{self.width} (frame size changed mid-video)")
-                yield out
-        except FrameError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise FrameError(f"{self.path}: cannot decode video after frame {i} ({type(e).__name__}: {e})") from e
+    def iter_originals(self) -> Iterator[Path]:
+        yield from self.paths
 
 
 def _read_npy_header(f, path: Path):
@@ -355,7 +392,8 @@ class NpzSource(FrameSource):
             if not np.all(np.isfinite(qp)):
                 raise FrameError(f"{path}: 'query_points' contains non-finite values")
             qp = qp.astype(np.float32)
-        super().__init__(str(path), -(-s // stride), h, w, qp)
+        infos = [FrameInfo(f"frame_{i:06d}.png", w, h, index=i) for i in range(0, s, stride)]
+        super().__init__(str(path), len(infos), h, w, qp, infos)
         self._validate_values()
 
     def _raw_frames(self, stride: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -418,6 +456,8 @@ def open_frames(path: str | Path, *, mode: str = "crop", target: int = DEFAULT_T
     if suffix in IMAGE_EXTENSIONS:
         return ImageFolderSource([path], str(path), mode, target)
     if suffix in VIDEO_EXTENSIONS:
+        from .video import VideoSource  # PyAV is imported only for videos
+
         return VideoSource(path, mode, target, fps, stride)
     raise FrameError(f"{path}: unsupported input type {suffix or '(no extension)'!r}: expected a folder of "
                      f"images, an image, a video ({', '.join(sorted(VIDEO_EXTENSIONS))}) or an .npz")
