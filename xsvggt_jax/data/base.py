@@ -17,6 +17,7 @@ Conventions (all readers convert to these):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,6 +129,15 @@ class Dataset:
 # helpers shared by the readers
 # ----------------------------------------------------------------------------------------------
 
+def _load_at(paths: tuple[Path, ...], read: Callable[[Path], np.ndarray], i: int) -> np.ndarray:
+    return read(paths[i])
+
+
+def indexed_loader(paths, read: Callable[[Path], np.ndarray]) -> Callable[[int], np.ndarray]:
+    """A lazy frame loader: i -> read(paths[i]) (picklable, reads nothing now)."""
+    return functools.partial(_load_at, tuple(paths), read)
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """An 8-bit colour image file -> uint8 [H, W, 3] (palette / grey / alpha converted to RGB)."""
     try:
@@ -178,7 +188,8 @@ def invert_pose(pose: np.ndarray) -> np.ndarray:
     out = np.zeros_like(pose)
     rt = np.swapaxes(rot, -1, -2)
     out[..., :3, :3] = rt
-    out[..., :3, 3:] = -rt @ t
+    with np.errstate(invalid="ignore", over="ignore"):
+        out[..., :3, 3:] = -rt @ t
     out[..., 3, 3] = 1.0
     return out
 
