@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..io.exports import invert_extrinsics
+
 
 class DataError(ValueError):
     """A dataset folder that cannot be read; the message is one line naming the file or folder."""
@@ -183,26 +185,13 @@ def scaled_depth(raw: np.ndarray, scale: float, invalid: int | None = None, near
 
 
 def invert_pose(pose: np.ndarray) -> np.ndarray:
-    """Rigid transforms [..., 4, 4] -> their inverses (R^T, -R^T t); NaN / inf stay non-finite."""
-    rot, t = pose[..., :3, :3], pose[..., :3, 3:]
-    out = np.zeros_like(pose)
-    rt = np.swapaxes(rot, -1, -2)
-    out[..., :3, :3] = rt
+    """Rigid transforms [..., 4, 4] (or [..., 3, 4]) -> their inverses [..., 4, 4] float64;
+    a non-finite input (a missing pose) stays non-finite."""
+    out = np.zeros((*pose.shape[:-2], 4, 4))
     with np.errstate(invalid="ignore", over="ignore"):
-        out[..., :3, 3:] = -rt @ t
+        out[..., :3, :] = invert_extrinsics(pose[..., :3, :])
     out[..., 3, 3] = 1.0
     return out
-
-
-def quat_xyzw_to_matrix(q: np.ndarray) -> np.ndarray:
-    """Unit quaternions [..., 4] (x, y, z, w), the TUM order -> rotations [..., 3, 3]."""
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    x, y, z, w = np.moveaxis(q, -1, 0)
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], -2)
 
 
 def scaled_intrinsics(k: np.ndarray, size: tuple[int, int], ref_size: tuple[int, int]) -> np.ndarray:

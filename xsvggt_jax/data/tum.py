@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (DataError, Dataset, DatasetInfo, Sequence, indexed_loader, invert_pose, quat_xyzw_to_matrix,
-                   read_png16, read_rgb, require_dir, require_file, scaled_depth)
+from ..io.exports import quat_to_mat_np
+from .base import (DataError, Dataset, DatasetInfo, Sequence, image_size, indexed_loader,
+                   invert_pose, read_png16, read_rgb, require_dir, require_file, scaled_depth,
+                   scaled_intrinsics)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def associate(first: list[float], second: list[float], max_difference: float = T
 def tum_rows_to_extrinsics(rows: np.ndarray) -> np.ndarray:
     """TUM pose rows [N, 7] (tx ty tz qx qy qz qw, camera-to-world) -> camera-from-world [N, 4, 4]."""
     c2w = np.tile(np.eye(4), (len(rows), 1, 1))
-    c2w[:, :3, :3] = quat_xyzw_to_matrix(rows[:, 3:7])
+    c2w[:, :3, :3] = quat_to_mat_np(rows[:, 3:7])
     c2w[:, :3, 3] = rows[:, :3]
     return invert_pose(c2w)
 
@@ -90,11 +92,14 @@ def _tum_depth(path: Path) -> np.ndarray:
     return scaled_depth(read_png16(path), TUM_DEPTH_SCALE)
 
 
-def _intrinsics(name: str, n: int, table: tuple[float, float, float, float] | None = None) -> np.ndarray:
+def _intrinsics(name: str, first_rgb: Path, n: int, table: tuple[float, float, float, float] | None = None
+                ) -> np.ndarray:
+    """The published calibration (for 640x480) scaled to the stored frame size, repeated [n, 3, 3]."""
     if table is None:
         table = next((v for k, v in TUM_INTRINSICS.items() if k in name), TUM_DEFAULT_INTRINSICS)
     fx, fy, cx, cy = table
-    return np.repeat(np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])[None], n, 0)
+    k = scaled_intrinsics(np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]]), image_size(first_rgb), (640, 480))
+    return np.repeat(k[None], n, 0)
 
 
 def _read_pose_rows(path: Path) -> np.ndarray:
@@ -130,7 +135,7 @@ def read_tum_sequence(seq_dir: Path, stride: int = TUM_STRIDE, frames: int = TUM
         rgb = _sorted_pngs(seq_dir / "rgb_90")
         depth = _sorted_pngs(seq_dir / "depth_90") if (seq_dir / "depth_90").is_dir() else None
         rows = _read_pose_rows(seq_dir / "groundtruth_90.txt")
-        return _sequence(k_name, rgb, depth, rows, TUM_INFO, _intrinsics(k_name, len(rgb)))
+        return _sequence(k_name, rgb, depth, rows, TUM_INFO, _intrinsics(k_name, rgb[0], len(rgb)))
     rgb_list = read_file_list(seq_dir / "rgb.txt")
     gt_list = read_file_list(seq_dir / "groundtruth.txt")
     matches = associate(list(rgb_list), list(gt_list))[::stride][:frames]
@@ -148,7 +153,7 @@ def read_tum_sequence(seq_dir: Path, stride: int = TUM_STRIDE, frames: int = TUM
         depth = [seq_dir / depth_list[pairs[a]][0] for a, _ in matches]
     for p in rgb + (depth or []):
         require_file(p, "TUM frame")
-    return _sequence(k_name, rgb, depth, rows, TUM_INFO, _intrinsics(k_name, len(rgb)))
+    return _sequence(k_name, rgb, depth, rows, TUM_INFO, _intrinsics(k_name, rgb[0], len(rgb)))
 
 
 def read_tum(root: str | Path, sequences: list[str] | None = None) -> Dataset:
@@ -174,7 +179,7 @@ def read_bonn_sequence(seq_dir: Path) -> Sequence:
         rgb = _sorted_pngs(require_dir(seq_dir / "rgb", "Bonn rgb"))[BONN_SLICE]
         depth = _sorted_pngs(require_dir(seq_dir / "depth", "Bonn depth"))[BONN_SLICE]
         rows = _read_pose_rows(seq_dir / "groundtruth.txt")[BONN_SLICE]
-    return _sequence(seq_dir.name, rgb, depth, rows, BONN_INFO, _intrinsics(seq_dir.name, len(rgb), BONN_INTRINSICS))
+    return _sequence(seq_dir.name, rgb, depth, rows, BONN_INFO, _intrinsics(seq_dir.name, rgb[0], len(rgb), BONN_INTRINSICS))
 
 
 def read_bonn(root: str | Path, sequences: tuple[str, ...] | list[str] = BONN_SEQUENCES) -> Dataset:
