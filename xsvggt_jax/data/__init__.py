@@ -23,7 +23,12 @@ def _procedural(root: str | Path | None = None, **options) -> Dataset:
 
 
 def _tum_dynamics(root: str | Path, **options) -> Dataset:
-    return read_tum(root, sequences=options.pop("sequences", list(TUM_DYNAMICS_SEQUENCES)), **options)
+    """The TUM-dynamics sequences (fr3 sitting / walking) found under root."""
+    if "sequences" not in options:
+        options["sequences"] = [s for s in TUM_DYNAMICS_SEQUENCES if (Path(root) / s).is_dir()]
+        if not options["sequences"]:
+            raise DataError(f"{root}: none of the TUM-dynamics sequences {', '.join(TUM_DYNAMICS_SEQUENCES)}")
+    return read_tum(root, **options)
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {

@@ -169,7 +169,7 @@ def write_png16(path: Path, arr: np.ndarray) -> None:
         raise ValueError(f"write_png16 needs uint16 [H, W], got {arr.dtype} {arr.shape}")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr, "I;16").save(tmp, format="PNG")
+    Image.fromarray(arr).save(tmp, format="PNG")  # uint16 -> mode I;16
     tmp.replace(path)
 
 
