@@ -378,12 +378,14 @@ def test_kitti_gathered_layout(tmp_path):
 def test_kitti_flat_layout_groups_drives_and_cameras(tmp_path):
     k = np.array([[72.0, 0, 30.5], [0, 72.0, 22.25], [0, 0, 1]])
     sc = _scene(k, seed=20)
-    items = [("2011_09_26_drive_0002_sync", "0000000011", "02", 1), ("2011_09_26_drive_0002_sync", "0000000009", "02", 0),
+    items = [("2011_09_26_drive_0002_sync", "0000000011", "02", 1),
+             ("2011_09_26_drive_0002_sync", "0000000009", "02", 0),
              ("2011_09_29_drive_0026_sync", "0000000100", "03", 2)]
     expected = {}
     for drive, frame, cam, f in items:
         _save(tmp_path / "image" / f"{drive}_image_{frame}_image_{cam}.png", _rgb(sc, f))
-        expected[f] = _sparse_kitti(sc, f, tmp_path / "groundtruth_depth" / f"{drive}_groundtruth_depth_{frame}_image_{cam}.png", f)
+        gt = tmp_path / "groundtruth_depth" / f"{drive}_groundtruth_depth_{frame}_image_{cam}.png"
+        expected[f] = _sparse_kitti(sc, f, gt, f)
         _kitti_k(tmp_path / "intrinsics" / f"{drive}_image_{frame}_image_{cam}.txt", k)
     ds = load_dataset("kitti", tmp_path)
     assert [s.name for s in ds] == ["2011_09_26_drive_0002_sync_02", "2011_09_29_drive_0026_sync_03"]

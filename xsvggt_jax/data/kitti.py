@@ -53,7 +53,7 @@ def _split_seq(seq: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def _make(root: Path, seq: str, frames: list[str], rgb: list[Path], depth: list[Path], k_files: list[Path]) -> Sequence:
+def _make(seq: str, frames: list[str], rgb: list[Path], depth: list[Path], k_files: list[Path]) -> Sequence:
     intr = None
     if k_files and all(p.is_file() for p in k_files):
         intr = np.stack([_read_k(p) for p in k_files])
@@ -68,7 +68,7 @@ def _gathered(root: Path) -> list[Sequence]:
         rgb = sorted(p for p in seq_dir.iterdir() if p.suffix == ".png")
         depth = [require_file(root / "groundtruth_depth_gathered" / seq_dir.name / p.name, "KITTI depth") for p in rgb]
         frames = [p.stem for p in rgb]
-        seqs.append(_make(root, seq_dir.name, frames, rgb, depth,
+        seqs.append(_make(seq_dir.name, frames, rgb, depth,
                           [_intrinsics_file(root, drive, f, cam) for f in frames]))
     return seqs
 
@@ -85,9 +85,9 @@ def _flat(root: Path) -> list[Sequence]:
         drive, cam = _split_seq(seq)
         items = sorted(groups[seq], key=lambda fp: int(fp[0]))
         frames = [f for f, _ in items]
-        depth = [require_file(root / "groundtruth_depth" / f"{drive}_groundtruth_depth_{f}_image_{cam}.png", "KITTI depth")
-                 for f in frames]
-        seqs.append(_make(root, seq, frames, [p for _, p in items], depth,
+        depth = [require_file(root / "groundtruth_depth" / f"{drive}_groundtruth_depth_{f}_image_{cam}.png",
+                              "KITTI depth") for f in frames]
+        seqs.append(_make(seq, frames, [p for _, p in items], depth,
                           [_intrinsics_file(root, drive, f, cam) for f in frames]))
     return seqs
 
@@ -97,5 +97,6 @@ def read_kitti(root: str | Path) -> Dataset:
     root = require_dir(Path(root), "KITTI val_selection_cropped")
     seqs = _gathered(root) if (root / "image_gathered").is_dir() else _flat(root)
     if not seqs:
-        raise DataError(f"{root}: no KITTI frames (image_gathered/<seq>/*.png or image/*_image_<frame>_image_<cam>.png)")
+        raise DataError(f"{root}: no KITTI frames (image_gathered/<seq>/*.png or "
+                        "image/<drive>_image_<frame>_image_<cam>.png)")
     return Dataset(info=KITTI_INFO, sequences=tuple(seqs))

@@ -10,11 +10,13 @@ as it is. Depth frames are associated with the selected rgb timestamps the same 
 Bonn layout: ROOT/rgbd_bonn_<name>/ as TUM. Video-depth protocol (MonST3R's prepare_bonn): the sorted
 rgb/ and depth/ file lists and the groundtruth.txt rows [30:140] (by index, no association), or the
 prepared rgb_110/, depth_110/, groundtruth_110.txt. Max depth 70 m.
+
+Intrinsics: the published colour-camera calibration (per freiburg camera for TUM, Bonn's own),
+given for 640x480 and scaled to the stored frame size (identity for the real data).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,6 @@ from ..io.exports import quat_to_mat_np
 from .base import (DataError, Dataset, DatasetInfo, Sequence, image_size, indexed_loader,
                    invert_pose, read_png16, read_rgb, require_dir, require_file, scaled_depth,
                    scaled_intrinsics)
-
-log = logging.getLogger(__name__)
 
 TUM_DEPTH_SCALE = 5000.0
 TUM_STRIDE, TUM_FRAMES, TUM_MAX_DT = 3, 90, 0.02
@@ -179,7 +179,8 @@ def read_bonn_sequence(seq_dir: Path) -> Sequence:
         rgb = _sorted_pngs(require_dir(seq_dir / "rgb", "Bonn rgb"))[BONN_SLICE]
         depth = _sorted_pngs(require_dir(seq_dir / "depth", "Bonn depth"))[BONN_SLICE]
         rows = _read_pose_rows(seq_dir / "groundtruth.txt")[BONN_SLICE]
-    return _sequence(seq_dir.name, rgb, depth, rows, BONN_INFO, _intrinsics(seq_dir.name, rgb[0], len(rgb), BONN_INTRINSICS))
+    k = _intrinsics(seq_dir.name, rgb[0], len(rgb), BONN_INTRINSICS)
+    return _sequence(seq_dir.name, rgb, depth, rows, BONN_INFO, k)
 
 
 def read_bonn(root: str | Path, sequences: tuple[str, ...] | list[str] = BONN_SEQUENCES) -> Dataset:
