@@ -174,6 +174,8 @@ def test_tum_raw_layout_association_and_stride(tmp_path):
         if n != 4:
             gt_lines.append(_tum_line(ts + 0.004, _c2w(sc, f) if f is not None else np.eye(4)))
             gt_lines.append(_tum_line(ts + 0.015, np.eye(4)))  # a worse match, never chosen
+        else:
+            gt_lines.append(_tum_line(ts + 0.03, np.eye(4)))  # beyond the 0.02 s limit
         if f is not None:
             _save(d / "rgb" / f"{ts:.6f}.png", _rgb(sc, f))
             raw = _depth16(d / "depth" / f"{ts + 0.007:.6f}.png", sc.depth[f], 5000)
