@@ -70,41 +70,57 @@ class World:
 
     def cast(self, origin: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Nearest hit of rays origin [3] + t dirs [..., 3] -> (t [...], surface id [...] int,
-        unit normal [..., 3] facing the ray). With dirs = R^T K^-1 [u, v, 1], t is the z-depth."""
+        unit normal [..., 3] facing the ray). With dirs = R^T K^-1 [u, v, 1], t is the z-depth.
+
+        Works on the three direction components separately (reductions over a length-3 last axis are
+        slow in numpy); planar hits record a facet id whose normal is looked up at the end."""
+        d = [dirs[..., a] for a in range(3)]
+        nb = len(self.box_yaw)
+        # facets: 6 walls, then 6 faces per box; facet 2 a + s is the face whose outward normal in its
+        # own frame is -(2 s - 1) e_a (the face a ray with direction sign s along axis a enters / hits)
+        facet_normal = np.zeros((6 + 6 * nb, 3))
+        for a in range(3):
+            facet_normal[2 * a, a], facet_normal[2 * a + 1, a] = 1.0, -1.0
+        t = np.full(dirs.shape[:-1], np.inf)
+        facet = np.zeros(dirs.shape[:-1], np.int64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            tw = np.where(dirs > 0, (self.half - origin) / dirs, (-self.half - origin) / dirs)
-        tw = np.where(np.isfinite(tw) & (tw > 0), tw, np.inf)
-        t = tw.min(-1)
-        axis = tw.argmin(-1)
-        positive = np.take_along_axis(dirs, axis[..., None], -1)[..., 0] > 0
-        surf = 2 * axis + positive
-        normal = -np.sign(np.take_along_axis(dirs, axis[..., None], -1)) * (np.arange(3) == axis[..., None])
-        for b in range(len(self.box_yaw)):
-            rot = _yaw(self.box_yaw[b])  # box-from-world rotation is rot.T
-            o = rot.T @ (origin - self.box_centre[b])
-            d = dirs @ rot  # rows: rot.T @ d
-            with np.errstate(divide="ignore", invalid="ignore"):
-                t1, t2 = (-self.box_half[b] - o) / d, (self.box_half[b] - o) / d
-            near, far = np.minimum(t1, t2), np.maximum(t1, t2)
-            t_in, t_out = near.max(-1), far.min(-1)
-            hit = (t_in <= t_out) & (t_in > 0) & (t_in < t)
-            face = near.argmax(-1)
-            d_face = np.take_along_axis(d, face[..., None], -1)
-            n_box = -np.sign(d_face) * (np.arange(3) == face[..., None])
-            t = np.where(hit, t_in, t)
-            surf = np.where(hit, 6 + b, surf)
-            normal = np.where(hit[..., None], n_box @ rot.T, normal)
+            for a in range(3):  # the room, from inside: the wall ahead along each axis
+                pos = d[a] > 0
+                ta = np.where(pos, self.half[a] - origin[a], -self.half[a] - origin[a]) / d[a]
+                closer = (ta > 0) & (ta < t)
+                t = np.where(closer, ta, t)
+                facet = np.where(closer, 2 * a + pos, facet)
+            for b in range(nb):
+                rot = _yaw(self.box_yaw[b])  # box-from-world rotation is rot.T
+                o = rot.T @ (origin - self.box_centre[b])
+                db = [rot[0, a] * d[0] + rot[1, a] * d[1] + rot[2, a] * d[2] for a in range(3)]
+                near, far = [], []
+                for a in range(3):
+                    t1 = (-self.box_half[b, a] - o[a]) / db[a]
+                    t2 = (self.box_half[b, a] - o[a]) / db[a]
+                    near.append(np.minimum(t1, t2))
+                    far.append(np.maximum(t1, t2))
+                t_in = np.maximum(np.maximum(near[0], near[1]), near[2])
+                t_out = np.minimum(np.minimum(far[0], far[1]), far[2])
+                face = np.where((near[0] >= near[1]) & (near[0] >= near[2]), 0, np.where(near[1] >= near[2], 1, 2))
+                d_face = np.where(face == 0, db[0], np.where(face == 1, db[1], db[2]))
+                hit = (t_in <= t_out) & (t_in > 0) & (t_in < t)
+                t = np.where(hit, t_in, t)
+                facet = np.where(hit, 6 + 6 * b + 2 * face + (d_face > 0), facet)
+                facet_normal[6 + 6 * b:12 + 6 * b] = facet_normal[:6] @ rot.T
+        surf = np.where(facet < 6, facet, 6 + (facet - 6) // 6)
+        normal = facet_normal[facet]
+        a2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
         for s in range(len(self.sphere_radius)):
             oc = origin - self.sphere_centre[s]
-            a2 = (dirs * dirs).sum(-1)
-            half_b = dirs @ oc
+            half_b = d[0] * oc[0] + d[1] * oc[1] + d[2] * oc[2]
             disc = half_b * half_b - a2 * (oc @ oc - self.sphere_radius[s] ** 2)
             ts = (-half_b - np.sqrt(np.maximum(disc, 0.0))) / a2
             hit = (disc > 0) & (ts > 0) & (ts < t)
             t = np.where(hit, ts, t)
-            surf = np.where(hit, 6 + len(self.box_yaw) + s, surf)
-            p = origin + ts[..., None] * dirs
-            normal = np.where(hit[..., None], (p - self.sphere_centre[s]) / self.sphere_radius[s], normal)
+            surf = np.where(hit, 6 + nb + s, surf)
+            normal = np.where(hit[..., None], (origin + ts[..., None] * dirs - self.sphere_centre[s])
+                              / self.sphere_radius[s], normal)
         return t, surf, normal
 
     def shade(self, points: np.ndarray, surf: np.ndarray, normal: np.ndarray) -> np.ndarray:
@@ -169,33 +185,37 @@ def _yaw(angle: float) -> np.ndarray:
     return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
-def _hash01(ix: np.ndarray, iy: np.ndarray, iz: np.ndarray) -> np.ndarray:
-    """Integer lattice coordinates -> pseudo-random values in [0, 1] (a 32-bit integer hash)."""
-    m = np.uint64(0xFFFFFFFF)
-    h = (ix.astype(np.uint64) * np.uint64(0x8DA6B343) + iy.astype(np.uint64) * np.uint64(0xD8163841)
-         + iz.astype(np.uint64) * np.uint64(0xCB1AB31F)) & m
-    h ^= h >> np.uint64(15)
-    h = (h * np.uint64(0x2C1B3C6D)) & m
-    h ^= h >> np.uint64(12)
-    h = (h * np.uint64(0x297A2D39)) & m
-    h ^= h >> np.uint64(15)
-    return (h & np.uint64(0xFFFF)).astype(np.float64) / 65535.0
+def _mix32(h: np.ndarray) -> np.ndarray:
+    """A 32-bit integer finaliser (xorshift-multiply): uint32 [...] -> values in [0, 1] float32."""
+    h = h ^ (h >> np.uint32(15))
+    h = h * np.uint32(0x2C1B3C6D)
+    h = h ^ (h >> np.uint32(12))
+    h = h * np.uint32(0x297A2D39)
+    h = h ^ (h >> np.uint32(15))
+    return (h >> np.uint32(16)).astype(np.float32) / np.float32(65535.0)
+
+
+_LATTICE = (np.uint32(0x8DA6B343), np.uint32(0xD8163841), np.uint32(0xCB1AB31F))
 
 
 def _value_noise(p: np.ndarray) -> np.ndarray:
-    """Smooth 3D value noise of points [..., 3] -> [...] in [0, 1] (trilinear, smoothstep weights)."""
+    """Smooth 3D value noise of points [..., 3] -> [...] float32 in [0, 1]: hashed integer lattice
+    values, trilinear interpolation with smoothstep weights."""
     cell = np.floor(p)
-    f = p - cell
+    f = (p - cell).astype(np.float32)
     w = f * f * (3 - 2 * f)
-    i = cell.astype(np.int64)
-    out = np.zeros(p.shape[:-1])
+    i = cell.astype(np.int64).astype(np.uint32)  # wraps modulo 2^32, as the hash does
+    # per-axis lattice terms of the hash for the two corners along each axis (uint32 arithmetic wraps)
+    terms = [(i[..., a] * _LATTICE[a], (i[..., a] + np.uint32(1)) * _LATTICE[a]) for a in range(3)]
+    out = np.zeros(p.shape[:-1], np.float32)
     for dx in (0, 1):
         wx = w[..., 0] if dx else 1 - w[..., 0]
         for dy in (0, 1):
-            wy = w[..., 1] if dy else 1 - w[..., 1]
+            wxy = wx * (w[..., 1] if dy else 1 - w[..., 1])
+            hxy = terms[0][dx] + terms[1][dy]
             for dz in (0, 1):
                 wz = w[..., 2] if dz else 1 - w[..., 2]
-                out += wx * wy * wz * _hash01(i[..., 0] + dx, i[..., 1] + dy, i[..., 2] + dz)
+                out += wxy * wz * _mix32(hxy + terms[2][dz])
     return out
 
 
