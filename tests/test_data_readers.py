@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from xsvggt_jax.data import DATASETS, DataError, load_dataset
-from xsvggt_jax.data.base import invert_pose, write_png16
+from xsvggt_jax.data.base import Sequence, invert_pose, read_png16, write_png16
 from xsvggt_jax.data.kitti import read_kitti
 from xsvggt_jax.data.procedural import SceneConfig, make_scene
 from xsvggt_jax.data.rgbd_recon import NRGBD_K, SEVEN_SCENES_K, read_7scenes, read_nrgbd
@@ -407,3 +407,19 @@ def test_registry_rejects_unknown_names_and_missing_folders(tmp_path):
         load_dataset("kitti")
     with pytest.raises(DataError, match="not found"):
         load_dataset("scannet", tmp_path / "absent")
+
+
+def test_bad_files_and_shapes_are_data_errors(tmp_path):
+    rgb_as_depth = tmp_path / "depth.png"
+    _save(rgb_as_depth, np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DataError, match="one channel"):
+        read_png16(rgb_as_depth)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read"):
+        read_png16(tmp_path / "broken.png")
+    info = DATASETS["procedural"](preset="tiny", num_sequences=1)[0].info
+    with pytest.raises(DataError, match=r"intrinsics must be \[2, 3, 3\]"):
+        Sequence(name="x", frame_ids=("a", "b"), load_rgb=None, load_depth=None, intrinsics=np.eye(3)[None],
+                 extrinsics=None, info=info)
+    with pytest.raises(DataError, match="none of the TUM-dynamics"):
+        load_dataset("tum-dynamics", tmp_path)
