@@ -119,6 +119,27 @@ def test_7scenes_missing_split_is_a_data_error(tmp_path):
         read_7scenes(tmp_path)
 
 
+def test_7scenes_raw_depth_uses_the_depth_camera(tmp_path, caplog):
+    k_rgb, k_depth = _k640(525, 525, 320, 240), _k640(585, 585, 320, 240)
+    sc_rgb, sc_depth = _scene(k_rgb, seed=21), _scene(k_depth, seed=21)  # same world and path
+    seq_dir = tmp_path / "fire" / "seq-01"
+    seq_dir.mkdir(parents=True)
+    (tmp_path / "fire" / "TestSplit.txt").write_text("sequence1\n")
+    expected = []
+    for f in range(3):
+        _save(seq_dir / f"frame-{f:06d}.color.png", _rgb(sc_rgb, f))
+        raw = _depth16(seq_dir / f"frame-{f:06d}.depth.png", sc_depth.depth[f], 1000)
+        expected.append(_expected(raw, 1000, raw == 0))
+        np.savetxt(seq_dir / f"frame-{f:06d}.pose.txt", _c2w(sc_rgb, f))
+    seq = read_7scenes(tmp_path, kf_every=1)[0]
+    assert "not registered" in caplog.text
+    np.testing.assert_allclose(seq.depth_intrinsics[0], k_depth)
+    for n in range(3):
+        np.testing.assert_array_equal(seq.depth(n), expected[n])
+        pts = unproject_depth(seq.depth(n)[None], seq.extrinsics[n:n + 1, :3], seq.depth_intrinsics[n:n + 1])[0]
+        assert sc_rgb.world.surface_distance(pts[seq.depth(n) > 0].astype(np.float64)).max() < 2e-3
+
+
 # ------------------------------------------------------------------------------------------- NRGBD
 
 def test_nrgbd_opengl_poses_and_keyframes(tmp_path):

@@ -5,7 +5,9 @@ full sequence; upstream StreamVGGT `src/eval/mv_recon/data.py` with `kf_every` 2
 frame-000000.color.png, frame-000000.depth.proj.png (uint16 mm, 65535 invalid; the depth registered to
 the colour camera, as upstream reads it; plain .depth.png is used when no .proj file exists) and
 frame-000000.pose.txt (4x4 camera-to-world). Intrinsics fx = fy = 525, (cx, cy) = (320, 240) for
-640x480 (upstream's SimpleRecon values), scaled to the stored size.
+640x480 (upstream's SimpleRecon values), scaled to the stored size. Without .proj files the raw depth
+is read with `depth_intrinsics` fx = fy = 585 (the dataset's KinectFusion default for the depth
+camera), and a warning: the raw depth is not registered to the colour frames.
 
 NRGBD layout: ROOT/<scene>/images/img{i}.png, depth/depth{i}.png (uint16 mm), poses.txt (4 lines
 per frame, camera-to-world in OpenGL axes; a line with "nan" marks a missing pose). Intrinsics
@@ -30,6 +32,7 @@ SEVEN_SCENES_KF_EVERY = 200
 NRGBD_KF_EVERY = 500
 _REF_SIZE = (640, 480)
 SEVEN_SCENES_K = np.array([[525.0, 0, 320], [0, 525.0, 240], [0, 0, 1]])
+SEVEN_SCENES_DEPTH_K = np.array([[585.0, 0, 320], [0, 585.0, 240], [0, 0, 1]])  # raw .depth.png only
 NRGBD_K = np.array([[554.2562584220408, 0, 320], [0, 554.2562584220408, 240], [0, 0, 1]])
 _NEAR, _FAR = 1e-3, 10.0
 
@@ -49,21 +52,22 @@ def _seven_scenes_sequence(seq_dir: Path, name: str, kf_every: int) -> Sequence:
         raise DataError(f"{seq_dir}: no frame-*.color.png files")
     ids = tuple(f"{i:06d}" for i in range(num))[::kf_every]
     rgb = tuple(require_file(seq_dir / f"frame-{i}.color.png", "7-Scenes colour") for i in ids)
-    depth = []
-    for i in ids:
-        proj = seq_dir / f"frame-{i}.depth.proj.png"
-        if not proj.is_file():
-            log.warning("%s: no .depth.proj.png, using the raw depth (not registered to the colour camera)",
-                        proj.name)
-            proj = require_file(seq_dir / f"frame-{i}.depth.png", "7-Scenes depth")
-        depth.append(proj)
+    depth = [seq_dir / f"frame-{i}.depth.proj.png" for i in ids]
+    depth_k = None
+    if not all(p.is_file() for p in depth):
+        # the raw depth is in the (uncalibrated) depth camera: KinectFusion's default intrinsics
+        log.warning("%s: no .depth.proj.png files, using the raw .depth.png (depth camera, not registered "
+                    "to the colour frames)", seq_dir)
+        depth = [require_file(seq_dir / f"frame-{i}.depth.png", "7-Scenes depth") for i in ids]
+        depth_k = scaled_intrinsics(SEVEN_SCENES_DEPTH_K, image_size(depth[0]), _REF_SIZE)
+        depth_k = np.repeat(depth_k[None], len(ids), 0)
     c2w = np.stack([_read_matrix(require_file(seq_dir / f"frame-{i}.pose.txt", "7-Scenes pose"), 4)
                     for i in ids])
     k = scaled_intrinsics(SEVEN_SCENES_K, image_size(rgb[0]), _REF_SIZE)
     return Sequence(name=name, frame_ids=ids, load_rgb=indexed_loader(rgb, read_rgb),
                     load_depth=indexed_loader(depth, functools.partial(_mm_depth, invalid=65535)),
                     intrinsics=np.repeat(k[None], len(ids), 0), extrinsics=invert_pose(c2w),
-                    info=SEVEN_SCENES_INFO, pose_valid=np.isfinite(c2w).all((1, 2)))
+                    info=SEVEN_SCENES_INFO, depth_intrinsics=depth_k, pose_valid=np.isfinite(c2w).all((1, 2)))
 
 
 def _read_matrix(path: Path, rows: int) -> np.ndarray:
