@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from xsvggt_jax.data import DATASETS, load_dataset
+from xsvggt_jax.data import DATASETS, DataError, load_dataset
 from xsvggt_jax.data.procedural import PRESETS, SceneConfig, make_demo_scene, make_scene, procedural_dataset
 from xsvggt_jax.io.exports import unproject_depth
 
@@ -113,7 +113,7 @@ def test_procedural_dataset_and_registry():
     np.testing.assert_array_equal(load_dataset("procedural", preset="tiny", num_sequences=1, seed=5)[0].images(),
                                   ds[1].images())
     assert "procedural" in DATASETS
-    with pytest.raises(ValueError, match="unknown procedural preset"):
+    with pytest.raises(DataError, match="unknown procedural preset"):
         procedural_dataset("huge")
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(DataError, match="positive"):
         dataclasses.replace(TINY, frames=0)

@@ -107,7 +107,7 @@ def test_7scenes_test_split_keyframes_every_200(tmp_path):
     ds = read_7scenes(tmp_path)
     assert [s.name for s in ds] == ["chess/seq-02"]
     seq = ds[0]
-    assert seq.frame_ids == ("000000", "000200", "000400")
+    assert seq.frame_ids == ("000000", "000200", "000400") and seq.depth_intrinsics is None
     _check(seq, sc, [0, 1, 2], expected, k)
     np.testing.assert_allclose(k, SEVEN_SCENES_K * [[0.1], [0.1], [1]])
     assert ds.info.name == "7scenes" and ds.info.depth_scale == 1000

@@ -28,7 +28,8 @@ from ..io.exports import invert_extrinsics
 
 
 class DataError(ValueError):
-    """A dataset folder that cannot be read; the message is one line naming the file or folder."""
+    """Bad data input: a dataset file or folder that cannot be read (the one-line message names it), an
+    unknown dataset or preset, an invalid scene size."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from .base import Dataset, DatasetInfo, Sequence
+from .base import DataError, Dataset, DatasetInfo, Sequence
 
 _UP = np.array([0.0, -1.0, 0.0])  # y points down (OpenCV), so "up" is -y
 _LIGHT = np.array([0.35, -0.8, -0.45]) / np.linalg.norm([0.35, -0.8, -0.45])
@@ -39,9 +39,9 @@ class SceneConfig:
 
     def __post_init__(self) -> None:
         if self.frames < 1 or self.height < 1 or self.width < 1:
-            raise ValueError(f"frames, height and width must be positive, got {self}")
+            raise DataError(f"frames, height and width must be positive, got {self}")
         if self.focal <= 0:
-            raise ValueError(f"focal must be positive, got {self.focal}")
+            raise DataError(f"focal must be positive, got {self.focal}")
 
 
 PRESETS: dict[str, SceneConfig] = {
@@ -325,7 +325,7 @@ def procedural_dataset(preset: str = "eval-small", num_sequences: int = 2, seed:
     `Dataset`; each is rendered when this is called."""
     if config is None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown procedural preset {preset!r}; choose from {sorted(PRESETS)}")
+            raise DataError(f"unknown procedural preset {preset!r}; choose from {sorted(PRESETS)}")
         config = PRESETS[preset]
     seqs = tuple(make_scene(config, seed=seed + i).to_sequence(f"{preset}-{seed + i:04d}")
                  for i in range(num_sequences))
