@@ -42,10 +42,12 @@ class SceneConfig:
             raise DataError(f"frames, height and width must be positive, got {self}")
         if self.focal <= 0:
             raise DataError(f"focal must be positive, got {self.focal}")
+        if self.num_boxes < 0 or self.num_spheres < 0:
+            raise DataError(f"object counts must be >= 0, got {self.num_boxes} boxes, {self.num_spheres} spheres")
 
 
 PRESETS: dict[str, SceneConfig] = {
-    "demo": SceneConfig(frames=24, height=112, width=154),  # xsvggt demo (392x518 with --published)
+    "demo": SceneConfig(frames=24, height=112, width=154),  # xsvggt demo (renders 392x518 with --checkpoint)
     "tiny": SceneConfig(frames=4, height=28, width=42, num_boxes=1, num_spheres=1),
     "eval-small": SceneConfig(frames=16, height=196, width=266),
 }
