@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from xsvggt_jax.data import DATASETS, DataError, load_dataset
-from xsvggt_jax.data.procedural import PRESETS, SceneConfig, make_demo_scene, make_scene, procedural_dataset
+from xsvggt_jax.data.procedural import (PRESETS, SceneConfig, make_demo_scene, make_scene, procedural_dataset,
+                                        procedural_sequence)
 from xsvggt_jax.io.exports import unproject_depth
 
 TINY = PRESETS["tiny"]
@@ -104,6 +105,16 @@ def test_sequence_interface_reproduces_the_scene(small_scene):
     np.testing.assert_array_equal(seq.extrinsics[:, 3], np.broadcast_to([0, 0, 0, 1.0], (SMALL.frames, 4)))
     assert seq.rgb(0).dtype == np.uint8 and seq.rgb(0).shape == (SMALL.height, SMALL.width, 3)
     assert seq.pil(1).size == (SMALL.width, SMALL.height)
+
+
+def test_lazy_sequence_renders_the_same_frames(small_scene):
+    lazy = procedural_sequence(SMALL, seed=3)
+    eager = small_scene.to_sequence()
+    np.testing.assert_array_equal(lazy.extrinsics, eager.extrinsics)
+    np.testing.assert_array_equal(lazy.intrinsics, eager.intrinsics)
+    for i in (2, 0, 0, 4):  # out of order and repeated: the one-frame cache must follow the index
+        np.testing.assert_array_equal(lazy.depth(i), small_scene.depth[i])
+        np.testing.assert_array_equal(lazy.image(i), small_scene.images[i])
 
 
 def test_procedural_dataset_and_registry():

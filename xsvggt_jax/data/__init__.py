@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .base import DataError, Dataset, DatasetInfo, Sequence
 from .kitti import read_kitti
-from .procedural import PRESETS, ProceduralScene, SceneConfig, make_demo_scene, make_scene, procedural_dataset
+from .procedural import (PRESETS, ProceduralScene, SceneConfig, make_demo_scene, make_scene, procedural_dataset,
+                         procedural_sequence)
 from .rgbd_recon import read_7scenes, read_nrgbd
 from .scannet import read_scannet
 from .sintel import read_sintel
@@ -54,5 +55,5 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Datase
 
 
 __all__ = ["DATASETS", "DataError", "Dataset", "DatasetInfo", "PRESETS", "ProceduralScene", "SceneConfig", "Sequence",
-           "load_dataset", "make_demo_scene", "make_scene", "procedural_dataset", "read_7scenes", "read_bonn",
+           "load_dataset", "make_demo_scene", "make_scene", "procedural_dataset", "procedural_sequence", "read_7scenes", "read_bonn",
            "read_kitti", "read_nrgbd", "read_scannet", "read_sintel", "read_tum"]

@@ -167,14 +167,19 @@ class ProceduralScene:
 
     def to_sequence(self, name: str = "procedural") -> Sequence:
         """This scene behind the common `Sequence` interface (extrinsics padded to [S, 4, 4] float64)."""
-        s = self.images.shape[0]
-        extr = np.tile(np.eye(4), (s, 1, 1))
-        extr[:, :3] = self.extrinsics
         rgb = np.round(self.images.transpose(0, 2, 3, 1) * 255).astype(np.uint8)  # exact: k / 255
-        return Sequence(name=name, frame_ids=tuple(f"{i:06d}" for i in range(s)),
-                        load_rgb=rgb.__getitem__, load_depth=self.depth.__getitem__,
-                        intrinsics=self.intrinsics.astype(np.float64), extrinsics=extr, info=PROCEDURAL_INFO,
-                        pose_valid=np.ones(s, bool))
+        return _as_sequence(name, self.extrinsics, self.intrinsics[0], rgb.__getitem__, self.depth.__getitem__)
+
+
+def _as_sequence(name: str, extrinsics: np.ndarray, intrinsic: np.ndarray, load_rgb, load_depth) -> Sequence:
+    """Cameras [S, 3, 4] and [3, 3] (float32 values, as ProceduralScene stores them) -> a Sequence."""
+    s = len(extrinsics)
+    extr = np.tile(np.eye(4), (s, 1, 1))
+    extr[:, :3] = extrinsics.astype(np.float32)
+    k = np.repeat(intrinsic.astype(np.float32)[None], s, 0).astype(np.float64)
+    return Sequence(name=name, frame_ids=tuple(f"{i:06d}" for i in range(s)), load_rgb=load_rgb,
+                    load_depth=load_depth, intrinsics=k, extrinsics=extr, info=PROCEDURAL_INFO,
+                    pose_valid=np.ones(s, bool))
 
 
 PROCEDURAL_INFO = DatasetInfo(name="procedural", depth_scale=None, max_depth=None,
@@ -321,14 +326,46 @@ def make_demo_scene(frames: int = 24, height: int = 112, width: int = 154, num_q
     return make_scene(config, seed=seed, num_queries=num_queries)
 
 
+class _LazyFrames:
+    """Renders frame i of a camera path on demand and keeps the last one, so that reading rgb(i)
+    then depth(i) renders once; memory stays one frame for any sequence length."""
+
+    def __init__(self, world: World, extrinsics: np.ndarray, intrinsics: np.ndarray, height: int, width: int):
+        self._args = (world, extrinsics, intrinsics, height, width)
+        self._index, self._rgb, self._depth = -1, None, None
+
+    def _render(self, i: int) -> None:
+        if i != self._index:
+            world, extr, k, h, w = self._args
+            image, self._depth = render_frame(world, extr[i], k, h, w)
+            self._rgb = np.round(image.transpose(1, 2, 0) * 255).astype(np.uint8)  # exact: k / 255
+            self._index = i
+
+    def rgb(self, i: int) -> np.ndarray:
+        self._render(i)
+        return self._rgb
+
+    def depth(self, i: int) -> np.ndarray:
+        self._render(i)
+        return self._depth
+
+
+def procedural_sequence(config: SceneConfig, seed: int, name: str | None = None) -> Sequence:
+    """The scene `make_scene(config, seed)` as a lazy `Sequence`: cameras now, each frame rendered when
+    it is read (for long streams and training clips)."""
+    world = make_world(config, seed)
+    extr = camera_path(config, world, seed)
+    k = default_intrinsics(config)
+    frames = _LazyFrames(world, extr, k, config.height, config.width)
+    return _as_sequence(name or f"procedural-{seed:04d}", extr, k, frames.rgb, frames.depth)
+
+
 def procedural_dataset(preset: str = "eval-small", num_sequences: int = 2, seed: int = 0,
                        config: SceneConfig | None = None) -> Dataset:
-    """`num_sequences` scenes (seeds seed, seed + 1, ...) of a preset (or an explicit config) as a
-    `Dataset`; each is rendered when this is called."""
+    """`num_sequences` lazy scenes (seeds seed, seed + 1, ...) of a preset (or an explicit config)."""
     if config is None:
         if preset not in PRESETS:
             raise DataError(f"unknown procedural preset {preset!r}; choose from {sorted(PRESETS)}")
         config = PRESETS[preset]
-    seqs = tuple(make_scene(config, seed=seed + i).to_sequence(f"{preset}-{seed + i:04d}")
-                 for i in range(num_sequences))
+    seqs = tuple(procedural_sequence(config, seed + i, f"{preset}-{seed + i:04d}") for i in range(num_sequences))
     return Dataset(info=PROCEDURAL_INFO, sequences=seqs)
