@@ -55,5 +55,5 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Datase
 
 
 __all__ = ["DATASETS", "DataError", "Dataset", "DatasetInfo", "PRESETS", "ProceduralScene", "SceneConfig", "Sequence",
-           "load_dataset", "make_demo_scene", "make_scene", "procedural_dataset", "procedural_sequence", "read_7scenes", "read_bonn",
-           "read_kitti", "read_nrgbd", "read_scannet", "read_sintel", "read_tum"]
+           "load_dataset", "make_demo_scene", "make_scene", "procedural_dataset", "procedural_sequence",
+           "read_7scenes", "read_bonn", "read_kitti", "read_nrgbd", "read_scannet", "read_sintel", "read_tum"]
