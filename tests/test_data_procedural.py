@@ -9,7 +9,8 @@ import pytest
 
 from xsvggt_jax.data import DATASETS, DataError, load_dataset
 from xsvggt_jax.data.procedural import (PRESETS, SceneConfig, make_demo_scene, make_scene, procedural_dataset,
-                                        procedural_sequence)
+                                        procedural_sequence, render_frame)
+from xsvggt_jax.data.preprocess import preprocess_frame
 from xsvggt_jax.io.exports import unproject_depth
 
 TINY = PRESETS["tiny"]
@@ -128,3 +129,25 @@ def test_procedural_dataset_and_registry():
         procedural_dataset("huge")
     with pytest.raises(DataError, match="positive"):
         dataclasses.replace(TINY, frames=0)
+
+
+@pytest.mark.parametrize("mode,width,height", [("crop", 126, 168), ("pad", 84, 126)])
+def test_preprocessed_ground_truth_matches_a_render_at_the_new_camera(mode, width, height):
+    # a downscale by exactly 3 puts every output pixel centre on a source pixel centre, so the
+    # nearest-resampled depth must equal a direct render with the preprocessed intrinsics
+    config = SceneConfig(frames=2, height=height, width=width)
+    scene = make_scene(config, seed=9)
+    seq = scene.to_sequence()
+    world, extr = scene.world, scene.extrinsics.astype(np.float64)
+    for i in range(2):
+        image, depth, k = preprocess_frame(seq, i, mode, target=42)
+        assert image.shape == (3, 42, 42) and depth.shape == (42, 42)
+        _, direct = render_frame(world, extr[i], k, 42, 42)
+        valid = depth > 0
+        np.testing.assert_allclose(depth[valid], direct[valid], rtol=1e-5)
+        if mode == "pad":  # 28 columns of picture, 7 padded on each side
+            assert not valid[:, :7].any() and not valid[:, -7:].any() and valid[:, 7:-7].all()
+            assert (image[:, :, :7] == 1).all()
+        else:  # 56 rows resized, 7 cropped at the top and the bottom: every pixel valid
+            assert valid.all()
+            np.testing.assert_allclose(k[1, 2], (scene.intrinsics[i, 1, 2] + 0.5) / 3 - 0.5 - 7, rtol=1e-6)
