@@ -14,6 +14,7 @@ from PIL import Image
 from xsvggt_jax.data import DATASETS, DataError, load_dataset
 from xsvggt_jax.data.base import Sequence, invert_pose, read_png16, write_png16
 from xsvggt_jax.data.kitti import read_kitti
+from xsvggt_jax.data.preprocess import preprocess_frame
 from xsvggt_jax.data.procedural import SceneConfig, make_scene
 from xsvggt_jax.data.rgbd_recon import NRGBD_K, SEVEN_SCENES_K, read_7scenes, read_nrgbd
 from xsvggt_jax.data.scannet import read_scannet
@@ -317,6 +318,8 @@ def test_scannet_exported_layout_first_270_stride_3(tmp_path):
         np.testing.assert_allclose(seq.extrinsics[n], np.vstack([sc.extrinsics[f], [0, 0, 0, 1]]), atol=2e-6)
     np.testing.assert_allclose(seq.intrinsics[0], k)
     np.testing.assert_allclose(seq.depth_intrinsics[0], k)
+    with pytest.raises(DataError, match="own camera"):
+        preprocess_frame(seq, 0, target=42)
 
 
 def test_scannet_prepared_color_90_layout(tmp_path):
