@@ -48,7 +48,7 @@ class DatasetInfo:
     sampling: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: identity equality
 class Sequence:
     """One ordered sequence of S frames with ground truth (see the module docstring for conventions).
 
@@ -111,7 +111,7 @@ class Sequence:
         return np.stack([self.depth(i) for i in range(len(self))])
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: identity equality
 class Dataset:
     """Ordered sequences of one dataset, already sampled with the protocol's frame sampling."""
 

@@ -53,7 +53,7 @@ PRESETS: dict[str, SceneConfig] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: identity equality
 class World:
     """Scene geometry and materials. half [3]: room |x|, |y|, |z| bounds (floor at y = +half[1]);
     boxes: centres [B, 3], half sizes [B, 3], yaw [B] (rotation about y); spheres: centres [P, 3],
@@ -151,7 +151,7 @@ class World:
         return dist
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: identity equality
 class ProceduralScene:
     """A rendered sequence. images [S, 3, H, W] float32 in [0, 1] (multiples of 1/255); depth
     [S, H, W] float32 z-depth (every pixel valid); extrinsics [S, 3, 4] float32 camera-from-world
