@@ -99,6 +99,37 @@ def test_conf_percentile_draws_the_confident_depth_points_coloured_by_frame(outd
     assert {tuple(c) for c in scene.points.colors} == palette
 
 
+def test_show_hides_later_frames_and_rethresholds(outdir, server):
+    """What the frame and confidence sliders call."""
+    scene = build_scene(server, outdir, conf_percentile=0.0)
+    cloud = scene.result.cloud
+    assert len(scene.points.points) == S * H * W
+    scene.show(1, 50.0)
+    keep = (cloud.frame <= 1) & (cloud.conf >= np.percentile(cloud.conf, 50.0))
+    np.testing.assert_array_equal(scene.points.points, cloud.xyz[keep])
+    assert [f.visible for f in scene.frustums] == [True, True, False, False, False]
+    assert len(scene.trajectory.points) == 1 and scene.trajectory.visible
+    scene.show(0)  # the threshold stays
+    assert len(scene.points.points) == int(((cloud.frame == 0) & (cloud.conf >= scene.conf_threshold)).sum())
+    assert not scene.trajectory.visible
+
+
+def test_ply_cloud_stays_with_the_frame_slider(outdir, server):
+    scene = build_scene(server, outdir)
+    scene.show(0)
+    assert len(scene.points.points) == S * H * W  # points.ply has no frame index
+    assert [f.visible for f in scene.frustums] == [True, False, False, False, False]
+
+
+def test_nothing_finite_is_one_error_line(outdir, capsys):
+    with np.load(outdir / "predictions.npz") as z:
+        arrays = dict(z)
+    arrays["extrinsics"][:] = np.nan
+    np.savez(outdir / "predictions.npz", **arrays)
+    ex.write_ply(outdir / "points.ply", np.full((4, 3), np.nan, np.float32), np.zeros((4, 3), np.uint8))
+    assert "no finite points and no finite cameras" in run_error(["view", str(outdir), "--port", "0"], capsys)
+
+
 def test_non_finite_cameras_are_skipped(outdir, server):
     with np.load(outdir / "predictions.npz") as z:
         arrays = dict(z)

@@ -64,14 +64,34 @@ class Result:
 
 @dataclasses.dataclass
 class Scene:
-    """Handles of what `build_scene` added (for the GUI callbacks and for tests)."""
+    """What `build_scene` added (viser handles) and what is shown; `show` changes the latter."""
 
     result: Result
     points: object                 # viser PointCloudHandle
     frustums: list                 # one CameraFrustumHandle per drawable frame
     frustum_frames: list[int]      # the frame index of each frustum
     trajectory: object | None      # LineSegmentsHandle (None with fewer than 2 drawable frames)
-    conf_threshold: float | None   # the depth_conf threshold in force (npz cloud only)
+    segments: np.ndarray           # [K-1,2,3] the trajectory's segments, K drawable frames
+    last_frame: int = -1           # frames after it are hidden
+    conf_threshold: float | None = None  # depth_conf threshold in force (npz cloud only)
+
+    def show(self, last_frame: int, conf_percentile: float | None = None) -> None:
+        """Show frames 0..last_frame (cameras, trajectory, npz points) and, for the npz cloud, the
+        points at or above the `conf_percentile`-th percentile (0..100) of their confidence."""
+        cloud = self.result.cloud
+        self.last_frame = int(last_frame)
+        if cloud.conf is not None:
+            if conf_percentile is not None:
+                self.conf_threshold = float(np.percentile(cloud.conf, conf_percentile)) if len(cloud.conf) else 0.0
+            keep = (cloud.conf >= self.conf_threshold) & (cloud.frame <= self.last_frame)
+            self.points.points, self.points.colors = cloud.xyz[keep], cloud.rgb[keep]
+        for handle, i in zip(self.frustums, self.frustum_frames):
+            handle.visible = i <= self.last_frame
+        if self.trajectory is not None:
+            shown = sum(i <= self.last_frame for i in self.frustum_frames[1:])  # segments ending by then
+            self.trajectory.visible = shown > 0
+            if shown:
+                self.trajectory.points = self.segments[:shown]
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -129,7 +149,7 @@ def frame_colours(num_frames: int) -> np.ndarray:
 
 
 def _ply_cloud(outdir: Path, max_points: int) -> Cloud:
-    from plyfile import PlyData
+    from plyfile import PlyData, PlyParseError
 
     path = outdir / "points.ply"
     if not path.is_file():
@@ -138,7 +158,7 @@ def _ply_cloud(outdir: Path, max_points: int) -> Cloud:
         vert = PlyData.read(str(path))["vertex"].data
         xyz = np.stack([vert[c] for c in "xyz"], -1).astype(np.float32)
         rgb = np.stack([vert[c] for c in ("red", "green", "blue")], -1).astype(np.uint8)
-    except Exception as e:  # plyfile raises PlyParseError, ValueError, KeyError, EOFError, ...
+    except (PlyParseError, ValueError, KeyError, OSError, EOFError) as e:  # truncated, not a PLY, no x/red
         raise ViewError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
     keep = np.isfinite(xyz).all(-1)
     idx = _subsample(int(keep.sum()), max_points)
@@ -146,20 +166,25 @@ def _ply_cloud(outdir: Path, max_points: int) -> Cloud:
 
 
 def _depth_cloud(npz, extr: np.ndarray, intr: np.ndarray, max_points: int) -> Cloud:
-    """All finite, confident (> 1e-5) depth points, subsampled, with their conf and frame."""
+    """Finite, confident (> 1e-5) depth points of the drawable frames, subsampled before they are
+    unprojected (one frame at a time: memory stays that of the depth maps), with conf and frame."""
     depth, conf = _array(npz, "depth"), _array(npz, "depth_conf").astype(np.float32)
     if depth.ndim == 3:
         depth = depth[..., None]
     if depth.ndim != 4 or depth.shape[0] != len(extr) or conf.shape != depth.shape[:3]:
         raise ViewError(f"predictions.npz: depth {depth.shape} / depth_conf {conf.shape} do not match "
                         f"{len(extr)} cameras")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pts = unproject_depth(depth, extr, intr)  # [S,H,W,3]
-    frame = np.broadcast_to(np.arange(len(extr), dtype=np.int32)[:, None, None], conf.shape)
-    keep = np.isfinite(pts).all(-1) & np.isfinite(conf) & (conf > 1e-5)
-    idx = _subsample(int(keep.sum()), max_points)
-    frame = frame[keep][idx]
-    return Cloud(pts[keep][idx], frame_colours(len(extr))[frame], conf[keep][idx], frame)
+    hw = conf.shape[1] * conf.shape[2]
+    usable = np.isfinite(depth[..., 0]) & np.isfinite(conf) & (conf > 1e-5) & _drawable(extr, intr)[:, None, None]
+    flat = np.flatnonzero(usable)
+    flat = flat[_subsample(len(flat), max_points)]
+    frame, pixel = np.divmod(flat, hw)
+    xyz = np.empty((len(flat), 3), np.float32)
+    for i in np.unique(frame):
+        sel = frame == i
+        xyz[sel] = unproject_depth(depth[i:i + 1], extr[i:i + 1], intr[i:i + 1]).reshape(hw, 3)[pixel[sel]]
+    frame = frame.astype(np.int32)
+    return Cloud(xyz, frame_colours(len(extr))[frame], conf.reshape(-1)[flat], frame)
 
 
 def load_result(outdir: str | Path, max_points: int = DEFAULT_MAX_POINTS,
@@ -176,6 +201,8 @@ def load_result(outdir: str | Path, max_points: int = DEFAULT_MAX_POINTS,
         extr, intr, hw = _cameras(npz)
         cloud = (_ply_cloud(outdir, max_points) if conf_percentile is None
                  else _depth_cloud(npz, extr, intr, max_points))
+    if len(cloud.xyz) == 0 and not _drawable(extr, intr).any():
+        raise ViewError(f"{outdir}: no finite points and no finite cameras to show")
     log.info("%s: %d frames of %dx%d, %d points", outdir, len(extr), *hw, len(cloud.xyz))
     return Result(extr, intr, hw, cloud, conf_percentile)
 
@@ -214,8 +241,6 @@ def add_result(server, result: Result) -> Scene:
     world = invert_extrinsics(extr[ok])  # [K,3,4] world-from-camera
     centres, rots = world[:, :, 3], world[:, :, :3]
     cloud = result.cloud
-    if len(cloud.xyz) == 0 and len(centres) == 0:
-        raise ViewError("no finite points and no finite cameras to show")
     centre, size = _extent(np.concatenate([cloud.xyz.reshape(-1, 3), centres]))
 
     if len(centres):  # OpenCV cameras: y points down, so "up" is the first camera's -y
@@ -226,13 +251,9 @@ def add_result(server, result: Result) -> Scene:
         server.initial_camera.look_at = centre
         server.initial_camera.up = up
 
-    threshold = None
-    if cloud.conf is not None:
-        threshold = float(np.percentile(cloud.conf, result.conf_percentile)) if len(cloud.conf) else 0.0
     point_size = 0.004 * size
-    points = server.scene.add_point_cloud("/points", *_visible(cloud, threshold, len(extr) - 1),
-                                          point_size=point_size, point_shading="flat")
-
+    points = server.scene.add_point_cloud("/points", cloud.xyz, cloud.rgb, point_size=point_size,
+                                          point_shading="flat", precision="float32")
     colours = frame_colours(len(extr))
     frames = [int(i) for i in np.flatnonzero(ok)]
     quats = mat_to_quat_np(rots)  # [K,4] xyzw
@@ -243,34 +264,26 @@ def add_result(server, result: Result) -> Scene:
             f"/cameras/frame_{i:05d}", fov=float(fov), aspect=w / h, scale=0.05 * size,
             thickness=0.004 * size, color=tuple(int(c) for c in colours[i]),
             wxyz=np.roll(quats[k], 1), position=centres[k]))
+    segments = np.stack([centres[:-1], centres[1:]], 1).astype(np.float32)  # [K-1,2,3]
     trajectory = None
-    if len(centres) > 1:
-        segments = np.stack([centres[:-1], centres[1:]], 1)  # [K-1,2,3]
+    if len(segments):
         seg_colours = np.repeat(colours[frames[1:]][:, None], 2, 1)
-        trajectory = server.scene.add_line_segments("/trajectory", segments.astype(np.float32), seg_colours,
-                                                    thickness=0.003 * size)
-    scene = Scene(result, points, frustums, frames, trajectory, threshold)
+        trajectory = server.scene.add_line_segments("/trajectory", segments, seg_colours, thickness=0.003 * size)
+    scene = Scene(result, points, frustums, frames, trajectory, segments)
+    scene.show(len(extr) - 1, result.conf_percentile)
     _add_gui(server, scene, point_size)
     return scene
 
 
-def _visible(cloud: Cloud, threshold: float | None, last_frame: int) -> tuple[np.ndarray, np.ndarray]:
-    """The points [N,3] and colours [N,3] shown for a conf threshold and the last frame shown."""
-    if cloud.conf is None:
-        return cloud.xyz, cloud.rgb
-    keep = (cloud.conf >= threshold) & (cloud.frame <= last_frame)
-    return cloud.xyz[keep], cloud.rgb[keep]
-
-
 def _add_gui(server, scene: Scene, point_size: float) -> None:
     """Point-size, last-frame and (npz cloud) confidence-percentile sliders."""
-    cloud, num_frames = scene.result.cloud, len(scene.result.extrinsics)
+    num_frames = len(scene.result.extrinsics)
     size = server.gui.add_slider("point size", min=0.1 * point_size, max=5 * point_size,
                                  step=0.1 * point_size, initial_value=point_size)
     last = server.gui.add_slider("last frame", min=0, max=max(num_frames - 1, 1), step=1,
                                  initial_value=num_frames - 1, disabled=num_frames < 2)
     conf = None
-    if cloud.conf is not None:
+    if scene.result.cloud.conf is not None:
         conf = server.gui.add_slider("confidence percentile", min=0.0, max=100.0, step=1.0,
                                      initial_value=float(scene.result.conf_percentile))
 
@@ -279,11 +292,7 @@ def _add_gui(server, scene: Scene, point_size: float) -> None:
         scene.points.point_size = size.value
 
     def redraw(_event) -> None:
-        if conf is not None:
-            scene.conf_threshold = float(np.percentile(cloud.conf, conf.value)) if len(cloud.conf) else 0.0
-        scene.points.points, scene.points.colors = _visible(cloud, scene.conf_threshold, last.value)
-        for handle, i in zip(scene.frustums, scene.frustum_frames):
-            handle.visible = i <= last.value
+        scene.show(last.value, None if conf is None else conf.value)
 
     last.on_update(redraw)
     if conf is not None:
@@ -307,7 +316,8 @@ def serve(outdir: str | Path, host: str = "127.0.0.1", port: int = 8080,
     result = load_result(outdir, max_points, conf_percentile)
     server = viser.ViserServer(host=host, port=port, verbose=False)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    in_main = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if in_main else None
     try:
         add_result(server, result)
         announce(f"serving {outdir} at http://{host}:{server.get_port()} (Ctrl-C to stop)")
@@ -315,5 +325,6 @@ def serve(outdir: str | Path, host: str = "127.0.0.1", port: int = 8080,
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         server.stop()
