@@ -127,7 +127,22 @@ def test_nothing_finite_is_one_error_line(outdir, capsys):
     arrays["extrinsics"][:] = np.nan
     np.savez(outdir / "predictions.npz", **arrays)
     ex.write_ply(outdir / "points.ply", np.full((4, 3), np.nan, np.float32), np.zeros((4, 3), np.uint8))
-    assert "no finite points and no finite cameras" in run_error(["view", str(outdir), "--port", "0"], capsys)
+    assert "nothing to show" in run_error(["view", str(outdir), "--port", "0"], capsys)
+
+
+def test_points_without_cameras_are_looked_at(outdir, server):
+    """An untrained model predicts a zero field of view (infinite focal): points, no frustums."""
+    with np.load(outdir / "predictions.npz") as z:
+        arrays = dict(z)
+    arrays["intrinsics"][:, 1, 1] = np.inf
+    np.savez(outdir / "predictions.npz", **arrays)
+    scene = build_scene(server, outdir)
+    assert scene.frustums == [] and scene.trajectory is None
+    assert len(scene.points.points) == S * H * W
+    xyz = scene.result.cloud.xyz
+    assert ((server.initial_camera.look_at >= xyz.min(0)) & (server.initial_camera.look_at <= xyz.max(0))).all()
+    with pytest.raises(ViewError, match="without --conf-percentile, points.ply is shown"):
+        load_result(outdir, conf_percentile=50.0)
 
 
 def test_non_finite_cameras_are_skipped(outdir, server):
@@ -140,7 +155,7 @@ def test_non_finite_cameras_are_skipped(outdir, server):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing", "no such directory"),
+    ("missing", "nowhere: not a directory"),
     ("empty", "no predictions.npz"),
     ("truncated", "unreadable"),
     ("no_extrinsics", "no 'extrinsics'"),

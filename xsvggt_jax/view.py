@@ -100,7 +100,7 @@ class Scene:
 def _open_predictions(outdir: Path):
     path = outdir / "predictions.npz"
     if not outdir.is_dir():
-        raise ViewError(f"{outdir}: no such directory")
+        raise ViewError(f"{outdir}: not a directory")
     if not path.is_file():
         raise ViewError(f"{outdir}: no predictions.npz (not an xsvggt output directory)")
     try:
@@ -111,8 +111,7 @@ def _open_predictions(outdir: Path):
 
 def _array(npz, key: str) -> np.ndarray:
     if key not in npz.files:
-        raise ViewError(f"{npz.fid.name if npz.fid else 'predictions.npz'}: no '{key}' "
-                        "(not an xsvggt output directory)")
+        raise ViewError(f"predictions.npz has no '{key}' (not an xsvggt output directory)")
     try:
         return np.asarray(npz[key])
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
@@ -174,8 +173,12 @@ def _depth_cloud(npz, extr: np.ndarray, intr: np.ndarray, max_points: int) -> Cl
     if depth.ndim != 4 or depth.shape[0] != len(extr) or conf.shape != depth.shape[:3]:
         raise ViewError(f"predictions.npz: depth {depth.shape} / depth_conf {conf.shape} do not match "
                         f"{len(extr)} cameras")
+    drawable = _drawable(extr, intr)
+    if not drawable.any():
+        raise ViewError("no camera with a finite pose and field of view to unproject the depth with "
+                        "(without --conf-percentile, points.ply is shown)")
     hw = conf.shape[1] * conf.shape[2]
-    usable = np.isfinite(depth[..., 0]) & np.isfinite(conf) & (conf > 1e-5) & _drawable(extr, intr)[:, None, None]
+    usable = np.isfinite(depth[..., 0]) & np.isfinite(conf) & (conf > 1e-5) & drawable[:, None, None]
     flat = np.flatnonzero(usable)
     flat = flat[_subsample(len(flat), max_points)]
     frame, pixel = np.divmod(flat, hw)
@@ -202,7 +205,7 @@ def load_result(outdir: str | Path, max_points: int = DEFAULT_MAX_POINTS,
         cloud = (_ply_cloud(outdir, max_points) if conf_percentile is None
                  else _depth_cloud(npz, extr, intr, max_points))
     if len(cloud.xyz) == 0 and not _drawable(extr, intr).any():
-        raise ViewError(f"{outdir}: no finite points and no finite cameras to show")
+        raise ViewError(f"{outdir}: nothing to show (no finite point, no camera with a finite pose and field of view)")
     log.info("%s: %d frames of %dx%d, %d points", outdir, len(extr), *hw, len(cloud.xyz))
     return Result(extr, intr, hw, cloud, conf_percentile)
 
@@ -250,6 +253,9 @@ def add_result(server, result: Result) -> Scene:
         server.initial_camera.position = centres[0] - 0.6 * size * forward + 0.25 * size * up
         server.initial_camera.look_at = centre
         server.initial_camera.up = up
+    else:  # a cloud without cameras: look at it from above one corner
+        server.initial_camera.position = centre + size * np.array([0.7, 0.7, 0.5])
+        server.initial_camera.look_at = centre
 
     point_size = 0.004 * size
     points = server.scene.add_point_cloud("/points", cloud.xyz, cloud.rgb, point_size=point_size,
