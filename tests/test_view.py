@@ -108,7 +108,7 @@ def test_show_hides_later_frames_and_rethresholds(outdir, server):
     keep = (cloud.frame <= 1) & (cloud.conf >= np.percentile(cloud.conf, 50.0))
     np.testing.assert_array_equal(scene.points.points, cloud.xyz[keep])
     assert [f.visible for f in scene.frustums] == [True, True, False, False, False]
-    assert len(scene.trajectory.points) == 1 and scene.trajectory.visible
+    assert len(scene.trajectory.points) == len(scene.trajectory.colors) == 1 and scene.trajectory.visible
     scene.show(0)  # the threshold stays
     assert len(scene.points.points) == int(((cloud.frame == 0) & (cloud.conf >= scene.conf_threshold)).sum())
     assert not scene.trajectory.visible

@@ -72,17 +72,19 @@ class Scene:
     frustum_frames: list[int]      # the frame index of each frustum
     trajectory: object | None      # LineSegmentsHandle (None with fewer than 2 drawable frames)
     segments: np.ndarray           # [K-1,2,3] the trajectory's segments, K drawable frames
+    segment_colours: np.ndarray    # [K-1,2,3] uint8
+    conf_threshold: float | None   # depth_conf threshold in force (npz cloud only)
     last_frame: int = -1           # frames after it are hidden
-    conf_threshold: float | None = None  # depth_conf threshold in force (npz cloud only)
 
     def show(self, last_frame: int, conf_percentile: float | None = None) -> None:
         """Show frames 0..last_frame (cameras, trajectory, npz points) and, for the npz cloud, the
-        points at or above the `conf_percentile`-th percentile (0..100) of their confidence."""
+        points at or above the `conf_percentile`-th percentile (0..100) of their confidence
+        (None: keep the threshold in force)."""
         cloud = self.result.cloud
         self.last_frame = int(last_frame)
         if cloud.conf is not None:
             if conf_percentile is not None:
-                self.conf_threshold = float(np.percentile(cloud.conf, conf_percentile)) if len(cloud.conf) else 0.0
+                self.conf_threshold = _threshold(cloud.conf, conf_percentile)
             keep = (cloud.conf >= self.conf_threshold) & (cloud.frame <= self.last_frame)
             self.points.points, self.points.colors = cloud.xyz[keep], cloud.rgb[keep]
         for handle, i in zip(self.frustums, self.frustum_frames):
@@ -92,6 +94,12 @@ class Scene:
             self.trajectory.visible = shown > 0
             if shown:
                 self.trajectory.points = self.segments[:shown]
+                self.trajectory.colors = self.segment_colours[:shown]
+
+
+def _threshold(conf: np.ndarray, percentile: float) -> float:
+    """The `percentile`-th percentile (0..100) of conf [M] (0 for no points)."""
+    return float(np.percentile(conf, percentile)) if len(conf) else 0.0
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -271,12 +279,13 @@ def add_result(server, result: Result) -> Scene:
             thickness=0.004 * size, color=tuple(int(c) for c in colours[i]),
             wxyz=np.roll(quats[k], 1), position=centres[k]))
     segments = np.stack([centres[:-1], centres[1:]], 1).astype(np.float32)  # [K-1,2,3]
+    seg_colours = np.repeat(colours[frames[1:]][:, None], 2, 1)  # each segment in its end frame's colour
     trajectory = None
     if len(segments):
-        seg_colours = np.repeat(colours[frames[1:]][:, None], 2, 1)
         trajectory = server.scene.add_line_segments("/trajectory", segments, seg_colours, thickness=0.003 * size)
-    scene = Scene(result, points, frustums, frames, trajectory, segments)
-    scene.show(len(extr) - 1, result.conf_percentile)
+    threshold = None if cloud.conf is None else _threshold(cloud.conf, result.conf_percentile)
+    scene = Scene(result, points, frustums, frames, trajectory, segments, seg_colours, threshold)
+    scene.show(len(extr) - 1)
     _add_gui(server, scene, point_size)
     return scene
 
