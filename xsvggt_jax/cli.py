@@ -351,7 +351,28 @@ def _parser() -> argparse.ArgumentParser:
     fr.add_argument("--fps", type=float, help="sample a video at this frame rate")
     fr.add_argument("--stride", type=int, default=1, help="take every STRIDE-th frame")
     _add_run_options(r)
+
+    v = sub.add_parser("view", help="serve an interactive 3D view of an OUTDIR in the browser (viser)")
+    v.add_argument("outdir", help="output directory written by `xsvggt reconstruct` or `xsvggt demo`")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080; busy: the next free one)")
+    v.add_argument("--max-points", type=int, default=300_000, help="draw at most this many points (default 300000)")
+    v.add_argument("--conf-percentile", type=float,
+                   help="draw predictions.npz's depth points above this confidence percentile, with a slider "
+                        "(default: points.ply as written)")
     return p
+
+
+def _view(args) -> Path:
+    """Serve `xsvggt view` until Ctrl-C / SIGTERM."""
+    from .view import ViewError, serve
+
+    try:
+        serve(args.outdir, args.host, args.port, args.max_points, args.conf_percentile,
+              announce=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ViewError as e:
+        raise UsageError(str(e)) from e
+    return Path(args.outdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     try:
-        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo}[args.command](args)
+        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "view": _view}[args.command](args)
     except UsageError as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         if len(msg) > MAX_MESSAGE:  # e.g. a wrong --spec: every parameter is listed
