@@ -39,7 +39,7 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------------------------------ convert
 def _convert(args) -> Path:
-    from convert import ConversionError, convert_state_dict
+    from .convert import ConversionError, convert_state_dict
 
     from .config import ModelConfig
     from .io.checkpoint_reader import CheckpointError, read_state_dict
@@ -85,7 +85,7 @@ def _cache_config(args):
 
 def _model(args):
     """(params, cfg) from --params or --checkpoint [--spec]."""
-    from convert import ConversionError
+    from .convert import ConversionError
 
     from .config import ModelConfig
     from .io.checkpoint_reader import CheckpointError

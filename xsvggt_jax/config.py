@@ -294,6 +294,10 @@ class ModelConfig(_Validated):
         ``"format": CONFIG_FORMAT``. `from_dict(to_dict())` == self."""
         return {"format": CONFIG_FORMAT, **_to_plain(self)}
 
+    def architecture(self) -> dict:
+        """`to_dict()` without the `RUNTIME_FIELDS`: everything that determines the parameters."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
     @classmethod
     def from_dict(cls, data: Any) -> "ModelConfig":
         """Inverse of `to_dict`. Keys left out take their defaults; unknown keys, wrong types and
