@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Mapping
 
@@ -21,6 +22,7 @@ class ConversionError(ValueError):
     few of each kind, with counts)."""
 
 
+@functools.lru_cache(maxsize=4)  # tracing the published model's shapes takes seconds
 def _target(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {".".join(k): tuple(v.shape) for k, v in flatten_dict(param_shapes(cfg)).items()}
 
