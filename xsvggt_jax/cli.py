@@ -210,7 +210,7 @@ def _reconstruct(args, source=None, note: str | None = None) -> Path:
     if note:
         log.warning(note)
     params = jax.device_put(params)
-    meta = {"model": cfg.to_spec(), "cache": dataclasses.asdict(cache_cfg) if cache_cfg else None,
+    meta = {"model": cfg.to_dict(), "cache": dataclasses.asdict(cache_cfg) if cache_cfg else None,
             "frames": s, "height": hw[0], "width": hw[1], "queries": 0 if qp is None else len(qp)}
     try:
         with staged_dir(out_dir, overwrite) as tmp:
