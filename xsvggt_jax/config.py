@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
 import re
 import typing
@@ -69,12 +70,12 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(name, f"must be true or false, got {_show(value)}")
         return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if hint is int:  # numbers.Integral admits numpy integers; bools are refused
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(name, f"must be an integer, got {_show(value)}")
-        return value
+        return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(name, f"must be a number, got {_show(value)}")
         if not math.isfinite(value):
             raise ConfigError(name, f"must be finite, got {_show(value)}")
@@ -322,6 +323,7 @@ class ModelConfig(_Validated):
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
+        """The configuration registered as `name` in `PRESETS`."""
         if name not in PRESETS:
             raise ConfigError("preset", f"must be one of {sorted(PRESETS)}, got {_show(name)}")
         return PRESETS[name]
