@@ -116,9 +116,10 @@ def _config_from_json(data: Any, path: Path) -> ModelConfig:
         if unknown:
             raise ParamsError(f"{path}: unknown key(s) {unknown}")
         return ModelConfig.from_dict(data.get("model"))
-    # format 1 stored upstream's spec plus dtype and precision. It could not hold the fields spec.json
-    # lacks, but every directory written with it came from a spec or the published model, whose such
-    # fields are the defaults: reading it through from_spec is exact for those.
+    # format 1 stored upstream's spec plus dtype and precision, so it lacks rope_freq, qk_norm,
+    # dino.layer_norm_eps, camera.mlp_ratio and camera.iterations: they take the defaults. That is exact
+    # for everything `xsvggt convert` wrote (a spec or the published model); of a config saved from
+    # code with other values, load_params' array check still catches those that change shapes.
     spec = {k: v for k, v in data.items() if k not in ("format", "dtype", "precision")}
     overrides = {k: data[k] for k in ("dtype", "precision") if k in data}
     log.info("%s: reading a format-1 params config", path)
@@ -167,7 +168,7 @@ def load_params(directory: str | os.PathLike, *,
                 sharding: Optional[jax.sharding.Sharding] = None) -> tuple[dict, ModelConfig]:
     """Restore `(params, cfg)` written by `save_params`, bit-identical (same tree, dtypes, values).
 
-    The leaves are device arrays (`jax.Array`) placed with `sharding` (default: the default device),
+    The leaves are device arrays (`jax.Array`) placed with `sharding` (default: the first device),
     so a jitted function may close over them or take them as arguments without a copy per call.
     Raises ParamsError if the directory is not a params directory or if its arrays do not match its
     configuration (checked from the metadata, before any array is read).
