@@ -59,7 +59,7 @@ def tiny_cfg(tiny_dir):
 
 @pytest.fixture(scope="session")
 def tiny_params(tiny_dir, tiny_cfg):
-    from convert import convert_state_dict
+    from xsvggt_jax.convert import convert_state_dict
     from xsvggt_jax.io.checkpoint_reader import read_state_dict
     return convert_state_dict(read_state_dict(tiny_dir / "weights.pth"), tiny_cfg, source="weights.pth")
 

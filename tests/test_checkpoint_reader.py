@@ -239,6 +239,57 @@ def test_os_system_is_not_executed(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_zero_stride_tensor_claiming_terabytes_is_refused(tmp_path: Path) -> None:
+    """A 4-byte storage viewed with stride 0 as 1.46 TiB of float32: refused by name, never allocated."""
+    numel = 400_000_000_000  # x 4 bytes = 1.46 TiB
+    st = FakeStorage("0", np.ones(1, np.float32))
+    sd = {"ok": tensor(FakeStorage("1", np.ones(3, np.float32))), "huge": tensor(st, shape=(numel,), stride=(0,))}
+    path = write_torch_zip(tmp_path / "bomb.pth", sd)
+    assert path.stat().st_size < 2000
+    with pytest.raises(CheckpointError, match=r"tensor 'huge' claims 400000000000 elements \(1\.46 TiB\)"):
+        read_state_dict(path)
+
+
+def test_broadcast_rows_are_refused_but_views_of_a_larger_storage_pass(tmp_path: Path) -> None:
+    st = FakeStorage("0", np.arange(6, dtype=np.float32))
+    bad = write_torch_zip(tmp_path / "rows.pth", {"rows": tensor(st, shape=(4, 6), stride=(0, 1))})
+    with pytest.raises(CheckpointError, match="tensor 'rows' claims 24 elements"):
+        read_state_dict(bad)
+    good = write_torch_zip(tmp_path / "view.pth", {"col": tensor(st, shape=(3,), offset=1, stride=(2,))})
+    np.testing.assert_array_equal(read_state_dict(good)["col"], [1, 3, 5])
+
+
+def test_total_beyond_memory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xsvggt_jax.io import checkpoint_reader
+
+    st = FakeStorage("0", np.zeros(64, np.float32))  # 256 B storage; a, b, c view all of it: 1 KiB in all
+    path = write_torch_zip(tmp_path / "shared.pth", {k: tensor(st) for k in "abc"})
+    monkeypatch.setattr(checkpoint_reader, "_memory_bytes", lambda: 1000)
+    with pytest.raises(CheckpointError, match="loading needs 1.0 KiB, more than"):
+        read_state_dict(path)
+    monkeypatch.setattr(checkpoint_reader, "_memory_bytes", lambda: 1024)
+    assert sorted(read_state_dict(path)) == ["a", "b", "c"]
+
+
+def test_storage_numel_beyond_record_is_refused_before_reading(tmp_path: Path) -> None:
+    """The persistent id claims more elements than the record holds (e.g. a 10**12-element storage)."""
+
+    class BigStoragePickler(_TorchPickler):
+        def persistent_id(self, obj: Any) -> Any:
+            pid = super().persistent_id(obj)
+            return None if pid is None else pid[:4] + (10**12,)
+
+    st = FakeStorage("0", np.zeros(2, np.float32))
+    buf = io.BytesIO()
+    BigStoragePickler(buf, protocol=2).dump({"w": tensor(st)})
+    path = tmp_path / "big.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+        zf.writestr("archive/data/0", st.data.tobytes())
+    with pytest.raises(CheckpointError, match="has 8 bytes, expected 4000000000000"):
+        read_state_dict(path)
+
+
 @pytest.mark.parametrize(
     "module,name",
     [("builtins", "eval"), ("__builtin__", "getattr"), ("numpy.core.multiarray", "_reconstruct"), ("torch", "load")],

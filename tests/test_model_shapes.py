@@ -11,8 +11,8 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from conftest import require_reference
-from convert import ConversionError, check_coverage, convert_state_dict
-from convert.keymap import map_key
+from xsvggt_jax.convert import ConversionError, check_coverage, convert_state_dict
+from xsvggt_jax.convert.keymap import map_key
 from xsvggt_jax.cache import CacheConfig, init_cache
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.model import param_shapes

@@ -39,7 +39,7 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------------------------------ convert
 def _convert(args) -> Path:
-    from convert import ConversionError, convert_state_dict
+    from .convert import ConversionError, convert_state_dict
 
     from .config import ModelConfig
     from .io.checkpoint_reader import CheckpointError, read_state_dict
@@ -85,7 +85,7 @@ def _cache_config(args):
 
 def _model(args):
     """(params, cfg) from --params or --checkpoint [--spec]."""
-    from convert import ConversionError
+    from .convert import ConversionError
 
     from .config import ModelConfig
     from .io.checkpoint_reader import CheckpointError
@@ -195,7 +195,7 @@ def _reconstruct(args, source=None, note: str | None = None) -> Path:
     if note:
         log.warning(note)
     params = jax.device_put(params)
-    meta = {"model": cfg.to_spec(), "cache": dataclasses.asdict(cache_cfg) if cache_cfg else None,
+    meta = {"model": cfg.to_dict(), "cache": dataclasses.asdict(cache_cfg) if cache_cfg else None,
             "frames": s, "height": hw[0], "width": hw[1], "queries": 0 if qp is None else len(qp)}
     try:
         with staged_dir(out_dir, overwrite) as tmp:

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import jax
+
 from .config import ModelConfig
 from .io.params import ParamsError, load_params, save_params
 
@@ -27,14 +29,16 @@ def _digest(path: Path, cfg: ModelConfig) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    h.update(json.dumps(cfg.to_spec(), sort_keys=True).encode())
+    h.update(json.dumps(cfg.architecture(), sort_keys=True).encode())  # every field but dtype/precision
     return h.hexdigest()[:24]
 
 
 def params_from_checkpoint(checkpoint: str | Path, cfg: ModelConfig, cache_dir: Optional[Path] = None):
     """(params, cfg) for an upstream `.pth` / `.safetensors`, converted once and then read from the
-    orbax cache. Errors from reading or converting propagate (CheckpointError / ConversionError)."""
-    from convert import convert_state_dict
+    orbax cache (keyed by the file's content and `cfg.architecture()`, so the runtime fields dtype and
+    precision share one conversion; the returned `cfg` is the one asked for). Params are jax.Arrays.
+    Errors from reading or converting propagate (CheckpointError / ConversionError)."""
+    from .convert import convert_state_dict
     from .io.checkpoint_reader import read_state_dict
 
     checkpoint = Path(checkpoint)
@@ -44,7 +48,10 @@ def params_from_checkpoint(checkpoint: str | Path, cfg: ModelConfig, cache_dir: 
     if target.exists():
         try:
             log.info("using converted parameters cached in %s", target)
-            return load_params(target)
+            params, cached = load_params(target)
+            if cached.architecture() != cfg.architecture():
+                raise ParamsError(f"{target}: holds another configuration")
+            return params, cfg
         except ParamsError as e:
             log.warning("ignoring a broken conversion cache (%s); converting again", e)
     params = convert_state_dict(read_state_dict(checkpoint), cfg, source=str(checkpoint))
@@ -52,4 +59,4 @@ def params_from_checkpoint(checkpoint: str | Path, cfg: ModelConfig, cache_dir: 
         save_params(params, target, cfg, overwrite=True)
     except OSError as e:  # a read-only cache is not fatal
         log.warning("could not cache the converted parameters in %s: %s", target, e)
-    return params, cfg
+    return jax.device_put(params), cfg

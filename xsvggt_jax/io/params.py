@@ -2,7 +2,8 @@
 
 Layout of a params directory::
 
-    DIR/config.json   ModelConfig.to_spec() + "dtype", "precision" and a "format" marker
+    DIR/config.json   {"format": "xsvggt-params/2", "model": ModelConfig.to_dict()}
+                      (format 1, ModelConfig.to_spec() + "dtype" and "precision", is still read)
     DIR/params/       orbax StandardCheckpointer checkpoint of the `params` tree
 
 Writes are atomic: everything is built in a hidden temporary sibling of DIR and renamed into place
@@ -19,15 +20,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
-from ..config import ModelConfig
+import jax
+
+from ..config import ConfigError, ModelConfig
 
 __all__ = ["ParamsError", "save_params", "load_params", "load_config", "staged_dir"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "xsvggt-params/1"
+FORMAT = "xsvggt-params/2"
+FORMAT_V1 = "xsvggt-params/1"
 CONFIG_FILE = "config.json"
 PARAMS_SUBDIR = "params"
 
@@ -87,21 +91,39 @@ def staged_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
 
 # ------------------------------------------------------------------------------------ save / load
 def save_params(params: dict, directory: str | os.PathLike, cfg: ModelConfig, overwrite: bool = False) -> Path:
-    """Write `params` (the Flax `params` collection of `cfg`) and `cfg` to `directory`, atomically.
-
-    Refuses an existing non-empty `directory` unless `overwrite=True`. Returns the directory path.
-    """
+    """Write `params` (the Flax `params` collection of `cfg`; numpy or jax arrays) and `cfg` to
+    `directory`, atomically. Refuses an existing non-empty `directory` unless `overwrite=True`."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    spec = dict(cfg.to_spec(), dtype=cfg.dtype, precision=cfg.precision, format=FORMAT)
+    config = {"format": FORMAT, "model": cfg.to_dict()}
     with staged_dir(directory, overwrite) as tmp:
+        # the context closes the checkpointer (joins its background commit threads): an unclosed one
+        # finishes after interpreter shutdown has begun and prints "Event loop is closed" tracebacks
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_SUBDIR, params)
             ckptr.wait_until_finished()
-        (tmp / CONFIG_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     log.info("saved params to %s", directory)
     return directory
+
+
+def _config_from_json(data: Any, path: Path) -> ModelConfig:
+    if not isinstance(data, dict) or data.get("format") not in (FORMAT, FORMAT_V1):
+        raise ParamsError(f"{path}: not a params config (missing \"format\": \"{FORMAT}\")")
+    if data["format"] == FORMAT:
+        unknown = sorted(set(data) - {"format", "model"})
+        if unknown:
+            raise ParamsError(f"{path}: unknown key(s) {unknown}")
+        return ModelConfig.from_dict(data.get("model"))
+    # format 1 stored upstream's spec plus dtype and precision, so it lacks rope_freq, qk_norm,
+    # dino.layer_norm_eps, camera.mlp_ratio and camera.iterations: they take the defaults. That is exact
+    # for everything `xsvggt convert` wrote (a spec or the published model); of a config saved from
+    # code with other values, load_params' array check still catches those that change shapes.
+    spec = {k: v for k, v in data.items() if k not in ("format", "dtype", "precision")}
+    overrides = {k: data[k] for k in ("dtype", "precision") if k in data}
+    log.info("%s: reading a format-1 params config", path)
+    return ModelConfig.from_spec(spec, **overrides)
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
@@ -113,22 +135,44 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     if not path.is_file():
         raise ParamsError(f"{directory}: not a params directory ({CONFIG_FILE} is missing)")
     try:
-        spec = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ParamsError(f"{path}: unreadable config ({e})") from e
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ParamsError(f"{path}: not a params config (missing \"format\": \"{FORMAT}\")")
-    spec = dict(spec)
-    spec.pop("format")
-    overrides = {k: spec.pop(k) for k in ("dtype", "precision") if k in spec}
     try:
-        return ModelConfig.from_spec(spec, **overrides)
-    except (ValueError, TypeError) as e:
+        return _config_from_json(data, path)
+    except ConfigError as e:
         raise ParamsError(f"{path}: invalid configuration ({e})") from e
 
 
-def load_params(directory: str | os.PathLike) -> tuple[dict, ModelConfig]:
-    """Restore `(params, cfg)` written by `save_params`, bit-identical (same tree, dtypes, values)."""
+def _check_arrays(stored: dict, cfg: ModelConfig, directory: Path) -> None:
+    """Compare the checkpoint's array metadata with the parameter tree `cfg` needs (abstractly)."""
+    from flax.traverse_util import flatten_dict
+
+    from ..model import param_shapes
+
+    want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(param_shapes(cfg)).items()}
+    have = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(stored).items()}
+    for name in sorted(want.keys() | have.keys()):
+        if name not in have:
+            problem = f"it lacks array {name} {want[name]}"
+        elif name not in want:
+            problem = f"it has an extra array {name} {have[name]}"
+        elif have[name] != want[name]:
+            problem = f"array {name} has shape {have[name]} where the configuration needs {want[name]}"
+        else:
+            continue
+        raise ParamsError(f"{directory}: {PARAMS_SUBDIR}/ does not match {CONFIG_FILE}: {problem}")
+
+
+def load_params(directory: str | os.PathLike, *,
+                sharding: Optional[jax.sharding.Sharding] = None) -> tuple[dict, ModelConfig]:
+    """Restore `(params, cfg)` written by `save_params`, bit-identical (same tree, dtypes, values).
+
+    The leaves are device arrays (`jax.Array`) placed with `sharding` (default: the first device),
+    so a jitted function may close over them or take them as arguments without a copy per call.
+    Raises ParamsError if the directory is not a params directory or if its arrays do not match its
+    configuration (checked from the metadata, before any array is read).
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -136,9 +180,15 @@ def load_params(directory: str | os.PathLike) -> tuple[dict, ModelConfig]:
     ckpt = directory / PARAMS_SUBDIR
     if not ckpt.is_dir():
         raise ParamsError(f"{directory}: not a params directory ({PARAMS_SUBDIR}/ checkpoint is missing)")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(ckpt)
+            stored = ckptr.metadata(ckpt).item_metadata.tree
+            _check_arrays(stored, cfg, directory)
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), stored)
+            params = ckptr.restore(ckpt, target)
+    except ParamsError:
+        raise
     except Exception as e:  # orbax raises a variety of types for a damaged checkpoint
         raise ParamsError(f"{directory}: cannot restore {PARAMS_SUBDIR}/ ({type(e).__name__}: {e})") from e
     log.info("loaded params from %s", directory)

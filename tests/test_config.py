@@ -1,0 +1,283 @@
+"""ModelConfig: lossless dict form, validation with one-sentence errors, presets, the spec adapter,
+and the package's public names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_error
+from xsvggt_jax.config import (CONFIG_FORMAT, DTYPES, PRECISIONS, PRESETS, ConfigError, DPTConfig, ModelConfig)
+
+ROOT = Path(__file__).resolve().parents[1]
+# fields that only validate when changed together (the aggregator consumes DINOv2 tokens directly)
+COUPLED = {"embed_dim": "dino.embed_dim", "dino.embed_dim": "embed_dim"}
+
+
+def leaf_fields(cls=ModelConfig, prefix=""):
+    """Dotted names of every scalar / tuple field of the config tree (derived from the dataclasses)."""
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default):
+            yield from leaf_fields(type(f.default), prefix + f.name + ".")
+        else:
+            yield prefix + f.name
+
+
+def get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def put(d: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        d = d[part]
+    d[last] = value
+
+
+def candidates(value):
+    """Other values of the same type, most likely valid first."""
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value * 2, value + 4, value + 1, value - 1, value // 2]
+    if isinstance(value, float):
+        return [value * 2, value / 2]
+    if isinstance(value, str):
+        return [v for v in [*DTYPES, *PRECISIONS] if v != value]
+    if isinstance(value, list):
+        return [value[:i] + [v] + value[i + 1:] for i in reversed(range(len(value))) for v in candidates(value[i])]
+    raise AssertionError(f"no perturbation for {value!r}")
+
+
+def perturbed(base: dict, name: str) -> dict:
+    """A valid copy of `base` (a to_dict) with field `name` (and what it is coupled to) changed."""
+    for value in candidates(get(base, name)):
+        d = json.loads(json.dumps(base))
+        put(d, name, value)
+        if name in COUPLED:
+            put(d, COUPLED[name], value)
+        try:
+            ModelConfig.from_dict(d)
+            return d
+        except ConfigError:
+            continue
+    raise AssertionError(f"no valid perturbation of {name}: add one to this test")
+
+
+# --------------------------------------------------------------------------------- lossless dict form
+@pytest.mark.parametrize("preset", ["published", "micro"])
+def test_every_field_survives_to_dict_json_from_dict(preset):
+    base_cfg = ModelConfig.preset(preset)
+    base = base_cfg.to_dict()
+    names = list(leaf_fields())
+    assert {"rope_freq", "qk_norm", "dino.layer_norm_eps", "camera.mlp_ratio", "camera.iterations"} <= set(names)
+    for name in names:
+        d = perturbed(base, name)
+        cfg = ModelConfig.from_dict(d)
+        assert cfg != base_cfg, name
+        back = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert back == cfg, name
+        assert get(back.to_dict(), name) == get(d, name), name
+
+
+def test_to_dict_is_plain_json_with_format():
+    d = ModelConfig.published().to_dict()
+    assert d["format"] == CONFIG_FORMAT
+    assert json.loads(json.dumps(d)) == d
+    assert d["dpt"]["intermediate_layer_idx"] == [4, 11, 17, 23]
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d.__setitem__("bogus", 1), "config has unknown key(s) ['bogus']"),
+    (lambda d: d["camera"].__setitem__("heads", 8), "camera has unknown key(s) ['heads']"),
+    (lambda d: d.pop("format"), "format must be"),
+    (lambda d: d.__setitem__("format", "xsvggt-config/0"), "format must be"),
+    (lambda d: d.__setitem__("depth", "24"), "depth must be an integer, got '24'"),
+    (lambda d: d.__setitem__("depth", 24.0), "depth must be an integer, got 24.0"),
+    (lambda d: d.__setitem__("num_heads", True), "num_heads must be an integer, got True"),
+    (lambda d: d.__setitem__("qk_norm", 1), "qk_norm must be true or false, got 1"),
+    (lambda d: d.__setitem__("rope_freq", "x"), "rope_freq must be a number, got 'x'"),
+    (lambda d: d.__setitem__("dtype", "int8"), "dtype must be one of ['bfloat16', 'float16', 'float32']"),
+    (lambda d: d.__setitem__("precision", "max"), "precision must be one of"),
+    (lambda d: d.__setitem__("dino", [1, 2]), "dino must be an object, got [1, 2]"),
+    (lambda d: d.__setitem__("track", None), "track must be an object, got null"),
+    (lambda d: d["dpt"].__setitem__("out_channels", 256), "dpt.out_channels must be a list, got 256"),
+    (lambda d: d["dpt"].__setitem__("out_channels", [256, "x", 1, 1]), r"dpt.out_channels\[1\] must be an integer"),
+])
+def test_from_dict_rejects_naming_the_field(change, field):
+    d = ModelConfig.published().to_dict()
+    change(d)
+    with pytest.raises(ConfigError, match=re.escape(field) if "\\" not in field else field):
+        ModelConfig.from_dict(d)
+
+
+def test_from_dict_rejects_non_objects():
+    for bad in ([], None, "x", 3):
+        with pytest.raises(ConfigError, match="config must be an object"):
+            ModelConfig.from_dict(bad)
+
+
+def test_keys_left_out_take_defaults():
+    assert ModelConfig.from_dict({"format": CONFIG_FORMAT, "camera": {}}) == ModelConfig.published()
+
+
+def test_constructor_and_replace_validate_too():
+    with pytest.raises(ConfigError, match=r"^patch_size must be positive, got 0$"):
+        ModelConfig(patch_size=0)
+    with pytest.raises(ConfigError, match=r"dpt.intermediate_layer_idx must list 4 entries"):
+        DPTConfig(intermediate_layer_idx=(1, 2))
+    with pytest.raises(ConfigError, match="dino must be a DinoConfig"):
+        ModelConfig.tiny().replace(dino={"depth": 2})
+    assert isinstance(ConfigError("x", "y"), ValueError)
+
+
+# ------------------------------------------------------------------------------------ spec adapter
+def test_reference_spec_is_the_tiny_preset():
+    assert ModelConfig.from_spec(require(TINY / "spec.json")) == ModelConfig.tiny()
+
+
+def require(path: Path) -> Path:
+    from conftest import require_reference
+    return require_reference(path)
+
+
+def test_to_spec_round_trips_and_refuses_what_upstream_cannot_express():
+    for name, cfg in PRESETS.items():
+        assert ModelConfig.from_spec(json.loads(json.dumps(cfg.to_spec()))) == cfg, name
+    for field, change in [("rope_freq", dict(rope_freq=10.0)), ("qk_norm", dict(qk_norm=False)),
+                          ("camera.iterations", dict(camera=dataclasses.replace(ModelConfig().camera, iterations=2)))]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(field)} = .* cannot be expressed in upstream's spec.json"):
+            ModelConfig.published().replace(**change).to_spec()
+
+
+def tiny_spec() -> dict:
+    return json.loads(require(TINY / "spec.json").read_text())
+
+
+def set_key(path: str, value):
+    def change(spec):
+        *parents, last = path.split(".")
+        d = spec
+        for p in parents:
+            d = d[p]
+        d[last] = value
+    return change
+
+
+MALFORMED_SPECS = [
+    (set_key("patch_embed", []), "patch_embed must be an object, got []"),
+    (set_key("camera_head", None), "camera_head must be an object, got null"),
+    (set_key("patch_size", 0), "patch_size must be positive, got 0"),
+    (set_key("depth", -2), "depth must be positive, got -2"),
+    (set_key("dpt.features", 0), "dpt.features must be positive, got 0"),
+    (set_key("track_head.hidden_size", -64), "track_head.hidden_size must be positive, got -64"),
+    (set_key("num_heads", 3), "embed_dim (128) must be divisible by num_heads (3)"),
+    (set_key("patch_embed.num_heads", 3), "patch_embed.embed_dim (128) must be divisible by patch_embed.num_heads (3)"),
+    (set_key("camera_head.num_heads", 3), "camera_head.num_heads (3) must divide the camera trunk width"),
+    (set_key("dpt.intermediate_layer_idx", [0, 1, 2]), "dpt.intermediate_layer_idx must list 4 entries (one per DPT stage), got 3"),
+    (set_key("dpt.intermediate_layer_idx", [0, 1, 2, 4]), "dpt.intermediate_layer_idx[3] is 4, out of range for depth 4"),
+    (set_key("dpt.intermediate_layer_idx", [0, -1, 2, 3]), "dpt.intermediate_layer_idx[1] must be >= 0, got -1"),
+    (set_key("embed_dim", "128"), "embed_dim must be an integer, got '128'"),
+    (set_key("mlp_ratio", "four"), "mlp_ratio must be a number, got 'four'"),
+    (set_key("dpt.out_channels", [16, 32, None, 64]), "dpt.out_channels[2] must be an integer, got null"),
+    (set_key("track_head.max_scale", None), "track_head.max_scale must be a number, got null"),
+    (set_key("patch_embed.layers", 2), "patch_embed has unknown key(s) ['layers']"),
+    (set_key("rope_freq", 10), "spec has unknown key(s) ['rope_freq']"),
+    (set_key("img_size", 7), "img_size (7) must be at least patch_size (14)"),
+]
+
+
+@pytest.mark.parametrize("change, message", MALFORMED_SPECS, ids=[m.split(" ")[0] for _, m in MALFORMED_SPECS])
+def test_malformed_spec_raises_one_sentence_naming_the_field(change, message):
+    spec = tiny_spec()
+    change(spec)
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_spec(spec)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "spec must be a JSON object, got [1, 2]"),
+    ("null", "spec must be a JSON object, got null"),
+    ('{"depth": 4,', "is not a readable JSON file"),
+    (b"\xff\xfe", "is not a readable JSON file"),
+])
+def test_spec_file_not_an_object(tmp_path, text, message):
+    path = tmp_path / "spec.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig.from_spec(path)
+
+
+def test_cli_reports_a_malformed_spec_in_one_line(tmp_path, capsys):
+    spec = tiny_spec()
+    spec["dpt"]["intermediate_layer_idx"] = [0, 1]
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    err = run_error(["convert", str(require(TINY / "weights.pth")), "--spec", str(path),
+                     "--out", str(tmp_path / "out")], capsys)
+    assert "dpt.intermediate_layer_idx must list 4 entries" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ presets
+def test_presets_are_registered_and_validated():
+    assert set(PRESETS) >= {"published", "medium", "tiny", "micro"}
+    assert ModelConfig.preset("published") == ModelConfig() == ModelConfig.published()
+    assert ModelConfig.preset("tiny") is ModelConfig.tiny()
+    with pytest.raises(ConfigError, match=r"preset must be one of \['medium', 'micro', 'published', 'tiny'\]"):
+        ModelConfig.preset("huge")
+    with pytest.raises(TypeError):
+        PRESETS["mine"] = ModelConfig()  # read-only registry
+
+
+# ------------------------------------------------------------------------------------ public package
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+
+
+def test_import_is_light_and_has_a_version():
+    r = _python("import sys, xsvggt_jax; print(xsvggt_jax.__version__, xsvggt_jax.__file__, 'jax' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    version, path, jax_loaded = r.stdout.split()
+    assert re.match(r"^\d+\.\d+", version) and jax_loaded == "False"
+    assert Path(path).parent == ROOT / "xsvggt_jax"
+
+
+def test_readme_library_names_are_exported():
+    import importlib
+
+    import xsvggt_jax
+    text = (ROOT / "README.md").read_text()
+    imports = re.findall(r"^from (xsvggt_jax[\w.]*) import ([\w, ]+)$", text, flags=re.M)
+    names = {n.strip(): mod for mod, group in imports for n in group.split(",")}
+    names.update({n: None for n in re.findall(r"`xsvggt_jax\.\w+\.(\w+)`", text)})
+    assert {"ModelConfig", "CacheConfig", "init_cache", "make_step", "load_params", "run_stream"} <= set(names)
+    for name, mod in names.items():
+        assert name in xsvggt_jax.__all__, name
+        if mod is not None:
+            assert getattr(xsvggt_jax, name) is getattr(importlib.import_module(mod), name), name
+    assert set(xsvggt_jax.__all__) <= set(dir(xsvggt_jax))
+    for name in xsvggt_jax.__all__:
+        getattr(xsvggt_jax, name)
+    with pytest.raises(AttributeError):
+        xsvggt_jax.not_a_name
+
+
+def test_no_top_level_convert_package():
+    r = _python("import importlib.util; s = importlib.util.find_spec('convert'); print(s and s.origin)")
+    assert r.returncode == 0, r.stderr
+    assert not r.stdout.strip().startswith(str(ROOT)), "this tree still has a top-level `convert` package"
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'include = \["xsvggt_jax\*"\]', text)
