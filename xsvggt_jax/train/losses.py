@@ -155,14 +155,12 @@ def point_map_normals(points: Array, mask: Array) -> tuple[Array, Array]:
     p = jnp.pad(points, ((0, 0), (1, 1), (1, 1), (0, 0)))
     m = jnp.pad(mask, ((0, 0), (1, 1), (1, 1)))
     center = p[:, 1:-1, 1:-1]
-    up, down = p[:, :-2, 1:-1] - center, p[:, 2:, 1:-1] - center
-    left, right = p[:, 1:-1, :-2] - center, p[:, 1:-1, 2:] - center
-    normals = jnp.stack([jnp.cross(up, left), jnp.cross(left, down),
-                         jnp.cross(down, right), jnp.cross(right, up)])
+    # neighbours in the order up, left, down, right; each direction is crossed with the next one
+    dirs = jnp.stack([p[:, :-2, 1:-1], p[:, 1:-1, :-2], p[:, 2:, 1:-1], p[:, 1:-1, 2:]]) - center
+    normals = jnp.cross(dirs, jnp.roll(dirs, -1, axis=0))
     normals = normals / jnp.maximum(safe_norm(normals, axis=-1, keepdims=True), NORMAL_EPS)
-    m_up, m_down, m_left, m_right = m[:, :-2, 1:-1], m[:, 2:, 1:-1], m[:, 1:-1, :-2], m[:, 1:-1, 2:]
-    valid = jnp.stack([m_up & m_left, m_left & m_down, m_down & m_right, m_right & m_up])
-    return normals, valid & m[None, :, 1:-1, 1:-1]
+    m_dirs = jnp.stack([m[:, :-2, 1:-1], m[:, 1:-1, :-2], m[:, 2:, 1:-1], m[:, 1:-1, 2:]])
+    return normals, m_dirs & jnp.roll(m_dirs, -1, axis=0) & m[None, :, 1:-1, 1:-1]
 
 
 def normal_loss(pred: Array, target: Array, mask: Array) -> Array:
@@ -171,9 +169,10 @@ def normal_loss(pred: Array, target: Array, mask: Array) -> Array:
     pred, target: [F,H,W,3]; mask: [F,H,W] bool. Returns [F], the mean over valid normals (VGGT's
     normal_loss; upstream StreamVGGT averages over all normals, masked or not).
     """
-    pred_n, valid = point_map_normals(pred, mask)
-    target_n, _ = point_map_normals(target, mask)
-    return masked_mean(1.0 - jnp.sum(pred_n * target_n, axis=-1), valid, axis=(0, 2, 3))
+    f = pred.shape[0]
+    normals, valid = point_map_normals(jnp.concatenate([pred, target]), jnp.concatenate([mask, mask]))
+    cos = jnp.sum(normals[:, :f] * normals[:, f:], axis=-1)  # [4,F,H,W]
+    return masked_mean(1.0 - cos, valid[:, :f], axis=(0, 2, 3))
 
 
 def multiscale_normal_loss(pred: Array, target: Array, mask: Array, scales: int = 3) -> Array:
