@@ -263,6 +263,17 @@ def test_multitask_loss_skips_terms_missing_from_targets_and_rejects_bad_input()
         LossConfig(depth_weight=-1.0)
 
 
+def test_multitask_loss_computes_in_float32_for_bf16_predictions():
+    p, t = _preds(jax.random.PRNGKey(24)), _preds(jax.random.PRNGKey(25))
+    t["valid"] = _mask(jax.random.PRNGKey(26))
+    p_bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), p)
+    p_rounded = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), p_bf16)
+    got, comps = multitask_loss(p_bf16, t)
+    want, _ = multitask_loss(p_rounded, t)
+    assert got.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in comps.values())
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_gradients_finite_at_perfect_and_degenerate_inputs():
     p = _preds(jax.random.PRNGKey(18))
     ones = jnp.ones((B, S, H, W))

@@ -287,6 +287,10 @@ def track_loss(pred_track: Array, target_track: Array, pred_vis: Array, target_v
 
 # ----------------------------------------------------------------------------- total
 
+def _to_float32(x: Array) -> Array:
+    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 def _has(d: Mapping, keys: Sequence[str]) -> bool:
     return all(k in d for k in keys)
 
@@ -301,9 +305,11 @@ def multitask_loss(preds: Mapping[str, PoseInput], targets: Mapping[str, Array],
     terms (default: all valid). Targets are held constant (stop_gradient).
     Returns (loss, components): "loss" the weighted total; "camera", "depth", "point", "track" the
     unweighted terms and their parts ("camera_T", "depth_grad", ...), all scalars.
-    `cfg` must be static under jit (it is hashable).
+    Floating inputs (e.g. bf16 predictions) are cast to float32 first: the loss runs in float32, as
+    upstream's criterion (autocast disabled). `cfg` must be static under jit (it is hashable).
     """
-    targets = jax.tree_util.tree_map(jax.lax.stop_gradient, dict(targets))
+    preds = jax.tree_util.tree_map(_to_float32, dict(preds))
+    targets = jax.tree_util.tree_map(lambda x: jax.lax.stop_gradient(_to_float32(x)), dict(targets))
     valid = targets.get("valid")
     terms: dict[str, tuple[float, Array]] = {}
     comps: dict[str, Array] = {}
