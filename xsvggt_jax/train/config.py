@@ -26,7 +26,7 @@ class LossConfig:
     camera_iteration_gamma: iteration i of n gets gamma ** (n - 1 - i) (VGGT), mean over iterations.
     depth_alpha, point_alpha: weight of -log(confidence).
     normal_scales: strided scales (1, 2, 4, ...) of the point-map normal loss.
-    normalize_targets: divide prediction and target by their mean valid norm before alignment
+    normalize_maps: divide prediction and target by their mean valid norm before alignment
         (upstream's training-mode `normalize_pointcloud`); the loss is then in units of the target's
         mean distance, i.e. invariant to the scene's scale.
     track_weight_stop_gradient: upstream weights the track terms by the predicted track confidence
@@ -44,7 +44,7 @@ class LossConfig:
     depth_alpha: float = 0.1
     point_alpha: float = 0.1
     normal_scales: int = 3
-    normalize_targets: bool = True
+    normalize_maps: bool = True
     track_weight_stop_gradient: bool = False
 
     def __post_init__(self):

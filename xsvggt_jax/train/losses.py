@@ -304,7 +304,9 @@ def multitask_loss(preds: Mapping[str, PoseInput], targets: Mapping[str, Array],
     track (track + vis + track_conf / track + vis). targets["valid"] [B,S,H,W] masks the dense
     terms (default: all valid). Targets are held constant (stop_gradient).
     Returns (loss, components): "loss" the weighted total; "camera", "depth", "point", "track" the
-    unweighted terms and their parts ("camera_T", "depth_grad", ...), all scalars.
+    unweighted terms and their parts ("camera_T", "depth_grad", ...), all scalars. The heads'
+    confidences are >= 1 (expp1), so the -alpha * log(conf) parts are <= 0 and the total can be
+    negative: judge the fit by the other parts, not by a ratio of totals.
     Floating inputs (e.g. bf16 predictions) are cast to float32 first: the loss runs in float32, as
     upstream's criterion (autocast disabled). `cfg` must be static under jit (it is hashable).
     """
@@ -320,12 +322,12 @@ def multitask_loss(preds: Mapping[str, PoseInput], targets: Mapping[str, Array],
         terms["camera"], comps = (cfg.camera_weight, loss), {**comps, **parts}
     if _has(preds, ["depth", "depth_conf"]) and _has(targets, ["depth"]):
         loss, parts = depth_loss(preds["depth"], targets["depth"], preds["depth_conf"], valid,
-                                 alpha=cfg.depth_alpha, normalize=cfg.normalize_targets)
+                                 alpha=cfg.depth_alpha, normalize=cfg.normalize_maps)
         terms["depth"], comps = (cfg.depth_weight, loss), {**comps, **parts}
     if _has(preds, ["pts3d_in_other_view", "conf"]) and _has(targets, ["pts3d_in_other_view"]):
         loss, parts = point_loss(preds["pts3d_in_other_view"], targets["pts3d_in_other_view"],
                                  preds["conf"], valid, alpha=cfg.point_alpha,
-                                 normal_scales=cfg.normal_scales, normalize=cfg.normalize_targets)
+                                 normal_scales=cfg.normal_scales, normalize=cfg.normalize_maps)
         terms["point"], comps = (cfg.point_weight, loss), {**comps, **parts}
     if _has(preds, ["track", "vis", "track_conf"]) and _has(targets, ["track", "vis"]):
         loss, parts = track_loss(preds["track"], targets["track"], preds["vis"], targets["vis"],
