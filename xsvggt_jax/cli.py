@@ -351,7 +351,14 @@ def _parser() -> argparse.ArgumentParser:
     fr.add_argument("--fps", type=float, help="sample a video at this frame rate")
     fr.add_argument("--stride", type=int, default=1, help="take every STRIDE-th frame")
     _add_run_options(r)
+    from .eval.command import add_parser as add_eval_parser  # `xsvggt eval`: xsvggt_jax/eval/command.py
+    add_eval_parser(sub)
     return p
+
+
+def _eval(args) -> Path:
+    from .eval.command import run
+    return run(args, UsageError, _model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     try:
-        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo}[args.command](args)
+        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "eval": _eval}[args.command](args)
     except UsageError as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         if len(msg) > MAX_MESSAGE:  # e.g. a wrong --spec: every parameter is listed
