@@ -110,10 +110,8 @@ def _model_config(args, usage_error):
 
 
 def _dataset(args, cfg, usage_error):
-    from ..data import DATASETS, DataError, Dataset, load_dataset
+    from ..data import DataError, Dataset, load_dataset
 
-    if args.dataset not in DATASETS:
-        raise usage_error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     for flag in ("sequences", "frames_per_sequence"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -150,6 +148,10 @@ def run(args, usage_error, load_model) -> Path:
     from .runner import TASKS, EvalConfigError, check_evaluation, evaluate
     from .settings import SettingsError, parse_settings
 
+    from ..data import DATASETS
+
+    if args.dataset not in DATASETS:
+        raise usage_error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     if args.task not in TASKS:
         raise usage_error(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
     try:
@@ -176,7 +178,6 @@ def run(args, usage_error, load_model) -> Path:
         params = init_params(cfg, jax.random.PRNGKey(0))
     else:
         params, cfg = load_model(args)
-    params = jax.device_put(params)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
