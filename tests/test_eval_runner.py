@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def evaluated(tmp_path_factory, dataset, params_dir, tiny_params, tiny_cfg):
     np.savez(work / "frames.npz", images=dataset[0].images())  # 56x70: preprocessing at 70 px is the identity
     proc = subprocess.Popen([sys.executable, "-m", "xsvggt_jax.cli", "reconstruct", str(work / "frames.npz"),
                              "--params", str(params_dir), "--out", str(work / "out"), "--quiet"],
-                            cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         results = evaluate(tiny_params, tiny_cfg, dataset, SETTINGS, "recon", keep_predictions=True)
@@ -100,6 +101,21 @@ def test_other_tasks_are_scored(evaluated, dataset, tiny_params, tiny_cfg, task)
         assert r.aggregate["sequences_scored"] == 2
     if task == "video-depth":
         assert results.settings[0].aggregate["valid_pixels"] == 2 * 3 * 56 * 70
+
+
+def test_video_depth_is_scored_at_the_dataset_resolution(evaluated, tiny_params, tiny_cfg):
+    """84x105 frames enter the model resized to 56x70 (whole image): as upstream, the predicted depth
+    is resized back (OpenCV bicubic) and scored against the full-resolution ground truth."""
+    from xsvggt_jax.eval.depth import evaluate_depth, resize_depth
+
+    ds = procedural_dataset(config=SceneConfig(frames=3, height=84, width=105, num_boxes=1, num_spheres=1),
+                            num_sequences=1, seed=5)
+    results = evaluate(tiny_params, tiny_cfg, ds, "none", "video-depth", keep_predictions=True)
+    got = results.settings[0].sequences["eval-small-0005"]
+    assert results.frame_hw == {"eval-small-0005": (56, 70)} and got["valid_pixels"] == 3 * 84 * 105
+    pred = results.predictions["none"]["eval-small-0005"]["depth"][..., 0]
+    expected = evaluate_depth(resize_depth(pred, (84, 105)), ds[0].depths(), align="scale")
+    assert got["abs_rel"] == expected["abs_rel"] and got["delta_1.25"] == expected["delta_1.25"]
 
 
 def test_checks_come_before_model_work(dataset, tiny_cfg):

@@ -12,7 +12,8 @@ from xsvggt_jax.prune import POLICIES
 
 
 def test_examples_of_the_issue():
-    got = {s.name: s.cache for s in parse_settings("none, xstream:2048,xstream-int4:2048,sliding:1024,xstream-kcvt8:512")}
+    text = "none, xstream:2048,xstream-int4:2048,sliding:1024,xstream-kcvt8:512"
+    got = {s.name: s.cache for s in parse_settings(text)}
     assert got == {
         "none": CacheConfig(prune="none"),
         "xstream:2048": CacheConfig(prune="xstream", budget=2048),

@@ -184,8 +184,9 @@ def run(args, usage_error, load_model) -> Path:
         bar = tqdm(total=len(dataset), unit="sequence", dynamic_ncols=True)
     try:
         with staged_dir(out_dir, overwrite) as tmp:
+            tick = None if bar is None else (lambda seq: bar.update(1))
             results = evaluate(params, cfg, dataset, settings, args.task, resize=args.resize,
-                               frame_size=args.frame_size, progress=None if bar is None else (lambda seq: bar.update(1)))
+                               frame_size=args.frame_size, progress=tick)
             write_report(results, tmp, extra={"data": None if args.dataset == "procedural" else str(args.data),
                                                "random_model": random_model}, note=note)
     except (DataError, FrameError, ParamsError) as e:

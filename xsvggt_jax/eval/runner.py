@@ -14,7 +14,11 @@
      crop, ICP 0.1) of the point map `pts3d_in_other_view` against the ground-truth depth unprojected
      into the first camera; mean over sequences (upstream);
    * `video-depth`: AbsRel, delta < 1.25 of `depth` with one robust scale per sequence (upstream
-     `--align scale`) and the dataset's depth caps; average weighted by valid pixels (upstream);
+     `--align scale`) and the dataset's depth caps; average weighted by valid pixels (upstream).
+     When the model frames are the whole images resized (landscape frames in crop mode: Sintel,
+     Bonn, KITTI, ...) the prediction is resized to the ground truth's resolution with OpenCV's
+     bicubic (`resize_depth`) as upstream does; when rows were cropped or padding added, the ground
+     truth is carried onto the model grid instead (nearest, `data.preprocess`);
    * `pose`: ATE, RPE-trans, RPE-rot (Sim(3), delta 1) of the cameras decoded from `camera_pose`,
      plus RRA@30, RTA@30 and AUC@30 over all frame pairs; mean over sequences.
    Per setting it also records the cache bytes (`cache_report`, the largest over sequences), the
@@ -43,12 +47,12 @@ import numpy as np
 
 from ..cache import CacheConfig, cache_report, init_cache
 from ..config import ModelConfig, check_frame_size
-from ..data.base import DataError, Dataset, Sequence
+from ..data.base import Dataset, Sequence
 from ..data.preprocess import preprocess_frame
 from ..io.exports import pose_to_extri_intri_np, unproject_depth
-from ..io.frames import FrameError, preprocess_image, preprocessed_size
+from ..io.frames import FrameError, preprocess_image, preprocessed_size, resized_size
 from ..step import make_step
-from .depth import DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, evaluate_depth
+from .depth import DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, evaluate_depth, resize_depth
 from .geometry import EvalInputError
 from .pointcloud import CROP_SIZE, reconstruction_metrics, world_to_camera
 from .pose import extrinsics_to_c2w, pairwise_pose_errors, pose_accuracy, pose_auc, trajectory_metrics
@@ -193,10 +197,11 @@ def stream_sequence(params: dict, cfg: ModelConfig, cache_cfg: CacheConfig,
 
 
 # ----------------------------------------------------------------------------------- ground truth
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Truth:
-    """A sequence in the model's pixel grid: frames [S, 3, H, W]; depth [S, H, W] (0 invalid) or None;
-    intrinsics [S, 3, 3] or None; extrinsics [S, 4, 4] camera-from-world or None; pose_valid [S]."""
+@dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: identity equality
+class GroundTruth:
+    """A sequence in the model's pixel grid (`load_ground_truth`): frames [S, 3, H, W]; depth
+    [S, H, W] (0 invalid) or None; intrinsics [S, 3, 3] or None; extrinsics [S, 4, 4]
+    camera-from-world or None; pose_valid [S]."""
 
     frames: np.ndarray
     depth: Optional[np.ndarray]
@@ -205,7 +210,8 @@ class _Truth:
     pose_valid: np.ndarray
 
 
-def _load_truth(seq: Sequence, task: str, resize: str, target: int) -> _Truth:
+def load_ground_truth(seq: Sequence, task: str, resize: str, target: int) -> GroundTruth:
+    """Frames and the task's ground truth of `seq`, preprocessed to `target` px wide with `resize`."""
     s = len(seq)
     if task == "pose":  # depth is not needed (and may live in another camera, e.g. ScanNet)
         frames = [preprocess_image(seq.pil(i), resize, target, name=f"{seq.name}/{seq.frame_ids[i]}")
@@ -216,8 +222,16 @@ def _load_truth(seq: Sequence, task: str, resize: str, target: int) -> _Truth:
         frames = [p[0] for p in parts]
         depth = np.stack([p[1] for p in parts])
         intr = None if parts[0][2] is None else np.stack([p[2] for p in parts])
+        if task == "video-depth" and _whole_image(seq, resize, target):
+            depth = np.stack([seq.depth(i) for i in range(s)])  # scored at the dataset's resolution
     valid = np.ones(s, bool) if seq.pose_valid is None else np.asarray(seq.pose_valid, bool)
-    return _Truth(np.stack(frames), depth, intr, seq.extrinsics, valid)
+    return GroundTruth(np.stack(frames), depth, intr, seq.extrinsics, valid)
+
+
+def _whole_image(seq: Sequence, resize: str, target: int) -> bool:
+    """The model frames are the whole images, only resized (no rows cropped, no padding)."""
+    h0, w0 = seq.rgb(0).shape[:2]
+    return preprocessed_size(w0, h0, resize, target)[::-1] == resized_size(w0, h0, resize, target)
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -225,10 +239,13 @@ def _depth_protocol(dataset_name: str, max_depth: Optional[float]) -> DepthProto
     return DEPTH_PROTOCOLS.get(dataset_name, DepthProtocol(max_depth=max_depth))
 
 
-def score(task: str, preds: Mapping[str, np.ndarray], truth: _Truth, protocol: DepthProtocol) -> dict[str, float]:
+def score(task: str, preds: Mapping[str, np.ndarray], truth: GroundTruth, protocol: DepthProtocol) -> dict[str, float]:
     """The task's metrics of one sequence (see the module docstring)."""
     if task == "video-depth":
-        return evaluate_depth(preds["depth"][..., 0], truth.depth, align="scale", dataset=protocol)
+        pred = preds["depth"][..., 0]                                            # [S, H, W]
+        if pred.shape != truth.depth.shape:  # ground truth at the dataset's resolution: upstream's bicubic
+            pred = resize_depth(pred, truth.depth.shape[1:])
+        return evaluate_depth(pred, truth.depth, align="scale", dataset=protocol)
     if task == "recon":
         extr = truth.extrinsics[:, :3]
         gt_world = unproject_depth(truth.depth, extr, truth.intrinsics)          # [S, H, W, 3]
@@ -289,7 +306,7 @@ def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | I
     peaks: dict[str, tuple[int, Optional[int]]] = {}
     kept: dict[str, dict] = {s.name: {} for s in chosen}
     for seq in dataset:
-        truth = _load_truth(seq, task, resize, target)
+        truth = load_ground_truth(seq, task, resize, target)
         for setting in chosen:
             preds, lat, info = stream_sequence(params, cfg, setting.cache, truth.frames)
             try:
@@ -332,5 +349,5 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-__all__ = ["EvalConfigError", "check_evaluation", "EvalResults", "PREDICTION_KEYS", "SettingResult", "TASKS", "Task", "evaluate",
-           "score", "stream_sequence", "finite_or_none"]
+__all__ = ["EvalConfigError", "EvalResults", "GroundTruth", "PREDICTION_KEYS", "SettingResult", "TASKS", "Task",
+           "check_evaluation", "evaluate", "finite_or_none", "load_ground_truth", "score", "stream_sequence"]
