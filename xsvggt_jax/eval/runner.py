@@ -10,8 +10,8 @@
 3. per setting, the frames go through the jitted streaming step (`make_step` + `init_cache`, exactly
    as `reconstruct` streams: batch 1, no query points, an uncompressed cache sized to the sequence);
 4. the task's metrics are computed per sequence and aggregated:
-   * `recon`: Acc / Comp / NC (`reconstruction_metrics`: median shift + median-norm scale, centre
-     crop, ICP 0.1) of the point map `pts3d_in_other_view` against the ground-truth depth unprojected
+   * `recon`: Acc / Comp / NC (`reconstruction_metrics`: median shift + median-norm scale, 224 px
+     centre crop (whole frames when they are smaller), ICP 0.1) of the point map `pts3d_in_other_view` against the ground-truth depth unprojected
      into the first camera; mean over sequences (upstream);
    * `video-depth`: AbsRel, delta < 1.25 of `depth` with one robust scale per sequence (upstream
      `--align scale`) and the dataset's depth caps; average weighted by valid pixels (upstream).
