@@ -360,6 +360,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--conf-percentile", type=float,
                    help="draw predictions.npz's depth points above this confidence percentile, with a slider "
                         "(default: points.ply as written)")
+    from .eval.command import add_parser as add_eval_parser  # `xsvggt eval`: xsvggt_jax/eval/command.py
+    add_eval_parser(sub)
     return p
 
 
@@ -375,6 +377,11 @@ def _view(args) -> Path:
     return Path(args.outdir)
 
 
+def _eval(args) -> Path:
+    from .eval.command import run
+    return run(args, UsageError, _model)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `xsvggt` console script. Returns 0; input errors raise SystemExit(2)."""
     args = _parser().parse_args(argv)
@@ -383,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     try:
-        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "view": _view}[args.command](args)
+        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "view": _view,
+               "eval": _eval}[args.command](args)
     except UsageError as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         if len(msg) > MAX_MESSAGE:  # e.g. a wrong --spec: every parameter is listed

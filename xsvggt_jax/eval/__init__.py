@@ -6,6 +6,12 @@
   RRA / RTA / AUC@30.
 * `pointcloud`: Accuracy, Completeness, Normal Consistency with the 7-Scenes / NRGBD protocol
   (median shift + median-norm scale, centre crop, point-to-point ICP, PCA normals).
+
+Evaluating cache settings (these import JAX and the model, so they are not imported here):
+* `settings`: the `--settings` grammar (`parse_settings("none,xstream:2048,xstream-int4:2048")`);
+* `runner`: `evaluate(params, cfg, dataset, settings, task)` streams and scores a dataset;
+* `report`: `write_report(results, directory)` (results.json, results.md, accuracy_vs_bytes.png);
+* `command`: the `xsvggt eval` subcommand.
 """
 
 from .depth import (DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, depth_metrics,

@@ -1,0 +1,202 @@
+"""`xsvggt eval`: evaluate cache settings on a dataset and write results.json, results.md and
+accuracy_vs_bytes.png into OUTDIR.
+
+    xsvggt eval [DATA] --dataset 7scenes|nrgbd|tum|tum-dynamics|scannet|bonn|sintel|kitti|procedural
+                --task recon|video-depth|pose (--params DIR | --checkpoint FILE [--spec spec.json])
+                --settings none,xstream:2048,xstream-int4:2048 --out OUTDIR
+                [--sequences N] [--frames-per-sequence N] [--resize crop|pad] [--frame-size W] [--quiet]
+
+DATA is not used by `--dataset procedural`, which renders its scenes at the model's frame size; with
+procedural data and no weights a small randomly initialised model is used (its numbers are
+meaningless: the run checks the pipeline). Every input problem (unknown dataset or task, bad DATA,
+bad settings, frames the model cannot take, an existing OUTDIR that xsvggt did not write) is one
+`xsvggt: error: ...` line before any model work. OUTDIR is built in a temporary sibling and renamed
+when complete; an existing OUTDIR is replaced only if it holds a previous `xsvggt eval` result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RANDOM_MODEL_NOTE = ("eval: no --checkpoint/--params, so a small RANDOMLY INITIALISED model is used; its metrics "
+                     "are meaningless (this run checks the evaluation pipeline, speed and cache bytes)")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The `eval` subcommand on the CLI's subparsers."""
+    e = sub.add_parser("eval", help="evaluate cache settings on a dataset (accuracy vs cache bytes)")
+    e.add_argument("data", nargs="?", help="dataset folder (not used by --dataset procedural)")
+    e.add_argument("--dataset", required=True, help="7scenes, nrgbd, tum, tum-dynamics, scannet, bonn, sintel, "
+                                                    "kitti or procedural")
+    e.add_argument("--task", required=True, help="recon, video-depth or pose")
+    e.add_argument("--settings", default="none,xstream:2048,xstream-int4:2048",
+                   help="comma-separated cache settings <policy>[-<layout><bits>|-int<bits>][:<budget>] "
+                        "(default none,xstream:2048,xstream-int4:2048)")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--sequences", type=int, help="evaluate only the first N sequences")
+    e.add_argument("--frames-per-sequence", type=int, help="only the first N frames of each sequence "
+                                                           "(procedural: render N frames)")
+    e.add_argument("--resize", choices=("crop", "pad"), default="crop", help="frame preprocessing (default crop)")
+    e.add_argument("--frame-size", type=int, help="width frames are resized to (default: the model's img_size, "
+                                                  "518 for the published model)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    w = e.add_argument_group("weights (procedural data without them: a random tiny model)")
+    src = w.add_mutually_exclusive_group()
+    src.add_argument("--params", help="params directory written by `xsvggt convert`")
+    src.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (converted on the fly)")
+    w.add_argument("--spec", help="spec.json of a non-published configuration (with --checkpoint)")
+    w.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/xsvggt-jax)")
+    c = e.add_argument_group("cache options shared by every setting (as `xsvggt reconstruct`)")
+    c.add_argument("--pool", type=int, default=16, help="query pooling size of the xstream score")
+    c.add_argument("--group", type=int, default=64, help="quantization group size")
+    c.add_argument("--scale-dtype", choices=("float32", "float16"), default="float32", help="group scale dtype")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random pruning policy")
+    return e
+
+
+def _ours(out_dir: Path) -> bool:
+    from .report import KIND, PRODUCER
+
+    try:
+        doc = json.loads((out_dir / "results.json").read_text())
+        return doc.get("producer") == PRODUCER and doc.get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def take_frames(seq, n: int):
+    """The first n frames of a `data.Sequence` (all of them if it is shorter)."""
+    if n >= len(seq):
+        return seq
+    cut = lambda a: None if a is None else a[:n]
+    return dataclasses.replace(seq, frame_ids=seq.frame_ids[:n], intrinsics=cut(seq.intrinsics),
+                               extrinsics=cut(seq.extrinsics), depth_intrinsics=cut(seq.depth_intrinsics),
+                               pose_valid=cut(seq.pose_valid), timestamps=cut(seq.timestamps))
+
+
+def _procedural_config(args, cfg, target: int):
+    """The eval-small preset rendered at the model's frame size (W = target, H ~ 3/4 W in patches)."""
+    from ..data import PRESETS
+
+    patch = cfg.patch_size
+    height = max(patch, round(0.75 * target / patch) * patch)
+    frames = args.frames_per_sequence or PRESETS["eval-small"].frames
+    return dataclasses.replace(PRESETS["eval-small"], frames=frames, height=height, width=target)
+
+
+def _model_config(args, usage_error):
+    """(ModelConfig, random?) from the weight options, reading no weights."""
+    from ..config import ModelConfig
+    from ..io.params import ParamsError, load_config
+
+    try:
+        if args.params:
+            return load_config(args.params), False
+        if args.checkpoint:
+            return (ModelConfig.from_spec(args.spec) if args.spec else ModelConfig.published()), False
+    except ParamsError as e:
+        raise usage_error(str(e)) from e
+    except (ValueError, TypeError) as e:
+        raise usage_error(f"bad spec {args.spec}: {e}") from e
+    if args.dataset != "procedural":
+        raise usage_error(f"--params or --checkpoint is required to evaluate on {args.dataset}")
+    return ModelConfig.tiny(), True
+
+
+def _dataset(args, cfg, usage_error):
+    from ..data import DataError, Dataset, load_dataset
+
+    for flag in ("sequences", "frames_per_sequence"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise usage_error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    try:
+        if args.dataset == "procedural":
+            target = args.frame_size or cfg.img_size
+            ds = load_dataset("procedural", config=_procedural_config(args, cfg, target),
+                              num_sequences=args.sequences or 2)
+        else:
+            if not args.data:
+                raise usage_error(f"DATA, the {args.dataset} folder, is required")
+            if not Path(args.data).is_dir():
+                raise usage_error(f"{args.data}: dataset folder not found")
+            ds = load_dataset(args.dataset, args.data)
+    except DataError as e:
+        raise usage_error(str(e)) from e
+    seqs = ds.sequences[:args.sequences] if args.sequences else ds.sequences
+    if args.frames_per_sequence:
+        seqs = tuple(take_frames(s, args.frames_per_sequence) for s in seqs)
+    return Dataset(info=ds.info, sequences=tuple(seqs))
+
+
+def run(args, usage_error, load_model) -> Path:
+    """Run `xsvggt eval`. usage_error: the CLI's UsageError class; load_model(args) -> (params, cfg)
+    (the CLI's weight loader, used for --params / --checkpoint)."""
+    import jax
+
+    from ..data import DataError
+    from ..io.frames import FrameError
+    from ..io.params import ParamsError, _check_target, staged_dir
+    from ..model import init_params
+    from .report import write_report
+    from .runner import TASKS, EvalConfigError, check_evaluation, evaluate
+    from .settings import SettingsError, parse_settings
+
+    from ..data import DATASETS
+
+    if args.dataset not in DATASETS:
+        raise usage_error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    if args.task not in TASKS:
+        raise usage_error(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
+    try:
+        settings = parse_settings(args.settings, {"pool": args.pool, "group": args.group,
+                                                  "scale_dtype": args.scale_dtype, "seed": args.seed})
+    except SettingsError as e:
+        raise usage_error(str(e)) from e
+    out_dir = Path(args.out).absolute()
+    overwrite = _ours(out_dir)
+    try:
+        _check_target(out_dir, overwrite)
+    except ParamsError as e:
+        raise usage_error(f"{out_dir} already exists and is not an xsvggt eval output directory") from e
+    cfg, random_model = _model_config(args, usage_error)
+    dataset = _dataset(args, cfg, usage_error)
+    try:
+        check_evaluation(cfg, dataset, args.task, args.resize, args.frame_size)
+    except (EvalConfigError, DataError, FrameError) as e:
+        raise usage_error(str(e)) from e
+
+    note = RANDOM_MODEL_NOTE if random_model else None
+    if random_model:
+        log.warning(note)
+        params = init_params(cfg, jax.random.PRNGKey(0))
+    else:
+        params, cfg = load_model(args)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=len(dataset), unit="sequence", dynamic_ncols=True)
+    try:
+        with staged_dir(out_dir, overwrite) as tmp:
+            tick = None if bar is None else (lambda seq: bar.update(1))
+            results = evaluate(params, cfg, dataset, settings, args.task, resize=args.resize,
+                               frame_size=args.frame_size, progress=tick)
+            write_report(results, tmp, extra={"data": None if args.dataset == "procedural" else str(args.data),
+                                               "random_model": random_model}, note=note)
+    except (DataError, FrameError, ParamsError) as e:
+        raise usage_error(str(e)) from e
+    finally:
+        if bar is not None:
+            bar.close()
+    if note:
+        print(note)
+    return out_dir
+
+
+__all__ = ["RANDOM_MODEL_NOTE", "add_parser", "run", "take_frames"]

@@ -1,0 +1,353 @@
+"""Evaluate cache settings on a dataset: stream every sequence once per setting, score the task.
+
+`evaluate(params, cfg, dataset, settings, task)` is what `xsvggt eval` runs:
+
+1. every check that can fail on the inputs (task, settings, the dataset serving the task, frame
+   sizes) runs first and raises a `ValueError` subclass before any model work;
+2. per sequence, frames are preprocessed as `xsvggt reconstruct` preprocesses images (upstream's
+   `load_and_preprocess_images`: bicubic resize to `frame_size` wide, centre crop or white pad) and
+   the ground truth is carried into the same pixel grid (`data.preprocess`);
+3. per setting, the frames go through the jitted streaming step (`make_step` + `init_cache`, exactly
+   as `reconstruct` streams: batch 1, no query points, an uncompressed cache sized to the sequence);
+4. the task's metrics are computed per sequence and aggregated:
+   * `recon`: Acc / Comp / NC (`reconstruction_metrics`: median shift + median-norm scale, 224 px
+     centre crop (whole frames when they are smaller), ICP 0.1) of the point map `pts3d_in_other_view` against the ground-truth depth unprojected
+     into the first camera; mean over sequences (upstream);
+   * `video-depth`: AbsRel, delta < 1.25 of `depth` with one robust scale per sequence (upstream
+     `--align scale`) and the dataset's depth caps; average weighted by valid pixels (upstream).
+     When the model frames are the whole images resized (landscape frames in crop mode: Sintel,
+     Bonn, KITTI, ...) the prediction is resized to the ground truth's resolution with OpenCV's
+     bicubic (`resize_depth`) as upstream does; when rows were cropped or padding added, the ground
+     truth is carried onto the model grid instead (nearest, `data.preprocess`);
+   * `pose`: ATE, RPE-trans, RPE-rot (Sim(3), delta 1) of the cameras decoded from `camera_pose`,
+     plus RRA@30, RTA@30 and AUC@30 over all frame pairs; mean over sequences.
+   Per setting it also records the cache bytes (`cache_report`, the largest over sequences), the
+   median latency per frame after each sequence's first frame (which includes compilation), and the
+   process's peak RSS (a process-wide high-water mark: a later setting never reports less).
+
+Any `CacheConfig` works, including one whose `prune` names a policy the user registered in
+`xsvggt_jax.prune.POLICIES` (see `settings.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..cache import CacheConfig, cache_report, init_cache
+from ..config import ModelConfig, check_frame_size
+from ..data.base import Dataset, Sequence
+from ..data.preprocess import preprocess_frame
+from ..io.exports import pose_to_extri_intri_np, unproject_depth
+from ..io.frames import FrameError, preprocess_image, preprocessed_size, resized_size
+from ..step import make_step
+from .depth import DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, evaluate_depth, resize_depth
+from .geometry import EvalInputError
+from .pointcloud import CROP_SIZE, reconstruction_metrics, world_to_camera
+from .pose import extrinsics_to_c2w, pairwise_pose_errors, pose_accuracy, pose_auc, trajectory_metrics
+from .settings import Setting, as_settings
+
+log = logging.getLogger(__name__)
+
+#: Per-frame outputs kept from the stream (the track head is not evaluated).
+PREDICTION_KEYS = ("pts3d_in_other_view", "conf", "depth", "depth_conf", "camera_pose")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a task reports. columns: the metric keys of the results table; primary: the accuracy
+    plotted against cache bytes; lower_is_better: its direction."""
+
+    columns: tuple[str, ...]
+    primary: str
+    lower_is_better: bool
+
+
+TASKS: Mapping[str, Task] = {
+    "recon": Task(("acc", "acc_med", "comp", "comp_med", "nc", "nc_med"), "acc", True),
+    "video-depth": Task(("abs_rel", "delta_1.25"), "abs_rel", True),
+    "pose": Task(("ate", "rpe_trans", "rpe_rot", "rra@30", "rta@30", "auc@30"), "ate", True),
+}
+
+
+class EvalConfigError(ValueError):
+    """An evaluation that cannot run as asked (unknown task, a dataset without the task's ground
+    truth, frames the model cannot take); raised before any model work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingResult:
+    """One setting's outcome. sequences: sequence name -> its metrics plus "frames", "cache_bytes",
+    "ms_per_frame" (and "error" when the metrics could not be computed); aggregate: the task's
+    aggregate over the scored sequences plus "sequences_scored"; cache: `cache_report` of the largest
+    cache; ms_per_frame: median latency after each sequence's first frame; peak_rss_bytes: the
+    process's peak RSS after this setting; device_peak_bytes: the accelerator's peak bytes in use
+    (None where the backend does not report it)."""
+
+    setting: Setting
+    sequences: dict[str, dict[str, Any]]
+    aggregate: dict[str, float]
+    cache: dict[str, int]
+    ms_per_frame: float
+    peak_rss_bytes: int
+    device_peak_bytes: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalResults:
+    """Everything `evaluate` measured. frame_hw: the model's input size per sequence;
+    predictions: setting name -> sequence name -> PREDICTION_KEYS arrays [S, ...] when
+    `keep_predictions`, else None."""
+
+    task: str
+    dataset: str
+    settings: tuple[SettingResult, ...]
+    model: dict
+    resize: str
+    frame_size: int
+    frame_hw: dict[str, tuple[int, int]]
+    frames: dict[str, int]
+    predictions: Optional[dict[str, dict[str, dict[str, np.ndarray]]]] = None
+
+
+# ---------------------------------------------------------------------------------------- checks
+def check_evaluation(cfg: ModelConfig, dataset: Dataset, task: str, resize: str = "crop",
+                     frame_size: Optional[int] = None) -> dict[str, tuple[int, int]]:
+    """Everything about an evaluation that can be checked before any model work (reads the first frame
+    of each sequence). Returns sequence name -> model frame (H, W). Raises EvalConfigError."""
+    target = cfg.img_size if frame_size is None else frame_size
+    if task not in TASKS:
+        raise EvalConfigError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    info = dataset.info
+    if task not in info.tasks:
+        raise EvalConfigError(f"the {info.name} dataset has no ground truth for the {task} task "
+                              f"(it serves {', '.join(info.tasks)})")
+    if not len(dataset):
+        raise EvalConfigError(f"the {info.name} dataset has no sequences")
+    sizes = {}
+    for seq in dataset:
+        if task in ("recon", "pose") and seq.extrinsics is None:
+            raise EvalConfigError(f"{seq.name}: no ground-truth poses for the {task} task")
+        if task in ("recon", "video-depth") and seq.load_depth is None:
+            raise EvalConfigError(f"{seq.name}: no ground-truth depth for the {task} task")
+        if task == "recon" and seq.intrinsics is None:
+            raise EvalConfigError(f"{seq.name}: no intrinsics to unproject the ground-truth depth")
+        if len(seq) < (3 if task == "pose" else 1):
+            raise EvalConfigError(f"{seq.name}: {len(seq)} frames are too few for the {task} task")
+        h0, w0 = seq.rgb(0).shape[:2]
+        try:
+            hw = preprocessed_size(w0, h0, resize, target)
+            check_frame_size(cfg, *hw)
+        except (FrameError, ValueError) as e:
+            raise EvalConfigError(f"{seq.name}: {e}") from None
+        sizes[seq.name] = hw
+    names = [s.name for s in dataset]
+    if len(set(names)) != len(names):
+        raise EvalConfigError("the dataset's sequence names are not unique")
+    return sizes
+
+
+# --------------------------------------------------------------------------------------- streaming
+@functools.lru_cache(maxsize=16)
+def _step_fn(cfg: ModelConfig, cache_cfg: CacheConfig) -> Callable:
+    """One jitted step per (model, cache) configuration, so repeated evaluations compile once."""
+    return make_step(cfg, cache_cfg)
+
+
+def _peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def _device_peak_bytes() -> Optional[int]:
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
+
+
+def stream_sequence(params: dict, cfg: ModelConfig, cache_cfg: CacheConfig,
+                    frames: np.ndarray) -> tuple[dict[str, np.ndarray], list[float], dict[str, int]]:
+    """Frames [S, 3, H, W] float32 in [0, 1] through the streaming step as `xsvggt reconstruct`
+    streams them. Returns (predictions: PREDICTION_KEYS -> float32 [S, ...], latency in seconds per
+    frame (device-synchronised; the first includes compilation), `cache_report` of the cache)."""
+    s, _, h, w = frames.shape
+    cache = init_cache(cfg, cache_cfg, 1, (h, w), max_frames=s)
+    info = cache_report(cfg, cache_cfg, cache)  # fixed shapes: the bytes never change
+    step = _step_fn(cfg, cache_cfg)
+    outs: dict[str, list] = {k: [] for k in PREDICTION_KEYS}
+    latency = []
+    for frame in frames:
+        t0 = time.perf_counter()
+        cache, out = step(params, cache, jnp.asarray(frame.transpose(1, 2, 0))[None])
+        out = jax.block_until_ready(out)
+        latency.append(time.perf_counter() - t0)
+        for k in PREDICTION_KEYS:
+            outs[k].append(np.asarray(out[k][0], np.float32))
+    return {k: np.stack(v) for k, v in outs.items()}, latency, info
+
+
+# ----------------------------------------------------------------------------------- ground truth
+@dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: identity equality
+class GroundTruth:
+    """A sequence in the model's pixel grid (`load_ground_truth`): frames [S, 3, H, W]; depth
+    [S, H, W] (0 invalid) or None; intrinsics [S, 3, 3] or None; extrinsics [S, 4, 4]
+    camera-from-world or None; pose_valid [S]."""
+
+    frames: np.ndarray
+    depth: Optional[np.ndarray]
+    intrinsics: Optional[np.ndarray]
+    extrinsics: Optional[np.ndarray]
+    pose_valid: np.ndarray
+
+
+def load_ground_truth(seq: Sequence, task: str, resize: str, target: int) -> GroundTruth:
+    """Frames and the task's ground truth of `seq`, preprocessed to `target` px wide with `resize`."""
+    s = len(seq)
+    if task == "pose":  # depth is not needed (and may live in another camera, e.g. ScanNet)
+        frames = [preprocess_image(seq.pil(i), resize, target, name=f"{seq.name}/{seq.frame_ids[i]}")
+                  for i in range(s)]
+        depth = intr = None
+    else:
+        parts = [preprocess_frame(seq, i, resize, target) for i in range(s)]
+        frames = [p[0] for p in parts]
+        depth = np.stack([p[1] for p in parts])
+        intr = None if parts[0][2] is None else np.stack([p[2] for p in parts])
+        if task == "video-depth" and _whole_image(seq, resize, target):
+            depth = np.stack([seq.depth(i) for i in range(s)])  # scored at the dataset's resolution
+    valid = np.ones(s, bool) if seq.pose_valid is None else np.asarray(seq.pose_valid, bool)
+    return GroundTruth(np.stack(frames), depth, intr, seq.extrinsics, valid)
+
+
+def _whole_image(seq: Sequence, resize: str, target: int) -> bool:
+    """The model frames are the whole images, only resized (no rows cropped, no padding)."""
+    h0, w0 = seq.rgb(0).shape[:2]
+    return preprocessed_size(w0, h0, resize, target)[::-1] == resized_size(w0, h0, resize, target)
+
+
+# ----------------------------------------------------------------------------------------- metrics
+def _depth_protocol(dataset_name: str, max_depth: Optional[float]) -> DepthProtocol:
+    return DEPTH_PROTOCOLS.get(dataset_name, DepthProtocol(max_depth=max_depth))
+
+
+def score(task: str, preds: Mapping[str, np.ndarray], truth: GroundTruth, protocol: DepthProtocol) -> dict[str, float]:
+    """The task's metrics of one sequence (see the module docstring)."""
+    if task == "video-depth":
+        pred = preds["depth"][..., 0]                                            # [S, H, W]
+        if pred.shape != truth.depth.shape:  # ground truth at the dataset's resolution: upstream's bicubic
+            pred = resize_depth(pred, truth.depth.shape[1:])
+        return evaluate_depth(pred, truth.depth, align="scale", dataset=protocol)
+    if task == "recon":
+        extr = truth.extrinsics[:, :3]
+        gt_world = unproject_depth(truth.depth, extr, truth.intrinsics)          # [S, H, W, 3]
+        gt = world_to_camera(gt_world.astype(np.float64), extr[0])               # first camera's frame
+        valid = (truth.depth > 0) & np.isfinite(truth.depth)
+        h, w = truth.depth.shape[1:]
+        crop = CROP_SIZE if min(h, w) >= CROP_SIZE else None  # frames smaller than the protocol's crop: whole
+        return reconstruction_metrics(preds["pts3d_in_other_view"], gt, valid, crop=crop)
+    # pose
+    hw = preds["depth"].shape[1:3]
+    pred_extr, _ = pose_to_extri_intri_np(preds["camera_pose"], hw)              # [S, 3, 4]
+    keep = truth.pose_valid
+    pred_extr, gt_extr = pred_extr[keep], truth.extrinsics[keep]
+    metrics = trajectory_metrics(extrinsics_to_c2w(pred_extr), extrinsics_to_c2w(gt_extr))
+    rot_err, trans_err = pairwise_pose_errors(pred_extr, gt_extr)
+    metrics.update(pose_accuracy(rot_err, trans_err, 30.0))                    # rra@30, rta@30
+    metrics["auc@30"] = pose_auc(rot_err, trans_err, 30)
+    return metrics
+
+
+#: Per-sequence entries that are bookkeeping, not metrics (never averaged).
+_BOOKKEEPING = ("frames", "cache_bytes", "ms_per_frame")
+
+
+def _aggregate(task: str, per_seq: list[dict[str, Any]]) -> dict[str, float]:
+    scored = [{k: v for k, v in m.items() if k not in _BOOKKEEPING} for m in per_seq if "error" not in m]
+    if not scored:
+        return {"sequences_scored": 0}
+    if task == "video-depth":
+        out = average_depth_metrics(scored)
+    else:
+        keys = [k for k, v in scored[0].items() if isinstance(v, (int, float))]
+        out = {k: float(np.mean([m[k] for m in scored])) for k in keys}
+    return {**out, "sequences_scored": len(scored)}
+
+
+# ------------------------------------------------------------------------------------------ driver
+def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | Iterable[str | Setting | CacheConfig],
+             task: str, *, resize: str = "crop", frame_size: Optional[int] = None,
+             progress: Optional[Callable[[Sequence], None]] = None, keep_predictions: bool = False) -> EvalResults:
+    """Stream every sequence of `dataset` once per setting and score `task` ("recon", "video-depth",
+    "pose"; see the module docstring).
+
+    settings: a settings string ("none,xstream:2048,..."), or an iterable of setting strings,
+    `Setting`s or `CacheConfig`s (a bare CacheConfig is named by its repr). resize: "crop" | "pad";
+    frame_size: width the frames are resized to (default `cfg.img_size`: 518 for the published model).
+    progress: called with each sequence after it has been streamed with every setting.
+    keep_predictions: keep every setting's predictions in `EvalResults.predictions`.
+    Raises EvalConfigError / SettingsError / DataError / FrameError before any model work."""
+    target = cfg.img_size if frame_size is None else frame_size
+    chosen = as_settings(settings)
+    sizes = check_evaluation(cfg, dataset, task, resize, target)
+    protocol = _depth_protocol(dataset.info.name, dataset.info.max_depth)
+    params = jax.device_put(params)  # committed, so every call of a memoised step hits its compile cache
+    per_seq: dict[str, dict[str, dict]] = {s.name: {} for s in chosen}
+    latency: dict[str, list[float]] = {s.name: [] for s in chosen}
+    caches: dict[str, dict[str, int]] = {s.name: {} for s in chosen}
+    peaks: dict[str, tuple[int, Optional[int]]] = {}
+    kept: dict[str, dict] = {s.name: {} for s in chosen}
+    for seq in dataset:
+        truth = load_ground_truth(seq, task, resize, target)
+        for setting in chosen:
+            preds, lat, info = stream_sequence(params, cfg, setting.cache, truth.frames)
+            try:
+                metrics = score(task, preds, truth, protocol)
+            except EvalInputError as e:  # e.g. too few valid points: recorded, the other sequences go on
+                log.warning("%s / %s: %s", setting.name, seq.name, e)
+                metrics = {"error": str(e)}
+            after_first = lat[1:] or lat
+            per_seq[setting.name][seq.name] = {**metrics, "frames": len(seq), "cache_bytes": info["cache_bytes"],
+                                               "ms_per_frame": 1e3 * float(np.median(after_first))}
+            latency[setting.name].extend(after_first)
+            if info["cache_bytes"] >= caches[setting.name].get("cache_bytes", -1):
+                caches[setting.name] = info
+            peaks[setting.name] = (_peak_rss_bytes(), _device_peak_bytes())
+            if keep_predictions:
+                kept[setting.name][seq.name] = preds
+            log.info("%s / %s: %s", setting.name, seq.name,
+                     {k: per_seq[setting.name][seq.name].get(k) for k in TASKS[task].columns})
+        if progress is not None:
+            progress(seq)
+    results = tuple(
+        SettingResult(s, per_seq[s.name], _aggregate(task, list(per_seq[s.name].values())), caches[s.name],
+                      1e3 * float(np.median(latency[s.name])), *peaks[s.name])
+        for s in chosen)
+    return EvalResults(task=task, dataset=dataset.info.name, settings=results, model=cfg.to_spec(), resize=resize,
+                       frame_size=target, frame_hw=sizes, frames={s.name: len(s) for s in dataset},
+                       predictions=kept if keep_predictions else None)
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON-safe numbers: NaN / inf -> None (recursively through dicts and lists)."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+__all__ = ["EvalConfigError", "EvalResults", "GroundTruth", "PREDICTION_KEYS", "SettingResult", "TASKS", "Task",
+           "check_evaluation", "evaluate", "finite_or_none", "load_ground_truth", "score", "stream_sequence"]
