@@ -437,8 +437,17 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
     st.add_argument("--keep-state", action="store_true", help="keep the state directory after a completed run")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with xsvggt's error format: one `xsvggt: error: ...` line, exit code 2."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("xsvggt").strip()  # the subcommand
+        sys.stderr.write(f"xsvggt: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xsvggt", description="StreamVGGT in JAX: streaming 4D reconstruction")
+    p = _Parser(prog="xsvggt", description="StreamVGGT in JAX: streaming 4D reconstruction")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = p.add_subparsers(dest="command", required=True)
 
