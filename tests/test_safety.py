@@ -61,24 +61,21 @@ def reconstruct(src, params_dir, out, *flags):
 
 
 # ------------------------------------------------------------------------------ 1. state directory
-def test_save_state_deletes_only_its_own_files(params_dir, npz, tmp_path, capsys):
-    src = npz()
+def test_save_state_deletes_only_its_own_files(interrupted_state, params_dir, npz, tmp_path, capsys):
+    src, state = interrupted_state
     cwd_like = tmp_path / "work"  # `--save-state .` used to remove the whole working directory
     cwd_like.mkdir()
     (cwd_like / "thesis.tex").write_text("precious")
-    err = run_error(reconstruct(src, params_dir, tmp_path / "o1", "--save-state", str(cwd_like)), capsys)
+    err = run_error(reconstruct(npz(), params_dir, tmp_path / "o1", "--save-state", str(cwd_like)), capsys)
     assert "not empty" in err and "not made by xsvggt" in err
     assert (cwd_like / "thesis.tex").read_text() == "precious" and not (tmp_path / "o1").exists()
 
-    state = tmp_path / "state"  # an empty directory of the user's: marked, used, emptied, kept
-    state.mkdir()
-    assert main(reconstruct(src, params_dir, tmp_path / "o2", "--save-state", str(state), "--save-every", "1",
-                            "--keep-state")) == 0
-    assert (state / "checkpoint").is_dir()
-    (state / "notes.txt").write_text("mine")  # the user adds a file to the (now marked) state dir
-    assert main(reconstruct(src, params_dir, tmp_path / "o3", "--save-state", str(state), "--save-every", "1")) == 0
-    assert sorted(p.name for p in state.iterdir()) == ["notes.txt"]
-    assert (state / "notes.txt").read_text() == "mine"
+    mine = tmp_path / "state"  # a state dir of ours into which the user dropped a file
+    shutil.copytree(state, mine)
+    (mine / "notes.txt").write_text("mine")
+    assert main(reconstruct(src, params_dir, tmp_path / "o2", "--resume", str(mine))) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # checkpoint, outputs, marker: gone
+    assert (mine / "notes.txt").read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------- 2. output directory
@@ -316,13 +313,11 @@ def test_uncompressed_cache_too_big_is_refused_before_allocation(params_dir, npz
 
 
 # --------------------------------------------------------------------------------------- 7. NaN
-@pytest.mark.parametrize("offline", [False, True])
-def test_nan_weight_is_an_error(offline, tiny_params, tiny_cfg, npz, tmp_path, capsys):
+def test_nan_weight_is_an_error(tiny_params, tiny_cfg, npz, tmp_path, capsys):
     bad = jax.tree_util.tree_map(np.copy, tiny_params)
     bad["aggregator"]["camera_token"][..., 0] = np.nan
     params = save_params(bad, tmp_path / "nan-params", tiny_cfg)
-    err = run_error(reconstruct(npz(), params, tmp_path / "out", *(["--offline", "causal"] if offline else [])),
-                    capsys)
+    err = run_error(reconstruct(npz(), params, tmp_path / "out"), capsys)
     assert "NaN/Inf" in err and "frame 0" in err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
