@@ -20,7 +20,6 @@ import logging
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -151,35 +150,6 @@ def _validate(args) -> None:
     _query_points(args.query_points)
 
 
-COMPILE_CACHE_MIN_SECONDS = 1.0  # compilations faster than this are not worth a cache entry
-
-
-def compile_cache_dir() -> Path:
-    """Per-user persistent JAX compilation cache: $XDG_CACHE_HOME/xsvggt-jax/jax-compile."""
-    from .weights import default_cache_dir
-    return default_cache_dir() / "jax-compile"
-
-
-def _configure_compile_cache(enabled: bool) -> None:
-    """Turn JAX's persistent compilation cache on (in `compile_cache_dir`, unless the user configured
-    one, e.g. with JAX_COMPILATION_CACHE_DIR) or off."""
-    import jax
-
-    if not enabled:
-        jax.config.update("jax_enable_compilation_cache", False)
-        return
-    if jax.config.jax_compilation_cache_dir:
-        return
-    path = compile_cache_dir()
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)  # trusted content: the user's only
-    except OSError as e:
-        log.warning("compilation cache disabled: cannot create %s (%s)", path, e)
-        return
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
-
-
 def _warn_outside(qp: np.ndarray | None, hw: tuple[int, int]) -> None:
     if qp is None:
         return
@@ -209,7 +179,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
     from .io.fsutil import FsError, check_free_space, disk_error_message
     from .io.outdir import OutputDir
     from .io.params import ParamsError
-    from .io.state import CHECKPOINT, StateError, claim_state_dir, params_digest, release_state_dir
+    from .io.state import StateError, claim_state_dir, params_digest, release_state_dir
     from .offline import run_offline
     from .pipeline import CacheMemoryError, NonFiniteError, check_cache_memory, prediction_bytes, stream_frames
     from .runtime import peak_rss_bytes
@@ -487,7 +457,7 @@ def _fail(message: str, code: int = 2) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `xsvggt` console script. Returns 0; input errors raise SystemExit(2), SIGTERM /
     SIGHUP SystemExit(128 + signal) after the same cleanup as Ctrl-C (KeyboardInterrupt)."""
-    from .runtime import Terminated, signals_as_interrupt
+    from .runtime import Terminated, configure_compile_cache, signals_as_interrupt
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
@@ -495,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     if args.command != "convert":
-        _configure_compile_cache(not args.no_compile_cache)
+        configure_compile_cache(not args.no_compile_cache)
     try:
         with signals_as_interrupt():
             out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo}[args.command](args)

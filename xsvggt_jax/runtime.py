@@ -1,5 +1,6 @@
-"""Process-level helpers of the command line: peak memory, memory available to a device, and SIGTERM
-handled like Ctrl-C (so every `finally` block cleans up when a cluster scheduler stops a run)."""
+"""Process-level helpers of the command line: peak memory, memory available to a device, SIGTERM
+handled like Ctrl-C (so every `finally` block cleans up when a cluster scheduler stops a run), and
+JAX's persistent compilation cache."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import resource
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -75,3 +77,33 @@ def signals_as_interrupt(signums=(signal.SIGTERM, signal.SIGHUP)) -> Iterator[No
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+COMPILE_CACHE_MIN_SECONDS = 1.0  # compilations faster than this are not worth a cache entry
+
+
+def compile_cache_dir() -> Path:
+    """Per-user persistent JAX compilation cache: $XDG_CACHE_HOME/xsvggt-jax/jax-compile."""
+    from .weights import default_cache_dir
+
+    return default_cache_dir() / "jax-compile"
+
+
+def configure_compile_cache(enabled: bool) -> None:
+    """Turn JAX's persistent compilation cache on (in `compile_cache_dir`, unless the user configured
+    one, e.g. with JAX_COMPILATION_CACHE_DIR) or off."""
+    import jax
+
+    if not enabled:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)  # trusted content: the user's only
+    except OSError as e:
+        log.warning("compilation cache disabled: cannot create %s (%s)", path, e)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
