@@ -323,7 +323,7 @@ def _demo(args) -> Path:
     note = ("demo: no --checkpoint, so a small RANDOMLY INITIALISED model is used; its predictions are "
             "meaningless (this run proves install, speed, memory and outputs)")
     out = Path(args.out).absolute()
-    params_dir = owned_tempdir(out.parent, f".{out.name}.demo-params-", "demo params")
+    params_dir = owned_tempdir(out.parent, f".{out.name}.tmp-demo-params-", "demo params")
     try:
         args.params = str(params_dir / "params")
         save_params(init_params(cfg, jax.random.PRNGKey(0)), args.params, cfg)
