@@ -182,7 +182,8 @@ def owner_status(record: Mapping) -> str:
 def sweep_leftovers(candidates: Iterable[Path]) -> list[Path]:
     """Remove the directories among `candidates` that carry our marker and whose process is dead.
 
-    Returns those kept (no marker, or a live / unverifiable owner) so the caller can name them.
+    Returns those kept (no marker, or a live / unverifiable owner) so the caller can name them; this
+    process's own directories are neither removed nor returned.
     """
     kept = []
     for path in candidates:
@@ -190,6 +191,8 @@ def sweep_leftovers(candidates: Iterable[Path]) -> list[Path]:
             kept.append(path)
             continue
         record = read_owner(path)
+        if record is not None and record.get("pid") == os.getpid() and record.get("host") == socket.gethostname():
+            continue  # this process's own (e.g. the demo's parameters)
         if record is not None and owner_status(record) == "dead":
             log.warning("removing %s, left by an interrupted xsvggt run (pid %s)", path, record["pid"])
             shutil.rmtree(path, ignore_errors=True)
