@@ -179,7 +179,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
     from .io.fsutil import FsError, check_free_space, disk_error_message
     from .io.outdir import OutputDir
     from .io.params import ParamsError
-    from .io.state import StateError, claim_state_dir, params_digest, release_state_dir
+    from .io.state import StateError, check_state_dir, claim_state_dir, params_digest, release_state_dir
     from .offline import run_offline
     from .pipeline import CacheMemoryError, NonFiniteError, check_cache_memory, prediction_bytes, stream_frames
     from .runtime import peak_rss_bytes
@@ -189,9 +189,11 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
     state_dir = Path(args.resume or args.save_state).absolute() if (args.resume or args.save_state) else None
     try:
         out = OutputDir(args.out, args.overwrite, protect=inputs)
+        if state_dir is not None:
+            check_state_dir(state_dir, resume=bool(args.resume))
         if source is None:
             source = open_frames(args.input, mode=args.resize, fps=args.fps, stride=args.stride)
-    except (FsError, FrameError) as e:
+    except (FsError, FrameError, StateError) as e:
         raise UsageError(str(e)) from e
     params, cfg = _model(args)
     params = jax.device_put(params)

@@ -49,9 +49,9 @@ def _marker(directory: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def claim_state_dir(directory: str | os.PathLike, resume: bool) -> Path:
-    """Make `directory` ours for this run: for saving it must be new, empty or marked by xsvggt; for
-    resuming it must be marked. A directory in use by a live run is refused. Returns the path."""
+def check_state_dir(directory: str | os.PathLike, resume: bool) -> dict | None:
+    """Raise StateError unless `directory` may be used (see `claim_state_dir`); writes nothing.
+    Returns its marker record (None for a new or empty directory)."""
     directory = Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise StateError(f"state directory {directory} exists and is not a directory")
@@ -67,6 +67,14 @@ def claim_state_dir(directory: str | os.PathLike, resume: bool) -> Path:
     if status == "unknown":
         log.warning("state directory %s was last used on host %s; make sure that run has stopped",
                     directory, record.get("host"))
+    return record
+
+
+def claim_state_dir(directory: str | os.PathLike, resume: bool) -> Path:
+    """Make `directory` ours for this run: for saving it must be new, empty or marked by xsvggt; for
+    resuming it must be marked. A directory in use by a live run on this host is refused."""
+    directory = Path(directory).absolute()
+    record = check_state_dir(directory, resume)
     created = record["created_dir"] if record is not None and "created_dir" in record else not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / STATE_MARKER, {**owner_record("state"), "created_dir": bool(created)})
