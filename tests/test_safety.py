@@ -105,6 +105,30 @@ def test_symlinked_outdir_keeps_the_targets_foreign_files(params_dir, npz, tmp_p
     assert leftovers(tmp_path, "old-output") == [] and leftovers(tmp_path, "link") == []
 
 
+def test_input_among_earlier_outputs_is_refused(params_dir, npz, tmp_path, capsys):
+    out = tmp_path / "out"
+    src = npz("predictions.npz", folder=out)  # the user feeds a file an earlier run wrote
+    (out / ".xsvggt-manifest.json").write_text(json.dumps({"producer": "xsvggt-jax", "files": ["predictions.npz"]}))
+    err = run_error(reconstruct(src, params_dir, out), capsys)
+    assert "predictions.npz" in err and "input" in err
+    assert src.is_file() and leftovers(tmp_path, "out") == []
+
+
+def test_state_dir_of_a_live_run_is_refused(params_dir, npz, tmp_path, capsys):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / ".xsvggt-state.json").write_text(json.dumps({**owner_record("state"), "pid": live.pid,
+                                                              "pid_start": None, "created_dir": True}))
+        err = run_error(reconstruct(npz(), params_dir, tmp_path / "out", "--save-state", str(state)), capsys)
+        assert "in use by another xsvggt run" in err and str(live.pid) in err
+        assert not (tmp_path / "out").exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
 # ------------------------------------------------------------------- 3. disk space, leftovers, SIGTERM
 def test_free_space_checked_before_work_and_query_points_outside_warn(params_dir, npz, tmp_path, capsys, caplog,
                                                                      monkeypatch):
