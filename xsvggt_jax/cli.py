@@ -7,9 +7,11 @@
 INPUT is a folder of images, a video file, or an .npz with `images` [S,3,H,W] (and optionally
 `query_points` [N,2]).
 
-Input problems (bad files, shapes, values, existing outputs) end with one line
-`xsvggt: error: ...` on stderr and exit code 2; outputs are written atomically, so a failed run
-leaves nothing behind.
+Input problems (bad files, flags, shapes, values, existing outputs, no disk space or memory, NaN
+predictions) end with one line `xsvggt: error: ...` on stderr and exit code 2, checked before any
+work where possible; outputs are staged and moved into place when complete, so a failed run leaves
+nothing behind. SIGTERM/SIGHUP clean up like Ctrl-C and exit with 128 + the signal number. What
+xsvggt may delete: see `io/outdir.py` and `io/state.py` (only files it wrote itself).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .io.fsutil import atomic_savez, atomic_write_json
+from .io.fsutil import PRODUCER, atomic_savez, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,6 @@ def _convert(args) -> Path:
 
 
 # ------------------------------------------------------------------------------------- reconstruct
-OUTDIR_MARKER = "xsvggt-jax"  # report.json["producer"]
 def _cache_config(args):
     from .cache import CacheConfig
 
@@ -251,7 +252,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
             extra = _exports(tmp, preds, rgb, hw, args)
             plot_stream(tmp / "stream.png", np.asarray(latency), np.asarray(nbytes))
             report = {
-                "producer": OUTDIR_MARKER, "mode": mode, "input": source.name, "frames": s,
+                "producer": PRODUCER, "mode": mode, "input": source.name, "frames": s,
                 "height": hw[0], "width": hw[1], "num_queries": nq,
                 **{k: float(v) for k, v in timing.items()}, **cinfo,
                 "cache": meta["cache"], "latency_s": [float(x) for x in latency],
