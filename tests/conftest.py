@@ -46,6 +46,14 @@ def run_error(argv, capsys) -> str:
     return err
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_home(tmp_path_factory):
+    """The CLI's per-user caches (converted checkpoints, JAX compilation cache) go to a test folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return require_reference(TINY)

@@ -205,8 +205,10 @@ def test_refuses_foreign_outdir(tiny_params_dir, tmp_path, capsys):
     err = run_error(["reconstruct", str(src), "--params", str(tiny_params_dir), "--out", str(out), "--quiet"], capsys)
     assert "precious" in err
     assert (out / "thesis.tex").read_text() == "do not delete"
+    # --overwrite writes our outputs into the directory; the user's file stays
     assert main(["reconstruct", str(src), "--params", str(tiny_params_dir), "--out", str(out), "--quiet",
                  "--overwrite"]) == 0
-    assert not (out / "thesis.tex").exists()
-    # an OUTDIR that xsvggt wrote is replaced without --overwrite
+    assert (out / "thesis.tex").read_text() == "do not delete" and (out / "predictions.npz").is_file()
+    # an OUTDIR that xsvggt wrote is updated without --overwrite
     assert main(["reconstruct", str(src), "--params", str(tiny_params_dir), "--out", str(out), "--quiet"]) == 0
+    assert (out / "thesis.tex").read_text() == "do not delete"

@@ -7,26 +7,27 @@
 INPUT is a folder of images, a video file, or an .npz with `images` [S,3,H,W] (and optionally
 `query_points` [N,2]).
 
-Input problems (bad files, shapes, values, existing outputs) end with one line
-`xsvggt: error: ...` on stderr and exit code 2; outputs are written atomically, so a failed run
-leaves nothing behind.
+Input problems (bad files, flags, shapes, values, existing outputs, no disk space or memory, NaN
+predictions) end with one line `xsvggt: error: ...` on stderr and exit code 2, checked before any
+work where possible; outputs are staged and moved into place when complete, so a failed run leaves
+nothing behind. SIGTERM/SIGHUP clean up like Ctrl-C and exit with 128 + the signal number. What
+xsvggt may delete: see `io/outdir.py` and `io/state.py` (only files it wrote itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
-import resource
+import math
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from .io.fsutil import PRODUCER, atomic_savez, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +59,6 @@ def _convert(args) -> Path:
 
 
 # ------------------------------------------------------------------------------------- reconstruct
-OUTDIR_MARKER = "xsvggt-jax"  # report.json["producer"]: an OUTDIR we wrote may be replaced
-
-
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
-
-
-def _ours(out_dir: Path) -> bool:
-    try:
-        return json.loads((out_dir / "report.json").read_text()).get("producer") == OUTDIR_MARKER
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _cache_config(args):
     from .cache import CacheConfig
 
@@ -115,30 +101,6 @@ def _query_points(text: str | None):
     return pts
 
 
-def _offline(cfg, params, source, qp, causal: bool):
-    import jax
-    import jax.numpy as jnp
-
-    from .model import StreamVGGT
-
-    frames = np.stack(list(source))  # the batch forward needs every frame at once
-    model = StreamVGGT(cfg)
-    fwd = jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, causal, method=StreamVGGT.offline))
-    x = jnp.asarray(frames.transpose(0, 2, 3, 1))[None]
-    q = None if qp is None else jnp.asarray(qp)[None]
-    t0 = time.perf_counter()
-    compiled = fwd.lower(params, x, q).compile()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(params, x, q))
-    total = time.perf_counter() - t0
-    preds = {k: np.asarray(v[0]) for k, v in out.items()}
-    rgb = np.clip(np.rint(frames.transpose(0, 2, 3, 1) * 255), 0, 255).astype(np.uint8)
-    s = len(frames)
-    return preds, rgb, {"compile_seconds": compile_s, "seconds_per_frame": total / s, "total_seconds": total,
-                        "latency_s": [total / s] * s}, {"cache_bytes": 0}, [0] * s
-
-
 def _exports(tmp: Path, preds: dict, rgb: np.ndarray, source, args) -> dict:
     """predictions.npz, points.ply, trajectory.txt, colmap/, depth/ into `tmp` (see io/outputs.py)."""
     from .io.outputs import ExportOptions, write_outputs
@@ -148,34 +110,79 @@ def _exports(tmp: Path, preds: dict, rgb: np.ndarray, source, args) -> dict:
     return write_outputs(tmp, preds, rgb, source, options)
 
 
-def _reconstruct(args, source=None, note: str | None = None) -> Path:
-    """Run a reconstruction and write OUTDIR. `source` (a FrameSource) overrides args.input."""
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _validate(args) -> None:
+    """Cross-flag checks, before any file is read or written (single flags are checked by argparse)."""
+    if args.spec and args.params:
+        raise UsageError("--spec describes a --checkpoint; a --params directory carries its own configuration")
+    if args.spec and not args.checkpoint:
+        raise UsageError("--spec needs --checkpoint")
+    if args.resume and args.save_state and Path(args.resume).absolute() != Path(args.save_state).absolute():
+        raise UsageError("--resume and --save-state name different directories")
+    state = args.resume or args.save_state
+    if args.offline and state:
+        raise UsageError("--save-state/--resume apply to streaming, not --offline")
+    if args.keep_state and not state:
+        raise UsageError("--keep-state needs --save-state or --resume")
+    if state:
+        out, st = Path(args.out).resolve(), Path(state).resolve()
+        if _inside(st, out) or _inside(out, st):
+            raise UsageError(f"the state directory {state} and --out {args.out} must not contain each other")
+    if not args.offline:
+        _cache_config(args)
+    _query_points(args.query_points)
+
+
+def _warn_outside(qp: np.ndarray | None, hw: tuple[int, int]) -> None:
+    if qp is None:
+        return
+    outside = int(np.sum((qp[:, 0] < 0) | (qp[:, 0] > hw[1] - 1) | (qp[:, 1] < 0) | (qp[:, 1] > hw[0] - 1)))
+    if outside:
+        log.warning("%d of %d query points lie outside the %dx%d (HxW) model input of frame 0; their tracks are "
+                    "extrapolated", outside, len(qp), *hw)
+
+
+def _export_bytes(frames: int, hw: tuple[int, int], queries: int, ply_max_pixels: int) -> int:
+    """Rough upper estimate of the exported files (predictions.npz, depth maps, point cloud, COLMAP)."""
+    from .pipeline import prediction_bytes
+
+    pixels = frames * hw[0] * hw[1]
+    cloud = min(pixels, ply_max_pixels)
+    return prediction_bytes(frames, hw, queries) + frames * 96 + pixels * (8 + 2) + cloud * (15 + 64) + (1 << 20)
+
+
+def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -> Path:
+    """Run a reconstruction and write OUTDIR. `source` (a FrameSource) overrides args.input;
+    `extra_files(tmp)` adds files to the staged outputs."""
     import jax
 
     from .config import check_frame_size
     from .io.plots import plot_offline, plot_stream
     from .io.frames import FrameError, open_frames
-    from .io.params import ParamsError, _check_target, staged_dir
-    from .io.state import StateError
-    from .pipeline import stream_frames
+    from .io.fsutil import FsError, check_free_space, disk_error_message
+    from .io.outdir import OutputDir
+    from .io.params import ParamsError
+    from .io.state import StateError, check_state_dir, claim_state_dir, params_digest, release_state_dir
+    from .offline import run_offline
+    from .pipeline import CacheMemoryError, NonFiniteError, check_cache_memory, prediction_bytes, stream_frames
+    from .runtime import peak_rss_bytes
 
-    out_dir = Path(args.out).absolute()
-    overwrite = args.overwrite or _ours(out_dir)
-    try:
-        _check_target(out_dir, overwrite)
-    except ParamsError as e:
-        raise UsageError(f"{e} (not an xsvggt output directory)") from e
-    if args.resume and args.save_state and Path(args.resume).absolute() != Path(args.save_state).absolute():
-        raise UsageError("--resume and --save-state name different directories")
+    _validate(args)
+    inputs = [p for p in (getattr(args, "input", None), args.params, args.checkpoint) if p]
     state_dir = Path(args.resume or args.save_state).absolute() if (args.resume or args.save_state) else None
-    if args.offline and state_dir:
-        raise UsageError("--save-state/--resume apply to streaming, not --offline")
     try:
+        out = OutputDir(args.out, args.overwrite, protect=inputs)
+        if state_dir is not None:
+            check_state_dir(state_dir, resume=bool(args.resume))
         if source is None:
             source = open_frames(args.input, mode=args.resize, fps=args.fps, stride=args.stride)
-    except FrameError as e:
+    except (FsError, FrameError, StateError) as e:
         raise UsageError(str(e)) from e
     params, cfg = _model(args)
+    params = jax.device_put(params)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
     try:
@@ -184,24 +191,36 @@ def _reconstruct(args, source=None, note: str | None = None) -> Path:
         raise UsageError(f"{source.name}: {e}") from e
     qp = _query_points(args.query_points)
     qp = source.query_points if qp is None else qp
-    if source.num_frames is None:
-        raise UsageError(f"{source.name}: the number of frames is unknown (container without a frame count); "
-                         "convert the video or pass a folder of images")
-    s, hw = source.num_frames, (source.height, source.width)
+    s, hw, nq = source.num_frames, (source.height, source.width), 0 if qp is None else len(qp)
+    _warn_outside(qp, hw)
     cache_cfg = None if args.offline else _cache_config(args)
+    try:
+        if cache_cfg is not None:
+            check_cache_memory(cfg, cache_cfg, hw, s, nq)
+        memmaps = 0 if args.offline else prediction_bytes(s, hw, nq)
+        check_free_space({out.final: _export_bytes(s, hw, nq, args.ply_max_pixels) + (0 if state_dir else memmaps),
+                          **({state_dir: memmaps} if state_dir and not args.resume else {})})
+    except (CacheMemoryError, FsError) as e:
+        raise UsageError(str(e)) from e
     mode = f"offline_{args.offline}" if args.offline else "stream"
-    log.info("%s: %s, %d frames of %dx%d, %d queries, backend %s", mode, source.name, s, *hw,
-             0 if qp is None else len(qp), jax.default_backend())
+    log.info("%s: %s, %d frames of %dx%d, %d queries, backend %s", mode, source.name, s, *hw, nq,
+             jax.default_backend())
     if note:
         log.warning(note)
-    params = jax.device_put(params)
-    meta = {"model": cfg.to_dict(), "cache": dataclasses.asdict(cache_cfg) if cache_cfg else None,
-            "frames": s, "height": hw[0], "width": hw[1], "queries": 0 if qp is None else len(qp)}
+    meta = {"model": cfg.to_dict(), "cache": dataclasses.asdict(cache_cfg) if cache_cfg else None, "frames": s,
+            "height": hw[0], "width": hw[1], "queries": None if qp is None else np.asarray(qp, np.float32).tolist(),
+            "input": source.name}
     try:
-        with staged_dir(out_dir, overwrite) as tmp:
+        if state_dir is not None:
+            claim_state_dir(state_dir, resume=bool(args.resume))
+            meta["weights"] = params_digest(params)
+        with out.staged() as tmp:
             if args.offline:
-                preds, rgb, timing, cinfo, nbytes = _offline(cfg, params, source, qp, args.offline == "causal")
-                latency = timing.pop("latency_s")
+                run = run_offline(cfg, params, source, qp, args.offline == "causal")
+                preds, rgb, cinfo = run.predictions, run.rgb, {"cache_bytes": 0}
+                latency, nbytes = [run.seconds_per_frame] * s, [0] * s
+                timing = {"compile_seconds": run.compile_seconds, "seconds_per_frame": run.seconds_per_frame,
+                          "total_seconds": run.total_seconds}
             else:
                 run = stream_frames(cfg, cache_cfg, params, source, s, hw, qp, tmp / ".work", state_dir=state_dir,
                                     save_every=args.save_every, resume=bool(args.resume), quiet=args.quiet,
@@ -214,27 +233,50 @@ def _reconstruct(args, source=None, note: str | None = None) -> Path:
             extra = _exports(tmp, preds, rgb, source, args)
             if args.offline:
                 plot_offline(tmp / "stream.png", timing["compile_seconds"], timing["total_seconds"], s,
-                             _peak_rss_bytes())
+                             peak_rss_bytes())
             else:
                 plot_stream(tmp / "stream.png", np.asarray(latency), allocated_bytes=np.asarray(nbytes))
             report = {
-                "producer": OUTDIR_MARKER, "mode": mode, "input": source.name, "frames": s,
-                "height": hw[0], "width": hw[1], "num_queries": 0 if qp is None else int(len(qp)),
+                "producer": PRODUCER, "mode": mode, "input": source.name, "frames": s,
+                "height": hw[0], "width": hw[1], "num_queries": nq,
                 **{k: float(v) for k, v in timing.items()}, **cinfo,
                 "cache": meta["cache"], "latency_s": [float(x) for x in latency],
-                "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": _peak_rss_bytes(),
+                "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": peak_rss_bytes(),
                 "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
                 "dtype": cfg.dtype, "precision": cfg.precision, **extra, **({"note": note} if note else {}),
             }
-            (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-            shutil.rmtree(tmp / ".work", ignore_errors=True)  # the streaming memory maps
-    except (FrameError, StateError, ParamsError) as e:
+            if extra_files is not None:
+                extra_files(tmp)
+            atomic_write_json(tmp / "report.json", report)
+            shutil.rmtree(tmp / ".work", ignore_errors=True)
+    except (FrameError, StateError, ParamsError, NonFiniteError, FsError) as e:
+        _drop_unused_state(state_dir, args)
         raise UsageError(str(e)) from e
+    except OSError as e:
+        msg = disk_error_message(e)
+        if msg is None:
+            raise
+        _drop_unused_state(state_dir, args)
+        raise UsageError(msg) from e
+    except BaseException:
+        _drop_unused_state(state_dir, args)
+        raise
     if state_dir is not None and not args.keep_state:
-        shutil.rmtree(state_dir, ignore_errors=True)  # the run completed: the checkpoint is spent
+        release_state_dir(state_dir)  # the run completed: the checkpoint is spent
     log.info("%.4f s/frame after compile (%.2f s compile), cache %d bytes, peak RSS %d bytes",
-             timing["seconds_per_frame"], timing["compile_seconds"], cinfo["cache_bytes"], _peak_rss_bytes())
-    return out_dir
+             timing["seconds_per_frame"], timing["compile_seconds"], cinfo["cache_bytes"], peak_rss_bytes())
+    return out.given
+
+
+def _drop_unused_state(state_dir: Path | None, args) -> None:
+    """After a failed run: a state directory without a checkpoint holds nothing worth keeping."""
+    from .io.state import CHECKPOINT, StateError, release_state_dir
+
+    if state_dir is not None and not args.resume and not (state_dir / CHECKPOINT).exists():
+        try:
+            release_state_dir(state_dir)
+        except (StateError, OSError):
+            pass
 
 
 # --------------------------------------------------------------------------------------------- demo
@@ -245,45 +287,68 @@ def _demo(args) -> Path:
     from .config import ModelConfig
     from .demo import make_scene
     from .io.frames import FrameSource
+    from .io.fsutil import owned_tempdir
 
     args.offline, args.params = None, None
-    if args.checkpoint:
-        note = None
-        scene = make_scene(frames=args.frames, height=392, width=518)  # the published model's frame size
-    else:
-        scene = make_scene(frames=args.frames)
-        from .io.params import save_params
-        from .model import init_params
-
-        cfg = ModelConfig.tiny()
-        note = ("demo: no --checkpoint, so a small RANDOMLY INITIALISED model is used; its predictions are "
-                "meaningless (this run proves install, speed, memory and outputs)")
-        params_dir = Path(args.out).absolute().parent / f".{Path(args.out).name}.demo-params"
-        if not params_dir.exists():
-            save_params(init_params(cfg, jax.random.PRNGKey(0)), params_dir, cfg, overwrite=True)
-        args.params = str(params_dir)
+    hw = (392, 518) if args.checkpoint else (112, 154)  # the published model's frame size, or the tiny's
+    scene = make_scene(frames=args.frames, height=hw[0], width=hw[1])
 
     class SceneSource(FrameSource):
         def __iter__(self):
             yield from scene.images
 
-    source = SceneSource("procedural demo scene", len(scene.images), scene.images.shape[2], scene.images.shape[3],
-                         scene.query_points)
+    source = SceneSource("procedural demo scene", len(scene.images), *hw, scene.query_points)
+    ground_truth = lambda tmp: atomic_savez(tmp / "scene_ground_truth.npz", depth=scene.depth,
+                                            extrinsics=scene.extrinsics, intrinsics=scene.intrinsics,
+                                            images=scene.images)
+    if args.checkpoint:
+        return _reconstruct(args, source=source, extra_files=ground_truth)
+    from .io.params import save_params
+    from .model import init_params
+
+    _validate(args)
+    cfg = ModelConfig.tiny()
+    note = ("demo: no --checkpoint, so a small RANDOMLY INITIALISED model is used; its predictions are "
+            "meaningless (this run proves install, speed, memory and outputs)")
+    out = Path(args.out).absolute()
+    params_dir = owned_tempdir(out.parent, f".{out.name}.tmp-demo-params-", "demo params")
     try:
-        out = _reconstruct(args, source=source, note=note)
+        args.params = str(params_dir / "params")
+        save_params(init_params(cfg, jax.random.PRNGKey(0)), args.params, cfg)
+        out = _reconstruct(args, source=source, note=note, extra_files=ground_truth)
     finally:
-        if not args.checkpoint:
-            shutil.rmtree(Path(args.params), ignore_errors=True)
-    tmp = out / ".scene_ground_truth.tmp.npz"
-    np.savez(tmp, depth=scene.depth, extrinsics=scene.extrinsics, intrinsics=scene.intrinsics, images=scene.images)
-    os.replace(tmp, out / "scene_ground_truth.npz")
-    if note:
-        print(note)
+        shutil.rmtree(params_dir, ignore_errors=True)
+    print(note)
     return out
 
 
 # ------------------------------------------------------------------------------------------ parsers
+def _typed(convert, check, what: str):
+    """An argparse type: `convert` the text, then require `check(value)` (error names `what`)."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _typed(int, lambda v: v >= 1, "a positive integer")
+NON_NEGATIVE_INT = _typed(int, lambda v: v >= 0, "a non-negative integer")
+POSITIVE_FLOAT = _typed(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+PERCENTILE = _typed(float, lambda v: 0 <= v <= 100, "a percentile between 0 and 100")
+
+
 def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
+    from .cache import QUANT_LAYOUTS
+    from .config import DTYPES  # the registry of compute dtypes
+    from .prune import POLICIES
+    from .quant import PACK_BITS
+
     w = r.add_argument_group("weights")
     if not demo:
         src = w.add_mutually_exclusive_group(required=True)
@@ -293,46 +358,60 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
         w.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (default: random tiny model)")
     w.add_argument("--spec", help="spec.json of a non-published configuration (with --checkpoint)")
     w.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/xsvggt-jax)")
-    w.add_argument("--dtype", choices=("float32", "bfloat16"),
+    w.add_argument("--dtype", choices=tuple(DTYPES),
                    help="compute dtype (default: the model's, float32; bfloat16 is faster on accelerators)")
+    w.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use JAX's persistent compilation cache (default: ~/.cache/xsvggt-jax/jax-compile)")
     o = r.add_argument_group("outputs")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR that xsvggt did not write")
-    o.add_argument("--conf-percentile", type=float, default=50.0,
+    o.add_argument("--overwrite", action="store_true",
+                   help="write into an existing OUTDIR that xsvggt did not write (files with xsvggt's output "
+                        "names are replaced; nothing else is removed)")
+    o.add_argument("--conf-percentile", type=PERCENTILE, default=50.0,
                    help="keep points whose confidence is at least this percentile (0-100; default 50)")
     o.add_argument("--points", choices=("depth", "pointmap"), default="depth",
                    help="point cloud from unprojected depth (default) or from the point map head")
-    o.add_argument("--ply-max-pixels", type=int, default=20_000_000,
+    o.add_argument("--ply-max-pixels", type=POSITIVE_INT, default=20_000_000,
                    help="frames are subsampled so the cloud draws from at most this many pixels")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.add_argument("--query-points", help="points to track in frame 0: 'x,y x,y ...' (pixels of the model input)")
     g = r.add_argument_group("streaming cache (XStreamVGGT compression)")
-    g.add_argument("--prune", choices=("none", "xstream", "sliding", "random"), default="xstream" if demo else "none",
+    g.add_argument("--prune", choices=tuple(POLICIES), default="xstream" if demo else "none",
                    help="cache pruning policy (reconstruct default none: plain StreamVGGT)")
-    g.add_argument("--cache-size", type=int, default=512 if demo else 2048,
+    g.add_argument("--cache-size", type=POSITIVE_INT, default=512 if demo else 2048,
                    help="tokens kept per attention layer when pruning")
-    g.add_argument("--pool", type=int, default=16, help="query pooling size of the xstream score")
-    g.add_argument("--quant", choices=("none", "kcvt", "ktvt", "kcvc", "ktvc"), default="kcvt" if demo else "none",
+    g.add_argument("--pool", type=POSITIVE_INT, default=16, help="query pooling size of the xstream score")
+    g.add_argument("--quant", choices=tuple(QUANT_LAYOUTS), default="kcvt" if demo else "none",
                    help="K/V quantization layout: K per Channel|Token, V per Channel|Token")
-    g.add_argument("--bits", type=int, choices=(2, 4, 8), default=4, help="quantization code width")
-    g.add_argument("--group", type=int, default=64, help="quantization group size")
+    g.add_argument("--bits", type=int, choices=tuple(PACK_BITS), default=4, help="quantization code width")
+    g.add_argument("--group", type=POSITIVE_INT, default=64, help="quantization group size")
     g.add_argument("--scale-dtype", choices=("float32", "float16"), default="float32",
                    help="group scales: float32 (bit-exact with upstream) or float16 (smaller cache)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random pruning policy")
+    g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the random pruning policy")
     st = r.add_argument_group("checkpointing the stream")
-    st.add_argument("--save-state", help="directory to checkpoint the stream into every --save-every frames")
-    st.add_argument("--save-every", type=int, default=50, help="frames between stream checkpoints")
+    st.add_argument("--save-state", help="new or empty directory to checkpoint the stream into every --save-every "
+                                         "frames (xsvggt removes only its own files from it)")
+    st.add_argument("--save-every", type=POSITIVE_INT, default=50, help="frames between stream checkpoints")
     st.add_argument("--resume", help="continue the stream checkpointed in this directory")
     st.add_argument("--keep-state", action="store_true", help="keep the state directory after a completed run")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with xsvggt's error format: one `xsvggt: error: ...` line, exit code 2."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("xsvggt").strip()  # the subcommand
+        sys.stderr.write(f"xsvggt: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xsvggt", description="StreamVGGT in JAX: streaming 4D reconstruction")
+    p = _Parser(prog="xsvggt", description="StreamVGGT in JAX: streaming 4D reconstruction")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="stream a procedural scene through the whole pipeline")
     d.add_argument("--out", default="xsvggt-demo", help="output directory (default ./xsvggt-demo)")
-    d.add_argument("--frames", type=int, default=24, help="frames of the procedural scene")
+    d.add_argument("--frames", type=POSITIVE_INT, default=24, help="frames of the procedural scene")
     _add_run_options(d, demo=True)
 
     c = sub.add_parser("convert", help="convert an upstream .pth/.safetensors checkpoint to a params dir")
@@ -348,8 +427,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="batch forward over all frames instead of streaming (causal or full attention)")
     r.add_argument("--resize", choices=("crop", "pad"), default="crop", help="preprocessing of images/video")
     fr = r.add_mutually_exclusive_group()
-    fr.add_argument("--fps", type=float, help="sample a video at this frame rate")
-    fr.add_argument("--stride", type=int, default=1, help="take every STRIDE-th frame")
+    fr.add_argument("--fps", type=POSITIVE_FLOAT, help="sample a video at this frame rate")
+    fr.add_argument("--stride", type=POSITIVE_INT, default=1, help="take every STRIDE-th frame")
     _add_run_options(r)
 
     v = sub.add_parser("view", help="serve an interactive 3D view of an OUTDIR in the browser (viser)")
@@ -382,23 +461,35 @@ def _eval(args) -> Path:
     return run(args, UsageError, _model)
 
 
+def _fail(message: str, code: int = 2) -> None:
+    msg = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    if len(msg) > MAX_MESSAGE:  # e.g. a wrong --spec: every parameter is listed
+        log.info("full error: %s", message)
+        msg = msg[:MAX_MESSAGE] + f" ... ({len(msg) - MAX_MESSAGE} more characters; -v shows all)"
+    sys.stderr.write(f"xsvggt: error: {msg}\n")
+    raise SystemExit(code) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `xsvggt` console script. Returns 0; input errors raise SystemExit(2)."""
+    """Entry point of the `xsvggt` console script. Returns 0; input errors raise SystemExit(2), SIGTERM /
+    SIGHUP SystemExit(128 + signal) after the same cleanup as Ctrl-C (KeyboardInterrupt)."""
+    from .runtime import Terminated, configure_compile_cache, signals_as_interrupt
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    if args.command in ("reconstruct", "demo", "eval"):
+        configure_compile_cache(not getattr(args, "no_compile_cache", False))
     try:
-        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "view": _view,
-               "eval": _eval}[args.command](args)
+        with signals_as_interrupt():
+            out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "view": _view,
+                   "eval": _eval}[args.command](args)
     except UsageError as e:
-        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        if len(msg) > MAX_MESSAGE:  # e.g. a wrong --spec: every parameter is listed
-            log.info("full error: %s", e)
-            msg = msg[:MAX_MESSAGE] + f" ... ({len(msg) - MAX_MESSAGE} more characters; -v shows all)"
-        sys.stderr.write(f"xsvggt: error: {msg}\n")
-        raise SystemExit(2) from None
+        _fail(str(e))
+    except Terminated as e:
+        _fail(f"stopped by {e}; partial outputs were removed", 128 + e.signum)
     print(out)
     return 0
 

@@ -35,8 +35,6 @@ import dataclasses
 import functools
 import logging
 import math
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional
@@ -51,6 +49,7 @@ from ..data.base import Dataset, Sequence
 from ..data.preprocess import preprocess_frame
 from ..io.exports import pose_to_extri_intri_np, unproject_depth
 from ..io.frames import FrameError, preprocess_image, preprocessed_size, resized_size
+from ..runtime import peak_rss_bytes
 from ..step import make_step
 from .depth import DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, evaluate_depth, resize_depth
 from .geometry import EvalInputError
@@ -163,11 +162,6 @@ def check_evaluation(cfg: ModelConfig, dataset: Dataset, task: str, resize: str 
 def _step_fn(cfg: ModelConfig, cache_cfg: CacheConfig) -> Callable:
     """One jitted step per (model, cache) configuration, so repeated evaluations compile once."""
     return make_step(cfg, cache_cfg)
-
-
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
 def _device_peak_bytes() -> Optional[int]:
@@ -320,7 +314,7 @@ def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | I
             latency[setting.name].extend(after_first)
             if info["cache_bytes"] >= caches[setting.name].get("cache_bytes", -1):
                 caches[setting.name] = info
-            peaks[setting.name] = (_peak_rss_bytes(), _device_peak_bytes())
+            peaks[setting.name] = (peak_rss_bytes(), _device_peak_bytes())
             if keep_predictions:
                 kept[setting.name][seq.name] = preds
             log.info("%s / %s: %s", setting.name, seq.name,
@@ -331,7 +325,7 @@ def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | I
         SettingResult(s, per_seq[s.name], _aggregate(task, list(per_seq[s.name].values())), caches[s.name],
                       1e3 * float(np.median(latency[s.name])), *peaks[s.name])
         for s in chosen)
-    return EvalResults(task=task, dataset=dataset.info.name, settings=results, model=cfg.to_spec(), resize=resize,
+    return EvalResults(task=task, dataset=dataset.info.name, settings=results, model=cfg.to_dict(), resize=resize,
                        frame_size=target, frame_hw=sizes, frames={s.name: len(s) for s in dataset},
                        predictions=kept if keep_predictions else None)
 

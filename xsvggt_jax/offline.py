@@ -1,0 +1,55 @@
+"""The offline (batch) reconstruction behind `xsvggt reconstruct --offline`: every frame through one
+forward pass, with causal or full attention across frames."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .io.rgb import to_uint8_rgb
+from .model import StreamVGGT
+from .pipeline import NonFiniteError
+
+
+@dataclasses.dataclass
+class OfflineRun:
+    predictions: dict     # name -> [S, ...] float32
+    rgb: np.ndarray       # [S, H, W, 3] uint8 frame colours
+    compile_seconds: float
+    total_seconds: float  # the forward pass, after compilation
+
+    @property
+    def seconds_per_frame(self) -> float:
+        return self.total_seconds / len(self.rgb)
+
+
+def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], query_points: Optional[np.ndarray],
+                causal: bool) -> OfflineRun:
+    """All `frames` ([3, H, W] float32 each; the batch forward needs them at once) in one forward pass.
+
+    query_points: [N, 2] pixels of frame 0 or None. Raises NonFiniteError on NaN/Inf outputs.
+    """
+    frames = np.stack(list(frames))  # [S, 3, H, W]
+    model = StreamVGGT(cfg)
+    fwd = jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, causal, method=StreamVGGT.offline))
+    x = jnp.asarray(frames.transpose(0, 2, 3, 1))[None]  # [1, S, H, W, 3]
+    q = None if query_points is None else jnp.asarray(query_points)[None]
+    t0 = time.perf_counter()
+    compiled = fwd.lower(params, x, q).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(params, x, q))
+    total = time.perf_counter() - t0
+    preds = {k: np.asarray(v[0], np.float32) for k, v in out.items()}
+    bad = [k for k, v in preds.items() if not np.isfinite(v).all()]
+    if bad:
+        first = min(int(np.argmax(~np.isfinite(preds[k]).reshape(len(frames), -1).all(1))) for k in bad)
+        raise NonFiniteError(f"the model produced NaN/Inf (in {', '.join(bad)}; first at frame {first}): "
+                             "check the weights (and the input); no outputs were written")
+    return OfflineRun(preds, to_uint8_rgb(frames), compile_s, total)
