@@ -72,7 +72,7 @@ def test_convert_roundtrip_bit_identical(params_dirs, tiny_params, tiny_cfg):
             assert np.array_equal(got, v), k
 
 
-def test_convert_overwrite_replaces(tiny_dir, tmp_path):
+def test_convert_overwrite_replaces_only_our_params_dir(tiny_dir, tmp_path):
     out = tmp_path / "p"
     out.mkdir()
     (out / "old.txt").write_text("keep me")
@@ -82,9 +82,18 @@ def test_convert_overwrite_replaces(tiny_dir, tmp_path):
         main(args)
     assert exc.value.code == 2
     assert (out / "old.txt").read_text() == "keep me"
-    assert main(args + ["--overwrite"]) == 0
-    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no temporary siblings left
+    with pytest.raises(SystemExit) as exc:  # --overwrite replaces only a params dir xsvggt wrote
+        main(args + ["--overwrite"])
+    assert exc.value.code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and (out / "old.txt").read_text() == "keep me"
+    ours = tmp_path / "q"
+    ours_args = args[:-1] + [str(ours)]
+    assert main(ours_args) == 0
+    before = (ours / "config.json").stat().st_mtime_ns
+    assert main(ours_args + ["--overwrite"]) == 0
+    assert (ours / "config.json").stat().st_mtime_ns >= before
+    assert sorted(p.name for p in ours.iterdir()) == ["config.json", "params"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "q"]  # no temporary siblings left
 
 
 @pytest.mark.parametrize("change", ["extra", "missing"])

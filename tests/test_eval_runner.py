@@ -171,5 +171,5 @@ def test_cli_refuses_a_user_directory(tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     err = run_error(["eval", "--dataset", "procedural", "--task", "pose", "--out", str(out), "--quiet"], capsys)
-    assert "not an xsvggt eval output directory" in err
+    assert "was not written by xsvggt" in err
     assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1

@@ -10,6 +10,7 @@ import numpy as np
 import pycolmap
 import pytest
 
+from xsvggt_jax.io.fsutil import atomic_write
 from xsvggt_jax.io import colmap as C
 from xsvggt_jax.io import exports as E
 from xsvggt_jax.io import plots as P
@@ -537,7 +538,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        E._atomic_write(target, boom)
+        atomic_write(target, boom)
     assert target.read_text() == "old"
     assert _tmp_leftovers(tmp_path) == []
 
@@ -549,7 +550,8 @@ def test_write_outputs_video_times_and_colmap(tmp_path):
     from PIL import Image
 
     from test_frames import _write_video
-    from xsvggt_jax.io.frames import open_frames, to_uint8
+    from xsvggt_jax.io.frames import open_frames
+    from xsvggt_jax.io.rgb import to_uint8_rgb as to_uint8
     from xsvggt_jax.io.outputs import ExportOptions, write_outputs
 
     src = open_frames(_write_video(tmp_path / "clip.webm", n=6, codec="libvpx"), target=28, fps=4)

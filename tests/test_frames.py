@@ -14,8 +14,8 @@ from PIL import Image, ImageFile
 from conftest import REFERENCE, require_reference
 from xsvggt_jax.io import video as video_mod
 from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, load_and_preprocess_images,
-                                  open_frames, pad_frame, preprocess_image, preprocess_transform, preprocessed_size,
-                                  to_uint8)
+                                  open_frames, pad_frame, preprocess_image, preprocess_transform, preprocessed_size)
+from xsvggt_jax.io.rgb import to_uint8_rgb as to_uint8
 
 T = 56  # small target width for speed
 

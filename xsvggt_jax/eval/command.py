@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -58,16 +57,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--scale-dtype", choices=("float32", "float16"), default="float32", help="group scale dtype")
     c.add_argument("--seed", type=int, default=0, help="seed of the random pruning policy")
     return e
-
-
-def _ours(out_dir: Path) -> bool:
-    from .report import KIND, PRODUCER
-
-    try:
-        doc = json.loads((out_dir / "results.json").read_text())
-        return doc.get("producer") == PRODUCER and doc.get("kind") == KIND
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def take_frames(seq, n: int):
@@ -142,7 +131,9 @@ def run(args, usage_error, load_model) -> Path:
 
     from ..data import DataError
     from ..io.frames import FrameError
-    from ..io.params import ParamsError, _check_target, staged_dir
+    from ..io.fsutil import FsError
+    from ..io.outdir import OutputDir
+    from ..io.params import ParamsError
     from ..model import init_params
     from .report import write_report
     from .runner import TASKS, EvalConfigError, check_evaluation, evaluate
@@ -159,12 +150,10 @@ def run(args, usage_error, load_model) -> Path:
                                                   "scale_dtype": args.scale_dtype, "seed": args.seed})
     except SettingsError as e:
         raise usage_error(str(e)) from e
-    out_dir = Path(args.out).absolute()
-    overwrite = _ours(out_dir)
-    try:
-        _check_target(out_dir, overwrite)
-    except ParamsError as e:
-        raise usage_error(f"{out_dir} already exists and is not an xsvggt eval output directory") from e
+    try:  # replaces only what an earlier xsvggt run wrote there; never the user's files or the data
+        out = OutputDir(args.out, protect=[args.data] if args.data else [])
+    except FsError as e:
+        raise usage_error(str(e)) from e
     cfg, random_model = _model_config(args, usage_error)
     dataset = _dataset(args, cfg, usage_error)
     try:
@@ -183,20 +172,20 @@ def run(args, usage_error, load_model) -> Path:
         from tqdm import tqdm
         bar = tqdm(total=len(dataset), unit="sequence", dynamic_ncols=True)
     try:
-        with staged_dir(out_dir, overwrite) as tmp:
+        with out.staged() as tmp:
             tick = None if bar is None else (lambda seq: bar.update(1))
             results = evaluate(params, cfg, dataset, settings, args.task, resize=args.resize,
                                frame_size=args.frame_size, progress=tick)
             write_report(results, tmp, extra={"data": None if args.dataset == "procedural" else str(args.data),
                                                "random_model": random_model}, note=note)
-    except (DataError, FrameError, ParamsError) as e:
+    except (DataError, FrameError, ParamsError, FsError) as e:
         raise usage_error(str(e)) from e
     finally:
         if bar is not None:
             bar.close()
     if note:
         print(note)
-    return out_dir
+    return out.given
 
 
 __all__ = ["RANDOM_MODEL_NOTE", "add_parser", "run", "take_frames"]

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..io.exports import _atomic_write_text
+from ..io.fsutil import atomic_write_text
 from ..io.plots import _figure, _save
 from .runner import TASKS, EvalResults, finite_or_none
 
@@ -115,8 +115,8 @@ def write_report(results: EvalResults, directory: str | Path, extra: Optional[di
     paths = {"json": directory / "results.json", "markdown": directory / "results.md",
              "plot": directory / "accuracy_vs_bytes.png"}
     doc = results_json(results, {**(extra or {}), **({"note": note} if note else {})})
-    _atomic_write_text(paths["json"], json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    _atomic_write_text(paths["markdown"], results_markdown(results, note))
+    atomic_write_text(paths["json"], json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(paths["markdown"], results_markdown(results, note))
     _save(accuracy_bytes_figure(results), paths["plot"])
     return paths
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .exports import PathLike, _atomic_write, _check_cameras, _fmt, mat_to_quat_np
+from .exports import PathLike, _check_cameras, _fmt, mat_to_quat_np
 from .frames import FrameInfo
+from .fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def write_colmap_model(directory: PathLike, extr: np.ndarray, intr: np.ndarray, 
     files = (_binary_model if binary else _text_model)(extr, intr, sizes, names, xyz, rgb)
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        _atomic_write(directory / name, lambda f, d=data: f.write(d))
+        atomic_write(directory / name, lambda f, d=data: f.write(d))
     log.info("wrote COLMAP %s model (%d images, %d points) to %s", "binary" if binary else "text", len(extr),
              len(xyz), directory)
     return directory
@@ -157,7 +158,7 @@ def _place_image(original: Path | np.ndarray, dest: Path) -> None:
         buf = io.BytesIO()
         fmt = "JPEG" if dest.suffix.lower() in (".jpg", ".jpeg") else "PNG"
         Image.fromarray(original).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-        _atomic_write(dest, lambda f: f.write(buf.getvalue()))
+        atomic_write(dest, lambda f: f.write(buf.getvalue()))
         return
     def copy(f):
         with open(original, "rb") as src:
@@ -166,7 +167,7 @@ def _place_image(original: Path | np.ndarray, dest: Path) -> None:
     try:
         os.link(original, dest)
     except OSError:  # another file system, or links not allowed: copy
-        _atomic_write(dest, copy)
+        atomic_write(dest, copy)
 
 
 def export_colmap(directory: PathLike, extr: np.ndarray, intr: np.ndarray, frames_info: Sequence[FrameInfo],

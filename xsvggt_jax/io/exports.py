@@ -20,13 +20,12 @@ import io
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
+from .fsutil import atomic_write, atomic_write_text
 from ..pose import quat_to_mat
 
 log = logging.getLogger(__name__)
@@ -34,36 +33,6 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 TUM_HEADER = "# timestamp tx ty tz qx qy qz qw"
-
-
-# --------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def _atomic_write(path: PathLike, writer: Callable[[IO[bytes]], None]) -> Path:
-    """Call `writer` on a binary temp file beside `path`, fsync it, then rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the usual permissions of a data file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def _atomic_write_text(path: PathLike, text: str) -> Path:
-    data = text.encode("utf-8")
-    return _atomic_write(path, lambda f: f.write(data))
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +199,7 @@ def write_ply(path: PathLike, xyz: np.ndarray, rgb: np.ndarray) -> Path:
     for n, name in enumerate(("red", "green", "blue")):
         vert[name] = rgb[:, n]
     ply = PlyData([PlyElement.describe(vert, "vertex")], text=False, byte_order="<")
-    out = _atomic_write(path, ply.write)
+    out = atomic_write(path, ply.write)
     log.info("wrote %d points to %s", len(xyz), out)
     return out
 
@@ -260,7 +229,7 @@ def write_tum(path: PathLike, extr: np.ndarray, timestamps: Sequence[float] | No
     for n in range(s):
         vals = [*c2w[n, :, 3], *quat[n]]
         lines.append(f"{ts[n]:.6f} " + " ".join(_fmt(v) for v in vals))
-    out = _atomic_write_text(path, "\n".join(lines) + "\n")
+    out = atomic_write_text(path, "\n".join(lines) + "\n")
     log.info("wrote %d poses to %s", s, out)
     return out
 
@@ -288,8 +257,8 @@ def write_depth(directory: PathLike, depth: np.ndarray, conf: np.ndarray | None 
         arrays["depth_conf"] = conf
 
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / "depth.npz", lambda f: np.savez(f, **arrays))
-    _atomic_write_text(directory / "depth_scale.json",
+    atomic_write(directory / "depth.npz", lambda f: np.savez(f, **arrays))
+    atomic_write_text(directory / "depth_scale.json",
                        json.dumps({"scale": scale, "unit": "depth = png / scale"}, indent=2) + "\n")
 
     from PIL import Image
@@ -300,7 +269,7 @@ def write_depth(directory: PathLike, depth: np.ndarray, conf: np.ndarray | None 
         img = Image.fromarray(q[n])  # uint16 -> mode I;16
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        _atomic_write(directory / f"depth_{n:05d}.png", lambda f, b=buf.getvalue(): f.write(b))
+        atomic_write(directory / f"depth_{n:05d}.png", lambda f, b=buf.getvalue(): f.write(b))
     log.info("wrote %d depth maps (scale %.6g) to %s", len(q), scale, directory)
     write_depth_previews(directory / "preview", d)
     return directory
@@ -363,6 +332,6 @@ def write_depth_previews(directory: PathLike, depth: np.ndarray) -> Path:
     for n in range(len(d)):
         buf = io.BytesIO()
         Image.fromarray(depth_preview(d[n], near, far)).save(buf, format="PNG")
-        _atomic_write(directory / f"depth_{n:05d}.png", lambda f, b=buf.getvalue(): f.write(b))
+        atomic_write(directory / f"depth_{n:05d}.png", lambda f, b=buf.getvalue(): f.write(b))
     log.info("wrote %d depth previews (colours %.3g..%.3g) to %s", len(d), near, far, directory)
     return directory

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .rgb import to_uint8_rgb
+
 log = logging.getLogger(__name__)
 
 PATCH = 14
@@ -81,15 +83,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
     return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """Frames [..., 3, H, W] float in [0, 1] -> colours [..., H, W, 3] uint8 (rounded, clipped, NaN -> 0)."""
-    frames = np.asarray(frames)
-    if frames.ndim < 3 or frames.shape[-3] != 3:
-        raise ValueError(f"frames must be [..., 3, H, W], got {frames.shape}")
-    rgb = np.nan_to_num(np.moveaxis(frames, -3, -1).astype(np.float32), nan=0.0)
-    return np.clip(np.rint(rgb * np.float32(255.0)), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +262,7 @@ class FrameSource:
         """Per frame, in order: the original image file (a Path), or its pixels as uint8 [h, w, 3]
         at the original size. Default: the model frames themselves."""
         for frame in self:
-            yield to_uint8(frame)
+            yield to_uint8_rgb(frame)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, num_frames={self.num_frames}, "

@@ -20,6 +20,7 @@ import numpy as np
 from . import exports as ex
 from .colmap import DEFAULT_MAX_POINTS, export_colmap
 from .frames import FrameInfo, FrameSource
+from .fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def write_outputs(out_dir: Path, preds: Mapping[str, np.ndarray], rgb: np.ndarra
     times = frame_times(source.frames_info)
     arrays = {**{k: np.asarray(v, np.float32) for k, v in preds.items()}, "extrinsics": extr.astype(np.float32),
               "intrinsics": intr.astype(np.float32), "timestamps": times}
-    ex._atomic_write(out_dir / "predictions.npz", lambda f: np.savez(f, **arrays))
+    atomic_write(out_dir / "predictions.npz", lambda f: np.savez(f, **arrays))
 
     step = max(1, int(np.ceil(s * hw[0] * hw[1] / options.ply_max_pixels)))  # bound the cloud's memory
     idx = np.arange(0, s, step)

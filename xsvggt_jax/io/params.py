@@ -41,12 +41,30 @@ class ParamsError(ValueError):
 
 
 # ------------------------------------------------------------------------------ atomic directories
+def _is_params_dir(final: Path) -> bool:
+    """Holds nothing but what `save_params` writes (config.json of our format and params/)."""
+    try:
+        names = {p.name for p in final.iterdir()}
+        fmt = json.loads((final / CONFIG_FILE).read_text()).get("format")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    return names == {CONFIG_FILE, PARAMS_SUBDIR} and fmt in (FORMAT, FORMAT_V1)
+
+
 def _check_target(final: Path, overwrite: bool) -> None:
+    """An existing non-empty `final` is replaced only with `overwrite` and only if it is a params
+    directory that `save_params` wrote and nothing else was put in: never a user's files."""
     if final.exists() or final.is_symlink():
         if not final.is_dir():
             raise ParamsError(f"{final} exists and is not a directory")
-        if not overwrite and any(final.iterdir()):
-            raise ParamsError(f"{final} already exists and is not empty (use --overwrite / overwrite=True to replace it)")
+        if not any(final.iterdir()):
+            return
+        if not overwrite:
+            raise ParamsError(f"{final} already exists and is not empty (use --overwrite / overwrite=True to replace "
+                              "a params directory written by xsvggt)")
+        if not _is_params_dir(final):
+            raise ParamsError(f"{final} is not a params directory written by xsvggt (or holds other files): "
+                              "refusing to replace it; choose another directory")
 
 
 def _umask() -> int:
@@ -59,8 +77,9 @@ def _umask() -> int:
 def staged_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `final`; on normal exit rename it to `final`.
 
-    An existing non-empty `final` is refused unless `overwrite` (checked before and after the body);
-    with `overwrite` it is replaced only once the new content is complete. On any exception the
+    An existing non-empty `final` is refused unless `overwrite` and it is a params directory written by
+    `save_params` with nothing else in it (checked before and after the body); it is then replaced
+    only once the new content is complete. On any exception the
     temporary directory is removed and `final` is left as it was.
     """
     final = Path(final).absolute()

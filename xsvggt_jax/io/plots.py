@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .exports import PathLike, _atomic_write
+from .exports import PathLike
+from .fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def _figure(size: tuple[float, float]):
 
 
 def _save(fig, path: PathLike) -> Path:
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def stream_figure(latency_s: np.ndarray, allocated_bytes: np.ndarray | float,
