@@ -285,13 +285,13 @@ def _demo(args) -> Path:
     import jax
 
     from .config import ModelConfig
-    from .demo import make_scene
+    from .data.procedural import make_demo_scene
     from .io.frames import FrameSource
     from .io.fsutil import owned_tempdir
 
     args.offline, args.params = None, None
     hw = (392, 518) if args.checkpoint else (112, 154)  # the published model's frame size, or the tiny's
-    scene = make_scene(frames=args.frames, height=hw[0], width=hw[1])
+    scene = make_demo_scene(frames=args.frames, height=hw[0], width=hw[1])
 
     class SceneSource(FrameSource):
         def __iter__(self):

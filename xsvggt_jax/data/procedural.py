@@ -8,8 +8,7 @@ Colours are quantised to k / 255 at render time, so `Sequence.image(i)` (uint8 /
 `ProceduralScene.images[i]` exactly. Shading is Lambertian (view independent), so a surface point
 has the same colour in every frame.
 
-Swap for the demo scene: `from xsvggt_jax.data.procedural import make_demo_scene as make_scene`
-(same signature and output fields as `xsvggt_jax.demo.make_scene`).
+`make_demo_scene` is the scene of `xsvggt demo` (the "demo" preset at a given size).
 """
 
 from __future__ import annotations
@@ -155,7 +154,7 @@ class World:
 class ProceduralScene:
     """A rendered sequence. images [S, 3, H, W] float32 in [0, 1] (multiples of 1/255); depth
     [S, H, W] float32 z-depth (every pixel valid); extrinsics [S, 3, 4] float32 camera-from-world
-    (as `xsvggt_jax.demo.Scene`); intrinsics [S, 3, 3] float32; query_points [N, 2] (x, y) pixels of
+    intrinsics [S, 3, 3] float32; query_points [N, 2] (x, y) pixels of
     frame 0; world: the geometry, for exact checks."""
 
     images: np.ndarray
@@ -320,8 +319,7 @@ def make_scene(config: SceneConfig = PRESETS["demo"], seed: int = 0, num_queries
 
 def make_demo_scene(frames: int = 24, height: int = 112, width: int = 154, num_queries: int = 8,
                     seed: int = 0) -> ProceduralScene:
-    """Drop-in for `xsvggt_jax.demo.make_scene` (same arguments and output fields), from the "demo"
-    preset with the given size."""
+    """The scene of `xsvggt demo`: the "demo" preset at the given size."""
     config = dataclasses.replace(PRESETS["demo"], frames=frames, height=height, width=width)
     return make_scene(config, seed=seed, num_queries=num_queries)
 
