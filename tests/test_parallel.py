@@ -47,15 +47,18 @@ SETTINGS = ("none", "xstream-int4")
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_sharded_pool_equals_single_streams(child, setting):
     """Every scene of the 4-device pool (scene changes, a late start, padded queries) equals the
-    same scene run alone through the single-stream step."""
-    scenes = child["settings"][setting]["scenes"]
+    same scene run alone through the single-stream step (`none`: aggregator + camera head only,
+    where it differs from xstream; xstream + int4: every head)."""
+    res = child["settings"][setting]
+    scenes = res["scenes"]
+    compared = {"camera_pose", "depth", "pts3d_in_other_view", "track", "vis"} if res["heads"] else {"camera_pose"}
     assert len(scenes) == 7 and {s["slot"] for s in scenes} == {0, 1, 2, 3}
     for s in scenes:
         for key, err in s["max_abs"].items():
             if key == "padded_nan" or (s["queries"] < 5 and key in AFFECTED_BY_PADDING):
                 continue
             assert err <= TOL, (setting, s, key)
-        assert {"depth", "camera_pose", "track", "vis"} <= set(s["max_abs"])
+        assert compared <= set(s["max_abs"])
 
 
 @pytest.mark.parametrize("setting", SETTINGS)

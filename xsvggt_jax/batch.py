@@ -78,28 +78,30 @@ def pool_size(pool: StreamCache) -> int:
 
 
 def pool_step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, pool: StreamCache,
-              frames: Array) -> tuple[StreamCache, dict]:
+              frames: Array, *, heads: bool = True) -> tuple[StreamCache, dict]:
     """One frame for every slot: frames [B, H, W, 3] float in [0, 1]. Returns the next pool and the
     outputs of `step.step` with the slot axis first ([B, H, W, 1] depth, [B, 9] camera_pose,
-    [B, N, 2] track, ...). Slot b computes exactly `step` on its own single-stream cache."""
-    if frames.ndim != 4 or frames.shape[0] != pool.frame_index.shape[0]:
-        raise PoolError(f"a pool of {pool.frame_index.shape[0]} slots takes frames [B, H, W, 3] with "
-                        f"B = {pool.frame_index.shape[0]}, got shape {tuple(frames.shape)}")
+    [B, N, 2] track, ...). Slot b computes exactly `step` on its own single-stream cache.
+    heads=False: aggregator + camera head only (outputs: camera_pose), as `step`."""
+    b = pool_size(pool)
+    if frames.ndim != 4 or frames.shape[0] != b:
+        raise PoolError(f"a pool of {b} slots takes frames [B, H, W, 3] with B = {b}, "
+                        f"got shape {tuple(frames.shape)}")
 
     def one(cache: StreamCache, frame: Array):
-        cache, out = step(cfg, cache_cfg, params, cache, frame[None])
+        cache, out = step(cfg, cache_cfg, params, cache, frame[None], heads=heads)
         return cache, jax.tree.map(lambda x: x[0], out)
 
     return jax.vmap(one)(pool, frames)
 
 
-def make_pool_step(cfg: ModelConfig, cache_cfg: CacheConfig, mesh: Optional[Mesh] = None
-                   ) -> Callable[[dict, StreamCache, Array], tuple[StreamCache, dict]]:
+def make_pool_step(cfg: ModelConfig, cache_cfg: CacheConfig, mesh: Optional[Mesh] = None, *,
+                   heads: bool = True) -> Callable[[dict, StreamCache, Array], tuple[StreamCache, dict]]:
     """`pool_step(params, pool, frames)` jitted with the pool donated. With a mesh: parameters
     replicated, pool, frames and outputs split over `data` (B / D slots a device, stepped there by
     `jax.shard_map` without communication). The returned driver checks concrete frames' values and
     that B splits over the mesh; `.jitted` is the bare jitted function (one compile per pool shape)."""
-    fn = functools.partial(pool_step, cfg, cache_cfg)
+    fn = functools.partial(pool_step, cfg, cache_cfg, heads=heads)
     if mesh is None:
         jitted = jax.jit(fn, donate_argnums=(1,))
     else:
@@ -141,7 +143,7 @@ def reset_slots(pool: StreamCache, done: Array, fresh: StreamCache,
     e.g. stacked from `pad_queries`; None keeps `fresh`'s. Jitted (the pool is donated): the same
     compiled select for any mask, no recompile of the step."""
     _check_single(fresh)
-    b = pool.frame_index.shape[0]
+    b = pool_size(pool)
     done = jnp.asarray(done, bool)
     if done.shape != (b,):
         raise PoolError(f"done must be a bool mask of shape ({b},), got {done.shape}")
