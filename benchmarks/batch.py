@@ -133,6 +133,7 @@ def plot(result: dict, path: Path) -> None:
     """frames/s against B, one line per (config, forced devices)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     from .stream import write_atomic
 
@@ -145,9 +146,10 @@ def plot(result: dict, path: Path) -> None:
             ax.plot([r["batch"] for r in recs], [r["frames_per_s"] for r in recs], marker="o",
                     ls="-" if run["forced_devices"] == 1 else "--",
                     label=f"{config}, {run['forced_devices']} forced device(s)")
-    ax.set(xscale="log", yscale="log", xlabel="streams B", ylabel="frames/s (all streams)",
+    ax.set(xscale="log", ylim=(0, None), xlabel="streams B", ylabel="frames/s (all streams)",
            title=f"pool step, {result['setting']} (provisional: shared {result['cpu_count']}-core CPU)")
     ax.set_xticks(result["batches"], [str(b) for b in result["batches"]])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
