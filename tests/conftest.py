@@ -46,6 +46,36 @@ def run_error(argv, capsys) -> str:
     return err
 
 
+def micro_cfg():
+    """A very small model (random weights) for shape / trace tests; 28x28 frames = 2x2 patches."""
+    from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig
+    return ModelConfig(img_size=28, embed_dim=32, depth=2, num_heads=2, num_register_tokens=4,
+                       dino=DinoConfig(embed_dim=32, depth=1, num_heads=2),
+                       camera=CameraHeadConfig(trunk_depth=1, num_heads=2),
+                       dpt=DPTConfig(features=8, out_channels=(4, 8, 16, 16), intermediate_layer_idx=(0, 1, 1, 1)),
+                       track=TrackHeadConfig(features=8, corr_levels=2, corr_radius=1, hidden_size=16, depth=1,
+                                             max_scale=28.0, iters=1, num_heads=2, num_virtual_tracks=4))
+
+
+def micro_frames(n: int, seed: int = 0, hw=(28, 28)) -> np.ndarray:
+    """[n, 1, H, W, 3] float32 uniform frames in [0, 1] (a stream of batch-1 NHWC frames)."""
+    return np.random.default_rng(seed).uniform(size=(n, 1, *hw, 3)).astype(np.float32)
+
+
+def nhwc(images: np.ndarray):
+    """Reference frames [S, 3, H, W] -> jnp [S, H, W, 3]."""
+    import jax.numpy as jnp
+    return jnp.asarray(images.transpose(0, 2, 3, 1))
+
+
+@pytest.fixture(scope="session")
+def micro():
+    """(micro_cfg(), its random parameters)."""
+    from xsvggt_jax.model import init_params
+    cfg = micro_cfg()
+    return cfg, init_params(cfg, jax.random.PRNGKey(0))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return require_reference(TINY)
