@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -15,6 +19,8 @@ from conftest import micro_frames, nhwc
 from xsvggt_jax.cache import (CacheConfig, CacheMismatchError, CacheOverflowError, cache_bytes, cache_overflowed,
                               init_cache)
 from xsvggt_jax.pose import pose_encoding_to_extri_intri, quat_to_mat
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("cache_cfg", [CacheConfig.uncompressed(), CacheConfig("xstream", 64, 16),
@@ -86,7 +92,7 @@ def test_step_refuses_frames_that_are_not_float_nhwc_in_unit_range(micro):
     fn = step_mod.make_step(cfg, cc)
     frame = micro_frames(1)[0]                                            # [1, 28, 28, 3]
     cases = [((frame * 255).astype(np.uint8), "dtype uint8 .divide uint8 frames by 255."),
-             (frame.transpose(0, 3, 1, 2), r"\[1, 3, 28, 28\].*NHWC"),
+             (frame.transpose(0, 3, 1, 2), r"got shape \(1, 3, 28, 28\) \(channels first\? NHWC"),
              (frame * 255, r"in \[0, 1\], got values in .*divide by 255"),
              (jnp.asarray(frame * 255), "divide by 255"),
              (np.zeros((1, 42, 28, 3), np.float32), "built for 28x28 frames, got 42x28")]
@@ -128,3 +134,43 @@ def test_init_cache_sharding_is_optional_and_honoured(micro):
     dev = jax.devices()[-1]
     pinned = init_cache(cfg, cc, 1, (28, 28), sharding=jax.sharding.SingleDeviceSharding(dev))
     assert all(x.committed and x.devices() == {dev} for x in jax.tree_util.tree_leaves(pinned))
+
+
+MESH_SCRIPT = """
+import logging, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from conftest import micro_cfg, micro_frames
+from xsvggt_jax.cache import CacheConfig, init_cache
+from xsvggt_jax.model import init_params
+from xsvggt_jax.step import make_step
+assert jax.device_count() == 2
+cfg, cc = micro_cfg(), CacheConfig("xstream", 24, 3)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+params = jax.device_put(init_params(cfg, jax.random.PRNGKey(0)), NamedSharding(mesh, P()))
+records = []
+handler = logging.Handler(); handler.emit = records.append
+logging.getLogger("jax").addHandler(handler)
+shapes = jax.eval_shape(lambda: init_cache(cfg, cc, 2, (28, 28)))
+batch_sharded = jax.tree.map(lambda x: NamedSharding(mesh, P("data") if x.ndim >= 2 else P()), shapes)
+for sharding in (None, batch_sharded):  # replicated like the params; streams split over the devices
+    fn = make_step(cfg, cc)
+    cache = init_cache(cfg, cc, 2, (28, 28), sharding=sharding)
+    with jax.log_compiles(True):
+        for f in micro_frames(2):
+            cache, out = fn(params, cache, jnp.asarray(np.concatenate([f, f])))
+    assert fn.jitted._cache_size() == 1, fn.jitted._cache_size()
+    assert cache.global_kv[0].k.sharding.device_set == set(jax.devices())
+    assert cache.global_kv[0].k.sharding.spec == (P() if sharding is None else P("data"))
+compiles = [r for r in records if r.getMessage().startswith("Compiling jit(step)")]
+print("compiles", len(compiles))
+assert len(compiles) == 2, len(compiles)
+"""
+
+
+def test_step_compiles_once_on_a_two_device_mesh(tmp_path):
+    """init_cache no longer pins the cache to device 0: on a (CPU) mesh an unsharded cache is placed
+    next to the replicated parameters, a sharded one keeps its sharding, and each compiles once."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    r = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import (CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, cache_overflowed,
-                    layer_caches)
+from .cache import CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, layer_caches
 from .config import ModelConfig, check_frame_size
 from .model import StreamVGGT
 
