@@ -149,9 +149,7 @@ def test_vmap_over_streams_equals_separate_runs(micro):
     for t in range(6):
         stacked, out = vstep(stacked, jnp.asarray(np.stack([streams[s][t] for s in range(3)])))
         for s in range(3):
-            for k in ("depth", "camera_pose", "pts3d_in_other_view", "vis"):
-                np.testing.assert_allclose(np.asarray(out[k][s]), np.asarray(separate[s][t][k]), rtol=1e-5,
-                                           atol=1e-6, err_msg=f"stream {s} frame {t} {k}")
+            chex.assert_trees_all_close(jax.tree.map(lambda x: x[s], out), separate[s][t], rtol=1e-5, atol=1e-6)
 
 
 def test_random_policy_reproducible_from_seed(micro):

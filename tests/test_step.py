@@ -55,8 +55,7 @@ def test_scan_runner_equals_step_loop(tiny_cfg, tiny_params, tiny_frames):
     cache = fresh()
     for t in range(4):
         cache, out = fn(tiny_params, cache, frames[t])
-        for k in ("depth", "camera_pose", "vis"):
-            np.testing.assert_allclose(np.asarray(scanned[k][t]), np.asarray(out[k]), rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[t], scanned), out, rtol=1e-5, atol=1e-6)
 
 
 def test_quat_to_mat_known_rotation():
