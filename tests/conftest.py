@@ -54,6 +54,31 @@ def user_cache_home(tmp_path_factory):
         yield
 
 
+def micro_cfg():
+    """A very small model (random weights) for shape / trace tests; 28x28 frames = 2x2 patches."""
+    from xsvggt_jax.config import ModelConfig
+    return ModelConfig.preset("micro")
+
+
+def micro_frames(n: int, seed: int = 0, hw=(28, 28)) -> np.ndarray:
+    """[n, 1, H, W, 3] float32 uniform frames in [0, 1] (a stream of batch-1 NHWC frames)."""
+    return np.random.default_rng(seed).uniform(size=(n, 1, *hw, 3)).astype(np.float32)
+
+
+def nhwc(images: np.ndarray):
+    """Reference frames [S, 3, H, W] -> jnp [S, H, W, 3]."""
+    import jax.numpy as jnp
+    return jnp.asarray(images.transpose(0, 2, 3, 1))
+
+
+@pytest.fixture(scope="session")
+def micro():
+    """(micro_cfg(), its random parameters)."""
+    from xsvggt_jax.model import init_params
+    cfg = micro_cfg()
+    return cfg, init_params(cfg, jax.random.PRNGKey(0))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return require_reference(TINY)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xsvggt_jax.quant import dequantize, fake_quant, pack, packed_bytes, quantize, unpack
+from xsvggt_jax.kvcodec import LAYOUTS, SCALE_DTYPES, PerChannel, PerToken
+from xsvggt_jax.quant import PACK_BITS, dequantize, fake_quant, pack, packed_bytes, quantize, unpack
 
 
 # ----------------------------------------------------------------------------- numpy reference
@@ -264,3 +265,33 @@ def test_bit_parity_many_groups(bits):
     x = (_rng(10 + bits).standard_normal((8, 4, 256, 64)) * 2).astype(np.float32)
     _check_against_ref(x, bits, 64, -1)
     _check_against_ref(x, bits, 64, -2, fn=jax.jit(quantize, static_argnums=(1, 2, 3)))
+
+
+# ----------------------------------------------------------------------------- cache codecs
+@pytest.mark.parametrize("codec_cls,axis", [(PerToken, -1), (PerChannel, -2)])
+@pytest.mark.parametrize("bits", PACK_BITS)
+def test_codec_encode_decode_take(codec_cls, axis, bits):
+    """A codec stores upstream's fake-quantized values exactly, and `take` keeps tokens (with their
+    own group's parameters, also when tokens move between per-channel groups)."""
+    x = _rng(bits).standard_normal((2, 3, 20, 16)).astype(np.float32)
+    codec = codec_cls(bits, 8)
+    packed = codec.encode(jnp.asarray(x))
+    assert packed.codes.shape == (2, 3, 20, packed_bytes((16,), bits)) and packed.codes.dtype == jnp.uint8
+    assert (packed.group_of is None) == (codec_cls is PerToken)            # no zero-size leaves
+    want = ref_quant(x, bits, 8, axis)[0]
+    np.testing.assert_array_equal(np.asarray(packed.decode()), want)
+    idx = np.array([[19, 0, 7, 8], [3, 3, 12, 1]], np.int32)               # per batch row, any order
+    kept = np.asarray(packed.take(jnp.asarray(idx)).decode())
+    np.testing.assert_array_equal(kept, np.stack([want[b][:, idx[b]] for b in range(2)]))
+    empty = codec.empty(2, 3, 20, 16, rows=3)
+    assert jax.tree.map(lambda a: a.shape, empty).codes == packed.codes.shape
+
+
+def test_layout_registry():
+    assert set(LAYOUTS) == {"kcvt", "ktvt", "kcvc", "ktvc"}
+    assert all(LAYOUTS[name] == tuple({"c": PerChannel, "t": PerToken}[name[i]] for i in (1, 3)) for name in LAYOUTS)
+    assert tuple(SCALE_DTYPES) == ("float32", "float16")
+    with pytest.raises(ValueError, match="bits"):
+        PerToken(3, 8)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        PerToken(4, 8, "bfloat16")

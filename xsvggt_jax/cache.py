@@ -17,6 +17,11 @@ Every array has a shape fixed by the configuration, so `step` compiles once for 
   index of the group each kept token came from (pruning moves tokens between groups).
 
 Slots past a layer's fill level are masked out of attention.
+
+Pure threading: `update_layer(kv, length, q, k, v, ...)` is one attention call's update and returns
+the next layer state; `step` wraps each layer's state in a `LayerCache` (keys fold_in(key, layer)),
+the modules pass them down and return the next ones, and nothing is mutated. The cache records what
+it was built for (static fields: CacheConfig, frame size, capacity) so `step` can refuse a mismatch.
 """
 
 from __future__ import annotations

@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import (CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, cache_overflowed,
-                    layer_caches)
+from .cache import CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, layer_caches
 from .config import ModelConfig, check_frame_size
 from .model import StreamVGGT
 
@@ -60,8 +59,9 @@ def check_frame(cfg: ModelConfig, cache: StreamCache, frame: Array) -> None:
 
 
 def check_frame_values(frame: Any) -> None:
-    """Concrete frames only (numpy or a non-traced jax array): values in [0, 1]. Tracers pass."""
-    if isinstance(frame, jax.core.Tracer):
+    """Concrete float frames (numpy or a non-traced jax array): values in [0, 1]. Tracers and
+    non-float frames pass (`check_frame` rejects the latter while tracing)."""
+    if isinstance(frame, jax.core.Tracer) or not jnp.issubdtype(frame.dtype, jnp.floating):
         return
     if isinstance(frame, np.ndarray):
         lo, hi = (float(frame.min()), float(frame.max())) if frame.size else (0.0, 0.0)
@@ -146,13 +146,13 @@ def place_cache(cache: StreamCache, params, frame=None) -> StreamCache:
     return jax.device_put(cache, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def make_step(cfg: ModelConfig, cache_cfg: CacheConfig) -> Callable[[dict, StreamCache, Array],
-                                                                        tuple[StreamCache, dict]]:
-    """`step(params, cache, frame)` jitted for the configuration (cache donated), behind a driver that
-    checks concrete frames' values and a concrete frame index against an uncompressed cache's capacity,
-    and places an uncommitted cache like the parameters (one compile per stream). `.jitted` is the bare
-    jitted function."""
-    jitted = jax.jit(functools.partial(step, cfg, cache_cfg), donate_argnums=(1,))
+def make_step(cfg: ModelConfig, cache_cfg: CacheConfig, **step_options) -> Callable[[dict, StreamCache, Array],
+                                                                                         tuple[StreamCache, dict]]:
+    """`step(params, cache, frame, **step_options)` jitted for the configuration (cache donated), behind
+    a driver that checks concrete frames' values and a concrete frame index against an uncompressed
+    cache's capacity (reading the index waits for the previous step), and places an uncommitted cache
+    like the parameters (one compile per stream). `.jitted` is the bare jitted function."""
+    jitted = jax.jit(functools.partial(step, cfg, cache_cfg, **step_options), donate_argnums=(1,))
 
     def run(params: dict, cache: StreamCache, frame: Array) -> tuple[StreamCache, dict]:
         check_frame_values(frame)

@@ -12,7 +12,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..layers import Dense, LayerNorm, MultiheadAttention, Mlp
 from ..resample import sample_bilinear
-from .dpt import DPTHead
+from .dpt import DPTHead, sincos_1d
 
 Array = jax.Array
 
@@ -20,13 +20,7 @@ Array = jax.Array
 def grid_sincos_embed(dim: int, height: int, width: int) -> np.ndarray:
     """[height, width, dim] 2D sin-cos embedding: first half encodes x (column), second half y (row)."""
     ys, xs = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
-
-    def one(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = pos.reshape(-1).astype(np.float64)[:, None] * omega[None]
-        return np.concatenate([np.sin(out), np.cos(out)], 1)
-
-    emb = np.concatenate([one(dim // 2, xs), one(dim // 2, ys)], 1)
+    emb = np.concatenate([sincos_1d(dim // 2, xs, 10000.0), sincos_1d(dim // 2, ys, 10000.0)], 1)
     return emb.astype(np.float32).reshape(height, width, dim)
 
 
