@@ -344,7 +344,7 @@ PERCENTILE = _typed(float, lambda v: 0 <= v <= 100, "a percentile between 0 and 
 
 
 def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
-    from .cache import QUANT_LAYOUTS
+    from .cache import QUANT_LAYOUTS, SCALE_DTYPES
     from .config import DTYPES  # the registry of compute dtypes
     from .prune import POLICIES
     from .quant import PACK_BITS
@@ -384,7 +384,7 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="K/V quantization layout: K per Channel|Token, V per Channel|Token")
     g.add_argument("--bits", type=int, choices=tuple(PACK_BITS), default=4, help="quantization code width")
     g.add_argument("--group", type=POSITIVE_INT, default=64, help="quantization group size")
-    g.add_argument("--scale-dtype", choices=("float32", "float16"), default="float32",
+    g.add_argument("--scale-dtype", choices=tuple(SCALE_DTYPES), default="float32",
                    help="group scales: float32 (bit-exact with upstream) or float16 (smaller cache)")
     g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the random pruning policy")
     st = r.add_argument_group("checkpointing the stream")

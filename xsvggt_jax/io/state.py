@@ -139,9 +139,9 @@ def save_state(directory: str | Path, cache, meta: dict[str, Any]) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        ckpt = ocp.StandardCheckpointer()
-        ckpt.save(tmp / "cache", _flat(cache))
-        ckpt.wait_until_finished()
+        with ocp.StandardCheckpointer() as ckpt:  # closed: no background thread outlives the save
+            ckpt.save(tmp / "cache", _flat(cache))
+            ckpt.wait_until_finished()
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
         old = None
         if directory.exists():
@@ -183,7 +183,8 @@ def load_state(directory: str | Path, like):
     if not (directory / "cache").is_dir():
         raise StateError(f"{directory} is damaged: its cache/ checkpoint is missing")
     try:
-        flat = ocp.StandardCheckpointer().restore(directory.absolute() / "cache", target)
+        with ocp.StandardCheckpointer() as ckpt:
+            flat = ckpt.restore(directory.absolute() / "cache", target)
     except Exception as e:  # orbax raises assorted errors for missing / truncated / mismatched trees
         raise StateError(f"cannot restore the cache from {directory} (damaged or from another version): "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
