@@ -106,7 +106,8 @@ def _exports(tmp: Path, preds: dict, rgb: np.ndarray, source, args) -> dict:
     from .io.outputs import ExportOptions, write_outputs
 
     options = ExportOptions(points=args.points, conf_percentile=args.conf_percentile,
-                            ply_max_pixels=args.ply_max_pixels)
+                            ply_max_pixels=args.ply_max_pixels, colmap_max_points=args.colmap_max_points,
+                            colmap_binary=args.colmap_binary)
     return write_outputs(tmp, preds, rgb, source, options)
 
 
@@ -372,6 +373,9 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="point cloud from unprojected depth (default) or from the point map head")
     o.add_argument("--ply-max-pixels", type=POSITIVE_INT, default=20_000_000,
                    help="frames are subsampled so the cloud draws from at most this many pixels")
+    o.add_argument("--colmap-max-points", type=POSITIVE_INT, default=100_000,
+                   help="at most this many points in the COLMAP model (random subset; default 100000)")
+    o.add_argument("--colmap-binary", action="store_true", help="write the COLMAP model as .bin instead of .txt")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.add_argument("--query-points", help="points to track in frame 0: 'x,y x,y ...' (pixels of the model input)")
     g = r.add_argument_group("streaming cache (XStreamVGGT compression)")
