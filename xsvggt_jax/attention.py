@@ -279,7 +279,8 @@ def block_schedule(mask: Any, nq: int, nk: int, query_block: int, key_block: int
     end = mask.key_end(q_last)
     if end is None:
         return xp.full((nqb,), nkb, xp.int32)
-    return xp.clip(-(-(end - k_offset) // key_block), 0, nkb).astype(xp.int32)
+    trips = xp.clip(-(-(end - k_offset) // key_block), 0, nkb).astype(xp.int32)
+    return xp.broadcast_to(trips, (nqb,))
 
 
 def init_state(q: Array) -> tuple[Array, Array, Array]:
