@@ -11,8 +11,8 @@ the outputs). Summary latencies are medians over frame windows (early: frames [5
 10 frames; clipped for short runs, windows are half-open and reported).
 
 FLOP floor: XLA's cost analysis of the compiled step divided by the matmul peak measured in the same
-process (a jitted square matmul in the compute dtype and precision), counted on the step compiled with
-attention unblocked (see `step_flops`; XLA counts a loop body once). Pruned caches have static
+process (a jitted square matmul in the compute dtype and precision). XLA counts a loop body once, so
+attention unrolls its CPU query blocks (see `step_flops`). Pruned caches have static
 shapes, so the analysed step is the per-frame cost at the budget (masked slots counted). `none`
 attends over its filled prefix in a loop whose trip count grows with the stream; XLA's cost analysis
 counts a loop body once (one chunk), so for `none` the FLOPs are those of an early frame and no
@@ -26,7 +26,6 @@ separate interpreter; see `benchmarks/upstream_stream.py`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -48,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax import layers, quant
+from xsvggt_jax import quant
 from xsvggt_jax import step as step_mod
 from xsvggt_jax.cache import CacheConfig, StreamCache, cache_report, init_cache, stored_slots, tree_bytes
 from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig
@@ -123,24 +122,11 @@ def flops_of(compiled) -> float | None:
     return total or None
 
 
-@contextlib.contextmanager
-def unblocked_attention():
-    """Attention as one fusion over all queries while tracing (CPU otherwise walks query blocks in a
-    `lax.map`, and XLA's cost analysis counts a loop body once)."""
-    old = layers.CPU_QUERY_BLOCK
-    layers.CPU_QUERY_BLOCK = 1 << 62
-    try:
-        yield
-    finally:
-        layers.CPU_QUERY_BLOCK = old
-
-
 def step_flops(fn: Callable, *args) -> float | None:
-    """FLOPs of one step: XLA cost analysis of `fn` compiled with unblocked attention (same math as
-    the timed step, which may block its queries). A separate compile; the timed function's trace count
-    is untouched."""
-    with unblocked_attention():
-        compiled = jax.jit(fn).lower(*args).compile()
+    """FLOPs of one step: XLA cost analysis of `fn` (the CPU's query blocks of attention are unrolled,
+    so every block is counted; see `attention.UNROLL_QUERY_BLOCKS`). A separate compile; the timed
+    function's trace count is untouched."""
+    compiled = jax.jit(fn).lower(*args).compile()
     flops = flops_of(compiled)
     del compiled
     return flops
