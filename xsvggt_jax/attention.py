@@ -209,12 +209,14 @@ def attend(q: Array, k: Array, v: Array, *, bias: Any = None,
         return attend_xla(q, k, v, mask, precision)
     if impl == "cudnn":
         return attend_cudnn(q, k, v, mask)
-    key_block = mask.chunk if isinstance(mask, KeyPrefix) and mask.chunk else spec.key_block
+    key_block, query_block = spec.key_block, spec.query_block
+    if isinstance(mask, KeyPrefix):           # the same keys for every query: one query block
+        key_block, query_block = mask.chunk or key_block, q.shape[2]
     if impl == "blocked":
-        return attend_blocked(q, k, v, mask, precision, query_block=spec.query_block, key_block=key_block)
+        return attend_blocked(q, k, v, mask, precision, query_block=query_block, key_block=key_block)
     from .seqpar import attend_sequence_parallel
     return attend_sequence_parallel(q, k, v, mask, precision, spec.axis, ring=impl == "ring",
-                                    query_block=spec.query_block, key_block=key_block)
+                                    query_block=query_block, key_block=key_block)
 
 
 # --------------------------------------------------------------------------------------------------- xla
@@ -348,6 +350,8 @@ def blocked_states(q: Array, k: Array, v: Array, mask: Mask, precision: Precisio
         return fold_keys(qblk, k, v, mask, precision, state, key_block=key_block, trips=trip,
                          q_start=start, k_start=k_offset, nk=nk)
 
+    if nqb == 1:                                # no loop over a single query block
+        return jax.tree.map(lambda x: x[None], one(jax.tree.map(lambda x: x[0], (qs, trips, starts, states))))
     return jax.lax.map(one, (qs, trips, starts, states))
 
 
