@@ -11,8 +11,8 @@ the outputs). Summary latencies are medians over frame windows (early: frames [5
 10 frames; clipped for short runs, windows are half-open and reported).
 
 FLOP floor: XLA's cost analysis of the compiled step divided by the matmul peak measured in the same
-process (a jitted square matmul in the compute dtype and precision). XLA counts a loop body once, so
-attention unrolls its CPU query blocks (see `step_flops`). Pruned caches have static
+process (a jitted square matmul in the compute dtype and precision), counted on the step compiled with
+attention unblocked (see `step_flops`; XLA counts a loop body once). Pruned caches have static
 shapes, so the analysed step is the per-frame cost at the budget (masked slots counted). `none`
 attends over its filled prefix in a loop whose trip count grows with the stream; XLA's cost analysis
 counts a loop body once (one chunk), so for `none` the FLOPs are those of an early frame and no
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax import quant
+from xsvggt_jax import attention, quant
 from xsvggt_jax import step as step_mod
 from xsvggt_jax.cache import CacheConfig, StreamCache, cache_report, init_cache, stored_slots, tree_bytes
 from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig
@@ -123,10 +123,11 @@ def flops_of(compiled) -> float | None:
 
 
 def step_flops(fn: Callable, *args) -> float | None:
-    """FLOPs of one step: XLA cost analysis of `fn` (the CPU's query blocks of attention are unrolled,
-    so every block is counted; see `attention.UNROLL_QUERY_BLOCKS`). A separate compile; the timed
-    function's trace count is untouched."""
-    compiled = jax.jit(fn).lower(*args).compile()
+    """FLOPs of one step: XLA cost analysis of `fn` compiled with attention in one fusion
+    (`attention.options(cpu_query_block=None)`: same math as the timed step, which may walk its
+    queries in a `lax.map`). A separate compile; the timed function's trace count is untouched."""
+    with attention.options(cpu_query_block=None):
+        compiled = jax.jit(fn).lower(*args).compile()
     flops = flops_of(compiled)
     del compiled
     return flops

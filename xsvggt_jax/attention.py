@@ -21,10 +21,12 @@ Implementations (`ATTENTION_IMPLS`), named by a run option (`StreamVGGT(cfg, att
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +45,32 @@ SEQUENCE_PARALLEL_IMPLS = ("ring", "gather")
 # in (even) blocks of at most this many keeps each block's logits in cache: 344 -> 155 ms for that layer,
 # 67 -> 56 ms for 1041 keys, bit-identical (benchmarks/README.md). GPUs/TPUs keep the single fusion.
 CPU_QUERY_BLOCK = 128
-# Up to this many query blocks are unrolled (XLA's cost analysis then counts every block); more go
-# through `lax.map`.
-UNROLL_QUERY_BLOCKS = 16
 QUERY_BLOCK = 256           # `blocked`: queries per block
 KEY_BLOCK = 512             # `blocked`: keys per online-softmax step
 AUTO_DENSE_KEYS = 8192      # `auto` on CPU/TPU: unmasked attention over more keys than this is blocked
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """Trace-time options of the dispatcher, scoped by `options(...)` (a context variable, not a module
+    global). cpu_query_block: `xla`'s query block on CPU; None attends in one fusion (what XLA's cost
+    analysis needs to count every block: it counts a loop body once)."""
+
+    cpu_query_block: Optional[int] = CPU_QUERY_BLOCK
+
+
+_OPTIONS: contextvars.ContextVar[AttentionOptions] = contextvars.ContextVar("attention_options",
+                                                                            default=AttentionOptions())
+
+
+@contextlib.contextmanager
+def options(**changes) -> Iterator[AttentionOptions]:
+    """Within the block (while tracing), attention uses `AttentionOptions` with `changes` applied."""
+    token = _OPTIONS.set(dataclasses.replace(_OPTIONS.get(), **changes))
+    try:
+        yield _OPTIONS.get()
+    finally:
+        _OPTIONS.reset(token)
 
 
 class AttentionConfigError(ValueError):
@@ -231,11 +253,13 @@ def _attend_dense(q: Array, k: Array, v: Array, bias: Optional[Array], precision
 
 def attend_xla(q: Array, k: Array, v: Array, mask: Mask, precision: Precision,
                query_block: Optional[int] = None) -> Array:
-    """Dense attention, the mask's bias evaluated per query block. query_block: None picks
-    `CPU_QUERY_BLOCK` on CPU for more than two blocks of queries, one block elsewhere."""
+    """Dense attention, the mask's bias evaluated per query block. query_block: None picks the
+    `options()` CPU query block on CPU for more than two blocks of queries, one block elsewhere."""
     nq, nk = q.shape[2], k.shape[2]
     if query_block is None:
-        query_block = CPU_QUERY_BLOCK if jax.default_backend() == "cpu" and nq > 2 * CPU_QUERY_BLOCK else nq
+        cpu_block = _OPTIONS.get().cpu_query_block
+        on_cpu = cpu_block is not None and jax.default_backend() == "cpu" and nq > 2 * cpu_block
+        query_block = cpu_block if on_cpu else nq
     ki = jnp.arange(nk)
     one = lambda qb, start: _attend_dense(qb, k, v, mask.bias(start + jnp.arange(qb.shape[2]), ki), precision)
     return _query_blocks(one, q, query_block)
@@ -243,14 +267,12 @@ def attend_xla(q: Array, k: Array, v: Array, mask: Mask, precision: Precision,
 
 def _query_blocks(one, q: Array, block: int) -> Array:
     """one(q_block [B, H, b, D], first query index) over even blocks of at most `block` queries,
-    concatenated: the same values as one(q, 0). Up to `UNROLL_QUERY_BLOCKS` blocks are unrolled."""
+    concatenated (`lax.map`): the same values as one(q, 0)."""
     b, h, nq, d = q.shape
     nb = -(-nq // block)
     if nb == 1:
         return one(q, 0)
     block = -(-nq // nb)                      # even blocks of at most `block`: little padding
-    if nb <= UNROLL_QUERY_BLOCKS:
-        return jnp.concatenate([one(q[:, :, i * block:(i + 1) * block], i * block) for i in range(nb)], axis=2)
     qs = _blocks(q, nb, block)                                               # [nb, B, H, block, D]
     out = jax.lax.map(lambda a: one(a[0], a[1]), (qs, jnp.arange(nb) * block))
     return jnp.moveaxis(out, 0, 2).reshape(b, h, nb * block, d)[:, :, :nq]
