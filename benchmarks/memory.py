@@ -10,6 +10,7 @@ they finish (compiles of the published model take minutes on a small CPU), large
     PYTHONPATH=. python -m benchmarks.memory --config published --frames 8,16,32,64,128 --devices 1,4 \
         --dtypes float32,bfloat16
     PYTHONPATH=. python -m benchmarks.memory --table        # print the table of the saved rows
+    PYTHONPATH=. python -m benchmarks.memory --update-readme  # ... into benchmarks/README.md
     PYTHONPATH=. python -m benchmarks.memory --config medium --run --frames 4,8,16   # measured runs
 """
 
@@ -36,7 +37,10 @@ from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.model import StreamVGGT, init_params, param_shapes
 
 log = logging.getLogger("benchmarks.memory")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "memory.json"
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "memory.json"
+MEDIUM_RUN = HERE / "results" / "memory_medium_run.json"
+README = HERE / "README.md"
 GB = 1e9
 DEVICE_GB = (16, 80)
 
@@ -125,7 +129,8 @@ def longest_fit(rows: Sequence[dict], device_bytes: float) -> Optional[int]:
 
 
 def table(rows: Sequence[dict]) -> str:
-    """Markdown: peak GB per device by S for each (config, dtype, D), then the longest fitting S."""
+    """Markdown: peak GB per device by S for each (config, dtype, D) (measured runs: also the process
+    peak RSS), then the longest S that fits each device size."""
     frames = sorted({r["frames"] for r in rows})
     groups: dict = {}
     for r in rows:
@@ -134,11 +139,25 @@ def table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for (cfg, dtype, d, hw, measured), rs in sorted(groups.items()):
         by = {r["frames"]: r for r in rs}
-        cells = [f"{by[s]['peak'] / GB:.2f}" if s in by else "-" for s in frames]
+        cell = lambda r: f"{r['peak'] / GB:.2f}" + (f" (RSS {r['peak_rss'] / GB:.2f})" if measured else "")
+        cells = [cell(by[s]) if s in by else "-" for s in frames]
         fits = [str(longest_fit(rs, g * GB) or "-") for g in DEVICE_GB]
         name = cfg + (" (run)" if measured else "")
         lines.append("| " + " | ".join([name, dtype, str(d), f"{hw[0]}x{hw[1]}"] + cells + fits) + " |")
     return "\n".join(lines)
+
+
+def update_readme(readme: Path = README) -> None:
+    """Replace the text between the memory markers of the README with the compiled and measured tables."""
+    text = readme.read_text()
+    start, end = "<!-- memory:start -->", "<!-- memory:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} section")
+    body = "\n\n".join(table(rows) for rows in (load(DEFAULT_OUT), load(MEDIUM_RUN)) if rows)
+    head, rest = text.split(start, 1)
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(head + start + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+    tmp.replace(readme)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -153,11 +172,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--run", action="store_true", help="execute on one device instead of compiling only")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    ap.add_argument("--update-readme", action="store_true", help="write the tables into benchmarks/README.md")
     ap.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.table:
         print(table(load(args.out)))
+        return
+    if args.update_readme:
+        update_readme()
         return
     if args.worker:
         _worker(args)
