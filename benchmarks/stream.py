@@ -26,7 +26,6 @@ separate interpreter; see `benchmarks/upstream_stream.py`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -48,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax import layers, quant
+from xsvggt_jax import attention, quant
 from xsvggt_jax import step as step_mod
 from xsvggt_jax.cache import CacheConfig, StreamCache, cache_report, init_cache, stored_slots, tree_bytes
 from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig
@@ -123,23 +122,11 @@ def flops_of(compiled) -> float | None:
     return total or None
 
 
-@contextlib.contextmanager
-def unblocked_attention():
-    """Attention as one fusion over all queries while tracing (CPU otherwise walks query blocks in a
-    `lax.map`, and XLA's cost analysis counts a loop body once)."""
-    old = layers.CPU_QUERY_BLOCK
-    layers.CPU_QUERY_BLOCK = 1 << 62
-    try:
-        yield
-    finally:
-        layers.CPU_QUERY_BLOCK = old
-
-
 def step_flops(fn: Callable, *args) -> float | None:
-    """FLOPs of one step: XLA cost analysis of `fn` compiled with unblocked attention (same math as
-    the timed step, which may block its queries). A separate compile; the timed function's trace count
-    is untouched."""
-    with unblocked_attention():
+    """FLOPs of one step: XLA cost analysis of `fn` compiled with attention in one fusion
+    (`attention.options(cpu_query_block=None)`: same math as the timed step, which may walk its
+    queries in a `lax.map`). A separate compile; the timed function's trace count is untouched."""
+    with attention.options(cpu_query_block=None):
         compiled = jax.jit(fn).lower(*args).compile()
     flops = flops_of(compiled)
     del compiled

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from xsvggt_jax import layers
+from xsvggt_jax import attention, layers
 from xsvggt_jax.layers import Prefix, attend
 
 CHUNK = 16
@@ -49,11 +49,12 @@ def test_prefix_capacity_must_be_whole_chunks():
         attend(q, k, v, bias=Prefix(jnp.int32(3), CHUNK))
 
 
+@pytest.mark.parametrize("query_block", [attention.CPU_QUERY_BLOCK, 16])  # unrolled; lax.map
 @pytest.mark.parametrize("bias_kind", ["none", "per_key", "per_query"])
-def test_query_blocked_attention_equals_dense(bias_kind):
-    """The CPU path walks queries in blocks of CPU_QUERY_BLOCK; it must give the dense values for any
-    mask shape (a key mask of a pruned cache, a causal [Nq, Nk] mask of the offline forward)."""
-    nq = 2 * layers.CPU_QUERY_BLOCK + 37  # blocked, with a padded last block
+def test_query_blocked_attention_equals_dense(bias_kind, query_block):
+    """The CPU path walks queries in blocks; it must give the dense values for any mask shape (a key
+    mask of a pruned cache, a causal [Nq, Nk] mask)."""
+    nq = 2 * attention.CPU_QUERY_BLOCK + 37  # blocked, with a padded last block
     q, k, v = _qkv(3, nq=nq, cap=nq)
     if bias_kind == "per_key":
         bias = jnp.where(jnp.arange(nq) % 5 == 0, -jnp.inf, 0.0)
@@ -61,8 +62,8 @@ def test_query_blocked_attention_equals_dense(bias_kind):
         bias = jnp.where(jnp.arange(nq)[:, None] >= jnp.arange(nq)[None, :], 0.0, -jnp.inf)
     else:
         bias = None
-    dense = layers._attend_dense(q, k, v, bias, layers.Precision.HIGHEST)
-    one = lambda qb, bb: layers._attend_dense(qb, k, v, bb, layers.Precision.HIGHEST)
-    blocked = layers._query_blocks(one, q, layers._rows_of(bias, q, k), bias, layers.CPU_QUERY_BLOCK)
+    dense = attention._attend_dense(q, k, v, bias, layers.Precision.HIGHEST)
+    blocked = attention.attend_xla(q, k, v, attention.as_mask(bias), layers.Precision.HIGHEST,
+                                          query_block=query_block)
     assert blocked.shape == dense.shape
     assert rel_err(blocked, dense) <= 1e-6

@@ -25,12 +25,6 @@ RESNET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 RESNET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def frame_causal_bias(frames: int, tokens_per_frame: int) -> Array:
-    """Additive [L, L] bias (L = frames * tokens): a token may not attend to later frames."""
-    fid = np.arange(frames * tokens_per_frame) // tokens_per_frame
-    return jnp.asarray(np.where(fid[:, None] < fid[None, :], -np.inf, 0.0).astype(np.float32))
-
-
 class Aggregator(nn.Module):
     cfg: ModelConfig
 
@@ -51,7 +45,8 @@ class Aggregator(nn.Module):
         """Run the aggregator on a clip.
 
         images: [B, S, H, W, 3] in [0, 1]. slot: [S] int32, special-token slot per frame (0 or 1).
-        global_bias: additive bias [S*P', S*P'] for global attention (offline), or None.
+        global_bias: the global attention's mask (offline): an `attention.AttentionSpec` (e.g. a
+            `FrameCausal` mask evaluated per block, and the implementation), an additive array, or None.
         caches: one streaming KV cache per global block (`cache.LayerCache`), or None (offline).
         Returns (list of `depth` arrays [B, S, P', 2C], the global blocks' caches after this call or None).
         """

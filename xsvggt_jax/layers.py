@@ -6,17 +6,16 @@ Parameter names follow the upstream module names so the checkpoint key map stays
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Optional, Protocol, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .attention import AttentionSpec, FrameCausal, Full, Prefix, attend
+
 Array = jax.Array
 Precision = jax.lax.Precision
-
-NEG_INF = -jnp.inf
 
 
 class Dense(nn.Module):
@@ -84,110 +83,8 @@ class Mlp(nn.Module):
         return Dense(self.out or x.shape[-1], dtype=self.dtype, precision=self.precision, name="fc2")(h)
 
 
-@dataclasses.dataclass(frozen=True)
-class Prefix:
-    """Attention mask "only the first `length` keys exist", evaluated chunk by chunk.
-
-    A cache with a static capacity (the uncompressed stream cache) holds `length` filled slots and
-    garbage after them. Instead of masking the whole capacity, `attend` then loops over the
-    ceil(length / chunk) filled chunks only (a `lax.fori_loop` with a dynamic trip count, online
-    softmax), so a step costs what the stream so far costs, not what the whole stream will.
-    length: int32 [] (traced); chunk: static, divides the key capacity.
-    """
-
-    length: Array
-    chunk: int
-
-
-Mask = Union[Array, Prefix]
-
-
-# On CPU one fused attention over all queries materialises the whole [B, H, Nq, Nk] logits (208 MB
-# for a published global layer: 1041 queries x 3123 keys x 16 heads) and runs memory-bound. Walking the
-# queries in (even) blocks of at most this many keeps each block's logits in cache: 344 -> 155 ms for
-# that layer, 67 -> 56 ms for 1041 keys, bit-identical (benchmarks/README.md). GPUs/TPUs keep the
-# single fusion.
-CPU_QUERY_BLOCK = 128
-
-
-def attend(q: Array, k: Array, v: Array, *, bias: Optional[Mask] = None,
-           precision: Precision = Precision.HIGHEST) -> Array:
-    """Scaled dot-product attention.
-
-    q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; bias: an additive array broadcastable to [B, H, Nq, Nk]
-    (-inf masks), or a `Prefix`. Returns [B, H, Nq, D]. Softmax is taken in float32.
-    """
-    if isinstance(bias, Prefix):  # its key loop already bounds the logits to one chunk
-        return _attend_prefix(q, k, v, bias, precision)
-    if q.shape[2] > 2 * CPU_QUERY_BLOCK and jax.default_backend() == "cpu":
-        one = lambda qb, bb: _attend_dense(qb, k, v, bb, precision)
-        return _query_blocks(one, q, _rows_of(bias, q, k), bias, CPU_QUERY_BLOCK)
-    return _attend_dense(q, k, v, bias, precision)
-
-
-def _attend_dense(q: Array, k: Array, v: Array, bias: Optional[Array], precision: Precision) -> Array:
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision).astype(jnp.float32) * scale
-    if bias is not None:
-        logits = logits + bias
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=precision)
-
-
-def _rows_of(bias: Optional[Array], q: Array, k: Array) -> Optional[Array]:
-    """A bias with a row per query, broadcast to [..., Nq, Nk]; None if it has no query axis."""
-    if bias is None or jnp.ndim(bias) < 2 or jnp.shape(bias)[-2] == 1:
-        return None
-    bias = jnp.asarray(bias)
-    return jnp.broadcast_to(bias, bias.shape[:-2] + (q.shape[2], k.shape[2]))
-
-
-def _query_blocks(one: Callable, q: Array, rows: Optional[Array], bias: Optional[Array], block: int) -> Array:
-    """one(q_block, bias) over blocks of at most `block` queries (`lax.map`), concatenated: the same
-    values as one(q, bias). `rows`: a [..., Nq, Nk] bias blocked along with the queries, or None to
-    pass `bias` to every block as is."""
-    b, h, nq, d = q.shape
-    nb = -(-nq // block)
-    block = -(-nq // nb)                      # even blocks of at most `block`: little padding
-    pad = nb * block - nq                     # zero queries: finite, and sliced off below
-
-    def blocks(x):                            # [..., Nq, X] -> [nb, ..., block, X]
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
-        x = x.reshape(*x.shape[:-2], nb, block, x.shape[-1])
-        return jnp.moveaxis(x, -3, 0)
-
-    if rows is not None:
-        out = jax.lax.map(lambda a: one(a[0], a[1]), (blocks(q), blocks(rows)))
-    else:
-        out = jax.lax.map(lambda qb: one(qb, bias), blocks(q))         # [nb, B, H, block, D]
-    out = jnp.moveaxis(out, 0, -3).reshape(b, h, nb * block, d)          # [B, H, nb*block, D]
-    return out[:, :, :nq]
-
-
-def _attend_prefix(q: Array, k: Array, v: Array, prefix: Prefix, precision: Precision) -> Array:
-    """`attend` over keys [0, prefix.length) only, one chunk of keys per loop iteration."""
-    b, h, nq, d = q.shape
-    c = prefix.chunk
-    if k.shape[2] % c:
-        raise ValueError(f"key capacity {k.shape[2]} is not a multiple of the chunk {c}")
-    scale = d ** -0.5
-
-    def body(i, carry):
-        m, l, acc = carry                                   # [B,H,Nq], [B,H,Nq], [B,H,Nq,D] (float32)
-        kc = jax.lax.dynamic_slice_in_dim(k, i * c, c, axis=2)       # [B, H, c, D]
-        vc = jax.lax.dynamic_slice_in_dim(v, i * c, c, axis=2)
-        s = jnp.einsum("bhqd,bhkd->bhqk", q, kc, precision=precision).astype(jnp.float32) * scale
-        s = jnp.where(i * c + jnp.arange(c) < prefix.length, s, NEG_INF)  # [B, H, Nq, c]
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vc, precision=precision).astype(jnp.float32)
-        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
-
-    init = (jnp.full((b, h, nq), NEG_INF, jnp.float32), jnp.zeros((b, h, nq), jnp.float32),
-            jnp.zeros((b, h, nq, d), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, (prefix.length + c - 1) // c, body, init)
-    return (acc / l[..., None]).astype(v.dtype)
+# Attention kernels, masks and the implementation dispatcher live in `attention`; re-exported here.
+Mask = Union[Array, Prefix, FrameCausal, Full, AttentionSpec]
 
 
 class KVCache(Protocol):

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .aggregator import Aggregator, frame_causal_bias
+from .aggregator import Aggregator
+from .attention import AttentionSpec, FrameCausal, Full, check_impl
 from .config import ModelConfig
 from .heads.camera import CameraHead
 from .heads.dpt import DPTHead
@@ -28,10 +29,15 @@ Array = jax.Array
 
 
 class StreamVGGT(nn.Module):
+    """attention: the offline global attention implementation, one of `attention.ATTENTION_IMPLS`
+    ("ring"/"gather" only through `seqpar.offline_sharded`)."""
+
     cfg: ModelConfig
+    attention: str = "auto"
 
     def setup(self):
         cfg = self.cfg
+        check_impl(self.attention)
         self.aggregator = Aggregator(cfg)
         self.camera_head = CameraHead(cfg)
         self.point_head = DPTHead(cfg, cfg.dpt.features, out_dim=4, activation="inv_log", conf_activation="expp1")
@@ -63,10 +69,9 @@ class StreamVGGT(nn.Module):
         b, s, h, w, _ = images.shape
         p = self.cfg.tokens_per_frame(h, w)
         slot = jnp.minimum(jnp.arange(s), 1)
-        agg_bias = frame_causal_bias(s, p) if causal else None
-        aggregated, _ = self.aggregator(images, slot, global_bias=agg_bias)
-        cam_bias = frame_causal_bias(s, 1) if causal else None
-        pose = self.camera_head(aggregated[-1], bias=cam_bias)[0][-1]
+        mask = FrameCausal if causal else (lambda tokens_per_frame: Full())
+        aggregated, _ = self.aggregator(images, slot, global_bias=AttentionSpec(mask(p), self.attention))
+        pose = self.camera_head(aggregated[-1], bias=AttentionSpec(mask(1), self.attention))[0][-1]
         out = self._heads(aggregated, pose, h, w, query_points)
         if return_aggregated:
             out["aggregated"] = aggregated

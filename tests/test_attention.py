@@ -1,0 +1,148 @@
+"""Attention implementations against the dense reference; masks as objects; causal blocks skipped."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from xsvggt_jax import attention as A
+from xsvggt_jax.attention import (AttentionConfigError, AttentionSpec, FrameCausal, Full, KeyPrefix, attend,
+                                  block_schedule, resolve_attention)
+from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig
+from xsvggt_jax.model import StreamVGGT, param_shapes
+
+HIGHEST = jax.lax.Precision.HIGHEST
+TOKENS = 37                   # tokens per frame: no block size below divides S * TOKENS
+QUERY_BLOCK, KEY_BLOCK = 64, 48
+
+
+def micro_config() -> ModelConfig:
+    """Smaller than tiny (cheap compiles): 2 + 2 blocks, 1-block DINOv2, one camera trunk block."""
+    return ModelConfig.tiny().replace(
+        depth=2, dino=DinoConfig(embed_dim=128, depth=1, num_heads=2),
+        camera=CameraHeadConfig(trunk_depth=1, num_heads=8, iterations=2),
+        dpt=DPTConfig(features=16, out_channels=(8, 8, 16, 16), intermediate_layer_idx=(0, 1, 1, 1)))
+
+
+def qkv(seed: int, n: int, d: int = 16):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return tuple(jax.random.normal(kk, (1, 2, n, d)) for kk in ks)
+
+
+def reference_bias(kind: str, n: int, length: int = 0):
+    """The dense additive [n, n] bias of each mask, built in numpy (independently of the mask objects)."""
+    fid = np.arange(n) // TOKENS
+    if kind == "causal":
+        return np.where(fid[:, None] >= fid[None, :], 0.0, -np.inf).astype(np.float32)
+    if kind == "prefix":
+        return np.broadcast_to(np.where(np.arange(n) < length, 0.0, -np.inf), (n, n)).astype(np.float32)
+    if kind == "additive":
+        rng = np.random.default_rng(0)
+        return np.where(np.arange(n)[None, :] % 5 == 1, -np.inf, rng.standard_normal((n, n))).astype(np.float32)
+    return None
+
+
+def mask_object(kind: str, n: int, length: int):
+    return {"full": Full(), "causal": FrameCausal(TOKENS), "prefix": KeyPrefix(length),
+            "additive": A.Additive(jnp.asarray(reference_bias("additive", n)))}[kind]
+
+
+@pytest.mark.parametrize("kind", ["full", "causal", "prefix", "additive"])
+@pytest.mark.parametrize("impl", ["xla", "blocked", "cudnn", "auto"])
+def test_every_implementation_equals_dense(impl, kind):
+    n = 5 * TOKENS                           # 185: odd, not a multiple of either block
+    length = 2 * TOKENS + 3
+    q, k, v = qkv(1, n)
+    ref = A._attend_dense(q, k, v, reference_bias(kind, n, length), HIGHEST)
+    fn = jax.jit(lambda q, k, v, length: attend(
+        q, k, v, bias=AttentionSpec(mask_object(kind, n, length), impl, query_block=QUERY_BLOCK,
+                                    key_block=KEY_BLOCK)))
+    assert rel_err(fn(q, k, v, jnp.int32(length)), ref) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["full", "causal"])
+def test_blocked_single_frame(kind):
+    q, k, v = qkv(2, TOKENS)
+    ref = A._attend_dense(q, k, v, reference_bias(kind, TOKENS), HIGHEST)
+    mask = FrameCausal(TOKENS) if kind == "causal" else Full()
+    out = jax.jit(lambda q, k, v: A.attend_blocked(q, k, v, mask, query_block=16, key_block=16))(q, k, v)
+    assert rel_err(out, ref) <= 1e-6
+
+
+def test_causal_blocks_are_skipped_not_masked():
+    """NaN keys/values in the last frame: a masked (visited) block would turn 0 * NaN into NaN, a
+    skipped one leaves every earlier frame's output exact."""
+    frames = 6
+    n = frames * TOKENS
+    q, k, v = qkv(3, n)
+    ref = A._attend_dense(q, k, v, reference_bias("causal", n), HIGHEST)
+    last = jnp.arange(n) >= (frames - 1) * TOKENS
+    k_bad, v_bad = (jnp.where(last[:, None], jnp.nan, x) for x in (k, v))
+    blocked = jax.jit(lambda mask, k, v: A.attend_blocked(q, k, v, mask, query_block=TOKENS, key_block=TOKENS),
+                      static_argnums=0)
+    out = blocked(FrameCausal(TOKENS), k_bad, v_bad)
+    seen = (frames - 1) * TOKENS
+    assert rel_err(out[:, :, :seen], ref[:, :, :seen]) <= 1e-6
+    assert np.isnan(np.asarray(out[:, :, seen:])).all()      # the last frame does see them
+    full = blocked(Full(), k_bad, v_bad)
+    assert np.isnan(np.asarray(full)).all()                  # the check can fail
+
+
+def test_causal_schedule_is_about_half_of_full():
+    """The key blocks each query block visits (what `blocked_states` loops over): a published-size
+    offline global layer at 64 frames does ~half the block products of full attention."""
+    n = 64 * 1041
+    causal = block_schedule(FrameCausal(1041), n, n, A.QUERY_BLOCK, A.KEY_BLOCK)
+    full = block_schedule(Full(), n, n, A.QUERY_BLOCK, A.KEY_BLOCK)
+    assert full.sum() == len(full) * -(-n // A.KEY_BLOCK)
+    assert 0.45 <= causal.sum() / full.sum() <= 0.55
+
+
+def test_resolve_attention():
+    bf16 = jnp.bfloat16
+    assert resolve_attention("auto", "cpu", FrameCausal(9)) == "blocked"
+    assert resolve_attention("auto", "cpu", None, keys=100) == "xla"
+    assert resolve_attention("auto", "cpu", None, keys=A.AUTO_DENSE_KEYS + 1) == "blocked"
+    assert resolve_attention("auto", "gpu", Full(), bf16) == "cudnn"
+    assert resolve_attention("auto", "gpu", FrameCausal(1), bf16) == "cudnn"
+    assert resolve_attention("auto", "gpu", FrameCausal(9), bf16) == "blocked"   # not a cuDNN mask
+    assert resolve_attention("cudnn", "gpu", Full(), jnp.float32) == "xla"        # cuDNN needs 16 bits
+    assert resolve_attention("cudnn", "cpu", FrameCausal(9)) == "blocked"
+    assert resolve_attention("xla", "gpu", FrameCausal(9)) == "xla"
+    assert resolve_attention("ring", "cpu") == "ring"
+    with pytest.raises(AttentionConfigError, match="unknown attention"):
+        resolve_attention("flash", "cpu")
+    with pytest.raises(AttentionConfigError, match="mesh axis"):
+        AttentionSpec(Full(), "ring")
+
+
+def test_offline_has_no_dense_sequence_mask():
+    """The offline causal forward no longer builds a [S*P, S*P] bias (traced only, not compiled)."""
+    cfg = micro_config()
+    s, hw = 64, (28, 28)
+    p = cfg.tokens_per_frame(*hw)
+    n = s * p
+    images = jax.ShapeDtypeStruct((1, s, *hw, 3), jnp.float32)
+    fn = jax.jit(lambda w, x: StreamVGGT(cfg).apply({"params": w}, x, None, True, method=StreamVGGT.offline))
+    text = fn.lower(param_shapes(cfg), images).as_text()
+    assert f"1x{s}x{p}x" in text                 # shapes are spelled like this in the text
+    assert f"{n}x{n}x" not in text
+    with pytest.raises(AttentionConfigError, match="unknown attention"):
+        StreamVGGT(cfg, attention="flash").init(jax.random.PRNGKey(0), jnp.zeros((1, 1, 28, 28, 3)))
+
+
+def test_options_unblock_cpu_queries_for_cost_analysis():
+    """XLA's cost analysis counts a loop body once: benchmarks/stream.py counts FLOPs with the CPU's
+    query blocks off (`options(cpu_query_block=None)`), which must trace the one-fusion attention."""
+    q, k, v = qkv(4, 3 * A.CPU_QUERY_BLOCK)
+    flops = lambda fn: jax.jit(fn).lower(q, k, v).compile().cost_analysis()["flops"]
+    one = flops(lambda q, k, v: A.attend_xla(q, k, v, Full(), HIGHEST, query_block=q.shape[2]))
+    with A.options(cpu_query_block=None) as opts:
+        assert opts.cpu_query_block is None
+        unblocked = flops(lambda q, k, v: attend(q, k, v))
+    blocked = flops(lambda q, k, v: attend(q, k, v))        # the default: a lax.map of 3 blocks
+    assert unblocked == one
+    assert blocked < 0.5 * one

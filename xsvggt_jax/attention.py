@@ -1,0 +1,406 @@
+"""Scaled dot-product attention: mask objects, implementations and the one dispatcher that picks them.
+
+Masks are small objects evaluated from iota inside each block, never dense [Nq, Nk] constants:
+  `Full()`                   every query sees every key;
+  `KeyPrefix(length, chunk)` keys [0, length) exist (a streaming cache's filled slots; length traced);
+  `FrameCausal(tokens)`      query frame >= key frame, frames of `tokens` consecutive tokens (offline causal);
+an additive array broadcastable to [B, H, Nq, Nk] is still accepted.
+
+Implementations (`ATTENTION_IMPLS`), named by a run option (`StreamVGGT(cfg, attention=...)`):
+  xla      dense logits per call (on CPU in query blocks of `CPU_QUERY_BLOCK`);
+  blocked  keys walked in blocks with an online softmax; per query block the loop runs only over the key
+           blocks the mask leaves non-empty (a dynamic trip count), so memory is O(Nq * block) and a
+           frame-causal forward costs about half a full one;
+  cudnn    `jax.nn.dot_product_attention(implementation="cudnn")` where the backend, dtype and mask fit,
+           otherwise `blocked` (structured masks) or `xla`, with the reason logged once;
+  ring     sequence parallel inside `jax.shard_map`: queries stay, K/V blocks travel the ring
+           (`lax.ppermute`), each visit folded into the online softmax; blocks the mask empties skipped;
+  gather   sequence parallel, the simpler variant: K/V all-gathered, then `blocked`;
+  auto     `resolve_attention` picks one by backend and mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import logging
+from typing import Any, Iterator, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Precision = jax.lax.Precision
+log = logging.getLogger(__name__)
+
+NEG_INF = -jnp.inf
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "ring", "gather")
+SEQUENCE_PARALLEL_IMPLS = ("ring", "gather")
+
+# On CPU one fused attention over all queries materialises the whole [B, H, Nq, Nk] logits (208 MB for a
+# published global layer: 1041 queries x 3123 keys x 16 heads) and runs memory-bound. Walking the queries
+# in (even) blocks of at most this many keeps each block's logits in cache: 344 -> 155 ms for that layer,
+# 67 -> 56 ms for 1041 keys, bit-identical (benchmarks/README.md). GPUs/TPUs keep the single fusion.
+CPU_QUERY_BLOCK = 128
+QUERY_BLOCK = 256           # `blocked`: queries per block
+KEY_BLOCK = 512             # `blocked`: keys per online-softmax step
+AUTO_DENSE_KEYS = 8192      # `auto` on CPU/TPU: unmasked attention over more keys than this is blocked
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """Trace-time options of the dispatcher, scoped by `options(...)` (a context variable, not a module
+    global). cpu_query_block: `xla`'s query block on CPU; None attends in one fusion (what XLA's cost
+    analysis needs to count every block: it counts a loop body once)."""
+
+    cpu_query_block: Optional[int] = CPU_QUERY_BLOCK
+
+
+_OPTIONS: contextvars.ContextVar[AttentionOptions] = contextvars.ContextVar("attention_options",
+                                                                            default=AttentionOptions())
+
+
+@contextlib.contextmanager
+def options(**changes) -> Iterator[AttentionOptions]:
+    """Within the block (while tracing), attention uses `AttentionOptions` with `changes` applied."""
+    token = _OPTIONS.set(dataclasses.replace(_OPTIONS.get(), **changes))
+    try:
+        yield _OPTIONS.get()
+    finally:
+        _OPTIONS.reset(token)
+
+
+class AttentionConfigError(ValueError):
+    """An unknown attention implementation, or one that cannot run here (ring outside a mesh axis)."""
+
+
+# ------------------------------------------------------------------------------------------------ masks
+@dataclasses.dataclass(frozen=True)
+class Full:
+    """No mask: every query sees every key."""
+
+    def bias(self, qi: Array, ki: Array) -> Optional[Array]:
+        return None
+
+    def key_end(self, q_last: Any) -> Optional[Any]:
+        """Exclusive end of the keys any query <= q_last may see (None: all)."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPrefix:
+    """Keys [0, length) exist. length: int32 [] (may be traced). chunk: the key block of the loop
+    (static; must divide the key capacity), or None for `KEY_BLOCK` with padding."""
+
+    length: Any
+    chunk: Optional[int] = None
+
+    def bias(self, qi: Array, ki: Array) -> Array:
+        return jnp.where(ki < self.length, 0.0, NEG_INF)[None, :]                    # [1, bk]
+
+    def key_end(self, q_last: Any) -> Any:
+        return self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameCausal:
+    """Query token i sees key token j iff frame(i) >= frame(j), frame(t) = t // tokens_per_frame."""
+
+    tokens_per_frame: int
+
+    def bias(self, qi: Array, ki: Array) -> Array:
+        t = self.tokens_per_frame
+        return jnp.where(qi[:, None] // t >= ki[None, :] // t, 0.0, NEG_INF)        # [bq, bk]
+
+    def key_end(self, q_last: Any) -> Any:
+        return (q_last // self.tokens_per_frame + 1) * self.tokens_per_frame
+
+
+@dataclasses.dataclass(frozen=True)
+class Additive:
+    """An additive bias array broadcastable to [B, H, Nq, Nk], read at the block's query/key indices."""
+
+    array: Array
+
+    def bias(self, qi: Array, ki: Array) -> Array:
+        a = jnp.asarray(self.array, jnp.float32)
+        if a.ndim >= 2 and a.shape[-2] > 1:
+            a = jnp.take(a, jnp.minimum(qi, a.shape[-2] - 1), axis=-2)                # [..., bq, Nk]
+        if a.ndim >= 1 and a.shape[-1] > 1:
+            a = jnp.take(a, jnp.minimum(ki, a.shape[-1] - 1), axis=-1)                # [..., bk]
+        return a
+
+    def key_end(self, q_last: Any) -> None:
+        return None
+
+
+Mask = Union[Full, KeyPrefix, FrameCausal, Additive]
+Prefix = KeyPrefix  # the streaming cache's name for it
+
+
+def as_mask(bias: Any) -> Mask:
+    """None -> Full(); an array -> Additive; a mask object as is."""
+    if bias is None:
+        return Full()
+    if isinstance(bias, (Full, KeyPrefix, FrameCausal, Additive)):
+        return bias
+    return Additive(bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """A mask plus how to attend under it: what a module passes as `bias` to pick the implementation.
+
+    impl: one of `ATTENTION_IMPLS`. axis: the mesh axis the token sequence is sharded over (ring,
+    gather: q/k/v are then this device's contiguous slice of the sequence). Blocks: see `blocked`.
+    """
+
+    mask: Any = None
+    impl: str = "auto"
+    axis: Optional[str] = None
+    query_block: int = QUERY_BLOCK
+    key_block: int = KEY_BLOCK
+
+    def __post_init__(self):
+        check_impl(self.impl)
+        if self.impl in SEQUENCE_PARALLEL_IMPLS and self.axis is None:
+            raise AttentionConfigError(f"attention {self.impl!r} needs the mesh axis the sequence is sharded over")
+
+
+def check_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise AttentionConfigError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+    return impl
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def resolve_attention(impl: str, backend: Optional[str] = None, mask: Any = None,
+                      dtype: Any = jnp.float32, keys: int = 0) -> str:
+    """The implementation that runs for `impl` on `backend` (default: jax's) for attention under `mask`
+    (None: unmasked) over `keys` keys with inputs of `dtype`: what goes in `report.json`. The offline
+    global layers ask with `FrameCausal(tokens_per_frame)` or `Full()` and S*P keys."""
+    check_impl(impl)
+    if impl in SEQUENCE_PARALLEL_IMPLS:
+        return impl
+    backend = backend or jax.default_backend()
+    mask = as_mask(mask)
+    structured = isinstance(mask, (FrameCausal, KeyPrefix)) or keys > AUTO_DENSE_KEYS
+    if impl == "auto":
+        impl = "cudnn" if backend == "gpu" else "blocked" if structured else "xla"
+    if impl == "cudnn":
+        reason = _cudnn_unfit(backend, mask, dtype)
+        if reason:
+            impl = "blocked" if structured else "xla"
+            _log_once(f"cudnn attention not used ({reason}); running {impl}")
+    return impl
+
+
+def _cudnn_unfit(backend: str, mask: Mask, dtype: Any) -> Optional[str]:
+    """Why cuDNN's fused attention cannot take this call, or None if it can."""
+    if backend != "gpu":
+        return f"backend {backend!r} is not a GPU"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN flash attention needs float16/bfloat16 inputs, got {jnp.dtype(dtype).name}"
+    if isinstance(mask, FrameCausal) and mask.tokens_per_frame != 1:
+        return "a frame-causal mask with several tokens per frame is not a cuDNN mask"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.info(message)
+
+
+def attend(q: Array, k: Array, v: Array, *, bias: Any = None,
+           precision: Precision = Precision.HIGHEST) -> Array:
+    """Scaled dot-product attention, softmax in float32.
+
+    q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; bias: None, an additive array broadcastable to
+    [B, H, Nq, Nk] (-inf masks), a mask object, or an `AttentionSpec` naming mask and implementation.
+    Returns [B, H, Nq, D].
+    """
+    spec = bias if isinstance(bias, AttentionSpec) else AttentionSpec(bias)
+    mask = as_mask(spec.mask)
+    if isinstance(mask, KeyPrefix) and mask.chunk is not None and k.shape[2] % mask.chunk:
+        raise AttentionConfigError(f"key capacity {k.shape[2]} is not a multiple of the chunk {mask.chunk}")
+    impl = resolve_attention(spec.impl, None, mask, q.dtype, k.shape[2])
+    if impl == "xla":
+        return attend_xla(q, k, v, mask, precision)
+    if impl == "cudnn":
+        return attend_cudnn(q, k, v, mask)
+    key_block, query_block = spec.key_block, spec.query_block
+    if isinstance(mask, KeyPrefix):           # the same keys for every query: one query block
+        key_block, query_block = mask.chunk or key_block, q.shape[2]
+    if impl == "blocked":
+        return attend_blocked(q, k, v, mask, precision, query_block=query_block, key_block=key_block)
+    from .seqpar import attend_sequence_parallel
+    return attend_sequence_parallel(q, k, v, mask, precision, spec.axis, ring=impl == "ring",
+                                    query_block=query_block, key_block=key_block)
+
+
+# --------------------------------------------------------------------------------------------------- xla
+def _attend_dense(q: Array, k: Array, v: Array, bias: Optional[Array], precision: Precision) -> Array:
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision).astype(jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v, precision=precision)
+
+
+def attend_xla(q: Array, k: Array, v: Array, mask: Mask, precision: Precision,
+               query_block: Optional[int] = None) -> Array:
+    """Dense attention, the mask's bias evaluated per query block. query_block: None picks the
+    `options()` CPU query block on CPU for more than two blocks of queries, one block elsewhere."""
+    nq, nk = q.shape[2], k.shape[2]
+    if query_block is None:
+        cpu_block = _OPTIONS.get().cpu_query_block
+        on_cpu = cpu_block is not None and jax.default_backend() == "cpu" and nq > 2 * cpu_block
+        query_block = cpu_block if on_cpu else nq
+    ki = jnp.arange(nk)
+    one = lambda qb, start: _attend_dense(qb, k, v, mask.bias(start + jnp.arange(qb.shape[2]), ki), precision)
+    return _query_blocks(one, q, query_block)
+
+
+def _query_blocks(one, q: Array, block: int) -> Array:
+    """one(q_block [B, H, b, D], first query index) over even blocks of at most `block` queries,
+    concatenated (`lax.map`): the same values as one(q, 0)."""
+    b, h, nq, d = q.shape
+    nb = -(-nq // block)
+    if nb == 1:
+        return one(q, 0)
+    block = -(-nq // nb)                      # even blocks of at most `block`: little padding
+    qs = _blocks(q, nb, block)                                               # [nb, B, H, block, D]
+    out = jax.lax.map(lambda a: one(a[0], a[1]), (qs, jnp.arange(nb) * block))
+    return jnp.moveaxis(out, 0, 2).reshape(b, h, nb * block, d)[:, :, :nq]
+
+
+def _blocks(x: Array, nb: int, block: int) -> Array:
+    """[B, H, N, D] -> [nb, B, H, block, D], zero padded (padded rows are finite and sliced off)."""
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, nb * block - x.shape[2]), (0, 0)])
+    return jnp.moveaxis(x.reshape(*x.shape[:2], nb, block, x.shape[-1]), 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------- blocked
+def block_schedule(mask: Any, nq: int, nk: int, query_block: int, key_block: int,
+                   q_offset: Any = 0, k_offset: Any = 0) -> Any:
+    """Key blocks each query block visits: [ceil(nq / query_block)] int32, numpy when everything is static.
+
+    Query block i covers global queries q_offset + [i*qb, (i+1)*qb) (qb: even blocks of at most
+    query_block); the keys are global [k_offset, k_offset + nk) in blocks of key_block. A block count
+    stops at the last key the block's last query may see (`mask.key_end`): emptied blocks are skipped.
+    """
+    mask = as_mask(mask)
+    nqb = -(-nq // query_block)
+    qb = -(-nq // nqb)
+    nkb = -(-nk // key_block)
+    static = all(isinstance(x, (int, np.integer)) for x in (q_offset, k_offset))
+    xp = np if static and not isinstance(mask, KeyPrefix) else jnp
+    q_last = q_offset + np.minimum(np.arange(1, nqb + 1) * qb, nq) - 1                # [nqb]
+    end = mask.key_end(q_last)
+    if end is None:
+        return xp.full((nqb,), nkb, xp.int32)
+    trips = xp.clip(-(-(end - k_offset) // key_block), 0, nkb).astype(xp.int32)
+    return xp.broadcast_to(trips, (nqb,))
+
+
+def init_state(q: Array) -> tuple[Array, Array, Array]:
+    """Online-softmax state of queries q [B, H, Nq, D]: running max m, sum l [B, H, Nq], acc [B, H, Nq, D]."""
+    b, h, nq, d = q.shape
+    return (jnp.full((b, h, nq), NEG_INF, jnp.float32), jnp.zeros((b, h, nq), jnp.float32),
+            jnp.zeros((b, h, nq, d), jnp.float32))
+
+
+def finish(state: tuple[Array, Array, Array], dtype: Any) -> Array:
+    m, l, acc = state
+    return (acc / l[..., None]).astype(dtype)
+
+
+def fold_keys(q: Array, k: Array, v: Array, mask: Mask, precision: Precision, state, *, key_block: int,
+              trips: Any, q_start: Any, k_start: Any, nk: Any):
+    """Fold key blocks [0, trips) of k, v [B, H, nkb*key_block, D] into the online-softmax state of
+    queries q [B, H, bq, D]. Global indices: queries q_start + i, keys k_start + j; keys j >= nk are
+    padding. Returns the new state."""
+    scale = q.shape[-1] ** -0.5
+    qi = q_start + jnp.arange(q.shape[2])
+
+    def body(i, carry):
+        m, l, acc = carry
+        kc = jax.lax.dynamic_slice_in_dim(k, i * key_block, key_block, axis=2)    # [B, H, kb, D]
+        vc = jax.lax.dynamic_slice_in_dim(v, i * key_block, key_block, axis=2)
+        local = i * key_block + jnp.arange(key_block)
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, kc, precision=precision).astype(jnp.float32) * scale
+        bias = mask.bias(qi, k_start + local)
+        if bias is not None:
+            s = s + bias
+        s = jnp.where(local < nk, s, NEG_INF)                                      # [B, H, bq, kb]
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)     # rows with no key yet: exp(-inf) = 0
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(m - m_safe)
+        pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vc, precision=precision).astype(jnp.float32)
+        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    return jax.lax.fori_loop(0, trips, body, state)
+
+
+def blocked_states(q: Array, k: Array, v: Array, mask: Mask, precision: Precision, states, *,
+                   query_block: int, key_block: int, q_offset: Any = 0, k_offset: Any = 0):
+    """Fold keys k, v [B, H, Nk, D] (global offset k_offset) into per-query-block states of
+    q [B, H, Nq, D] (global offset q_offset), skipping key blocks the mask empties.
+
+    states: stacked `init_state` of the query blocks ([nqb, ...] leaves) or None for fresh ones.
+    Returns the new stacked states.
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    nqb = -(-nq // query_block)
+    qb = -(-nq // nqb)
+    nkb = -(-nk // key_block)
+    pad = [(0, 0), (0, 0), (0, nkb * key_block - nk), (0, 0)]
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    trips = jnp.asarray(block_schedule(mask, nq, nk, query_block, key_block, q_offset, k_offset))
+    qs = _blocks(q, nqb, qb)                                                    # [nqb, B, H, qb, D]
+    if states is None:
+        states = jax.vmap(init_state)(qs)
+    starts = q_offset + jnp.arange(nqb) * qb
+
+    def one(args):
+        qblk, trip, start, state = args
+        return fold_keys(qblk, k, v, mask, precision, state, key_block=key_block, trips=trip,
+                         q_start=start, k_start=k_offset, nk=nk)
+
+    if nqb == 1:                                # no loop over a single query block
+        return jax.tree.map(lambda x: x[None], one(jax.tree.map(lambda x: x[0], (qs, trips, starts, states))))
+    return jax.lax.map(one, (qs, trips, starts, states))
+
+
+def unblock(states, nq: int, dtype: Any) -> Array:
+    """Normalise stacked query-block states into the output [B, H, Nq, D]."""
+    out = jax.vmap(lambda s: finish(s, dtype))(states)                          # [nqb, B, H, qb, D]
+    nqb, b, h, qb, d = out.shape
+    return jnp.moveaxis(out, 0, 2).reshape(b, h, nqb * qb, d)[:, :, :nq]
+
+
+def attend_blocked(q: Array, k: Array, v: Array, mask: Any, precision: Precision = Precision.HIGHEST, *,
+                   query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK) -> Array:
+    """Blockwise attention (online softmax over key blocks, emptied blocks skipped). Shapes as `attend`."""
+    mask = as_mask(mask)
+    states = blocked_states(q, k, v, mask, precision, None, query_block=query_block, key_block=key_block)
+    return unblock(states, q.shape[2], v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- cudnn
+def attend_cudnn(q: Array, k: Array, v: Array, mask: Mask) -> Array:
+    """`jax.nn.dot_product_attention(implementation="cudnn")` (the caller checked that it fits)."""
+    kw: dict = {}
+    if isinstance(mask, FrameCausal):
+        kw["is_causal"] = True                               # one token per frame (checked)
+    elif isinstance(mask, KeyPrefix):
+        kw["key_value_seq_lengths"] = jnp.broadcast_to(jnp.asarray(mask.length, jnp.int32), (q.shape[0],))
+    elif isinstance(mask, Additive):
+        kw["bias"] = jnp.broadcast_to(mask.array, (q.shape[0], q.shape[1], q.shape[2], k.shape[2])).astype(q.dtype)
+    t = lambda x: x.transpose(0, 2, 1, 3)                    # [B, H, N, D] <-> [B, N, H, D]
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), implementation="cudnn", **kw))
