@@ -126,6 +126,10 @@ def _validate(args) -> None:
     state = args.resume or args.save_state
     if args.offline and state:
         raise UsageError("--save-state/--resume apply to streaming, not --offline")
+    if not args.offline and (args.devices or args.attention in ("ring", "gather")):
+        raise UsageError("--devices and --attention ring|gather apply to --offline")
+    if args.devices and args.devices > 1 and args.query_points:
+        raise UsageError("tracks are not available from the frame-sharded forward: use --devices 1 with --query-points")
     if args.keep_state and not state:
         raise UsageError("--keep-state needs --save-state or --resume")
     if state:
@@ -135,6 +139,22 @@ def _validate(args) -> None:
     if not args.offline:
         _cache_config(args)
     _query_points(args.query_points)
+
+
+def _offline_devices(args, frames: int, qp) -> int:
+    """Devices to shard an offline run's frames over: --devices (must divide the frames), else the most
+    devices that divide them (1 with query points: the sharded forward has no tracks)."""
+    import jax
+
+    if args.devices:
+        if args.devices > jax.device_count():
+            raise UsageError(f"--devices {args.devices}: only {jax.device_count()} devices are available")
+        if frames % args.devices:
+            raise UsageError(f"{frames} frames do not split evenly over --devices {args.devices}")
+        return args.devices
+    if qp is not None:
+        return 1
+    return max(d for d in range(1, jax.device_count() + 1) if frames % d == 0)
 
 
 def _warn_outside(qp: np.ndarray | None, hw: tuple[int, int]) -> None:
@@ -194,6 +214,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
     qp = source.query_points if qp is None else qp
     s, hw, nq = source.num_frames, (source.height, source.width), 0 if qp is None else len(qp)
     _warn_outside(qp, hw)
+    devices = _offline_devices(args, s, qp) if args.offline else 1
     cache_cfg = None if args.offline else _cache_config(args)
     try:
         if cache_cfg is not None:
@@ -217,7 +238,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
             meta["weights"] = params_digest(params)
         with out.staged() as tmp:
             if args.offline:
-                run = run_offline(cfg, params, source, qp, args.offline == "causal")
+                run = run_offline(cfg, params, source, qp, args.offline == "causal", args.attention, devices)
                 preds, rgb, cinfo = run.predictions, run.rgb, {"cache_bytes": 0}
                 latency, nbytes = [run.seconds_per_frame] * s, [0] * s
                 timing = {"compile_seconds": run.compile_seconds, "seconds_per_frame": run.seconds_per_frame,
@@ -245,6 +266,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
                 "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": peak_rss_bytes(),
                 "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
                 "dtype": cfg.dtype, "precision": cfg.precision, **extra, **({"note": note} if note else {}),
+                **({"attention": run.attention, "devices": run.devices} if args.offline else {}),
             }
             if extra_files is not None:
                 extra_files(tmp)
@@ -290,7 +312,7 @@ def _demo(args) -> Path:
     from .io.frames import FrameSource
     from .io.fsutil import owned_tempdir
 
-    args.offline, args.params = None, None
+    args.offline, args.params, args.devices, args.attention = None, None, None, "auto"
     hw = (392, 518) if args.checkpoint else (112, 154)  # the published model's frame size, or the tiny's
     scene = make_demo_scene(frames=args.frames, height=hw[0], width=hw[1])
 
@@ -429,6 +451,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--offline", choices=("causal", "full"),
                    help="batch forward over all frames instead of streaming (causal or full attention)")
+    from .attention import ATTENTION_IMPLS
+    r.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
+                   help="offline global attention: auto (cudnn on GPU, else blocked/xla), xla (dense), blocked "
+                        "(online softmax over key blocks, causal blocks skipped), cudnn, ring/gather (with --devices)")
+    r.add_argument("--devices", type=POSITIVE_INT,
+                   help="--offline: shard the frames over this many devices (ring attention; default: all "
+                        "devices that divide the frame count; 1 with --query-points)")
     r.add_argument("--resize", choices=("crop", "pad"), default="crop", help="preprocessing of images/video")
     fr = r.add_mutually_exclusive_group()
     fr.add_argument("--fps", type=POSITIVE_FLOAT, help="sample a video at this frame rate")

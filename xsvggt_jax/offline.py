@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import FrameCausal, Full, resolve_attention
 from .config import ModelConfig
 from .io.rgb import to_uint8_rgb
 from .model import StreamVGGT
@@ -23,6 +24,8 @@ class OfflineRun:
     rgb: np.ndarray       # [S, H, W, 3] uint8 frame colours
     compile_seconds: float
     total_seconds: float  # the forward pass, after compilation
+    attention: str        # the global attention implementation that ran (attention.resolve_attention)
+    devices: int          # devices the frames were sharded over ("seq" axis)
 
     @property
     def seconds_per_frame(self) -> float:
@@ -30,16 +33,30 @@ class OfflineRun:
 
 
 def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], query_points: Optional[np.ndarray],
-                causal: bool) -> OfflineRun:
+                causal: bool, attention: str = "auto", devices: int = 1) -> OfflineRun:
     """All `frames` ([3, H, W] float32 each; the batch forward needs them at once) in one forward pass.
 
-    query_points: [N, 2] pixels of frame 0 or None. Raises NonFiniteError on NaN/Inf outputs.
+    query_points: [N, 2] pixels of frame 0 or None. attention: the global attention implementation
+    (`attention.ATTENTION_IMPLS`). devices > 1 shards the frames over a "seq" mesh of that many
+    devices (`seqpar.offline_sharded`, ring attention unless `attention="gather"`; S must divide
+    evenly; no tracks). Raises NonFiniteError on NaN/Inf outputs.
     """
     frames = np.stack(list(frames))  # [S, 3, H, W]
-    model = StreamVGGT(cfg)
-    fwd = jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, causal, method=StreamVGGT.offline))
+    s, _, h, w = frames.shape
     x = jnp.asarray(frames.transpose(0, 2, 3, 1))[None]  # [1, S, H, W, 3]
     q = None if query_points is None else jnp.asarray(query_points)[None]
+    if devices > 1:
+        from .seqpar import make_seq_mesh, offline_sharded
+
+        impl = attention if attention in ("ring", "gather") else "ring"
+        mesh = make_seq_mesh(devices)
+        model = StreamVGGT(cfg)
+        fwd = jax.jit(lambda p, x, q: offline_sharded(p, x, mesh, causal, model=model, impl=impl))
+    else:
+        impl = resolve_attention(attention, mask=FrameCausal(cfg.tokens_per_frame(h, w)) if causal else Full(),
+                                 dtype=cfg.jnp_dtype, keys=s * cfg.tokens_per_frame(h, w))
+        model = StreamVGGT(cfg, attention=attention)
+        fwd = jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, causal, method=StreamVGGT.offline))
     t0 = time.perf_counter()
     compiled = fwd.lower(params, x, q).compile()
     compile_s = time.perf_counter() - t0
@@ -52,4 +69,4 @@ def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], qu
         first = min(int(np.argmax(~np.isfinite(preds[k]).reshape(len(frames), -1).all(1))) for k in bad)
         raise NonFiniteError(f"the model produced NaN/Inf (in {', '.join(bad)}; first at frame {first}): "
                              "check the weights (and the input); no outputs were written")
-    return OfflineRun(preds, to_uint8_rgb(frames), compile_s, total)
+    return OfflineRun(preds, to_uint8_rgb(frames), compile_s, total, impl, devices)

@@ -15,15 +15,15 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from .attention import (SEQUENCE_PARALLEL_IMPLS, AttentionConfigError, AttentionSpec, FrameCausal, Full,
                         KEY_BLOCK, QUERY_BLOCK, Mask, blocked_states, unblock)
 from .model import StreamVGGT
+from .parallel import DATA, SEQ, make_mesh
 
 Array = jax.Array
 Precision = jax.lax.Precision
-DATA, SEQ = "data", "seq"
 
 
 class SequenceShardError(ValueError):
@@ -31,14 +31,12 @@ class SequenceShardError(ValueError):
 
 
 def make_seq_mesh(seq: Optional[int] = None, data: int = 1) -> Mesh:
-    """A ("data", "seq") mesh of data * seq devices (seq: default all devices / data), axes Auto
-    (shard_map places jit inputs without explicit shardings)."""
+    """`parallel.make_mesh` over the first data * seq devices (seq: default all devices / data)."""
     n = jax.device_count()
     seq = n // data if seq is None else seq
     if seq < 1 or data < 1 or seq * data > n:
         raise SequenceShardError(f"a {data} x {seq} (data x seq) mesh needs {data * seq} devices; {n} available")
-    return jax.make_mesh((data, seq), (DATA, SEQ), axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=jax.devices()[:data * seq])
+    return make_mesh(data, seq, jax.devices()[:data * seq])
 
 
 def attend_sequence_parallel(q: Array, k: Array, v: Array, mask: Mask, precision: Precision, axis: str, *,
