@@ -48,11 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax import layers
+from xsvggt_jax import layers, quant
 from xsvggt_jax import step as step_mod
 from xsvggt_jax.cache import CacheConfig, StreamCache, cache_report, init_cache, stored_slots, tree_bytes
 from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig
-from xsvggt_jax.model import StreamVGGT, init_params
+from xsvggt_jax.model import init_params
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +221,11 @@ def random_params(cfg: ModelConfig) -> dict:
 
 def agg_cam_step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
                  frame: jax.Array) -> tuple[StreamCache, jax.Array]:
-    """`xsvggt_jax.step.step` without the DPT / track heads: aggregator + camera head only, the part
-    upstream's `Aggregator` + `CameraHead` comparison runs. Returns the cache and the pose [B, 9]."""
-    update = step_mod.CacheUpdate(cfg, cache_cfg, cache)
-
-    def run(m, images):
-        aggregated, _ = m.aggregator(images, update.slot, global_hook=update.glob.hook)
-        return m.camera_head(aggregated[-1], kv_hook=update.cam.hook)[-1]
-
-    pose = StreamVGGT(cfg).apply({"params": params}, frame[:, None], method=run)[:, 0]
-    return update.finish(cache.track_points), pose
+    """`xsvggt_jax.step.step` without the DPT / track heads (`heads=False`): aggregator + camera head
+    only, the part upstream's `Aggregator` + `CameraHead` comparison runs. Returns the cache and the
+    pose [B, 9]."""
+    cache, out = step_mod.step(cfg, cache_cfg, params, cache, frame, heads=False)
+    return cache, out["camera_pose"]
 
 
 def run_setting(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, hw: tuple[int, int], frames: int,
@@ -244,8 +239,9 @@ def run_setting(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, hw: tupl
 
     jitted = jax.jit(counted, donate_argnums=(1,))
     max_frames = frames if cache_cfg.prune == "none" else None
-    cache = init_cache(cfg, cache_cfg, 1, hw, max_frames=max_frames, query_points=queries)
     example = jax.device_put(np.zeros((1, *hw, 3), np.float32))  # as the frames are put, so no recompile
+    cache = step_mod.place_cache(init_cache(cfg, cache_cfg, 1, hw, max_frames=max_frames, query_points=queries),
+                                 params, example)
 
     t0 = time.perf_counter()
     lowered = jitted.lower(params, cache, example)
@@ -384,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"comma list of cache settings from {', '.join(SETTINGS)} (default all)")
     p.add_argument("--budget", type=int, default=2048, help="tokens kept per layer by pruned settings (default 2048)")
-    p.add_argument("--bits", type=int, default=4, choices=(2, 4, 8), help="code width of xstream-int4 (default 4)")
+    p.add_argument("--bits", type=int, default=4, choices=quant.PACK_BITS, help="code width of xstream-int4 (default 4)")
     p.add_argument("--queries", type=int, default=0,
                    help="query points per frame (> 0 also runs the track head each frame)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")

@@ -7,7 +7,7 @@ Output `i` (what the heads read) is concat(frame block i output, global block i 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .dino import Dinov2
-from .layers import Block, KVHook
+from .layers import Block, KVCache
 from .rope import make_rope
 
 Array = jax.Array
@@ -47,13 +47,13 @@ class Aggregator(nn.Module):
                                          (1, 2, cfg.num_register_tokens, c))
 
     def __call__(self, images: Array, slot: Array, *, global_bias: Optional[Array] = None,
-                 global_hook: Optional[Callable[[int], KVHook]] = None):
+                 caches: Optional[Sequence[KVCache]] = None) -> tuple[list[Array], Optional[tuple]]:
         """Run the aggregator on a clip.
 
         images: [B, S, H, W, 3] in [0, 1]. slot: [S] int32, special-token slot per frame (0 or 1).
         global_bias: additive bias [S*P', S*P'] for global attention (offline), or None.
-        global_hook: layer index -> KV hook substituting the global keys/values (streaming caches).
-        Returns (list of `depth` arrays [B, S, P', 2C], list of hook auxiliaries per global layer).
+        caches: one streaming KV cache per global block (`cache.LayerCache`), or None (offline).
+        Returns (list of `depth` arrays [B, S, P', 2C], the global blocks' caches after this call or None).
         """
         cfg = self.cfg
         b, s, h, w, _ = images.shape
@@ -71,14 +71,13 @@ class Aggregator(nn.Module):
         rope_frame = make_rope(ph, pw, cfg.num_special_tokens, cfg.head_dim, cfg.rope_freq)
         rope_global = make_rope(ph, pw, cfg.num_special_tokens, cfg.head_dim, cfg.rope_freq, frames=s)
 
-        outputs, aux = [], []
+        outputs, new_caches = [], []
         for i in range(cfg.depth):
             t, _ = self.frame_blocks[i](tokens.reshape(b * s, p, -1), rope=rope_frame)
             frame_out = t.reshape(b, s, p, -1)
-            hook = global_hook(i) if global_hook is not None else None
-            t, a = self.global_blocks[i](frame_out.reshape(b, s * p, -1), rope=rope_global, bias=global_bias,
-                                         kv_hook=hook)
+            t, c = self.global_blocks[i](frame_out.reshape(b, s * p, -1), rope=rope_global, bias=global_bias,
+                                         cache=None if caches is None else caches[i])
             tokens = t.reshape(b, s, p, -1)
-            aux.append(a)
+            new_caches.append(c)
             outputs.append(jnp.concatenate([frame_out, tokens], axis=-1))
-        return outputs, aux
+        return outputs, (None if caches is None else tuple(new_caches))

@@ -7,7 +7,7 @@ Parameter names follow the upstream module names so the checkpoint key map stays
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
 import flax.linen as nn
 import jax
@@ -190,17 +190,21 @@ def _attend_prefix(q: Array, k: Array, v: Array, prefix: Prefix, precision: Prec
     return (acc / l[..., None]).astype(v.dtype)
 
 
-# KV hook: given this layer's (q, k, v) [B, H, N, D] after norm + RoPE, return the keys/values to
-# attend over, their mask (an additive bias or a `Prefix`), and an auxiliary value (e.g. a cache).
-KVHook = Callable[[Array, Array, Array], tuple[Array, Array, Optional[Mask], Any]]
+class KVCache(Protocol):
+    """A layer's streaming cache as attention uses it (`xsvggt_jax.cache.LayerCache`): pure, it returns
+    its next state instead of mutating itself."""
+
+    def update(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Optional[Mask], "KVCache"]:
+        """q, k, v [B, H, N, D] after norm + RoPE -> (keys, values to attend over [B, H, W, D], their mask
+        (an additive bias or a `Prefix`), the cache after this call)."""
+        ...
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with optional q/k LayerNorm and 2D RoPE.
 
     `rope` is a callable (x [B,H,N,D]) -> x applying rotary embedding with positions bound in.
-    `kv_hook` lets the caller substitute the attended keys/values (streaming caches); its auxiliary
-    output is returned next to the attention output.
+    `cache` (streaming) supplies the attended keys/values and mask; its next state is returned.
     """
 
     num_heads: int
@@ -210,7 +214,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, rope: Optional[Callable[[Array], Array]] = None,
-                 bias: Optional[Mask] = None, kv_hook: Optional[KVHook] = None):
+                 bias: Optional[Mask] = None, cache: Optional[KVCache] = None) -> tuple[Array, Optional[KVCache]]:
+        """x [B, N, C] -> (out [B, N, C], the cache after this call, or None without a cache)."""
         b, n, c = x.shape
         hd = c // self.num_heads
         qkv = Dense(3 * c, dtype=self.dtype, precision=self.precision, name="qkv")(x)
@@ -221,13 +226,12 @@ class Attention(nn.Module):
             k = LayerNorm(name="k_norm")(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        aux = None
-        if kv_hook is not None:
-            k, v, bias, aux = kv_hook(q, k, v)
+        if cache is not None:
+            k, v, bias, cache = cache.update(q, k, v)
         o = attend(q, k, v, bias=bias, precision=self.precision)  # [B, H, N, D]
         o = o.transpose(0, 2, 1, 3).reshape(b, n, c)
         o = Dense(c, dtype=self.dtype, precision=self.precision, name="proj")(o)
-        return o, aux
+        return o, cache
 
 
 class Block(nn.Module):
@@ -242,11 +246,13 @@ class Block(nn.Module):
     precision: Precision = Precision.HIGHEST
 
     @nn.compact
-    def __call__(self, x: Array, *, rope=None, bias=None, kv_hook: Optional[KVHook] = None):
+    def __call__(self, x: Array, *, rope=None, bias: Optional[Mask] = None,
+                 cache: Optional[KVCache] = None) -> tuple[Array, Optional[KVCache]]:
+        """x [B, N, C] -> (x' [B, N, C], the attention cache after this block, or None)."""
         c = x.shape[-1]
-        h, aux = Attention(self.num_heads, qk_norm=self.qk_norm, dtype=self.dtype, precision=self.precision,
-                           name="attn")(LayerNorm(self.layer_norm_eps, name="norm1")(x), rope=rope, bias=bias,
-                                        kv_hook=kv_hook)
+        h, cache = Attention(self.num_heads, qk_norm=self.qk_norm, dtype=self.dtype, precision=self.precision,
+                             name="attn")(LayerNorm(self.layer_norm_eps, name="norm1")(x), rope=rope, bias=bias,
+                                          cache=cache)
         if self.layer_scale:
             h = LayerScale(name="ls1")(h)
         x = x + h
@@ -254,7 +260,7 @@ class Block(nn.Module):
             LayerNorm(self.layer_norm_eps, name="norm2")(x))
         if self.layer_scale:
             h = LayerScale(name="ls2")(h)
-        return x + h, aux
+        return x + h, cache
 
 
 class MultiheadAttention(nn.Module):

@@ -8,7 +8,7 @@ first and frame axis second:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,9 @@ from .config import ModelConfig
 from .heads.camera import CameraHead
 from .heads.dpt import DPTHead
 from .heads.track import TrackHead
-from .layers import KVHook
+
+if TYPE_CHECKING:
+    from .cache import LayerCache
 
 Array = jax.Array
 
@@ -64,26 +66,28 @@ class StreamVGGT(nn.Module):
         agg_bias = frame_causal_bias(s, p) if causal else None
         aggregated, _ = self.aggregator(images, slot, global_bias=agg_bias)
         cam_bias = frame_causal_bias(s, 1) if causal else None
-        pose = self.camera_head(aggregated[-1], bias=cam_bias)[-1]
+        pose = self.camera_head(aggregated[-1], bias=cam_bias)[0][-1]
         out = self._heads(aggregated, pose, h, w, query_points)
         if return_aggregated:
             out["aggregated"] = aggregated
         return out
 
-    def stream_frame(self, images: Array, slot: Array, global_hook: Callable[[int], KVHook],
-                     camera_hook: Callable[[int], KVHook], query_points: Optional[Array] = None,
-                     return_aggregated: bool = False) -> dict:
+    def stream_frame(self, images: Array, slot: Array, global_caches: Sequence[LayerCache],
+                     camera_caches: Sequence[LayerCache], query_points: Optional[Array] = None,
+                     return_aggregated: bool = False, heads: bool = True) -> tuple[dict, tuple[tuple, tuple]]:
         """One streaming step: images [B, 1, H, W, 3]; slot: [1] int32 special-token slot.
 
-        The hooks read and extend the caller's KV caches (see `xsvggt_jax.cache`).
+        global_caches / camera_caches: one `LayerCache` per global block / camera trunk block.
+        Returns (outputs, (next global caches, next camera caches)). heads=False runs the aggregator
+        and the camera head only (outputs: camera_pose).
         """
         h, w = images.shape[2:4]
-        aggregated, _ = self.aggregator(images, slot, global_hook=global_hook)
-        pose = self.camera_head(aggregated[-1], kv_hook=camera_hook)[-1]
-        out = self._heads(aggregated, pose, h, w, query_points)
+        aggregated, global_caches = self.aggregator(images, slot, caches=global_caches)
+        poses, camera_caches = self.camera_head(aggregated[-1], caches=camera_caches)
+        out = self._heads(aggregated, poses[-1], h, w, query_points) if heads else {"camera_pose": poses[-1]}
         if return_aggregated:
             out["aggregated"] = aggregated
-        return out
+        return out, (global_caches, camera_caches)
 
     def dino_tokens(self, images: Array) -> Array:
         """Normalised DINOv2 patch tokens of images [N, H, W, 3] -> [N, Hp*Wp, C] (for parity tests)."""

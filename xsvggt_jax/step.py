@@ -1,64 +1,180 @@
-"""The streaming hot path: a pure `step(params, cache, frame) -> (cache, outputs)` and its drivers."""
+"""The hot path: a pure `step(params, cache, frame) -> (cache, outputs)` and its drivers.
+
+The cache is threaded explicitly: `step` hands each global block and camera-trunk block its
+`cache.LayerCache`, the model returns the next ones (`StreamVGGT.stream_frame`), and `step`
+assembles the next `StreamCache` from them. Nothing is mutated.
+
+Checks (typed `ValueError`s, raised while tracing, so before any compute):
+* the cache was built for this `CacheConfig` and frame size (`CacheMismatchError`);
+* frames are float NHWC [B, H, W, 3] (`FrameError`: uint8 frames are told to divide by 255,
+  channels-first frames that NHWC is expected). Values can only be seen on concrete arrays: the
+  `make_step` driver checks the range [0, 1] there, jitted code cannot;
+* an uncompressed cache holds `max_frames` frames. `frame_index` is traced, so inside jit an overflow
+  cannot raise: a step past the capacity returns all-NaN outputs (and every later step does, since
+  the index only grows) and `cache.cache_overflowed(cache)` is True. `run_stream` checks the stream
+  length statically and raises `CacheOverflowError`; the `make_step` driver checks a concrete index.
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from .cache import CacheConfig, CacheWriter, StreamCache
+from .cache import (CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, cache_overflowed,
+                    layer_caches)
 from .config import ModelConfig, check_frame_size
 from .model import StreamVGGT
 
 Array = jax.Array
 
-
-class CacheUpdate:
-    """One step's cache bookkeeping: the KV writers the model's hooks use, the special-token slot,
-    and `finish`, which assembles the next cache once the model has run."""
-
-    def __init__(self, cfg: ModelConfig, cache_cfg: CacheConfig, cache: StreamCache):
-        self.cache = cache
-        self.rng, key = jax.random.split(cache.rng)
-        self.glob = CacheWriter(cache.global_kv, cache.global_len, cache_cfg, cfg.num_special_tokens,
-                                jax.random.fold_in(key, 0))
-        self.cam = CacheWriter(cache.camera_kv, cache.camera_len, cache_cfg, cfg.num_special_tokens,
-                               jax.random.fold_in(key, 1))
-        self.slot = jnp.minimum(cache.frame_index, 1).reshape(1)  # frame 0 uses special-token slot 0
-
-    def finish(self, track_points: Array) -> StreamCache:
-        return StreamCache(
-            global_kv=tuple(self.glob.layers), camera_kv=tuple(self.cam.layers),
-            global_len=self.glob.lengths[0], camera_len=self.cam.lengths[0],
-            frame_index=self.cache.frame_index + 1, track_points=track_points, rng=self.rng)
+FRAME_RANGE_TOL = 1e-3  # frames are [0, 1]; resampling may overshoot by rounding, not by more
 
 
-def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
-         frame: Array) -> tuple[StreamCache, dict]:
+class FrameError(ValueError):
+    """A frame that is not float NHWC [B, H, W, 3] in [0, 1]."""
+
+
+def check_frame(cfg: ModelConfig, cache: StreamCache, frame: Array) -> None:
+    """Static checks of a frame against the model and the cache (shape, dtype; works on tracers)."""
+    shape = tuple(frame.shape)
+    if len(shape) != 4:
+        raise FrameError(f"a frame must be [B, H, W, 3] (NHWC), got shape {shape}")
+    if shape[-1] != 3:
+        hint = " (channels first? NHWC [B, H, W, 3] expected)" if shape[1] == 3 else ""
+        raise FrameError(f"a frame must be [B, H, W, 3] (NHWC), got shape {shape}{hint}")
+    if not jnp.issubdtype(frame.dtype, jnp.floating):
+        hint = " (divide uint8 frames by 255)" if frame.dtype == jnp.uint8 else ""
+        raise FrameError(f"frames must be float in [0, 1], got dtype {frame.dtype}{hint}")
+    check_frame_size(cfg, *shape[1:3])
+    if tuple(shape[1:3]) != cache.frame_hw:
+        raise CacheMismatchError(f"the cache was built for {cache.frame_hw[0]}x{cache.frame_hw[1]} frames, "
+                                 f"got {shape[1]}x{shape[2]}")
+    batch = jax.tree_util.tree_leaves(cache.global_kv)[0].shape[0]
+    if shape[0] != batch:
+        raise CacheMismatchError(f"the cache holds {batch} streams, the frame batch is {shape[0]}")
+
+
+def check_frame_values(frame: Any) -> None:
+    """Concrete frames only (numpy or a non-traced jax array): values in [0, 1]. Tracers pass."""
+    if isinstance(frame, jax.core.Tracer):
+        return
+    if isinstance(frame, np.ndarray):
+        lo, hi = (float(frame.min()), float(frame.max())) if frame.size else (0.0, 0.0)
+    else:
+        lo, hi = (float(x) for x in jax.device_get((jnp.min(frame), jnp.max(frame))))
+    if lo < -FRAME_RANGE_TOL or hi > 1 + FRAME_RANGE_TOL:
+        hint = " (0..255 values? divide by 255)" if hi > 1.5 else ""
+        raise FrameError(f"frames must be float in [0, 1], got values in [{lo:g}, {hi:g}]{hint}")
+
+
+def check_cache(cache_cfg: CacheConfig, cache: StreamCache) -> None:
+    """The cache was built (`init_cache`) for this configuration."""
+    if cache.cache_cfg != cache_cfg:
+        diff = {f: (getattr(cache.cache_cfg, f), getattr(cache_cfg, f)) for f in cache_cfg.__dataclass_fields__
+                if getattr(cache.cache_cfg, f) != getattr(cache_cfg, f)}
+        raise CacheMismatchError("the cache was built for another CacheConfig: "
+                                 + ", ".join(f"{f}={a!r} (cache) vs {b!r} (step)" for f, (a, b) in diff.items()))
+
+
+def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache, frame: Array, *,
+         heads: bool = True, return_aggregated: bool = False) -> tuple[StreamCache, dict]:
     """Process one frame of a stream.
 
     frame: [B, H, W, 3] float in [0, 1] (NHWC). Returns the updated cache and the outputs for this
     frame (upstream names, batch first, no frame axis). Tracks are produced when the cache holds
-    query points (N > 0): frame t is queried with frame t-1's tracks, as upstream chains them.
+    query points: frame t is queried with frame t-1's tracks, as upstream chains them.
+    heads=False: aggregator + camera head only (outputs: camera_pose). return_aggregated: also
+    out["aggregated"], the `depth` aggregator outputs [B, P', 2C] the heads read.
     Pure: jit it (see `make_step`); the counters are arrays, so it traces once per stream shape.
     """
-    check_frame_size(cfg, *frame.shape[1:3])
-    update = CacheUpdate(cfg, cache_cfg, cache)
-    queries = cache.track_points if cache.track_points.shape[1] > 0 else None
-    out = StreamVGGT(cfg).apply({"params": params}, frame[:, None], update.slot, update.glob.hook,
-                                update.cam.hook, queries, method=StreamVGGT.stream_frame)
-    out = {k: v[:, 0] for k, v in out.items()}
-    return update.finish(out["track"] if queries is not None else cache.track_points), out
+    check_cache(cache_cfg, cache)
+    check_frame(cfg, cache, frame)
+    rng, key = jax.random.split(cache.rng)
+    ns = cfg.num_special_tokens
+    glob = layer_caches(cache.global_kv, cache.global_len, jax.random.fold_in(key, 0), cache_cfg, ns)
+    cam = layer_caches(cache.camera_kv, cache.camera_len, jax.random.fold_in(key, 1), cache_cfg, ns)
+    slot = jnp.minimum(cache.frame_index, 1).reshape(1)  # frame 0 uses special-token slot 0
+    out, (glob, cam) = StreamVGGT(cfg).apply(
+        {"params": params}, frame[:, None], slot, glob, cam, cache.track_points if heads else None,
+        return_aggregated, heads, method=StreamVGGT.stream_frame)
+    out = jax.tree.map(lambda x: x[:, 0], out)                     # drop the frame axis
+    if return_aggregated:
+        out["aggregated"] = tuple(out["aggregated"])
+    if cache.max_frames is not None:                               # past the capacity: loudly wrong
+        full = cache.frame_index >= cache.max_frames
+        out = jax.tree.map(lambda x: jnp.where(full, jnp.nan, x) if jnp.issubdtype(x.dtype, jnp.floating)
+                           else x, out)
+    chex.assert_shape(out["camera_pose"], (frame.shape[0], 9))
+    new = cache.replace(
+        global_kv=tuple(c.kv for c in glob), camera_kv=tuple(c.kv for c in cam),
+        global_len=glob[0].length, camera_len=cam[0].length, frame_index=cache.frame_index + 1,
+        track_points=out["track"] if (heads and cache.track_points is not None) else cache.track_points,
+        rng=rng)
+    return new, out
 
 
-def make_step(cfg: ModelConfig, cache_cfg: CacheConfig):
-    """`step(params, cache, frame)` jitted for the configuration, with the cache donated."""
-    return jax.jit(functools.partial(step, cfg, cache_cfg), donate_argnums=(1,))
+def _placement(tree) -> Any:
+    """The sharding of the first committed array leaf of `tree`, or None."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array) and getattr(leaf, "committed", False):
+            return leaf.sharding
+    return None
+
+
+def place_cache(cache: StreamCache, params, frame=None) -> StreamCache:
+    """The cache placed for a jitted step with these inputs. An uncommitted cache (init_cache without a sharding) is committed like the parameters (or the
+    frame): a jitted step returns committed arrays when any input is committed, and a second call with
+    a committed cache would compile again. A single-device placement is reused as is; a multi-device
+    one (a mesh) gets the cache replicated over the same devices (pass `init_cache(sharding=...)` to
+    shard it instead). An already committed cache is left alone."""
+    if _placement(cache) is not None or not jax.tree_util.tree_leaves(cache):
+        return cache
+    like = _placement(params) or _placement(frame)
+    if like is None:
+        return cache   # everything uncommitted: the outputs stay uncommitted too
+    if len(like.device_set) == 1:
+        return jax.device_put(cache, like)
+    mesh = getattr(like, "mesh", None)
+    if mesh is None:
+        raise CacheMismatchError("cannot place an uncommitted cache next to parameters sharded with "
+                                 f"{type(like).__name__}: pass init_cache(..., sharding=...)")
+    return jax.device_put(cache, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def make_step(cfg: ModelConfig, cache_cfg: CacheConfig) -> Callable[[dict, StreamCache, Array],
+                                                                        tuple[StreamCache, dict]]:
+    """`step(params, cache, frame)` jitted for the configuration (cache donated), behind a driver that
+    checks concrete frames' values and a concrete frame index against an uncompressed cache's capacity,
+    and places an uncommitted cache like the parameters (one compile per stream). `.jitted` is the bare
+    jitted function."""
+    jitted = jax.jit(functools.partial(step, cfg, cache_cfg), donate_argnums=(1,))
+
+    def run(params: dict, cache: StreamCache, frame: Array) -> tuple[StreamCache, dict]:
+        check_frame_values(frame)
+        if cache.max_frames is not None and not isinstance(cache.frame_index, jax.core.Tracer):
+            if int(cache.frame_index) >= cache.max_frames:
+                raise CacheOverflowError(f"the uncompressed cache holds {cache.max_frames} frames and is full: "
+                                         "build it with a larger max_frames, or prune (e.g. prune='xstream')")
+        return jitted(params, place_cache(cache, params, frame), frame)
+
+    run.jitted = jitted
+    return run
 
 
 def run_stream(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
                frames: Array) -> tuple[StreamCache, dict]:
     """All frames [S, B, H, W, 3] through `step` inside one `lax.scan` (one compile). Outputs are
-    stacked on a leading frame axis: [S, B, ...]."""
+    stacked on a leading frame axis: [S, B, ...]. An uncompressed cache must have room for S more
+    frames (checked here when its frame index is concrete, else against S alone)."""
+    if cache.max_frames is not None:
+        done = 0 if isinstance(cache.frame_index, jax.core.Tracer) else int(cache.frame_index)
+        if done + frames.shape[0] > cache.max_frames:
+            raise CacheOverflowError(f"{frames.shape[0]} frames after {done} do not fit the uncompressed cache's "
+                                     f"{cache.max_frames} frames: build it with a larger max_frames")
+    check_frame_values(frames)
     return jax.lax.scan(lambda c, f: step(cfg, cache_cfg, params, c, f), cache, frames)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
-from ..layers import Block, Dense, KVHook, LayerNorm, Mlp
+from ..layers import Block, Dense, LayerNorm, Mlp
 from .activations import activate_pose
+
+if TYPE_CHECKING:
+    from ..cache import LayerCache
 
 Array = jax.Array
 POSE_DIM = 9  # translation (3), quaternion xyzw (4), field of view h, w (2)
@@ -33,22 +36,30 @@ class CameraHead(nn.Module):
         self.pose_branch = Mlp(dim // 2, POSE_DIM, **kw)
 
     def __call__(self, tokens: Array, *, bias: Optional[Array] = None,
-                 kv_hook: Optional[Callable[[int], KVHook]] = None) -> list[Array]:
-        """tokens: last aggregator output [B, S, P', 2C]. Returns the pose encoding [B, S, 9] of each
-        refinement iteration. `bias` [S, S] masks the trunk attention across frames (offline);
-        `kv_hook(block)` substitutes keys/values (streaming cache; called once per iteration and block).
+                 caches: Optional[Sequence[LayerCache]] = None) -> tuple[list[Array], Optional[tuple]]:
+        """tokens: last aggregator output [B, S, P', 2C]. Returns (the pose encoding [B, S, 9] of each
+        refinement iteration, the trunk caches after this call or None). `bias` [S, S] masks the trunk
+        attention across frames (offline). `caches`: one streaming cache per trunk block; every
+        iteration appends the frame's token to each. The random key of the call (iteration it, block i)
+        is fold_in(caches[i].key, it): distinct per call, deterministic.
         """
         x = self.token_norm(tokens[:, :, 0])  # camera tokens [B, S, 2C]
         b, s, _ = x.shape
+        caches = None if caches is None else list(caches)
         pred = None
         preds = []
-        for _ in range(self.cfg.camera.iterations):
+        for it in range(self.cfg.camera.iterations):
             src = jnp.broadcast_to(self.empty_pose_tokens, (b, s, POSE_DIM)) if pred is None else pred
             shift, scale, gate = jnp.split(self.poseLN_modulation_1(nn.silu(self.embed_pose(src))), 3, -1)
             h = gate * (self.adaln_norm(x) * (1 + scale) + shift) + x
             for i, blk in enumerate(self.trunk):
-                h, _ = blk(h, bias=bias, kv_hook=kv_hook(i) if kv_hook is not None else None)
+                if caches is None:
+                    h, _ = blk(h, bias=bias)
+                else:
+                    layer_key = caches[i].key
+                    h, c = blk(h, bias=bias, cache=caches[i].replace(key=jax.random.fold_in(layer_key, it)))
+                    caches[i] = c.replace(key=layer_key)
             delta = self.pose_branch(self.trunk_norm(h))
             pred = delta if pred is None else pred + delta
             preds.append(activate_pose(pred))
-        return preds
+        return preds, (None if caches is None else tuple(caches))
