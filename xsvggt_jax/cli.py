@@ -325,6 +325,40 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
     st.add_argument("--keep-state", action="store_true", help="keep the state directory after a completed run")
 
 
+# ------------------------------------------------------------------------------------------- train
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train or distill a model (supervised on procedural scenes / a dataset)")
+    t.add_argument("--config", help="model preset (tiny, micro, medium, published) or spec.json (--init random)")
+    t.add_argument("--init", default="random", help="'random' or a params directory to start from")
+    t.add_argument("--data", default="procedural", help="'procedural' or READER:ROOT (e.g. scannet:/data/scannet)")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--frames", type=int, default=2)
+    t.add_argument("--size", default="28x42", help="frame size HxW (multiples of the patch size)")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--warmup", type=int, default=10)
+    t.add_argument("--out", required=True, help="run directory (re-run with the same --out to resume)")
+    t.add_argument("--teacher", help="teacher params directory (distillation)")
+    t.add_argument("--teacher-mode", choices=("full", "causal", "stream"), default="full")
+    t.add_argument("--student", choices=("causal", "full", "stream"), default="causal")
+    t.add_argument("--student-cache", help="streaming student's cache: KEY=VALUE,... of CacheConfig "
+                                           "(e.g. prune=xstream,budget=64,quant=kcvt); implies --student stream")
+    t.add_argument("--freeze", choices=("upstream", "none"),
+                   help="frozen parameters (default: upstream's with --init PARAMS, none with random init)")
+    t.add_argument("--remat", action="store_true", help="rematerialise transformer blocks (less memory)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (params stay float32)")
+    t.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out scenes every K steps")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train(args) -> Path:
+    from .train.command import run_train_command
+
+    return run_train_command(args, UsageError)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xsvggt", description="StreamVGGT in JAX: streaming 4D reconstruction")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -360,6 +394,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--conf-percentile", type=float,
                    help="draw predictions.npz's depth points above this confidence percentile, with a slider "
                         "(default: points.ply as written)")
+    _train_parser(sub)
     return p
 
 
@@ -383,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     try:
-        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "view": _view}[args.command](args)
+        out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "view": _view,
+               "train": _train}[args.command](args)
     except UsageError as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         if len(msg) > MAX_MESSAGE:  # e.g. a wrong --spec: every parameter is listed
