@@ -30,6 +30,7 @@ import numpy as np
 from ..cache import CacheConfig
 from ..config import ModelConfig
 from ..eval.depth import DELTA_KEYS, evaluate_depth
+from ..eval.geometry import EvalInputError
 from ..eval.pose import extrinsics_to_c2w, trajectory_metrics
 from ..io.params import save_params
 from ..pose import pose_encoding_to_extri_intri
@@ -138,16 +139,23 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 
 def evaluate(predict: Callable, params: dict, clips: list) -> dict[str, float]:
     """Mean over held-out clips of depth AbsRel / delta<1.25 (median scale per sequence) and camera
-    ATE (Sim(3)-aligned camera centres) of the predictions."""
+    ATE (Sim(3)-aligned camera centres; None when no clip allows the alignment: fewer than 3 frames,
+    or coinciding predicted centres) of the predictions."""
     rows = []
     for targets, scene in clips:
         out = jax.device_get(predict(params, targets["images"][None]))
         s, h, w = scene.depth.shape
         depth = evaluate_depth(out["depth"][0, ..., 0], scene.depth, align="median")
         extr, _ = pose_encoding_to_extri_intri(jax.numpy.asarray(out["camera_pose"][0]), (h, w))
-        ate = trajectory_metrics(extrinsics_to_c2w(np.asarray(extr)), extrinsics_to_c2w(scene.extrinsics))["ate"]
+        try:
+            ate = trajectory_metrics(extrinsics_to_c2w(np.asarray(extr)), extrinsics_to_c2w(scene.extrinsics))["ate"]
+        except EvalInputError:   # < 3 frames, or predicted camera centres that coincide (untrained model)
+            ate = None
         rows.append({"abs_rel": depth["abs_rel"], DELTA_KEYS[0]: depth[DELTA_KEYS[0]], "ate": ate})
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    ates = [r["ate"] for r in rows if r["ate"] is not None]
+    return {"abs_rel": float(np.mean([r["abs_rel"] for r in rows])),
+            DELTA_KEYS[0]: float(np.mean([r[DELTA_KEYS[0]] for r in rows])),
+            "ate": float(np.mean(ates)) if ates else None}
 
 
 class Progress:
@@ -201,7 +209,7 @@ def train(run: RunConfig, out: str | os.PathLike, params: Optional[dict] = None,
     _write_atomic(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
     progress = Progress(ocfg.steps, quiet)
     last_eval = evals[-1] if evals else None
-    t0, done_here = time.perf_counter(), 0
+    t_first, done_here = None, 0   # steps/s counts from the end of the first (compiling) step
     with open(out / "metrics.jsonl", "a") as metrics_file:
         while int(state.step) < ocfg.steps:
             batch = batch_at(clip_fn, run.data, int(state.data_pos))
@@ -213,7 +221,10 @@ def train(run: RunConfig, out: str | os.PathLike, params: Optional[dict] = None,
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             done_here += 1
             step = int(state.step)
-            rate = done_here / (time.perf_counter() - t0)
+            if t_first is None:
+                t_first, rate = time.perf_counter(), 0.0
+            else:
+                rate = (done_here - 1) / (time.perf_counter() - t_first)
             row = {"step": step, **metrics, "steps_per_s": rate}
             rows.append(row)
             metrics_file.write(json.dumps(row) + "\n")

@@ -90,7 +90,7 @@ def make_teacher(cfg: ModelConfig, mode: str, cache_cfg: Optional[CacheConfig] =
 def trainable_norm(grads: dict, labels: dict) -> Array:
     """Global norm of the gradients of the trainable ("train"-labelled) parameters."""
     kept = jax.tree_util.tree_map(lambda g, l: g if l == "train" else jnp.zeros((), g.dtype), grads, labels)
-    return optax.global_norm(kept)
+    return optax.tree.norm(kept)
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, labels: dict,
