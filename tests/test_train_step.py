@@ -24,7 +24,7 @@ from xsvggt_jax.pose import pose_encoding_to_extri_intri
 from xsvggt_jax.train.data import DataSource, batch_at, make_clip_fn
 from xsvggt_jax.train.state import (UPSTREAM_FROZEN, Checkpoints, OptimConfig, init_state, learning_rate,
                                     make_optimizer, param_labels)
-from xsvggt_jax.train.step import make_teacher, make_train_step, shard_batch
+from xsvggt_jax.train.step import make_teacher, make_train_step, place_state, shard_batch
 from xsvggt_jax.train.targets import supervised_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,8 @@ def setup():
 def overfit(setup):
     """STEPS steps on one fixed batch: (final state, per-step metrics)."""
     cfg, params, optimizer, _, step, batch = setup
-    state = init_state(_copy(params), optimizer)
-    device_batch = shard_batch(batch, None)
+    state = place_state(init_state(_copy(params), optimizer))
+    device_batch = shard_batch(batch)
     history = []
     for _ in range(STEPS):
         state, m = step(state, device_batch)
@@ -89,45 +89,50 @@ def test_overfit_one_batch_finite_and_one_trace(setup, overfit):
     assert fit[-1] < 0.1 * fit[0], fit
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert all(h["grad_norm"] > 0 for h in history)
-    assert step._cache_size() == 1   # one compile; chex.assert_max_traces(1) guards retraces
+    # one trace: make_train_step wraps the step in chex.assert_max_traces(n=1), which raises on a second
 
 
 def test_frozen_parameters_unchanged_and_trainable_ones_move(setup, overfit):
     _, params, _, labels, _, _ = setup
     state, _ = overfit
     flat_labels = jax.tree_util.tree_leaves(labels)
-    frozen = moved = 0
+    frozen = 0
     for before, after, label in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.params),
                                     flat_labels):
         if label == "frozen":
             np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
             frozen += 1
-        else:
-            moved += int(not np.array_equal(np.asarray(before), np.asarray(after)))
-    assert frozen >= 3 and moved > 0.9 * flat_labels.count("train")
+    assert frozen >= 3
+    # every trained weight matrix the supervised loss reaches moved (the track head is not run)
+    for path, before in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(k.key for k in path)
+        if name.endswith("kernel") and not name.startswith(("track_head", "aggregator/patch_embed")):
+            after = state.params
+            for k in path:
+                after = after[k.key]
+            assert not np.array_equal(np.asarray(before), np.asarray(after)), name
 
 
 def test_resume_is_bit_identical(setup, tmp_path):
     _, params, optimizer, _, step, batch = setup
-    batches = [shard_batch(b, None) for b in (batch, batch_at(make_clip_fn(SOURCE), SOURCE, 1))]
-    straight = init_state(_copy(params), optimizer, seed=7)
+    batches = [shard_batch(b) for b in (batch, batch_at(make_clip_fn(SOURCE), SOURCE, 1))]
+    straight = place_state(init_state(_copy(params), optimizer, seed=7))
     for i in range(4):
         straight, _ = step(straight, batches[i % 2])
-    part = init_state(_copy(params), optimizer, seed=7)
+    part = place_state(init_state(_copy(params), optimizer, seed=7))
     for i in range(2):
         part, _ = step(part, batches[i % 2])
     ckpt = Checkpoints(tmp_path / "ckpt")
     ckpt.save(part)
     ckpt.close()
     del part
-    fresh_like = init_state(jax.tree_util.tree_map(jnp.zeros_like, params), optimizer, seed=99)
+    fresh_like = place_state(init_state(jax.tree_util.tree_map(jnp.zeros_like, params), optimizer, seed=99))
     resumed = Checkpoints(tmp_path / "ckpt").restore(fresh_like)
     assert int(resumed.step) == 2 and int(resumed.data_pos) == 2
     for i in range(2, 4):
         resumed, _ = step(resumed, batches[int(resumed.data_pos) % 2])
     for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert step._cache_size() == 1
 
 
 def test_distillation_from_itself_is_zero_except_log_conf(setup):
@@ -135,7 +140,7 @@ def test_distillation_from_itself_is_zero_except_log_conf(setup):
     teacher = make_teacher(cfg, "causal")
     targets = teacher(params, jnp.asarray(batch["images"]))
     distill = {"images": batch["images"], **jax.device_get(targets), "valid": np.ones_like(batch["valid"])}
-    _, m = step(init_state(_copy(params), optimizer), shard_batch(distill, None))
+    _, m = step(place_state(init_state(_copy(params), optimizer)), shard_batch(distill))
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     for key in ("camera", "depth_conf_l1", "depth_grad", "point_conf_l1", "point_grad"):
         assert abs(m[key]) < 1e-4, (key, m[key])
@@ -153,7 +158,7 @@ from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.model import init_params
 from xsvggt_jax.train.data import DataSource, batch_at, make_clip_fn
 from xsvggt_jax.train.state import OptimConfig, UPSTREAM_FROZEN, init_state, learning_rate, make_optimizer, param_labels
-from xsvggt_jax.train.step import data_mesh, make_train_step, shard_batch
+from xsvggt_jax.train.step import data_mesh, make_train_step, place_state, shard_batch
 assert len(jax.devices()) == 2
 cfg = ModelConfig.preset("micro")
 src = DataSource(batch=2, frames=2, height=28, width=42, seed=3)
@@ -162,7 +167,7 @@ params = init_params(cfg, jax.random.key(0))
 opt = make_optimizer(optim, params)
 mesh = data_mesh() if sys.argv[2] == "2" else data_mesh(jax.devices()[:1])
 step = make_train_step(cfg, opt, param_labels(params, optim.freeze), learning_rate(optim), mesh=mesh)
-state, m = step(init_state(params, opt), shard_batch(batch_at(make_clip_fn(src), src, 0), mesh))
+state, m = step(place_state(init_state(params, opt), mesh), shard_batch(batch_at(make_clip_fn(src), src, 0), mesh))
 leaf = np.asarray(jax.tree_util.tree_leaves(state.params)[-1]).ravel()[:4].tolist()
 print(json.dumps({"loss": float(m["loss"]), "leaf": leaf,
                   "sharded": len(state.params["depth_head"]["projects_0"]["kernel"].sharding.device_set)}))

@@ -37,7 +37,7 @@ from ..pose import pose_encoding_to_extri_intri
 from .config import LossConfig
 from .data import DataSource, batch_at, eval_clips, make_clip_fn
 from .state import Checkpoints, OptimConfig, init_state, learning_rate, make_optimizer, param_labels
-from .step import DISTILL_KEYS, eval_forward, make_teacher, make_train_step, shard_batch
+from .step import eval_forward, make_teacher, make_train_step, place_state, shard_batch
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def train(run: RunConfig, out: str | os.PathLike, params: Optional[dict] = None,
     optimizer = make_optimizer(ocfg, params)
     labels = param_labels(params, ocfg.freeze)
     schedule = learning_rate(ocfg)
-    state = init_state(params, optimizer, run.seed)
+    state = place_state(init_state(params, optimizer, run.seed), mesh)
     ckpt = Checkpoints(out / "checkpoints")
     if resuming and ckpt.latest_step() is not None:
         state = ckpt.restore(state)

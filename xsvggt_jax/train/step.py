@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import chex
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -104,7 +105,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
     of the parameters (for the logged gradient norm); schedule: the optimizer's learning rate.
     metrics: the loss components of `multitask_loss`, "grad_norm" (trainable, before clipping) and
     "lr" (the rate this step used). mesh: shard the batch over its "data" axis and replicate the
-    state (data parallel; B must divide by the axis size). Raises (chex) when traced more than
+    state (data parallel; B must divide by the axis size); default: `default_mesh()`. Place the
+    state with `place_state` and the batch with `shard_batch` (same mesh) before the first call:
+    inputs of another sharding trace again (and trip the trace counter). Raises (chex) when traced more than
     `max_traces` times.
     """
     check_mode(mode, cache_cfg)
@@ -124,8 +127,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
                             step=state.step + 1, rng=rng, data_pos=state.data_pos + 1)
         return new, {**comps, "grad_norm": trainable_norm(grads, labels), "lr": schedule(state.step)}
 
-    if mesh is None:
-        return jax.jit(train_step, donate_argnums=(0,))
+    mesh = default_mesh() if mesh is None else mesh   # explicit shardings: one trace, one compile
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     return jax.jit(train_step, donate_argnums=(0,), in_shardings=(replicated, batch_sharding),
@@ -134,16 +136,23 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
 
 def data_mesh(devices=None) -> Mesh:
     """A 1-D mesh with axis "data" over `devices` (default: all)."""
-    import numpy as np
     return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
 
 
-def shard_batch(batch: dict, mesh: Optional[Mesh]) -> dict:
-    """Device-put a host batch: split along the batch axis over the mesh's "data" axis, or on the
-    default device without a mesh."""
-    if mesh is None:
-        return jax.device_put(batch)
-    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+def default_mesh() -> Mesh:
+    """The "data" mesh of the first device alone (single-device training)."""
+    return data_mesh(jax.devices()[:1])
+
+
+def shard_batch(batch: dict, mesh: Optional[Mesh] = None) -> dict:
+    """Device-put a host batch split along the batch axis over the mesh's "data" axis (default mesh:
+    `default_mesh()`)."""
+    return jax.device_put(batch, NamedSharding(mesh or default_mesh(), PartitionSpec("data")))
+
+
+def place_state(state: TrainState, mesh: Optional[Mesh] = None) -> TrainState:
+    """The state replicated over the mesh (default: `default_mesh()`), as `make_train_step` expects."""
+    return jax.device_put(state, NamedSharding(mesh or default_mesh(), PartitionSpec()))
 
 
 def eval_forward(cfg: ModelConfig, mode: str, cache_cfg: Optional[CacheConfig]) -> Callable[[dict, Array], dict]:
