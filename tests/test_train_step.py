@@ -220,3 +220,31 @@ def test_cli_train_bad_flags(capsys, tmp_path):
     assert "student-cache" in run_error(base + ["--config", "micro", "--student-cache", "prune"], capsys)
     assert "stream" in run_error(base + ["--config", "micro", "--student", "stream"], capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_remat_blocks_same_parameters_and_gradients():
+    import flax.linen as nn
+    from xsvggt_jax.aggregator import PositionalBlock
+    from xsvggt_jax.model import StreamVGGT, param_shapes
+    from xsvggt_jax.rope import make_rope
+
+    cfg = ModelConfig.preset("micro")
+    images = jax.ShapeDtypeStruct((1, 2, 28, 28, 3), jnp.float32)
+    remat_tree = jax.eval_shape(StreamVGGT(cfg, remat=True).init, jax.random.key(0), images)["params"]
+    plain = param_shapes(cfg)
+    assert jax.tree_util.tree_structure(remat_tree) == jax.tree_util.tree_structure(
+        {k: v for k, v in plain.items() if k != "track_head"})
+    # one block: jax.checkpoint changes the memory schedule, not the numbers
+    rope = make_rope(2, 2, cfg.num_special_tokens, cfg.head_dim, cfg.rope_freq, frames=2)
+    x = jax.random.normal(jax.random.key(1), (1, 2 * (cfg.num_special_tokens + 4), cfg.embed_dim))
+    block = PositionalBlock(cfg.num_heads, name="b")
+    variables = block.init(jax.random.key(2), x, rope)
+
+    def loss(cls, v):
+        return jnp.sum(cls(cfg.num_heads, name="b").apply(v, x, rope)[0] ** 2)
+
+    remat_cls = nn.remat(PositionalBlock, static_argnums=(2,))
+    g_plain = jax.jit(jax.grad(lambda v: loss(PositionalBlock, v)))(variables)
+    g_remat = jax.jit(jax.grad(lambda v: loss(remat_cls, v)))(variables)
+    for a, b in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
