@@ -190,10 +190,12 @@ def test_data_parallel_two_devices_matches_one():
 @pytest.mark.slow
 def test_cli_train_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "xsvggt_jax.cli", "train", "--config", "micro", "--size", "28x42",
-            "--frames", "2", "--steps", "3", "--eval-every", "2", "--out", str(out), "--quiet"]
+    def argv(steps: int) -> list[str]:
+        return [sys.executable, "-m", "xsvggt_jax.cli", "train", "--config", "micro", "--size", "28x42",
+                "--frames", "2", "--steps", str(steps), "--eval-every", "2", "--out", str(out), "--quiet"]
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    res = subprocess.run(argv(3), capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all("loss" in r for r in rows)
@@ -204,8 +206,7 @@ def test_cli_train_end_to_end_and_resume(tmp_path):
     params, cfg = load_params(out / "params")
     assert cfg == ModelConfig.preset("micro")
     # same --out, more steps: a different run -> one error line, nothing changed
-    res = subprocess.run(argv[:-4] + ["--out", str(out), "--steps", "5", "--quiet"], capture_output=True,
-                         text=True, cwd=ROOT, env=env, timeout=900)
+    res = subprocess.run(argv(5), capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert res.returncode == 2 and res.stderr.startswith("xsvggt: error: ") and "steps" in res.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
