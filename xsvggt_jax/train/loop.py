@@ -83,6 +83,16 @@ class RunConfig:
         return {"format": RUN_FORMAT, **d}
 
 
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested JSON objects -> {"optim.steps": 3, ...}."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
 def check_out_dir(out: Path, run: RunConfig) -> bool:
     """True when `out` holds this run to resume; False when it is new or empty. Raises RunError for
     a different run or a non-empty directory that is not a training run."""
@@ -92,8 +102,10 @@ def check_out_dir(out: Path, run: RunConfig) -> bool:
             stored = json.loads(marker.read_text())
         except ValueError as e:
             raise RunError(f"{marker}: not a training run file ({e})") from e
-        if stored != json.loads(json.dumps(run.to_json())):
-            diff = sorted(k for k in set(stored) | set(run.to_json()) if stored.get(k) != run.to_json().get(k))
+        current = _flatten(json.loads(json.dumps(run.to_json())))
+        if _flatten(stored) != current:
+            old = _flatten(stored)
+            diff = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
             raise RunError(f"{out} holds a training run with other settings ({', '.join(diff)}); "
                            "use another --out")
         return True
