@@ -430,6 +430,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _train(args) -> Path:
+    from .train.command import run_train_command
+
+    return run_train_command(args, UsageError)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="xsvggt", description="StreamVGGT in JAX: streaming 4D reconstruction")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -474,6 +480,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: points.ply as written)")
     from .eval.command import add_parser as add_eval_parser  # `xsvggt eval`: xsvggt_jax/eval/command.py
     add_eval_parser(sub)
+    from .train.command import add_parser as add_train_parser  # `xsvggt train`: xsvggt_jax/train/command.py
+    add_train_parser(sub)
     return p
 
 
@@ -513,12 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-    if args.command in ("reconstruct", "demo", "eval"):
+    if args.command in ("reconstruct", "demo", "eval", "train"):
         configure_compile_cache(not getattr(args, "no_compile_cache", False))
     try:
         with signals_as_interrupt():
             out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "view": _view,
-                   "eval": _eval}[args.command](args)
+                   "eval": _eval, "train": _train}[args.command](args)
     except UsageError as e:
         _fail(str(e))
     except Terminated as e:

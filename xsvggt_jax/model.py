@@ -30,15 +30,17 @@ Array = jax.Array
 
 class StreamVGGT(nn.Module):
     """attention: the offline global attention implementation, one of `attention.ATTENTION_IMPLS`
-    ("ring"/"gather" only through `seqpar.offline_sharded`)."""
+    ("ring"/"gather" only through `seqpar.offline_sharded`). remat: rematerialise the aggregator's
+    transformer blocks in the backward pass (training)."""
 
     cfg: ModelConfig
     attention: str = "auto"
+    remat: bool = False
 
     def setup(self):
         cfg = self.cfg
         check_impl(self.attention)
-        self.aggregator = Aggregator(cfg)
+        self.aggregator = Aggregator(cfg, remat=self.remat)
         self.camera_head = CameraHead(cfg)
         self.point_head = DPTHead(cfg, cfg.dpt.features, out_dim=4, activation="inv_log", conf_activation="expp1")
         self.depth_head = DPTHead(cfg, cfg.dpt.features, out_dim=2, activation="exp", conf_activation="expp1")

@@ -1,0 +1,130 @@
+"""`xsvggt train`: turn the parsed flags into a `loop.RunConfig` (every flag checked before any
+work) and run it. Bad flags raise the CLI's UsageError (one `xsvggt: error:` line, exit 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+
+from ..cache import CacheConfig
+from ..config import ModelConfig, check_frame_size
+from ..data import DATASETS
+from ..data.base import DataError
+from ..io.params import ParamsError, load_params
+from ..model import init_params
+from .data import DataSource
+from .loop import RunConfig, RunError, check_out_dir, train
+from .state import UPSTREAM_FROZEN, OptimConfig, TrainConfigError
+
+_CACHE_INTS = {"budget", "pool", "seed", "bits", "group", "chunk"}
+
+
+def parse_cache(text: str) -> CacheConfig:
+    """'prune=xstream,budget=64,quant=kcvt' -> CacheConfig (ValueError on a bad key or value)."""
+    fields = {f.name for f in dataclasses.fields(CacheConfig)}
+    kw = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--student-cache: expected KEY=VALUE with KEY in {sorted(fields)}, got {item!r}")
+        if key == "quant_head_dim":
+            kw[key] = None if value == "none" else int(value)
+        else:
+            kw[key] = int(value) if key in _CACHE_INTS else value
+    return CacheConfig(**kw)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must look like HxW, e.g. 28x42, got {text!r}") from None
+    return h, w
+
+
+def _model_config(args) -> tuple[ModelConfig, dict | None]:
+    """(config, initial params or None for random init)."""
+    if args.init != "random":
+        params, cfg = load_params(args.init)
+        if args.config:
+            raise ValueError("--config applies to --init random; a params directory carries its own config")
+        return cfg, params
+    if not args.config:
+        raise ValueError("--init random needs --config (a preset or a spec.json)")
+    if args.config.endswith(".json"):
+        return ModelConfig.from_spec(args.config), None
+    return ModelConfig.preset(args.config), None
+
+
+def run_train_command(args, usage_error: type[Exception]) -> Path:
+    try:
+        cfg, params = _model_config(args)
+        if args.dtype:
+            cfg = dataclasses.replace(cfg, dtype=args.dtype)
+        h, w = parse_size(args.size)
+        check_frame_size(cfg, h, w)
+        if args.steps < 1 or args.batch < 1 or args.frames < 1 or args.eval_every < 0 or args.save_every < 0:
+            raise ValueError("--steps, --batch and --frames must be >= 1; --eval-every, --save-every >= 0")
+        if args.data == "procedural":
+            source = DataSource(batch=args.batch, frames=args.frames, height=h, width=w, seed=args.seed)
+        else:
+            name, sep, root = args.data.partition(":")
+            if not sep or name not in DATASETS or not Path(root).is_dir():
+                raise ValueError(f"--data must be 'procedural' or READER:ROOT with READER in {sorted(DATASETS)} "
+                                 f"and ROOT a folder, got {args.data!r}")
+            source = DataSource(dataset=name, root=root, batch=args.batch, frames=args.frames, height=h,
+                                width=w, seed=args.seed)
+        cache_cfg = parse_cache(args.student_cache) if args.student_cache else None
+        student = "stream" if cache_cfg is not None else args.student
+        if student == "stream" and cache_cfg is None:
+            raise ValueError("--student stream needs --student-cache")
+        freeze = args.freeze or ("none" if args.init == "random" else "upstream")
+        optim = OptimConfig(lr=args.lr, warmup=args.warmup, steps=args.steps,
+                            freeze=UPSTREAM_FROZEN if freeze == "upstream" else ())
+        teacher_params = None
+        if args.teacher:
+            teacher_params, teacher_cfg = load_params(args.teacher)
+            if teacher_cfg.to_dict() != dataclasses.replace(cfg, dtype=teacher_cfg.dtype).to_dict():
+                raise ValueError("the teacher's model configuration differs from the student's")
+        run = RunConfig(model=cfg, data=source, optim=optim, student=student, student_cache=cache_cfg,
+                        teacher_mode=args.teacher_mode if args.teacher else None, remat=args.remat,
+                        init=str(args.init), teacher=args.teacher, eval_every=args.eval_every,
+                        save_every=args.save_every, seed=args.seed)
+        out = Path(args.out)
+        check_out_dir(out, run)
+        if params is None:
+            params = init_params(cfg, jax.random.key(args.seed))
+        result = train(run, out, params, teacher_params, quiet=args.quiet)
+    except (ValueError, ParamsError, DataError, RunError, TrainConfigError) as e:
+        raise usage_error(str(e)) from e
+    return Path(result["params"])
+
+
+def add_parser(sub) -> None:
+    """The `xsvggt train` subcommand's arguments."""
+    t = sub.add_parser("train", help="train or distill a model (supervised on procedural scenes / a dataset)")
+    t.add_argument("--config", help="model preset (tiny, micro, medium, published) or spec.json (--init random)")
+    t.add_argument("--init", default="random", help="'random' or a params directory to start from")
+    t.add_argument("--data", default="procedural", help="'procedural' or READER:ROOT (e.g. scannet:/data/scannet)")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--frames", type=int, default=2)
+    t.add_argument("--size", default="28x42", help="frame size HxW (multiples of the patch size)")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--warmup", type=int, default=10)
+    t.add_argument("--out", required=True, help="run directory (re-run with the same --out to resume)")
+    t.add_argument("--teacher", help="teacher params directory (distillation)")
+    t.add_argument("--teacher-mode", choices=("full", "causal", "stream"), default="full")
+    t.add_argument("--student", choices=("causal", "full", "stream"), default="causal")
+    t.add_argument("--student-cache", help="streaming student's cache: KEY=VALUE,... of CacheConfig "
+                                           "(e.g. prune=xstream,budget=64,quant=kcvt); implies --student stream")
+    t.add_argument("--freeze", choices=("upstream", "none"),
+                   help="frozen parameters (default: upstream's with --init PARAMS, none with random init)")
+    t.add_argument("--remat", action="store_true", help="rematerialise transformer blocks (less memory)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (params stay float32)")
+    t.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out scenes every K steps")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
