@@ -57,7 +57,9 @@ def forward(cfg: ModelConfig, mode: str, cache_cfg: Optional[CacheConfig], param
     rng: key of a stream's cache (the random pruning policy); remat: rematerialise each transformer
     block of the aggregator (offline modes) or each frame step (stream) in the backward pass."""
     check_mode(mode, cache_cfg)
-    model = StreamVGGT(cfg, remat=remat)
+    # "xla" attention: the blocked implementation's loops have data-dependent trip counts (causal
+    # blocks skipped), which reverse-mode differentiation does not support
+    model = StreamVGGT(cfg, remat=remat, attention="xla")
     if mode != "stream":
         return model.apply({"params": params}, images, None, mode == "causal", method=StreamVGGT.offline)
     b, s, h, w, _ = images.shape
@@ -111,6 +113,10 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
     `max_traces` times.
     """
     check_mode(mode, cache_cfg)
+    if mode == "stream" and not cache_cfg.pruned:
+        raise TrainModeError("a streaming student needs a pruned cache (prune != 'none'): the uncompressed "
+                             "cache attends over its filled prefix in a loop of data-dependent length, which "
+                             "reverse-mode differentiation does not support")
 
     @chex.assert_max_traces(n=max_traces)
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
