@@ -257,13 +257,15 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
                 plot_offline(tmp / "stream.png", timing["compile_seconds"], timing["total_seconds"], s,
                              peak_rss_bytes())
             else:
-                plot_stream(tmp / "stream.png", np.asarray(latency), allocated_bytes=np.asarray(nbytes))
+                plot_stream(tmp / "stream.png", np.asarray(latency), allocated_bytes=np.asarray(nbytes),
+                            filled_bytes=np.asarray(run.filled_bytes))
             report = {
                 "producer": PRODUCER, "mode": mode, "input": source.name, "frames": s,
                 "height": hw[0], "width": hw[1], "num_queries": nq,
                 **{k: float(v) for k, v in timing.items()}, **cinfo,
                 "cache": meta["cache"], "latency_s": [float(x) for x in latency],
                 "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": peak_rss_bytes(),
+                **({} if args.offline else {"cache_filled_bytes_per_frame": [int(x) for x in run.filled_bytes]}),
                 "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
                 "dtype": cfg.dtype, "precision": cfg.precision, **extra, **({"note": note} if note else {}),
                 **({"attention": run.attention, "devices": run.devices} if args.offline else {}),

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import CacheConfig, cache_report, init_cache, tree_bytes
+from .cache import CacheConfig, cache_report, init_cache, stored_slots, tree_bytes
 from .config import ModelConfig
 from .io.fsutil import format_bytes, preallocate
 from .io.rgb import to_uint8_rgb
@@ -139,9 +139,21 @@ class StreamRun:
     predictions: dict          # name -> [S, ...] float32 (memory maps)
     rgb: np.ndarray            # [S, H, W, 3] uint8 frame colours (memory map)
     latency_s: list            # per frame, device-synchronised (the first includes compilation)
-    cache_bytes: list          # per frame
+    cache_bytes: list          # per frame: allocated (fixed shapes: the same every frame)
     cache_info: dict           # cache_report of the final cache
     frames: int
+    filled_bytes: list = dataclasses.field(default_factory=list)  # per frame: the share of the slots in use
+
+
+def filled_bytes(cache) -> int:
+    """Bytes of the cache's layer slots holding tokens (each layer group's bytes x fill level / slots),
+    plus its other arrays: what an uncompressed cache has used so far out of its allocation."""
+    total = tree_bytes(cache)
+    for layers, length in ((cache.global_kv, cache.global_len), (cache.camera_kv, cache.camera_len)):
+        if layers:
+            b, slots = tree_bytes(layers), stored_slots(layers[0])
+            total -= b - b * min(int(length), slots) // slots
+    return total
 
 
 def _progress(total: Optional[int], quiet: bool):
@@ -175,7 +187,7 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
     fresh = lambda: init_cache(cfg, cache_cfg, 1, hw, max_frames=num_frames, query_points=qp)
     meta = dict(meta or {})
     out_dir = (state_dir / OUTPUTS) if state_dir is not None else work_dir
-    start, latency, nbytes = 0, [], []
+    start, latency, nbytes, filled = 0, [], [], []
     digest = FrameDigest()
     frames = iter(frames)
     if resume:
@@ -195,6 +207,7 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
         store = PredictionStore(out_dir, num_frames, h, w, nq, reopen=True)
         cache, saved = load_state(state_dir / CHECKPOINT, fresh())
         latency, nbytes = list(saved["latency_s"]), list(saved["cache_bytes"])
+        filled = list(saved.get("filled_bytes", nbytes))
         log.info("resuming %s at frame %d of %d", state_dir, start, num_frames)
     else:
         store = PredictionStore(out_dir, num_frames, h, w, nq)
@@ -218,6 +231,7 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
                                  "check the weights (and the input); no outputs were written")
         digest.update(frame)
         nbytes.append(info["cache_bytes"])
+        filled.append(filled_bytes(cache))
         t += 1
         if bar is not None:
             bar.set_postfix(fill=f"{int(cache.global_len)} tok", cache=f"{info['cache_bytes'] / 2**20:.1f} MB",
@@ -226,10 +240,11 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
         if state_dir is not None and save_every and (t % save_every == 0) and t < num_frames:
             store.flush()
             save_state(state_dir / CHECKPOINT, cache, {**meta, "frames_done": t, "latency_s": latency,
-                                                       "cache_bytes": nbytes, "input_digest": digest.hexdigest()})
+                                                       "cache_bytes": nbytes, "filled_bytes": filled,
+                                                       "input_digest": digest.hexdigest()})
     if bar is not None:
         bar.close()
     if t != num_frames:
         raise ValueError(f"the source ended after {t} of the {num_frames} frames it announced")
     store.flush()
-    return StreamRun(store.arrays, store.rgb, latency, nbytes, info, t)
+    return StreamRun(store.arrays, store.rgb, latency, nbytes, info, t, filled)
