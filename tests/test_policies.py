@@ -87,17 +87,20 @@ def test_attention_mass_is_the_weighted_pooled_query_softmax():
 
 
 def test_budget_protection_keeps_special_tokens_a_share_of_each_frame_and_the_best_history():
-    # 4 tokens a frame (1 special), 4 frames, keep 6 < 2 x 4: the two frames do not fit. Share 0.5:
-    # each frame keeps max(1, floor(0.5 x 6 / 2)) = 1 token, its special token (0 and 12); the 4 other
-    # slots take the best scores anywhere: history 6 (9) and 9 (8), first-frame 2 (7), current 14 (6).
-    xs = [-5, 0, 7, 0, 0, 0, 9, 0, 0, 8, 0, 0, -5, 0, 6, 0]
-    ctx = _ctx([[x, 0] for x in xs], [[1, 0]] * 4, length=16, n_new=4, keep=6, num_special=1, protect="budget")
-    assert np.asarray(xstream(ctx)).tolist() == [[0, 2, 6, 9, 12, 14]]
-    # share 1: each frame keeps 3 tokens (its special + its 2 best): no room for history
-    ctx = dataclasses.replace(ctx, protect_share=1.0)
-    assert np.asarray(xstream(ctx)).tolist() == [[0, 1, 2, 12, 13, 14]]
-    # XStreamVGGT's rule would have kept both frames whole: 8 tokens, over the budget of 6
-    assert CacheConfig(budget=6).keep(4) == 8 and CacheConfig(budget=6, protect="budget").keep(4) == 6
+    # 5 tokens a frame (1 special), keep 8 < 2 x 5: the two frames do not fit. Share 0.5: each frame
+    # keeps q = floor(0.5 x 8 / 2) = 2 tokens: its special token and its best other token.
+    # First pruning call: frames [0, 5) and [5, 10). Protected: 0, 2 (9), 5, 9 (8). The 4 free slots take
+    # the current frame's other tokens 6, 7, 8, then the best first-frame filler, 1 (3).
+    xs = [-5, 3, 9, 1, 2,   -5, 4, 0, 7, 8]
+    ctx = _ctx([[x, 0] for x in xs], [[1, 0]] * 5, length=10, n_new=5, keep=8, num_special=1, protect="budget")
+    assert np.asarray(xstream(ctx)).tolist() == [[0, 1, 2, 5, 6, 7, 8, 9]]
+    # A later call: the first frame's 2 tokens at [0, 2), history [2, 8), the current frame [8, 13).
+    # Protected: 0, 1 (whatever their score), 8, 10 (6). Free slots: history 3 (9), 5 (8), current 12, 11.
+    xs = [-5, -5,   0.1, 9, 0.2, 8, 0.3, 0.4,   -5, 0.5, 6, 0.6, 0.7]
+    ctx = dataclasses.replace(ctx, k=jnp.asarray([[x, 0] for x in xs], jnp.float32)[None, None], length=jnp.int32(13))
+    assert np.asarray(xstream(ctx)).tolist() == [[0, 1, 3, 5, 8, 10, 11, 12]]
+    # XStreamVGGT's rule keeps both frames whole: 10 tokens, over the budget of 8
+    assert CacheConfig(budget=8).keep(5) == 10 and CacheConfig(budget=8, protect="budget").keep(5) == 8
 
 
 def test_full_protection_ranking_equals_xstream():
@@ -137,7 +140,8 @@ def test_policy_invariants(name):
         ctx = dataclasses.replace(_random_ctx(0, length, protect, keep), k=k, q_new=q, mass=mass)
         return policy(ctx)
 
-    for seed, length in enumerate([12, 15, 18]):          # whole frames, over the budget
+    lengths = [6, 12, 18] if protect == "budget" else [12, 15, 18]   # whole frames over the budget; 6: a first prune
+    for seed, length in enumerate(lengths):
         ctx = _random_ctx(seed, jnp.int32(length), protect, keep)
         idx = np.asarray(select(ctx.k, ctx.q_new, ctx.mass, ctx.length))   # a second trace would raise
         assert idx.shape == (B, keep) and idx.dtype == np.int32             # fixed shape, never over budget

@@ -155,17 +155,17 @@ def ranked_top(scores: Array, tier: Array, count: int) -> Array:
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
-def _frame_quota_mask(scores: Array, start: Array, n: int, special: int, quota: int) -> Array:
-    """bool [B, T]: the `special` leading tokens of the frame at [start, start + n) and its `quota -
-    special` best-scored other tokens."""
+def _frame_quota_mask(scores: Array, start: Array, extent: Array, n: int, special: int, quota: int) -> Array:
+    """bool [B, T]: the `special` tokens at `start` and the `quota - special` best-scored tokens among
+    the frame's other candidates [start + special, start + extent) (extent <= n, >= quota)."""
     b, t = scores.shape
     pos = jnp.arange(t)
     mask = jnp.broadcast_to((pos >= start) & (pos < start + special), (b, t))
     if quota > special:
         rest = jax.lax.dynamic_slice_in_dim(scores, start + special, n - special, axis=1)   # [B, n - special]
+        rest = jnp.where(jnp.arange(n - special) < extent - special, rest, -jnp.inf)
         _, top = jax.lax.top_k(rest, quota - special)                                         # [B, q]
-        hit = jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], top + start + special].set(True)
-        mask = mask | hit
+        mask = mask | jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], top + start + special].set(True)
     return mask
 
 
@@ -173,27 +173,35 @@ def protected_top(ctx: PruneContext, scores: Array) -> Array:
     """[B, keep] kept indices for per-token scores [B, T] (higher = more useful) under `ctx.protect`.
 
     "full", or "budget" when the first + current frame fit (2n <= keep): both frames whole, then the
-    best valid middle tokens (XStreamVGGT's rule). "budget" otherwise: each of the two frames keeps
-    its `num_special` special tokens and its best tokens up to a quota of floor(protect_share * keep
-    / 2) (at least the special tokens); the remaining slots take the best-scored valid tokens anywhere.
+    best valid middle tokens (XStreamVGGT's rule). "budget" otherwise, with a quota of
+    q = floor(protect_share * keep / 2) tokens a frame (at least its special tokens, at most n):
+    * the current frame [length - n, length) keeps its special tokens and its q best-scored tokens;
+    * the first frame keeps its special tokens and its q best-scored tokens at the first pruning call
+      (when it is still whole at [0, n)); it then sits at [0, q) and keeps exactly those. Its other
+      tokens are only a filler when too few others are valid. (Corner case keep == n: the first call
+      cannot be told from later ones, so the first frame keeps its q oldest tokens.)
+    * the remaining slots take the best-scored valid tokens anywhere (history, current frame).
     """
     b, t = scores.shape
     n, keep = ctx.n_new, ctx.keep
     pos = jnp.arange(t)
     valid = jnp.broadcast_to(pos < ctx.length, (b, t))
-    first_start, cur_start = jnp.int32(0), ctx.length - n
+    cur_start = ctx.length - n
+    filler = jnp.zeros((b, t), bool)
     if ctx.protect == "full" or 2 * n <= keep:
-        frames = (pos < n) | (pos >= cur_start)
-        protected = jnp.broadcast_to(frames, (b, t))
+        protected = jnp.broadcast_to((pos < n) | (pos >= cur_start), (b, t))
     else:
         special = min(ctx.num_special, n)
         if 2 * special > keep:
             raise ValueError(f"protect='budget' needs a budget of at least the special tokens of two frames "
                              f"({2 * special}), got {keep}")
         quota = min(n, max(special, int(ctx.protect_share * keep / 2)))
-        protected = (_frame_quota_mask(scores, first_start, n, special, quota)
-                     | _frame_quota_mask(scores, cur_start, n, special, quota))
-    tier = jnp.where(valid, jnp.where(protected, 2, 1), 0).astype(jnp.int32)
+        whole = cur_start < keep                      # never pruned before: the first frame is [0, n)
+        first_extent = jnp.where(whole, n, quota)
+        protected = (_frame_quota_mask(scores, jnp.int32(0), first_extent, n, special, quota)
+                     | _frame_quota_mask(scores, cur_start, jnp.int32(n), n, special, quota))
+        filler = jnp.broadcast_to(pos < first_extent, (b, t)) & ~protected
+    tier = jnp.where(valid, jnp.where(protected, 3, jnp.where(filler, 1, 2)), 0).astype(jnp.int32)
     return ranked_top(scores, tier, keep)
 
 
