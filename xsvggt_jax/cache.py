@@ -369,14 +369,14 @@ def plan_layers(cfg: ModelConfig, cache_cfg: CacheConfig, frame_hw: tuple[int, i
     if not cache_cfg.pruned and not max_frames:
         raise ValueError("an uncompressed cache (prune='none') needs max_frames, the stream length")
 
-    def plan(layers, heads, hd, n, frames_tokens, cache_cfg):
-        qz = cache_cfg.quantizes(hd)
-        if not cache_cfg.pruned:  # one short chunk, or a whole number of attention chunks
-            c = cache_cfg.chunk
+    def plan(layers, heads, hd, n, frames_tokens, cc: CacheConfig):
+        qz = cc.quantizes(hd)
+        if not cc.pruned:  # one short chunk, or a whole number of attention chunks
+            c = cc.chunk
             slots = frames_tokens if frames_tokens <= c else -(-frames_tokens // c) * c
         else:  # room for the current tokens too, unless they are staged outside (quantized)
-            slots = cache_cfg.keep(n) + (0 if qz else n)
-        return LayerPlan(layers, heads, hd, n, slots, qz, cache_cfg.pruned)
+            slots = cc.keep(n) + (0 if qz else n)
+        return LayerPlan(layers, heads, hd, n, slots, qz, cc.pruned)
 
     return (plan(cfg.depth, cfg.num_heads, cfg.head_dim, p, (max_frames or 0) * p, cache_cfg),
             plan(cfg.camera.trunk_depth, cam_heads, cam_hd, 1, (max_frames or 0) * it, cache_cfg.camera()))

@@ -138,21 +138,13 @@ def random(ctx: PruneContext) -> Array:
 
 
 
-def _rank(scores: Array, valid: Array) -> Array:
-    """int32 [B, T]: each token's rank by score among all slots (invalid slots lowest), 0 = worst.
-    Ties rank the older token lower (stable sort)."""
-    order = jnp.argsort(jnp.where(valid, scores, -jnp.inf), axis=-1, stable=True)
-    return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
-
-
 def ranked_top(scores: Array, tier: Array, count: int) -> Array:
     """Indices [B, count] of the best slots, sorted ascending: a higher tier always wins (tier 0 =
-    invalid, never chosen while `count` valid slots exist), the score breaks ties within a tier.
-    scores float [B, T]; tier int32 [B, T] in [0, 3]."""
-    t = scores.shape[-1]
-    priority = tier * t + _rank(scores, tier > 0)        # exact in int32 for T < 2**29
-    _, idx = jax.lax.top_k(priority, count)
-    return jnp.sort(idx, axis=-1).astype(jnp.int32)
+    invalid, never chosen while `count` valid slots exist), a higher score within a tier, the older
+    slot on ties. One lexicographic sort. scores float [B, T]; tier int32 [B, T]."""
+    slot = jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape)
+    _, _, order = jax.lax.sort((-tier, -jnp.where(tier > 0, scores, -jnp.inf), slot), dimension=-1, num_keys=2)
+    return jnp.sort(order[:, :count], axis=-1)
 
 
 def _frame_quota_mask(scores: Array, start: Array, extent: Array, n: int, special: int, quota: int) -> Array:
