@@ -90,10 +90,11 @@ def test_budget_protection_keeps_special_tokens_a_share_of_each_frame_and_the_be
     # 5 tokens a frame (1 special), keep 8 < 2 x 5: the two frames do not fit. Share 0.5: each frame
     # keeps q = floor(0.5 x 8 / 2) = 2 tokens: its special token and its best other token.
     # First pruning call: frames [0, 5) and [5, 10). Protected: 0, 2 (9), 5, 9 (8). The 4 free slots take
-    # the current frame's other tokens 6, 7, 8, then the best first-frame filler, 1 (3).
+    # the current frame's other tokens 6, 7, 8, then the best first-frame filler, 1 (3). The first
+    # frame's protected tokens lead (they are the first frame at [0, 2) on later calls).
     xs = [-5, 3, 9, 1, 2,   -5, 4, 0, 7, 8]
     ctx = _ctx([[x, 0] for x in xs], [[1, 0]] * 5, length=10, n_new=5, keep=8, num_special=1, protect="budget")
-    assert np.asarray(xstream(ctx)).tolist() == [[0, 1, 2, 5, 6, 7, 8, 9]]
+    assert np.asarray(xstream(ctx)).tolist() == [[0, 2, 1, 5, 6, 7, 8, 9]]
     # A later call: the first frame's 2 tokens at [0, 2), history [2, 8), the current frame [8, 13).
     # Protected: 0, 1 (whatever their score), 8, 10 (6). Free slots: history 3 (9), 5 (8), current 12, 11.
     xs = [-5, -5,   0.1, 9, 0.2, 8, 0.3, 0.4,   -5, 0.5, 6, 0.6, 0.7]
@@ -101,6 +102,30 @@ def test_budget_protection_keeps_special_tokens_a_share_of_each_frame_and_the_be
     assert np.asarray(xstream(ctx)).tolist() == [[0, 1, 3, 5, 8, 10, 11, 12]]
     # XStreamVGGT's rule keeps both frames whole: 10 tokens, over the budget of 8
     assert CacheConfig(budget=8).keep(5) == 10 and CacheConfig(budget=8, protect="budget").keep(5) == 8
+
+
+def test_budget_protection_keeps_the_same_first_frame_tokens_along_a_stream():
+    """Through `update_layer`: 5-token frames (1 special), keep 8, six frames with random scores. Every
+    prune keeps the same q = 2 first-frame tokens at the front (its special token and its best other
+    one; other first-frame tokens that filled the budget at the first prune live on as history, by
+    score) and the current frame's special token; the layer holds 8 tokens."""
+    cc = CacheConfig(prune="xstream", budget=8, pool=1, protect="budget")
+    rng = np.random.default_rng(5)
+    kv = LayerKV(jnp.zeros((1, 1, 13, 3)), jnp.zeros((1, 1, 13, 3)))
+    length, first_kept = jnp.int32(0), None
+    for f in range(6):
+        # key = (score, frame, token): the query (1, 0, 0) scores a token by its first entry
+        k = np.stack([rng.standard_normal(5), np.full(5, f), np.arange(5)], -1).astype(np.float32)
+        q = np.tile([1.0, 0, 0], (5, 1)).astype(np.float32)
+        *_, kv, length = update_layer(kv, length, jnp.asarray(q)[None, None], jnp.asarray(k)[None, None],
+                                      jnp.asarray(k)[None, None], cache_cfg=cc, num_special=1, key=jax.random.PRNGKey(0))
+        if f == 0:
+            best0 = 1 + int(np.argmax(k[1:, 0]))             # the first frame's best non-special token
+            continue
+        held = np.asarray(kv.k)[0, 0, :int(length)]
+        assert int(length) == 8
+        assert held[:2, 1:].tolist() == [[0, 0], [0, best0]]             # leading the buffer
+        assert (f, 0) in {(int(fr), int(t)) for fr, t in held[:, 1:]}   # the current frame's special token
 
 
 def test_full_protection_ranking_equals_xstream():
@@ -145,7 +170,12 @@ def test_policy_invariants(name):
         ctx = _random_ctx(seed, jnp.int32(length), protect, keep)
         idx = np.asarray(select(ctx.k, ctx.q_new, ctx.mass, ctx.length))   # a second trace would raise
         assert idx.shape == (B, keep) and idx.dtype == np.int32             # fixed shape, never over budget
-        assert (np.diff(idx, axis=1) > 0).all()                             # sorted, unique
+        for row in idx:                                                     # unique, in time order ...
+            assert len(set(row.tolist())) == keep
+            later = row[(row >= N).argmax():]                               # ... but under "budget" the
+            assert (row[:len(row) - len(later)] < N).all() and (np.diff(later) > 0).all()  # first frame leads
+            if protect == "full":
+                assert (np.diff(row) > 0).all()
         assert idx.min() >= 0 and idx.max() < length                       # valid slots only
         cur = length - N
         must = (range(SPECIAL) if protect == "budget" else range(N),

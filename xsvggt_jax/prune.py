@@ -2,7 +2,7 @@
 
 A policy is a pure function with one signature::
 
-    policy(ctx: PruneContext) -> keep_idx  # int32 [B, keep], sorted (time order)
+    policy(ctx: PruneContext) -> keep_idx  # int32 [B, keep], sorted (time order; see protected_top)
 
 It is called after attention, on a layer buffer holding `length` valid tokens (the current frame's
 `n_new` tokens last), and only takes effect when length > keep. Add a policy by writing such a function
@@ -169,10 +169,12 @@ def protected_top(ctx: PruneContext, scores: Array) -> Array:
     q = floor(protect_share * keep / 2) tokens a frame (at least its special tokens, at most n):
     * the current frame [length - n, length) keeps its special tokens and its q best-scored tokens;
     * the first frame keeps its special tokens and its q best-scored tokens at the first pruning call
-      (when it is still whole at [0, n)); it then sits at [0, q) and keeps exactly those. Its other
-      tokens are only a filler when too few others are valid. (Corner case keep == n: the first call
-      cannot be told from later ones, so the first frame keeps its q oldest tokens.)
+      (when it is still whole at [0, n)); they are returned first, so they sit at [0, q) and are kept
+      on every later call. Its other tokens are only a filler when too few others are valid (they
+      then follow in time order, as history). (Corner case keep == n: the first call cannot be told
+      from later ones, so the first frame keeps its q oldest tokens.)
     * the remaining slots take the best-scored valid tokens anywhere (history, current frame).
+    Indices are in time order except that, under "budget", the first frame's protected tokens lead.
     """
     b, t = scores.shape
     n, keep = ctx.n_new, ctx.keep
@@ -192,9 +194,15 @@ def protected_top(ctx: PruneContext, scores: Array) -> Array:
         first_extent = jnp.where(whole, n, quota)
         protected = (_frame_quota_mask(scores, jnp.int32(0), first_extent, n, special, quota)
                      | _frame_quota_mask(scores, cur_start, jnp.int32(n), n, special, quota))
-        filler = jnp.broadcast_to(pos < first_extent, (b, t)) & ~protected
+        in_first = jnp.broadcast_to(pos < first_extent, (b, t))
+        filler = in_first & ~protected
     tier = jnp.where(valid, jnp.where(protected, 3, jnp.where(filler, 1, 2)), 0).astype(jnp.int32)
-    return ranked_top(scores, tier, keep)
+    idx = ranked_top(scores, tier, keep)
+    if ctx.protect == "full" or 2 * n <= keep:
+        return idx
+    # the first frame's protected tokens lead the buffer ([0, q) on the next call), then time order
+    lead = jnp.take_along_axis(in_first & protected, idx, axis=1)
+    return jnp.sort(jnp.where(lead, idx, idx + t), axis=-1) % t
 
 
 # ------------------------------------------------------------------------------------------ scores
