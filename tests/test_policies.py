@@ -17,7 +17,7 @@ import xsvggt_jax.step as step_mod
 from conftest import micro_frames
 from xsvggt_jax.cache import CacheConfig, LayerKV, cache_bytes, init_cache, tree_bytes, update_layer
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.prune import (POLICIES, PruneContext, attention_mass, cumulative, diversity, frame,
+from xsvggt_jax.prune import (PolicyError, PruneContext, attention_mass, cumulative, diversity, frame,
                               protected_top, xstream, xstream_scores)
 
 
@@ -207,6 +207,14 @@ def test_config_rules_and_defaults():
                 dict(mass_decay=1.5), dict(camera_budget=0), dict(camera_quant="int4"), dict(camera_bits=5)):
         with pytest.raises(ValueError):
             CacheConfig(**bad)
+
+
+def test_policies_refuse_what_they_cannot_protect():
+    keys, queries = np.zeros((12, 2)), np.zeros((4, 2))
+    with pytest.raises(PolicyError, match="special tokens"):    # 2 x 2 special tokens > keep 3
+        xstream(_ctx(keys, queries, length=12, n_new=4, keep=3, num_special=2, protect="budget"))
+    with pytest.raises(PolicyError, match="mass"):
+        cumulative(_ctx(keys, queries, length=12, n_new=4, keep=8))
 
 
 def test_camera_cache_bytes_as_configured():

@@ -37,6 +37,10 @@ MASS_POLICIES = ("cumulative",)    # policies whose layers carry a running atten
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+class PolicyError(ValueError):
+    """A policy called with a context it cannot serve (e.g. a budget below what it must protect)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PruneContext:
     """What a policy may look at. Shapes: B batch, H heads, T buffer slots, D head dim.
@@ -136,8 +140,7 @@ def random(ctx: PruneContext) -> Array:
     return jnp.broadcast_to(_masked_top(scores[None], (jnp.arange(t) < ctx.length)[None], ctx.keep), (b, ctx.keep))
 
 
-
-
+# -------------------------------------------------------------------------------------- protection
 def ranked_top(scores: Array, tier: Array, count: int) -> Array:
     """Indices [B, count] of the best slots, sorted ascending: a higher tier always wins (tier 0 =
     invalid, never chosen while `count` valid slots exist), a higher score within a tier, the older
@@ -181,27 +184,23 @@ def protected_top(ctx: PruneContext, scores: Array) -> Array:
     pos = jnp.arange(t)
     valid = jnp.broadcast_to(pos < ctx.length, (b, t))
     cur_start = ctx.length - n
-    filler = jnp.zeros((b, t), bool)
     if ctx.protect == "full" or 2 * n <= keep:
         protected = jnp.broadcast_to((pos < n) | (pos >= cur_start), (b, t))
-    else:
-        special = min(ctx.num_special, n)
-        if 2 * special > keep:
-            raise ValueError(f"protect='budget' needs a budget of at least the special tokens of two frames "
-                             f"({2 * special}), got {keep}")
-        quota = min(n, max(special, int(ctx.protect_share * keep / 2)))
-        whole = cur_start < keep                      # never pruned before: the first frame is [0, n)
-        first_extent = jnp.where(whole, n, quota)
-        protected = (_frame_quota_mask(scores, jnp.int32(0), first_extent, n, special, quota)
-                     | _frame_quota_mask(scores, cur_start, jnp.int32(n), n, special, quota))
-        in_first = jnp.broadcast_to(pos < first_extent, (b, t))
-        filler = in_first & ~protected
+        tier = jnp.where(valid, jnp.where(protected, 3, 2), 0).astype(jnp.int32)
+        return ranked_top(scores, tier, keep)
+    special = min(ctx.num_special, n)
+    if 2 * special > keep:
+        raise PolicyError(f"protect='budget' needs a budget of at least the special tokens of two frames "
+                          f"({2 * special}), got {keep}")
+    quota = min(n, max(special, int(ctx.protect_share * keep / 2)))
+    first_extent = jnp.where(cur_start < keep, n, quota)   # never pruned before: the first frame is [0, n)
+    first = _frame_quota_mask(scores, jnp.int32(0), first_extent, n, special, quota)
+    protected = first | _frame_quota_mask(scores, cur_start, jnp.int32(n), n, special, quota)
+    filler = jnp.broadcast_to(pos < first_extent, (b, t)) & ~protected
     tier = jnp.where(valid, jnp.where(protected, 3, jnp.where(filler, 1, 2)), 0).astype(jnp.int32)
     idx = ranked_top(scores, tier, keep)
-    if ctx.protect == "full" or 2 * n <= keep:
-        return idx
     # the first frame's protected tokens lead the buffer ([0, q) on the next call), then time order
-    lead = jnp.take_along_axis(in_first & protected, idx, axis=1)
+    lead = jnp.take_along_axis(first, idx, axis=1)
     return jnp.sort(jnp.where(lead, idx, idx + t), axis=-1) % t
 
 
@@ -262,7 +261,7 @@ def cumulative(ctx: PruneContext) -> Array:
     the budget to the tokens with the largest decayed running attention mass `ctx.mass` [B, T] (the
     cache carries it per layer and adds this call's `attention_mass` before pruning)."""
     if ctx.mass is None:
-        raise ValueError("the cumulative policy needs the running attention mass (PruneContext.mass)")
+        raise PolicyError("the cumulative policy needs the running attention mass (PruneContext.mass)")
     return protected_top(ctx, ctx.mass)
 
 
@@ -275,7 +274,7 @@ def frame(ctx: PruneContext) -> Array:
     n = ctx.n_new
     slots, kept = t // n, ctx.keep // n
     if kept < 2:
-        raise ValueError(f"the frame policy keeps at least two frames ({2 * n} tokens), got keep={ctx.keep}")
+        raise PolicyError(f"the frame policy keeps at least two frames ({2 * n} tokens), got keep={ctx.keep}")
     scores = xstream_scores(ctx)[:, :slots * n].reshape(b, slots, n).mean(-1)   # [B, F]
     last = ctx.length // n - 1                                                  # the current frame
     f = jnp.arange(slots)
