@@ -5,9 +5,13 @@ Every array has a shape fixed by the configuration, so `step` compiles once for 
 * `prune="none"`: every token of every frame, up to `max_frames` (the uncompressed cache). Attention
   runs over the filled prefix only, `chunk` slots at a time, so a step's cost grows with the stream
   as upstream's does instead of paying for the whole capacity from frame 0.
-* a pruning policy (`xstream`, `sliding`, `random`, see `xsvggt_jax.prune`): at most `keep` tokens
-  per layer. Each step appends the frame, attends over [past; current], then prunes back to the
-  budget (XStreamVGGT's order).
+* a pruning policy (`xstream`, `sliding`, `random`, `diversity`, `cumulative`, `frame`, see
+  `xsvggt_jax.prune`): at most `keep` tokens per layer. Each step appends the frame, attends over
+  [past; current], then prunes back to the budget (XStreamVGGT's order). `cumulative` layers also carry
+  a running attention mass per slot (`LayerKV.mass`), decayed and increased every call, pruned with
+  the tokens.
+* the camera-trunk cache may have its own budget and quantization (`CacheConfig.camera`); by default
+  it follows the global settings (upstream: same budget, never quantized at the published size).
 * `quant` (KCVT, KTVT, KCVC, KTVC): K and V stored as packed low-bit codes with per-group scales and
   zero points, K and V each per Channel (groups of `group` tokens) or per Token (groups of `group`
   head dims). As upstream's `prune_and_quantize` branch, every step re-quantizes the whole cache
@@ -37,7 +41,7 @@ from . import quant
 from .config import ModelConfig
 from .kvcodec import LAYOUTS, SCALE_DTYPES, Codec, Packed, take_rows
 from .layers import Mask, Prefix
-from .prune import POLICIES, PruneContext
+from .prune import MASS_POLICIES, POLICIES, PROTECT, PruneContext, attention_mass
 
 Array = jax.Array
 
@@ -60,9 +64,11 @@ class CacheOverflowError(ValueError):
 class CacheConfig:
     """How the streaming cache is kept.
 
-    prune:  a key of `prune.POLICIES`: "none" | "xstream" | "sliding" | "random".
+    prune:  a key of `prune.POLICIES`: "none" | "xstream" | "sliding" | "random" | "diversity" |
+            "cumulative" | "frame".
     budget: tokens kept per attention layer when pruning (upstream KV_CACHE_SIZE; the same budget
-            applies to the camera-trunk cache, which gains `camera.iterations` tokens a frame).
+            applies to the camera-trunk cache, which gains `camera.iterations` tokens a frame,
+            unless `camera_budget` is set).
     pool:   query pooling group size of the xstream score (upstream KV_POOL_SIZE).
     seed:   seed of the `random` policy's key.
     quant:  a key of `QUANT_LAYOUTS`: "none" or the K/V layout, K per Channel|Token, V per
@@ -75,6 +81,18 @@ class CacheConfig:
     scale_dtype: a key of `SCALE_DTYPES`. "float32" stores the group scales exactly (bit-exact with
             upstream); "float16" halves their bytes (the cache then sits within 1.15x of the packed
             floor at the published size) at the price of rounding each scale to 11 significant bits.
+    protect: a key of `prune.PROTECT`. "full" (upstream): the first and current frame are kept whole,
+            so xstream/diversity/cumulative layers hold max(budget, 2 x step tokens). "budget": exactly
+            `budget` tokens; when the two frames do not fit, only their special tokens and their best
+            `protect_share` x budget / 2 tokens each are protected (`prune.protected_top`). Not with
+            prune="frame" (whole frames).
+    protect_share: budget share reserved for the first + current frame under protect="budget".
+    mass_decay: prune="cumulative": the running attention mass is multiplied by this every call.
+    camera_budget: tokens kept per camera-trunk layer; None: `budget` (upstream).
+    camera_quant: the camera-trunk cache's layout, a key of `QUANT_LAYOUTS` applied to every camera
+            layer whatever its head dim; None: the global rule (`quant` under `quant_head_dim`: the
+            camera stays float at the published size, as upstream).
+    camera_bits: code width of a quantized camera cache; None: `bits`.
     """
 
     prune: str = "xstream"
@@ -87,6 +105,12 @@ class CacheConfig:
     quant_head_dim: Optional[int] = 64
     scale_dtype: str = "float32"
     chunk: int = 2048
+    protect: str = "full"
+    protect_share: float = 0.5
+    mass_decay: float = 0.9
+    camera_budget: Optional[int] = None
+    camera_quant: Optional[str] = None
+    camera_bits: Optional[int] = None
 
     def __post_init__(self):
         if self.prune not in POLICIES:
@@ -100,6 +124,20 @@ class CacheConfig:
         if min(self.budget, self.pool, self.group, self.chunk) < 1:
             raise ValueError(f"budget, pool, group and chunk must be positive "
                              f"({self.budget}, {self.pool}, {self.group}, {self.chunk})")
+        if self.protect not in PROTECT:
+            raise ValueError(f"protect must be one of {PROTECT}, got {self.protect!r}")
+        if self.protect == "budget" and self.prune == "frame":
+            raise ValueError("protect='budget' applies to token policies; prune='frame' keeps whole frames")
+        if not 0.0 < self.protect_share <= 1.0:
+            raise ValueError(f"protect_share must be in (0, 1], got {self.protect_share}")
+        if not 0.0 <= self.mass_decay <= 1.0:
+            raise ValueError(f"mass_decay must be in [0, 1], got {self.mass_decay}")
+        if self.camera_budget is not None and self.camera_budget < 1:
+            raise ValueError(f"camera_budget must be positive, got {self.camera_budget}")
+        if self.camera_quant is not None and self.camera_quant not in QUANT_LAYOUTS:
+            raise ValueError(f"camera_quant must be one of {QUANT_LAYOUTS}, got {self.camera_quant!r}")
+        if self.camera_bits is not None and self.camera_bits not in quant.PACK_BITS:
+            raise ValueError(f"camera_bits must be one of {quant.PACK_BITS}, got {self.camera_bits}")
 
     @classmethod
     def uncompressed(cls) -> "CacheConfig":
@@ -110,10 +148,34 @@ class CacheConfig:
         return POLICIES[self.prune] is not None
 
     def keep(self, tokens_per_step: int) -> int:
-        """Tokens a pruned layer holds at most. xstream always keeps the first and the newest
-        `tokens_per_step` tokens (upstream), so a budget below twice that still keeps both; the other
-        policies keep exactly `budget`."""
-        return max(self.budget, 2 * tokens_per_step) if self.prune == "xstream" else self.budget
+        """Tokens a pruned layer holds at most. Under protect="full", xstream, diversity and cumulative
+        always keep the first and the newest `tokens_per_step` tokens (upstream), so a budget below
+        twice that still keeps both; frame keeps whole frames, floor(budget / tokens_per_step) of them
+        and at least two; the other policies (and protect="budget") keep exactly `budget`."""
+        n = tokens_per_step
+        if self.prune == "frame":
+            return n * max(2, self.budget // n)
+        if self.protect == "full" and self.prune in ("xstream", "diversity", "cumulative"):
+            return max(self.budget, 2 * n)
+        return self.budget
+
+    @property
+    def carries_mass(self) -> bool:
+        """Layers carry a running attention mass (`LayerKV.mass`)."""
+        return self.prune in MASS_POLICIES
+
+    def camera(self) -> "CacheConfig":
+        """The configuration the camera-trunk layers use: `camera_budget` / `camera_quant` /
+        `camera_bits` applied (then cleared); `self` unchanged when none is set."""
+        if self.camera_budget is None and self.camera_quant is None and self.camera_bits is None:
+            return self
+        cam = dataclasses.replace(self, budget=self.camera_budget or self.budget, camera_budget=None,
+                                  camera_quant=None, camera_bits=None)
+        if self.camera_quant is not None:
+            cam = dataclasses.replace(cam, quant=self.camera_quant, quant_head_dim=None)
+        if self.camera_bits is not None:
+            cam = dataclasses.replace(cam, bits=self.camera_bits)
+        return cam
 
     def quantizes(self, head_dim: int) -> bool:
         return self.quant != "none" and (self.quant_head_dim is None or head_dim == self.quant_head_dim)
@@ -132,10 +194,13 @@ class LayerKV:
 
     k, v: float [B, H, T, D] in the compute dtype (keys after q/k-norm and RoPE, as attention
     consumes them), or `Packed` when the layer is quantized.
+    mass: float32 [B, T] the decayed running attention mass of each slot (prune="cumulative"), else
+    None (no leaf).
     """
 
     k: Array | Packed
     v: Array | Packed
+    mass: Optional[Array] = None
 
 
 def stored_slots(kv: LayerKV) -> int:
@@ -165,7 +230,8 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
     outside its storage), their mask (an additive [W] bias, or a `Prefix` for the uncompressed cache),
     and the layer's next state: [stored; current] re-quantized when the layer is quantized (upstream
     fake-quantizes the whole cache every step) and pruned back to the budget by the policy.
-    `key`: this call's random key (the `random` policy).
+    `key`: this call's random key (the `random` policy). A layer carrying `mass` (cumulative) adds
+    this call's `prune.attention_mass` over the attended keys to its decayed running mass first.
     """
     policy = POLICIES[cache_cfg.prune]
     n = k.shape[2]
@@ -186,10 +252,15 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
         sk, sv, score_k = k_att, v_att, k_att
     new_length = end
     b = k.shape[0]
+    mass = None
+    if kv.mass is not None:  # [B, work]: the decayed past mass (zero on free slots) + this call's
+        past = jnp.pad(jnp.where(jnp.arange(slots) < length, kv.mass, 0.0), ((0, 0), (0, work - slots)))
+        mass = cache_cfg.mass_decay * past + attention_mass(q, k_att, end, cache_cfg.pool, num_special)
     if policy is not None:
         keep = cache_cfg.keep(n)
         ctx = PruneContext(k=score_k, q_new=q, length=end, n_new=n, keep=keep, pool=cache_cfg.pool,
-                           num_special=num_special, key=key)
+                           num_special=num_special, key=key, mass=mass, protect=cache_cfg.protect,
+                           protect_share=cache_cfg.protect_share)
         idx = policy(ctx)                                                     # [B, keep]
         ident = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
         tail = jnp.broadcast_to(jnp.arange(keep, slots, dtype=jnp.int32), (b, slots - keep))
@@ -203,6 +274,8 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
         new_kv = LayerKV(take_rows(sk, idx), take_rows(sv, idx))
     else:
         new_kv = LayerKV(sk, sv)
+    if mass is not None:
+        new_kv = new_kv.replace(mass=jnp.take_along_axis(mass, idx, axis=1))
     return k_att, v_att, mask, new_kv, new_length
 
 
@@ -289,33 +362,34 @@ class LayerPlan:
 
 def plan_layers(cfg: ModelConfig, cache_cfg: CacheConfig, frame_hw: tuple[int, int],
                 max_frames: int | None) -> tuple[LayerPlan, LayerPlan]:
-    """Layouts of the global and the camera caches."""
+    """Layouts of the global and the camera caches (the camera under `cache_cfg.camera()`)."""
     p, it = cfg.tokens_per_frame(*frame_hw), cfg.camera.iterations
     cam_heads = cfg.camera.num_heads
     cam_hd = 2 * cfg.embed_dim // cam_heads
     if not cache_cfg.pruned and not max_frames:
         raise ValueError("an uncompressed cache (prune='none') needs max_frames, the stream length")
 
-    def plan(layers, heads, hd, n, frames_tokens):
-        qz = cache_cfg.quantizes(hd)
-        if not cache_cfg.pruned:  # one short chunk, or a whole number of attention chunks
-            c = cache_cfg.chunk
+    def plan(layers, heads, hd, n, frames_tokens, cc: CacheConfig):
+        qz = cc.quantizes(hd)
+        if not cc.pruned:  # one short chunk, or a whole number of attention chunks
+            c = cc.chunk
             slots = frames_tokens if frames_tokens <= c else -(-frames_tokens // c) * c
         else:  # room for the current tokens too, unless they are staged outside (quantized)
-            slots = cache_cfg.keep(n) + (0 if qz else n)
-        return LayerPlan(layers, heads, hd, n, slots, qz, cache_cfg.pruned)
+            slots = cc.keep(n) + (0 if qz else n)
+        return LayerPlan(layers, heads, hd, n, slots, qz, cc.pruned)
 
-    return (plan(cfg.depth, cfg.num_heads, cfg.head_dim, p, (max_frames or 0) * p),
-            plan(cfg.camera.trunk_depth, cam_heads, cam_hd, 1, (max_frames or 0) * it))
+    return (plan(cfg.depth, cfg.num_heads, cfg.head_dim, p, (max_frames or 0) * p, cache_cfg),
+            plan(cfg.camera.trunk_depth, cam_heads, cam_hd, 1, (max_frames or 0) * it, cache_cfg.camera()))
 
 
 def _empty_layers(plan: LayerPlan, cache_cfg: CacheConfig, batch: int, dtype) -> tuple:
     shape = (batch, plan.heads, plan.slots, plan.head_dim)
+    mass = (lambda: jnp.zeros((batch, plan.slots), jnp.float32)) if cache_cfg.carries_mass else (lambda: None)
     if not plan.quantized:  # distinct buffers per leaf: the cache is donated to `step`
-        return tuple(LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(plan.layers))
+        return tuple(LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), mass()) for _ in range(plan.layers))
     rows = -(-plan.work_slots // cache_cfg.group)
     kc, vc = cache_cfg.codecs()
-    return tuple(LayerKV(kc.empty(*shape, rows), vc.empty(*shape, rows)) for _ in range(plan.layers))
+    return tuple(LayerKV(kc.empty(*shape, rows), vc.empty(*shape, rows), mass()) for _ in range(plan.layers))
 
 
 def init_cache(cfg: ModelConfig, cache_cfg: CacheConfig, batch: int, frame_hw: tuple[int, int],
@@ -336,7 +410,7 @@ def init_cache(cfg: ModelConfig, cache_cfg: CacheConfig, batch: int, frame_hw: t
             query_points = None
     cache = StreamCache(
         global_kv=_empty_layers(g_plan, cache_cfg, batch, cfg.jnp_dtype),
-        camera_kv=_empty_layers(c_plan, cache_cfg, batch, cfg.jnp_dtype),
+        camera_kv=_empty_layers(c_plan, cache_cfg.camera(), batch, cfg.jnp_dtype),
         global_len=jnp.zeros((), jnp.int32),
         camera_len=jnp.zeros((), jnp.int32),
         frame_index=jnp.zeros((), jnp.int32),

@@ -97,7 +97,7 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
     rng, key = jax.random.split(cache.rng)
     ns = cfg.num_special_tokens
     glob = layer_caches(cache.global_kv, cache.global_len, jax.random.fold_in(key, 0), cache_cfg, ns)
-    cam = layer_caches(cache.camera_kv, cache.camera_len, jax.random.fold_in(key, 1), cache_cfg, ns)
+    cam = layer_caches(cache.camera_kv, cache.camera_len, jax.random.fold_in(key, 1), cache_cfg.camera(), ns)
     slot = jnp.minimum(cache.frame_index, 1).reshape(1)  # frame 0 uses special-token slot 0
     out, (glob, cam) = StreamVGGT(cfg).apply(
         {"params": params}, frame[:, None], slot, glob, cam, cache.track_points if heads else None,
