@@ -112,7 +112,7 @@ def test_budget_protection_keeps_the_same_first_frame_tokens_along_a_stream():
     cc = CacheConfig(prune="xstream", budget=8, pool=1, protect="budget")
     rng = np.random.default_rng(5)
     kv = LayerKV(jnp.zeros((1, 1, 13, 3)), jnp.zeros((1, 1, 13, 3)))
-    length, first_kept = jnp.int32(0), None
+    length = jnp.int32(0)
     for f in range(6):
         # key = (score, frame, token): the query (1, 0, 0) scores a token by its first entry
         k = np.stack([rng.standard_normal(5), np.full(5, f), np.arange(5)], -1).astype(np.float32)

@@ -64,7 +64,10 @@ def _cache_config(args):
 
     try:
         return CacheConfig(prune=args.prune, budget=args.cache_size, pool=args.pool, seed=args.seed,
-                           quant=args.quant, bits=args.bits, group=args.group, scale_dtype=args.scale_dtype)
+                           quant=args.quant, bits=args.bits, group=args.group, scale_dtype=args.scale_dtype,
+                           protect=args.protect, protect_share=args.protect_share, mass_decay=args.mass_decay,
+                           camera_budget=args.camera_budget, camera_quant=args.camera_quant,
+                           camera_bits=args.camera_bits)
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -371,7 +374,7 @@ PERCENTILE = _typed(float, lambda v: 0 <= v <= 100, "a percentile between 0 and 
 def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
     from .cache import QUANT_LAYOUTS, SCALE_DTYPES
     from .config import DTYPES  # the registry of compute dtypes
-    from .prune import POLICIES
+    from .prune import POLICIES, PROTECT
     from .quant import PACK_BITS
 
     w = r.add_argument_group("weights")
@@ -415,6 +418,17 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--scale-dtype", choices=tuple(SCALE_DTYPES), default="float32",
                    help="group scales: float32 (bit-exact with upstream) or float16 (smaller cache)")
     g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the random pruning policy")
+    g.add_argument("--protect", choices=PROTECT, default="full",
+                   help="full: always keep the first and current frame (XStreamVGGT; may exceed the budget); "
+                        "budget: keep exactly --cache-size tokens, protecting a share of those frames")
+    g.add_argument("--protect-share", type=float, default=0.5,
+                   help="--protect budget: share of the budget reserved for the first + current frame")
+    g.add_argument("--mass-decay", type=float, default=0.9, help="cumulative policy: attention-mass decay per call")
+    g.add_argument("--camera-budget", type=POSITIVE_INT,
+                   help="tokens kept per camera-trunk layer when pruning (default: --cache-size, as upstream)")
+    g.add_argument("--camera-quant", choices=tuple(QUANT_LAYOUTS),
+                   help="camera-trunk K/V layout (default: upstream's rule: unquantized at the published size)")
+    g.add_argument("--camera-bits", type=int, choices=tuple(PACK_BITS), help="camera-trunk code width (default --bits)")
     st = r.add_argument_group("checkpointing the stream")
     st.add_argument("--save-state", help="new or empty directory to checkpoint the stream into every --save-every "
                                          "frames (xsvggt removes only its own files from it)")
