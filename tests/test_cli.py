@@ -142,7 +142,7 @@ def test_load_params_rejects_foreign_dir(tmp_path):
 def test_reconstruct_stream_matches_upstream(stream_run, tiny_dir):
     preds = np.load(stream_run / "predictions.npz")
     ref = np.load(tiny_dir / "stream_none.npz")
-    assert sorted(preds.files) == sorted(ALL_KEYS + ("extrinsics", "intrinsics"))
+    assert sorted(preds.files) == sorted(ALL_KEYS + ("extrinsics", "intrinsics", "timestamps"))
     errs = {}
     for k in ALL_KEYS:
         assert preds[k].dtype == np.float32

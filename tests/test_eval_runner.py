@@ -134,7 +134,8 @@ def test_cli_eval_procedural_matches_the_api(evaluated, params_dir, tiny_params,
     out = tmp_path / "ev"
     main(["eval", "--dataset", "procedural", "--task", "pose", "--params", str(params_dir), "--settings", SETTINGS,
           "--sequences", "2", "--frames-per-sequence", "3", "--out", str(out), "--quiet"])
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_bytes.png", "results.json", "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".xsvggt-manifest.json", "accuracy_vs_bytes.png", "results.json",
+                                                     "results.md"]
     doc = json.loads((out / "results.json").read_text())
     # the CLI renders eval-small at the model's size: the same scenes through the API give the same numbers
     ds = procedural_dataset("eval-small", 2, 0, config=SceneConfig(frames=3, height=56, width=70))

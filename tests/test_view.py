@@ -45,8 +45,8 @@ def write_outdir(out: Path, points_rgb=POINT_RGB) -> Path:
     depth = (3.0 + 0.2 * np.sin(xx / 3.0) * np.cos(yy / 4.0))[None, :, :, None].repeat(S, 0)  # [S,H,W,1]
     conf = np.broadcast_to(1.0 + xx / W, (S, H, W)).astype(np.float32)  # rises to the right
     pts = ex.unproject_depth(depth, extr, intr)
-    images = np.broadcast_to(np.asarray(points_rgb, np.float32)[None, :, None, None] / 255, (S, 3, H, W))
-    xyz, rgb = ex.select_points(pts, conf, images, 0.0)
+    colours = np.broadcast_to(np.asarray(points_rgb, np.uint8), (S, H, W, 3))
+    xyz, rgb = ex.select_points(pts, conf, colours, 0.0)
     ex.write_ply(out / "points.ply", xyz, rgb)
     np.savez(out / "predictions.npz", depth=depth.astype(np.float32), depth_conf=conf,
              pts3d_in_other_view=pts, conf=conf, camera_pose=pose,

@@ -232,7 +232,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
              jax.default_backend())
     if note:
         log.warning(note)
-    meta = {"model": cfg.to_dict(), "cache": dataclasses.asdict(cache_cfg) if cache_cfg else None, "frames": s,
+    meta = {"model": cfg.architecture(), "dtype": cfg.dtype, "precision": cfg.precision, "cache": dataclasses.asdict(cache_cfg) if cache_cfg else None, "frames": s,
             "height": hw[0], "width": hw[1], "queries": None if qp is None else np.asarray(qp, np.float32).tolist(),
             "input": source.name}
     try:
