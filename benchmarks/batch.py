@@ -135,7 +135,7 @@ def plot(result: dict, path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
-    from .stream import write_atomic
+    from xsvggt_jax.io.fsutil import atomic_write
 
     fig = Figure(figsize=(6.5, 4.2))
     FigureCanvasAgg(fig)
@@ -153,17 +153,17 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def update_readme(readme: Path, text: str) -> None:
-    from .stream import write_atomic
+    from xsvggt_jax.io.fsutil import atomic_write_text
     old = readme.read_text()
     if START not in old or END not in old:
         raise SystemExit(f"{readme} lacks the {START} / {END} markers")
     pre, rest = old.split(START, 1)
     new = pre + START + "\n" + text + "\n" + END + rest.split(END, 1)[1]
-    write_atomic(readme, lambda f: f.write(new))
+    atomic_write_text(readme, new)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,9 +198,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "note": "provisional: the CPU was shared with other jobs (see load averages)",
               "runs": [run_devices(keep, int(d)) for d in args.devices.split(",")]}
-    from .stream import write_atomic
+    from xsvggt_jax.io.fsutil import atomic_write_text
     name = args.name or "batch_" + args.configs.replace(",", "_")
-    write_atomic(args.out_dir / f"{name}.json", lambda f: json.dump(result, f, indent=1))
+    atomic_write_text(args.out_dir / f"{name}.json", json.dumps(result, indent=1))
     if not args.no_plot:
         plot(result, args.out_dir / f"{name}.png")
     text = table(result)

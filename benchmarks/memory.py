@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.model import StreamVGGT, init_params, param_shapes
+from xsvggt_jax.runtime import peak_rss_bytes
 
 log = logging.getLogger("benchmarks.memory")
 HERE = Path(__file__).resolve().parent
@@ -111,7 +111,7 @@ def _measured_run(cfg: ModelConfig, frames: int, hw: tuple[int, int], causal: bo
     jax.block_until_ready(compiled(params, images))
     row = peak_bytes(compiled)
     row.update(run_seconds=round(time.perf_counter() - t0, 2),
-               peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, measured=True)
+               peak_rss=peak_rss_bytes(), measured=True)
     return row
 
 

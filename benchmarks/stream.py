@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,9 +48,12 @@ import numpy as np
 
 from xsvggt_jax import attention, quant
 from xsvggt_jax import step as step_mod
-from xsvggt_jax.cache import CacheConfig, StreamCache, cache_report, init_cache, stored_slots, tree_bytes
+from xsvggt_jax.cache import CacheConfig, StreamCache, cache_report, init_cache
 from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig
+from xsvggt_jax.io.fsutil import atomic_write, atomic_write_text
 from xsvggt_jax.model import init_params
+from xsvggt_jax.pipeline import filled_bytes
+from xsvggt_jax.runtime import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +96,6 @@ def cache_setting(name: str, budget: int, bits: int) -> CacheConfig:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (monotone over the process)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
 def device_peak_bytes() -> int | None:
     """Peak device memory in use so far (GPU/TPU), None where the backend does not report it."""
     try:
@@ -173,30 +169,6 @@ def frame_stream(frames: int, hw: tuple[int, int]):
         yield rng.random((1, *hw, 3), dtype=np.float32)
 
 
-def used_cache_bytes(cache: StreamCache) -> int:
-    """Bytes of the filled part of the cache: each layer group's bytes times its fill fraction."""
-    def part(layers, length):
-        if not layers:
-            return 0
-        slots = stored_slots(layers[0])
-        return int(round(tree_bytes(layers) * min(int(length), slots) / slots)) if slots else 0
-    fixed = tree_bytes(cache) - tree_bytes(cache.global_kv) - tree_bytes(cache.camera_kv)
-    return fixed + part(cache.global_kv, cache.global_len) + part(cache.camera_kv, cache.camera_len)
-
-
-def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write through a temporary file in the same folder, then os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------- the runs
 @functools.lru_cache(maxsize=1)
 def random_params(cfg: ModelConfig) -> dict:
@@ -247,7 +219,7 @@ def run_setting(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, hw: tupl
         latency.append(time.perf_counter() - t)
         if record_cache:
             alloc.append(int(cache_report(cfg, cache_cfg, cache)["cache_bytes"]))
-            used.append(used_cache_bytes(cache))
+            used.append(filled_bytes(cache))
     res = {"lower_s": t1 - t0, "compile_s": t2 - t1, "traces": traces[0], "flops_per_step": flops,
            "latency_s": latency}
     if record_cache:
@@ -355,7 +327,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"{result['config']} {result['frame_hw'][0]}x{result['frame_hw'][1]}, {result['dtype']}, "
                  f"{result['device']}", fontsize=10)
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result["upstream"] = run_upstream(args, cfg, settings, hw, params)
 
     json_path = out_dir / f"{name}.json"
-    write_atomic(json_path, lambda f: json.dump(result, f, indent=1))
+    atomic_write_text(json_path, json.dumps(result, indent=1))
     log.info("wrote %s", json_path)
     if not args.no_plot:
         plot(result, out_dir / f"{name}.png")

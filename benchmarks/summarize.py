@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from xsvggt_jax.io.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,7 @@ def update_readme(readme: Path, text: str) -> None:
         raise SystemExit(f"{readme} lacks the {START} / {END} markers")
     head, rest = old.split(START, 1)
     _, tail = rest.split(END, 1)
-    fd, tmp = tempfile.mkstemp(dir=readme.parent, prefix=f".{readme.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{head}{START}\n{text}\n{END}{tail}")
-    os.replace(tmp, readme)
+    atomic_write_text(readme, f"{head}{START}\n{text}\n{END}{tail}")
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -81,7 +81,7 @@ def test_reconstruct_image_folder(tiny_params_dir, tmp_path):
 
 
 def test_reconstruct_video(tiny_params_dir, tmp_path):
-    iio = pytest.importorskip("imageio.v3")
+    import imageio.v3 as iio
     video = tmp_path / "clip.mp4"
     rng = np.random.default_rng(0)
     frames = (rng.uniform(size=(6, 64, 96, 3)) * 255).astype(np.uint8)
