@@ -71,6 +71,7 @@ def run(label: str, sources, cfg, cache_cfg, params, slots: int, prefetch: int, 
     from xsvggt_jax.many import Job, Scene, run_scenes
 
     args = _parser().parse_args(["reconstruct-many", "--params", "-", "--out", str(root)])
+    args.offline = None  # streaming, as `_reconstruct_many` sets it
     cache_meta = dataclasses.asdict(cache_cfg)
 
     def finish(tmp, source, preds, rgb, latency, nbytes, cinfo, nq):

@@ -19,10 +19,12 @@ from xsvggt_jax.io.params import save_params
 from xsvggt_jax.many import name_scenes, process_share
 
 ROOT = Path(__file__).resolve().parents[1]
-LENGTHS = {"s2a": 2, "s4": 4, "s3": 3, "s9": 9, "s2b": 2}  # sorted names: s2a s2b s3 s4 s9
-# xstream without quantization: B = 2 pools are bit-identical to single streams on CPU for it (prune
-# "none" and int4 quantization are not: see xsvggt_jax/many/driver.py)
-FLAGS = ["--quiet", "--slots", "2", "--prune", "xstream", "--cache-size", "64"]
+LENGTHS = {"s2a": 2, "s4": 4, "s3": 3, "s7": 7, "s2b": 2}  # sorted names: s2a s2b s3 s4 s7
+FLAGS = ["--quiet", "--slots", "2"]
+# A pool of B = 2 on CPU differs from single streams in the last bits (measured: up to 3.1e-6 on
+# pts3d / camera_pose; XLA compiles the batched program differently, see xsvggt_jax/many/driver.py);
+# B = 1 is bit-identical. This bounds the B = 2 difference; the B = 1 runs are compared exactly.
+BATCHED_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def many_run(inputs, tmp_path_factory):
     return root, argv
 
 
-def test_many_matches_single_runs_and_reports_bad_scenes(inputs, many_run, tmp_path, capsys):
+def test_many_matches_single_runs_and_reports_bad_scenes(inputs, many_run, tmp_path, tmp_path_factory):
     params, scenes, bad = inputs
     root, _ = many_run
     summary = json.loads((root / "summary.json").read_text())
@@ -81,18 +83,20 @@ def test_many_matches_single_runs_and_reports_bad_scenes(inputs, many_run, tmp_p
     assert sorted(p.name for p in root.iterdir()) == sorted([*LENGTHS, "summary.json"])
     for name, n in LENGTHS.items():
         assert predictions(root / name)["depth"].shape == (n, 56, 70, 1)
-    # s9 runs across two slot reuses; s3 starts in a slot another scene used first
-    for name in ("s9", "s3"):
-        single = tmp_path / name
-        assert main(["reconstruct", str(scenes[name]), "--params", str(params), "--out", str(single),
-                     *FLAGS[:1], *FLAGS[3:]]) == 0
-        ours, ref = predictions(root / name), predictions(single)
-        assert sorted(ours) == sorted(ref)
-        for k in ref:
-            np.testing.assert_array_equal(ours[k], ref[k], err_msg=f"{name}: {k}")
-        assert files(root / name) == files(single)
-        report, ref_report = (json.loads((d / "report.json").read_text()) for d in (root / name, single))
-        assert report["cache_bytes"] == ref_report["cache_bytes"] and report["frames"] == ref_report["frames"]
+    # s3 starts in the slot s2a used first (a failed scene held the other): B = 2 against its single run
+    single = tmp_path / "s3"
+    assert main(["reconstruct", str(scenes["s3"]), "--params", str(params), "--out", str(single), "--quiet"]) == 0
+    ours, ref = predictions(root / "s3"), predictions(single)
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        np.testing.assert_allclose(ours[k], ref[k], rtol=0, atol=BATCHED_ATOL, err_msg=k)
+    assert files(root / "s3") == files(single)
+    report, ref_report = (json.loads((d / "report.json").read_text()) for d in (root / "s3", single))
+    assert report["cache_bytes"] == ref_report["cache_bytes"] and report["frames"] == ref_report["frames"]
+    # B = 1 (the resumed run below: s3 after s2a and s2b in the same slot): bit-identical
+    one = resumed_root(inputs, tmp_path_factory)
+    for k in ref:
+        np.testing.assert_array_equal(predictions(one / "s3")[k], ref[k], err_msg=k)
 
 
 def test_many_error_line(many_run, capsys):
@@ -101,20 +105,30 @@ def test_many_error_line(many_run, capsys):
     assert msg == f"xsvggt: error: 2 of 7 scenes failed (see {root / 'summary.json'})"
 
 
-def test_many_resumes_without_redoing_finished_scenes(inputs, many_run, tmp_path):
+_RESUMED: dict = {}
+
+
+def resumed_root(inputs, tmp_path_factory) -> Path:
+    """ROOT of one process with one slot over s2a, s2b, s3, resumed after a run that completed s2a
+    only (an interrupted run: s2a published, the others not). Cached for the module."""
+    if "root" in _RESUMED:
+        return _RESUMED["root"]
     params, scenes, _ = inputs
-    root = tmp_path / "out"
-    names = ["s2a", "s3"]
-    argv = ["reconstruct-many", *(str(scenes[n]) for n in names), "--params", str(params), "--out", str(root),
-            *FLAGS]
-    # an interrupted run: s2a was published, s3 was not (a complete scene dir from an earlier run)
-    assert main(argv[:2] + argv[3:]) == 0  # s2a only
-    before = (root / "s2a" / "predictions.npz").stat().st_mtime_ns
-    assert main(argv) == 0
+    root = tmp_path_factory.mktemp("resumed") / "out"
+    argv = ["reconstruct-many", "--params", str(params), "--out", str(root), "--quiet", "--slots", "1"]
+    assert main(argv + [str(scenes["s2a"])]) == 0
+    _RESUMED["s2a_mtime"] = (root / "s2a" / "predictions.npz").stat().st_mtime_ns
+    assert main(argv + [str(scenes[n]) for n in ("s2a", "s2b", "s3")]) == 0
+    _RESUMED["root"] = root
+    return root
+
+
+def test_many_resumes_without_redoing_finished_scenes(inputs, many_run, tmp_path_factory):
+    root = resumed_root(inputs, tmp_path_factory)
     summary = json.loads((root / "summary.json").read_text())
-    assert {e["scene"]: e["status"] for e in summary["scenes"]} == {"s2a": "skipped", "s3": "done"}
-    assert (root / "s2a" / "predictions.npz").stat().st_mtime_ns == before
-    np.testing.assert_array_equal(predictions(root / "s3")["depth"], predictions(many_run[0] / "s3")["depth"])
+    assert {e["scene"]: e["status"] for e in summary["scenes"]} == {"s2a": "skipped", "s2b": "done", "s3": "done"}
+    assert (root / "s2a" / "predictions.npz").stat().st_mtime_ns == _RESUMED["s2a_mtime"]
+    assert summary["processes"][0]["frames"] == LENGTHS["s2b"] + LENGTHS["s3"]  # s2a was not stepped again
 
 
 def test_scene_names_are_unique_and_split_deterministically(tmp_path):
@@ -134,14 +148,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_write_the_same_root_as_one(inputs, many_run, tmp_path):
+def test_two_processes_write_the_same_root_as_one(inputs, tmp_path, tmp_path_factory):
     params, scenes, _ = inputs
     root, names = tmp_path / "out", ["s2a", "s2b", "s3"]
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-m", "xsvggt_jax.cli", "reconstruct-many",
                                *(str(scenes[n]) for n in names), "--params", str(params), "--out", str(root),
-                               *FLAGS[:1], *FLAGS[3:], "--slots", "1", "--coordinator", f"127.0.0.1:{port}",
+                               "--quiet", "--slots", "1", "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
@@ -152,8 +166,9 @@ def test_two_processes_write_the_same_root_as_one(inputs, many_run, tmp_path):
     assert [(e["scene"], e["status"]) for e in summary["scenes"]] == [(n, "done") for n in names]
     assert sorted(p["process"] for p in summary["processes"]) == [0, 1]
     assert sorted(p.name for p in root.iterdir()) == sorted([*names, "summary.json"])
-    for n in names:  # the same outputs as the one-process run of these scenes (in a pool of 2 slots)
-        assert files(root / n) == files(many_run[0] / n)
-        ours, ref = predictions(root / n), predictions(many_run[0] / n)
+    one = resumed_root(inputs, tmp_path_factory)
+    for n in names:  # the same outputs as one process running these scenes with one slot
+        assert files(root / n) == files(one / n)
+        ours, ref = predictions(root / n), predictions(one / n)
         for k in ref:
             np.testing.assert_array_equal(ours[k], ref[k], err_msg=f"{n}: {k}")

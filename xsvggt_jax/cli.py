@@ -341,7 +341,7 @@ def _reconstruct_many(args) -> Path:
     summary = run_many(scenes, root, cfg, cache_cfg, params, open_source,
                        lambda d: OutputDir(d, args.overwrite, protect=protect), finish,
                        slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet)
-    if summary is not None and summary["failed"]:
+    if summary["failed"]:
         raise UsageError(f"{summary['failed']} of {len(summary['scenes'])} scenes failed "
                          f"(see {root / 'summary.json'})")
     return root

@@ -134,13 +134,13 @@ class _Active:
 
 @dataclasses.dataclass
 class Stats:
-    """Time of the main loops: total, waiting for frames, waiting for the writer; steps and frames."""
+    """Time of the main loops: total, waiting for frames, waiting for the writer; steps, frames, pools."""
     total_s: float = 0.0
     frame_wait_s: float = 0.0
     writer_wait_s: float = 0.0
     steps: int = 0
     frames: int = 0
-    compiles: int = 0
+    pools: int = 0
 
     @property
     def device_idle_fraction(self) -> float:
@@ -160,19 +160,28 @@ class _Writer:
         self.thread = threading.Thread(target=self._run, daemon=True, name="xsvggt-writer")
         self.thread.start()
 
+    def _put(self, item) -> None:
+        """Queue `item`; raise if the thread died (its queue would never drain)."""
+        while True:
+            if self.error is not None:
+                raise RuntimeError("the output writer failed") from self.error
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def put(self, item: tuple, stats: Stats) -> None:
-        if self.error is not None:
-            raise RuntimeError("the output writer failed") from self.error
         t0 = time.perf_counter()
-        self.queue.put(item)
+        self._put(item)
         stats.writer_wait_s += time.perf_counter() - t0
 
     def close(self) -> None:
         """Write what is queued, then stop."""
-        self.queue.put(_STOP)
-        self.thread.join()
-        if self.error is not None:
-            raise RuntimeError("the output writer failed") from self.error
+        try:
+            self._put(_STOP)
+        finally:
+            self.thread.join()
 
     def abort(self, exc: BaseException) -> None:
         """After an interruption (the thread has stopped): remove the unfinished scenes' staging."""
@@ -282,7 +291,8 @@ def run_scenes(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, jobs: Seq
             _run_pool(cfg, cache_cfg, params, group, key, slots, prefetch,
                       slots if lookahead is None else lookahead, mesh, writer, stats, progress)
     except BaseException as e:
-        writer.close()
+        with contextlib.suppress(RuntimeError):  # the writer's own failure is `e`'s cause
+            writer.close()
         writer.abort(e)
         raise
     writer.close()
@@ -381,4 +391,4 @@ def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, 
             if a is not None:
                 a.reader.close()
         stats.total_s += time.perf_counter() - t_start
-        stats.compiles += 1
+        stats.pools += 1

@@ -3,9 +3,11 @@
 `initialize` calls `jax.distributed.initialize` (explicit coordinator, or JAX's cluster
 auto-detection: SLURM, Open MPI, TPU pods, ...). Each process runs its share of the scenes
 (`scenes.process_share`) on its local devices, writes its partial summary `ROOT/.summary-<I>.json`,
-and then all meet at `sync_global_devices` (a barrier over the coordinator, CPU collectives
-included); afterwards process 0 merges the partial summaries into `ROOT/summary.json`. ROOT must be
-a file system all processes share.
+and then all meet at a barrier (`multihost_utils.sync_global_devices`: a tiny collective over every
+process's devices; on CPU, JAX's gloo collectives); afterwards every process reads all partial
+summaries (so every process knows whether a scene failed and exits accordingly), process 0 writes
+`ROOT/summary.json`, and after a second barrier removes the partial files. ROOT must be a file
+system all processes share.
 """
 
 from __future__ import annotations

@@ -51,17 +51,17 @@ def _progress(total: int, quiet: bool):
 
 def stats_entry(stats: Stats, process_id: int, slots: int, prefetch: int) -> dict:
     return {"process": process_id, "slots": slots, "prefetch": prefetch, "steps": stats.steps,
-            "frames": stats.frames, "pools": stats.compiles, "total_seconds": stats.total_s,
+            "frames": stats.frames, "pools": stats.pools, "total_seconds": stats.total_s,
             "frame_wait_seconds": stats.frame_wait_s, "writer_wait_seconds": stats.writer_wait_s,
             "device_idle_fraction": stats.device_idle_fraction}
 
 
 def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: CacheConfig, params: dict,
              open_source: Callable[[Path], FrameSource], open_out: Callable[[Path], OutputDir], finish: Finish, *,
-             slots: int = 1, prefetch: int = 4, quiet: bool = True) -> dict | None:
+             slots: int = 1, prefetch: int = 4, quiet: bool = True) -> dict:
     """Run this process's share of `scenes` (all of them in a single-process run) into ROOT/<scene>/
-    and write ROOT/summary.json (process 0, after every process finished). Returns the summary on
-    process 0, None on the others. Summary: {"scenes": [entry...] sorted by name (see
+    and write ROOT/summary.json (process 0, after every process finished). Returns the summary (on
+    every process: all read the partial summaries after the barrier). Summary: {"scenes": [entry...] sorted by name (see
     `scenes.summary_entry`), "failed": int, "processes": [loop statistics...],
     "device_idle_fraction": frame-wait time / loop time over all processes}."""
     import jax
@@ -81,19 +81,24 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
     if n == 1:
         return _write_summary(root, part["scenes"], part["processes"])
     atomic_write_json(hosts.partial_path(root, i), part)
-    hosts.barrier("xsvggt-reconstruct-many-summary")
-    if i != 0:
-        return None
+    hosts.barrier("xsvggt-reconstruct-many-partials")  # every partial summary is written
     merged = [hosts.read_partial(root, k) for k in range(n)]
-    summary = _write_summary(root, [e for p in merged for e in p["scenes"]], [s for p in merged for s in p["processes"]])
-    hosts.remove_partials(root, n)
+    entries, processes = [e for p in merged for e in p["scenes"]], [s for p in merged for s in p["processes"]]
+    summary = _write_summary(root, entries, processes) if i == 0 else _summary(entries, processes)
+    hosts.barrier("xsvggt-reconstruct-many-summary")  # every process has read them
+    if i == 0:
+        hosts.remove_partials(root, n)
     return summary
 
 
-def _write_summary(root: Path, entries: list[dict], processes: list[dict]) -> dict:
+def _summary(entries: list[dict], processes: list[dict]) -> dict:
     total = sum(p["total_seconds"] for p in processes)
-    summary = {"producer": PRODUCER, "scenes": sorted(entries, key=lambda e: e["scene"]),
-               "failed": sum(e["status"] == "failed" for e in entries), "processes": processes,
-               "device_idle_fraction": sum(p["frame_wait_seconds"] for p in processes) / total if total else 0.0}
+    return {"producer": PRODUCER, "scenes": sorted(entries, key=lambda e: e["scene"]),
+            "failed": sum(e["status"] == "failed" for e in entries), "processes": processes,
+            "device_idle_fraction": sum(p["frame_wait_seconds"] for p in processes) / total if total else 0.0}
+
+
+def _write_summary(root: Path, entries: list[dict], processes: list[dict]) -> dict:
+    summary = _summary(entries, processes)
     atomic_write_json(root / SUMMARY, summary)
     return summary
