@@ -21,10 +21,11 @@ from xsvggt_jax.many import name_scenes, process_share
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = {"s2a": 2, "s4": 4, "s3": 3, "s7": 7, "s2b": 2}  # sorted names: s2a s2b s3 s4 s7
 FLAGS = ["--quiet", "--slots", "2"]
-# A pool of B = 2 on CPU differs from single streams in the last bits (measured: up to 3.1e-6 on
-# pts3d / camera_pose; XLA compiles the batched program differently, see xsvggt_jax/many/driver.py);
-# B = 1 is bit-identical. This bounds the B = 2 difference; the B = 1 runs are compared exactly.
-BATCHED_ATOL = 1e-5
+# A pool of B = 2 on CPU differs from single streams in the last bits (measured: up to 3.1e-6 absolute
+# on pts3d / camera_pose, 7.5e-6 relative on the intrinsics derived from the pose; XLA compiles the
+# batched program differently, see xsvggt_jax/many/driver.py); B = 1 is bit-identical. This bounds the
+# B = 2 difference; the B = 1 runs are compared exactly.
+BATCHED_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_many_matches_single_runs_and_reports_bad_scenes(inputs, many_run, tmp_p
     ours, ref = predictions(root / "s3"), predictions(single)
     assert sorted(ours) == sorted(ref)
     for k in ref:
-        np.testing.assert_allclose(ours[k], ref[k], rtol=0, atol=BATCHED_ATOL, err_msg=k)
+        np.testing.assert_allclose(ours[k], ref[k], rtol=BATCHED_TOL, atol=BATCHED_TOL, err_msg=k)
     assert files(root / "s3") == files(single)
     report, ref_report = (json.loads((d / "report.json").read_text()) for d in (root / "s3", single))
     assert report["cache_bytes"] == ref_report["cache_bytes"] and report["frames"] == ref_report["frames"]

@@ -308,6 +308,7 @@ def _reconstruct_many(args) -> Path:
     from .io.frames import open_frames
     from .io.outdir import OutputDir
     from .many import ClusterError, SceneListError, initialize, name_scenes, read_manifest, run_many
+    from .pipeline import CacheMemoryError
 
     args.offline, args.resume, args.save_state, args.keep_state = None, None, None, False
     _validate(args)
@@ -338,9 +339,12 @@ def _reconstruct_many(args) -> Path:
                     nbytes, cinfo, stream_timing(latency))
 
     root.mkdir(parents=True, exist_ok=True)
-    summary = run_many(scenes, root, cfg, cache_cfg, params, open_source,
-                       lambda d: OutputDir(d, args.overwrite, protect=protect), finish,
-                       slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet)
+    try:
+        summary = run_many(scenes, root, cfg, cache_cfg, params, open_source,
+                           lambda d: OutputDir(d, args.overwrite, protect=protect), finish,
+                           slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet)
+    except CacheMemoryError as e:
+        raise UsageError(str(e)) from e
     if summary["failed"]:
         raise UsageError(f"{summary['failed']} of {len(summary['scenes'])} scenes failed "
                          f"(see {root / 'summary.json'})")

@@ -12,7 +12,7 @@ from ..io.frames import FrameSource
 from ..io.fsutil import PRODUCER, atomic_write_json
 from ..io.outdir import OutputDir
 from . import hosts
-from .driver import Finish, Job, Stats, run_scenes
+from .driver import Finish, Job, Stats, pool_key, run_scenes
 from .scenes import SUMMARY, Scene, completed_report, process_share, summary_entry
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,24 @@ def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, open_source: Cal
     return jobs, entries
 
 
+def check_pool_memory(cfg: ModelConfig, cache_cfg: CacheConfig, jobs: Sequence[Job], slots: int) -> None:
+    """Raise `pipeline.CacheMemoryError` when a pool's caches (slots x one scene's, sized for the pool's
+    longest scene) would not fit the device's available memory; before any scene runs."""
+    from ..pipeline import CacheMemoryError, cache_memory_bytes
+    from ..runtime import device_available_bytes
+
+    available = device_available_bytes()
+    pools: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        pools.setdefault(pool_key(job.source), []).append(job)
+    for (h, w, nq), group in pools.items():
+        need = min(slots, len(group)) * cache_memory_bytes(
+            cfg, cache_cfg, (h, w), max(j.source.num_frames for j in group), nq)
+        if available is not None and need > available:
+            raise CacheMemoryError(f"a pool of {min(slots, len(group))} streams of {h}x{w} needs {need} bytes of "
+                                   f"cache, {available} are available: use fewer --slots or prune the cache")
+
+
 def _progress(total: int, quiet: bool):
     if quiet:
         return None
@@ -60,16 +78,18 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
              open_source: Callable[[Path], FrameSource], open_out: Callable[[Path], OutputDir], finish: Finish, *,
              slots: int = 1, prefetch: int = 4, quiet: bool = True) -> dict:
     """Run this process's share of `scenes` (all of them in a single-process run) into ROOT/<scene>/
-    and write ROOT/summary.json (process 0, after every process finished). Returns the summary (on
-    every process: all read the partial summaries after the barrier). Summary: {"scenes": [entry...] sorted by name (see
-    `scenes.summary_entry`), "failed": int, "processes": [loop statistics...],
-    "device_idle_fraction": frame-wait time / loop time over all processes}."""
+    and write ROOT/summary.json (process 0, after every process finished). Returns the summary on
+    every process (all read the partial summaries after the barrier): {"scenes": [entry...] sorted
+    by name (see `scenes.summary_entry`), "failed": int, "processes": [loop statistics...],
+    "device_idle_fraction": frame-wait time / loop time over all processes}. Raises
+    `pipeline.CacheMemoryError` before any scene runs when a pool's caches do not fit."""
     import jax
 
     n, i = jax.process_count(), jax.process_index()
     mine = process_share(scenes, n, i)
     log.info("process %d of %d: %d of %d scenes", i, n, len(mine), len(scenes))
     jobs, entries = plan(mine, root, cfg, open_source, open_out)
+    check_pool_memory(cfg, cache_cfg, jobs, slots)
     bar = _progress(sum(job.source.num_frames for job in jobs), quiet)
     try:
         results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish, slots=slots, prefetch=prefetch,
