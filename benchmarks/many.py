@@ -93,12 +93,22 @@ def run(label: str, sources, cfg, cache_cfg, params, slots: int, prefetch: int, 
 
 def table(result: dict) -> str:
     rows = ["| run | slots | prefetch | scenes | frames | wall s | scenes/hour | frames/s | device idle | "
-            "load avg (1 min) after |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "main loop waiting for the writer s | load avg (1 min) after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         rows.append(f"| {r['run']} | {r['slots']} | {r['prefetch']} | {r['scenes']} | {r['frames']} | "
                     f"{r['wall_s']:.1f} | {r['scenes_per_hour']:.0f} | {r['frames_per_s']:.2f} | "
-                    f"{r['device_idle_fraction']:.3f} | {r['load_avg']:.1f} |")
+                    f"{r['device_idle_fraction']:.4f} | {r['writer_wait_s']:.1f} | {r['load_avg']:.1f} |")
     return "\n".join(rows)
+
+
+def write_readme(text: str) -> None:
+    """Put `text` between the many-scene markers of benchmarks/README.md."""
+    from .stream import write_atomic
+
+    readme = HERE / "README.md"
+    old = readme.read_text()
+    pre, rest = old.split(START, 1)
+    write_atomic(readme, lambda f: f.write(pre + START + "\n" + text + "\n" + END + rest.split(END, 1)[1]))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -162,10 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     text = table(result)
     print(text)
     if args.update_readme:
-        readme = HERE / "README.md"
-        old = readme.read_text()
-        pre, rest = old.split(START, 1)
-        write_atomic(readme, lambda f: f.write(pre + START + "\n" + text + "\n" + END + rest.split(END, 1)[1]))
+        write_readme(text)
     return result
 
 
