@@ -49,10 +49,6 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif auto:
         jax.distributed.initialize()
-    # set up the CPU collectives now, while every process has just joined: orbax's restore of the
-    # parameters syncs the processes next, and a process that reaches the first collective more than
-    # gloo's 30 s after the others fails on a loaded machine
-    barrier("xsvggt-joined")
     return jax.process_count(), jax.process_index()
 
 
