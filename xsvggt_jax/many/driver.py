@@ -16,13 +16,17 @@ Host work overlaps device work:
   directory and publishes it (`OutputDir`), while the device steps on.
 `device_idle_fraction` = time the main loop waited for frames / its total time.
 
-Parity with `xsvggt reconstruct` on CPU (jax 0.10.2, tiny reference model): a pool of B = 1 is
-bit-identical to the single-stream `step` (prune none); with B = 2, `--prune xstream` (no
-quantization) is bit-identical too (tests/test_many.py), but prune none and xstream + int4 KCVT differ
-from the first frame by up to ~3e-6 (camera_pose; depth ~1.7e-6), even with the same frame in both
-slots. Same fill levels, so it is not the masked extra iterations of the uncompressed cache's
-attention loop: the difference is how XLA:CPU compiles the B = 2 program (other fusions / reduction
-orders in the batched attention loop and dequantization); which op exactly is not isolated yet.
+Parity with `xsvggt reconstruct` on CPU (jax 0.10.2, tiny reference model), two separate effects:
+* prune "none": a pool's uncompressed cache is sized for its longest scene, and a stream shorter than
+  `CacheConfig.chunk` tokens attends over its whole capacity as one chunk (masked tail), so a scene
+  in a pool with a longer one reduces over a longer chunk than its single run: last-bit
+  differences (~2e-6 on pts3d). A scene as long as its pool's longest is bit-identical at B = 1.
+  xstream's cache has a fixed capacity (the budget): no such effect.
+* B >= 2: even at equal shapes and the same frame in both slots, the B = 2 program differs from
+  B = 1 from the first frame by up to ~3e-6 (camera_pose; pts3d ~3e-6, derived intrinsics 7.5e-6
+  relative) for prune none and xstream + int4 KCVT, and for xstream without quantization when the
+  slots are at different frames: XLA:CPU compiles the batched program with other fusions /
+  reduction orders; which op exactly is not isolated yet. B = 1 pools are bit-identical.
 """
 
 from __future__ import annotations
