@@ -94,7 +94,8 @@ def test_many_matches_single_runs_and_reports_bad_scenes(inputs, many_run, tmp_p
     assert files(root / "s3") == files(single)
     report, ref_report = (json.loads((d / "report.json").read_text()) for d in (root / "s3", single))
     assert report["cache_bytes"] == ref_report["cache_bytes"] and report["frames"] == ref_report["frames"]
-    # B = 1 (the resumed run below: s3 after s2a and s2b in the same slot): bit-identical
+    # B = 1 (the resumed run below: s3 after s2b in the same slot, the pool's longest scene, so its
+    # uncompressed cache has the single run's size): bit-identical
     one = resumed_root(inputs, tmp_path_factory)
     for k in ref:
         np.testing.assert_array_equal(predictions(one / "s3")[k], ref[k], err_msg=k)
