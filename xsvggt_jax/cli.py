@@ -3,6 +3,7 @@
     xsvggt demo [--checkpoint FILE] [--out DIR]           procedural scene through the whole pipeline
     xsvggt convert SRC --out DIR [--spec spec.json]       upstream checkpoint -> orbax params dir
     xsvggt reconstruct INPUT (--params DIR | --checkpoint FILE) --out OUTDIR [options]
+    xsvggt reconstruct-many INPUT... [--manifest FILE] (--params DIR | --checkpoint FILE) --out ROOT [options]
 
 INPUT is a folder of images, a video file, or an .npz with `images` [S,3,H,W] (and optionally
 `query_points` [N,2]).
@@ -178,13 +179,55 @@ def _export_bytes(frames: int, hw: tuple[int, int], queries: int, ply_max_pixels
     return prediction_bytes(frames, hw, queries) + frames * 96 + pixels * (8 + 2) + cloud * (15 + 64) + (1 << 20)
 
 
+def stream_timing(latency: Sequence[float]) -> dict:
+    """report.json's timing of a stream from its per-frame latencies (the first includes compilation)."""
+    return {"compile_seconds": float(latency[0]),
+            "seconds_per_frame": float(np.median(latency[1:])) if len(latency) > 1 else float(latency[0]),
+            "total_seconds": float(sum(latency))}
+
+
+def write_scene(tmp: Path, args, source, cfg, mode: str, cache_meta: dict | None, num_queries: int, preds: dict,
+                rgb: np.ndarray, latency: Sequence[float], nbytes: Sequence[int], cinfo: dict, timing: dict,
+                note: str | None = None, extra_files=None, filled: Sequence[int] | None = None,
+                details: dict | None = None) -> dict:
+    """Everything `reconstruct` writes for one scene into the staging directory `tmp`: the exports
+    (`_exports`), stream.png and report.json. preds: name -> [S, ...]; rgb [S, H, W, 3] uint8;
+    latency / nbytes (allocated) / filled (in use, optional): per frame; details: more report fields.
+    Returns the report."""
+    import jax
+
+    from .io.plots import plot_offline, plot_stream
+    from .runtime import peak_rss_bytes
+
+    s, hw = source.num_frames, (source.height, source.width)
+    extra = _exports(tmp, preds, rgb, source, args)
+    if args.offline:
+        plot_offline(tmp / "stream.png", timing["compile_seconds"], timing["total_seconds"], s, peak_rss_bytes())
+    else:
+        plot_stream(tmp / "stream.png", np.asarray(latency), allocated_bytes=np.asarray(nbytes),
+                    filled_bytes=None if filled is None else np.asarray(filled))
+    report = {
+        "producer": PRODUCER, "mode": mode, "input": source.name, "frames": s,
+        "height": hw[0], "width": hw[1], "num_queries": num_queries,
+        **{k: float(v) for k, v in timing.items()}, **cinfo,
+        "cache": cache_meta, "latency_s": [float(x) for x in latency],
+        "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": peak_rss_bytes(),
+        "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
+        "dtype": cfg.dtype, "precision": cfg.precision, **extra, **(details or {}),
+        **({"note": note} if note else {}),
+    }
+    if extra_files is not None:
+        extra_files(tmp)
+    atomic_write_json(tmp / "report.json", report)
+    return report
+
+
 def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -> Path:
     """Run a reconstruction and write OUTDIR. `source` (a FrameSource) overrides args.input;
     `extra_files(tmp)` adds files to the staged outputs."""
     import jax
 
     from .config import check_frame_size
-    from .io.plots import plot_offline, plot_stream
     from .io.frames import FrameError, open_frames
     from .io.fsutil import FsError, check_free_space, disk_error_message
     from .io.outdir import OutputDir
@@ -252,30 +295,11 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
                                     meta=meta)
                 preds, rgb, latency, nbytes, cinfo = run.predictions, run.rgb, run.latency_s, run.cache_bytes, \
                     run.cache_info
-                timing = {"compile_seconds": latency[0],
-                          "seconds_per_frame": float(np.median(latency[1:])) if s > 1 else latency[0],
-                          "total_seconds": float(sum(latency))}
-            extra = _exports(tmp, preds, rgb, source, args)
-            if args.offline:
-                plot_offline(tmp / "stream.png", timing["compile_seconds"], timing["total_seconds"], s,
-                             peak_rss_bytes())
-            else:
-                plot_stream(tmp / "stream.png", np.asarray(latency), allocated_bytes=np.asarray(nbytes),
-                            filled_bytes=np.asarray(run.filled_bytes))
-            report = {
-                "producer": PRODUCER, "mode": mode, "input": source.name, "frames": s,
-                "height": hw[0], "width": hw[1], "num_queries": nq,
-                **{k: float(v) for k, v in timing.items()}, **cinfo,
-                "cache": meta["cache"], "latency_s": [float(x) for x in latency],
-                "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": peak_rss_bytes(),
-                **({} if args.offline else {"cache_filled_bytes_per_frame": [int(x) for x in run.filled_bytes]}),
-                "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
-                "dtype": cfg.dtype, "precision": cfg.precision, **extra, **({"note": note} if note else {}),
-                **({"attention": run.attention, "devices": run.devices} if args.offline else {}),
-            }
-            if extra_files is not None:
-                extra_files(tmp)
-            atomic_write_json(tmp / "report.json", report)
+                timing = stream_timing(latency)
+            details = ({"attention": run.attention, "devices": run.devices} if args.offline else
+                       {"cache_filled_bytes_per_frame": [int(x) for x in run.filled_bytes]})
+            write_scene(tmp, args, source, cfg, mode, meta["cache"], nq, preds, rgb, latency, nbytes, cinfo, timing,
+                        note, extra_files, filled=None if args.offline else run.filled_bytes, details=details)
             shutil.rmtree(tmp / ".work", ignore_errors=True)
     except (FrameError, StateError, ParamsError, NonFiniteError, FsError) as e:
         _drop_unused_state(state_dir, args)
@@ -305,6 +329,57 @@ def _drop_unused_state(state_dir: Path | None, args) -> None:
             release_state_dir(state_dir)
         except (StateError, OSError):
             pass
+
+
+# --------------------------------------------------------------------------------- reconstruct-many
+def _reconstruct_many(args) -> Path:
+    """Many scenes through pools of --slots streams into ROOT/<scene>/ (see `xsvggt_jax.many`)."""
+    import jax
+
+    from .io.frames import open_frames
+    from .io.outdir import OutputDir
+    from .many import ClusterError, SceneListError, initialize, name_scenes, read_manifest, run_many
+    from .pipeline import CacheMemoryError
+
+    args.offline, args.resume, args.save_state, args.keep_state = None, None, None, False
+    _validate(args)
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id, auto=args.auto_cluster)
+        inputs = list(args.inputs) + (read_manifest(args.manifest) if args.manifest else [])
+        scenes = name_scenes(inputs)
+    except (ClusterError, SceneListError) as e:
+        raise UsageError(str(e)) from e
+    root = Path(args.out).absolute()
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} exists and is not a directory")
+    params, cfg = _model(args)
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
+    cache_cfg = _cache_config(args)
+    qp = _query_points(args.query_points)
+    protect = [s.path for s in scenes] + [p for p in (args.params, args.checkpoint) if p]
+
+    def open_source(path: Path):
+        source = open_frames(path, mode=args.resize, stride=args.stride)
+        if qp is not None:
+            source.query_points = qp
+        return source
+
+    def finish(tmp, source, preds, rgb, latency, nbytes, cinfo, nq):
+        write_scene(tmp, args, source, cfg, "stream", dataclasses.asdict(cache_cfg), nq, preds, rgb, latency,
+                    nbytes, cinfo, stream_timing(latency))
+
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = run_many(scenes, root, cfg, cache_cfg, params, open_source,
+                           lambda d: OutputDir(d, args.overwrite, protect=protect), finish,
+                           slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet)
+    except CacheMemoryError as e:
+        raise UsageError(str(e)) from e
+    if summary["failed"]:
+        raise UsageError(f"{summary['failed']} of {len(summary['scenes'])} scenes failed "
+                         f"(see {root / 'summary.json'})")
+    return root
 
 
 # --------------------------------------------------------------------------------------------- demo
@@ -371,7 +446,7 @@ POSITIVE_FLOAT = _typed(float, lambda v: math.isfinite(v) and v > 0, "a positive
 PERCENTILE = _typed(float, lambda v: 0 <= v <= 100, "a percentile between 0 and 100")
 
 
-def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
+def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_state: bool = True) -> None:
     from .cache import QUANT_LAYOUTS, SCALE_DTYPES
     from .config import DTYPES  # the registry of compute dtypes
     from .prune import POLICIES, PROTECT
@@ -429,6 +504,8 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--camera-quant", choices=tuple(QUANT_LAYOUTS),
                    help="camera-trunk K/V layout (default: upstream's rule: unquantized at the published size)")
     g.add_argument("--camera-bits", type=int, choices=tuple(PACK_BITS), help="camera-trunk code width (default --bits)")
+    if not stream_state:
+        return
     st = r.add_argument_group("checkpointing the stream")
     st.add_argument("--save-state", help="new or empty directory to checkpoint the stream into every --save-every "
                                          "frames (xsvggt removes only its own files from it)")
@@ -486,6 +563,25 @@ def _parser() -> argparse.ArgumentParser:
     fr.add_argument("--stride", type=POSITIVE_INT, default=1, help="take every STRIDE-th frame")
     _add_run_options(r)
 
+    m = sub.add_parser("reconstruct-many", help="reconstruct many scenes, batched, into ROOT/<scene>/")
+    m.add_argument("inputs", nargs="*", metavar="INPUT", help="scenes: folders of images, videos or .npz files")
+    m.add_argument("--manifest", help="file listing more inputs, one per line (relative to the file's folder)")
+    m.add_argument("--out", required=True, help="ROOT: each scene goes to ROOT/<scene>/, the summary to "
+                                                 "ROOT/summary.json")
+    m.add_argument("--resize", choices=("crop", "pad"), default="crop", help="preprocessing of images/video")
+    m.add_argument("--stride", type=POSITIVE_INT, default=1, help="take every STRIDE-th frame")
+    m.add_argument("--slots", type=POSITIVE_INT,
+                   help="streams stepped together (default: the number of local devices)")
+    m.add_argument("--prefetch", type=NON_NEGATIVE_INT, default=4,
+                   help="frames decoded ahead per scene by reader threads (0: decode in the main loop)")
+    cl = m.add_argument_group("many machines (jax.distributed)")
+    cl.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
+    cl.add_argument("--num-processes", type=POSITIVE_INT, help="processes in the run")
+    cl.add_argument("--process-id", type=NON_NEGATIVE_INT, help="this process's index")
+    cl.add_argument("--auto-cluster", action="store_true",
+                    help="let JAX detect the cluster (SLURM, Open MPI, TPU pods, ...)")
+    _add_run_options(m, stream_state=False)
+
     v = sub.add_parser("view", help="serve an interactive 3D view of an OUTDIR in the browser (viser)")
     v.add_argument("outdir", help="output directory written by `xsvggt reconstruct` or `xsvggt demo`")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -537,12 +633,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-    if args.command in ("reconstruct", "demo", "eval", "train"):
+    if args.command in ("reconstruct", "reconstruct-many", "demo", "eval", "train"):
         configure_compile_cache(not getattr(args, "no_compile_cache", False))
     try:
         with signals_as_interrupt():
-            out = {"convert": _convert, "reconstruct": _reconstruct, "demo": _demo, "view": _view,
-                   "eval": _eval, "train": _train}[args.command](args)
+            out = {"convert": _convert, "reconstruct": _reconstruct, "reconstruct-many": _reconstruct_many,
+                   "demo": _demo, "view": _view, "eval": _eval, "train": _train}[args.command](args)
     except UsageError as e:
         _fail(str(e))
     except Terminated as e:

@@ -187,7 +187,7 @@ def load_params(directory: str | os.PathLike, *,
                 sharding: Optional[jax.sharding.Sharding] = None) -> tuple[dict, ModelConfig]:
     """Restore `(params, cfg)` written by `save_params`, bit-identical (same tree, dtypes, values).
 
-    The leaves are device arrays (`jax.Array`) placed with `sharding` (default: the first device),
+    The leaves are device arrays (`jax.Array`) placed with `sharding` (default: the first local device),
     so a jitted function may close over them or take them as arguments without a copy per call.
     Raises ParamsError if the directory is not a params directory or if its arrays do not match its
     configuration (checked from the metadata, before any array is read).
@@ -199,9 +199,12 @@ def load_params(directory: str | os.PathLike, *,
     ckpt = directory / PARAMS_SUBDIR
     if not ckpt.is_dir():
         raise ParamsError(f"{directory}: not a params directory ({PARAMS_SUBDIR}/ checkpoint is missing)")
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # every process of a multi-process run reads the params on its own (no cross-process sync)
+    local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(multiprocessing_options=local) as ckptr:
             stored = ckptr.metadata(ckpt).item_metadata.tree
             _check_arrays(stored, cfg, directory)
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), stored)

@@ -1,0 +1,16 @@
+"""Many scenes at once: `xsvggt reconstruct-many` (continuous batching over a pool of stream slots,
+prefetching readers, an asynchronous writer, resume, and JAX's multi-process runtime).
+
+    scenes.py  inputs -> unique scene names, the split over processes, completed scenes
+    driver.py  the pool loop (`run_scenes`): readers, writer, `reset_slots` between scenes
+    hosts.py   `jax.distributed.initialize`, the barrier, partial summaries
+    run.py     `run_many`: one process's share end to end and ROOT/summary.json
+"""
+
+from .driver import Job, Stats, pool_key, run_scenes
+from .hosts import ClusterError, initialize
+from .run import run_many
+from .scenes import Scene, SceneListError, name_scenes, process_share, read_manifest
+
+__all__ = ["Job", "Stats", "pool_key", "run_scenes", "ClusterError", "initialize", "run_many", "Scene",
+           "SceneListError", "name_scenes", "process_share", "read_manifest"]

@@ -1,0 +1,124 @@
+"""`reconstruct-many` end to end: this process's share of the scenes, resume, the pools, the summary."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..cache import CacheConfig
+from ..config import ModelConfig, check_frame_size
+from ..io.frames import FrameSource
+from ..io.fsutil import PRODUCER, atomic_write_json
+from ..io.outdir import OutputDir
+from . import hosts
+from .driver import Finish, Job, Stats, pool_key, run_scenes
+from .scenes import SUMMARY, Scene, completed_report, process_share, summary_entry
+
+log = logging.getLogger(__name__)
+
+
+def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, open_source: Callable[[Path], FrameSource],
+         open_out: Callable[[Path], OutputDir]) -> tuple[list[Job], list[dict]]:
+    """Jobs to run and summary entries of the scenes that are not run: complete from an earlier run
+    ("skipped") or unusable ("failed": unreadable input, wrong frame size, an output directory in
+    the way). `open_source` / `open_out` raise ValueError subclasses on bad inputs / outputs."""
+    jobs, entries = [], []
+    for scene in scenes:
+        out_dir = root / scene.name
+        report = completed_report(out_dir)
+        if report is not None:
+            entries.append(summary_entry(scene, "skipped", report.get("frames"), report.get("total_seconds"),
+                                         report.get("cache_bytes")))
+            log.info("%s: complete from an earlier run, skipped", scene.name)
+            continue
+        try:
+            source = open_source(scene.path)
+            check_frame_size(cfg, source.height, source.width)
+            jobs.append(Job(scene, source, open_out(out_dir)))
+        except ValueError as e:
+            entries.append(summary_entry(scene, "failed", error=str(e)))
+            log.warning("%s: failed: %s", scene.name, e)
+    return jobs, entries
+
+
+def check_pool_memory(cfg: ModelConfig, cache_cfg: CacheConfig, jobs: Sequence[Job], slots: int) -> None:
+    """Raise `pipeline.CacheMemoryError` when a pool's caches (slots x one scene's, sized for the pool's
+    longest scene) would not fit the device's available memory; before any scene runs."""
+    from ..pipeline import CacheMemoryError, cache_memory_bytes
+    from ..runtime import device_available_bytes
+
+    available = device_available_bytes()
+    pools: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        pools.setdefault(pool_key(job.source), []).append(job)
+    for (h, w, nq), group in pools.items():
+        need = min(slots, len(group)) * cache_memory_bytes(
+            cfg, cache_cfg, (h, w), max(j.source.num_frames for j in group), nq)
+        if available is not None and need > available:
+            raise CacheMemoryError(f"a pool of {min(slots, len(group))} streams of {h}x{w} needs {need} bytes of "
+                                   f"cache, {available} are available: use fewer --slots or prune the cache")
+
+
+def _progress(total: int, quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="frame", dynamic_ncols=True, leave=True)
+
+
+def stats_entry(stats: Stats, process_id: int, slots: int, prefetch: int) -> dict:
+    return {"process": process_id, "slots": slots, "prefetch": prefetch, "steps": stats.steps,
+            "frames": stats.frames, "pools": stats.pools, "total_seconds": stats.total_s,
+            "frame_wait_seconds": stats.frame_wait_s, "writer_wait_seconds": stats.writer_wait_s,
+            "device_idle_fraction": stats.device_idle_fraction}
+
+
+def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: CacheConfig, params: dict,
+             open_source: Callable[[Path], FrameSource], open_out: Callable[[Path], OutputDir], finish: Finish, *,
+             slots: int = 1, prefetch: int = 4, quiet: bool = True) -> dict:
+    """Run this process's share of `scenes` (all of them in a single-process run) into ROOT/<scene>/
+    and write ROOT/summary.json (process 0, after every process finished). Returns the summary on
+    every process (all read the partial summaries after the barrier): {"scenes": [entry...] sorted
+    by name (see `scenes.summary_entry`), "failed": int, "processes": [loop statistics...],
+    "device_idle_fraction": frame-wait time / loop time over all processes}. Raises
+    `pipeline.CacheMemoryError` before any scene runs when a pool's caches do not fit."""
+    import jax
+
+    n, i = jax.process_count(), jax.process_index()
+    mine = process_share(scenes, n, i)
+    log.info("process %d of %d: %d of %d scenes", i, n, len(mine), len(scenes))
+    jobs, entries = plan(mine, root, cfg, open_source, open_out)
+    check_pool_memory(cfg, cache_cfg, jobs, slots)
+    bar = _progress(sum(job.source.num_frames for job in jobs), quiet)
+    try:
+        results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish, slots=slots, prefetch=prefetch,
+                                    progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
+    part = {"scenes": entries + results, "processes": [stats_entry(stats, i, slots, prefetch)]}
+    if n == 1:
+        return _write_summary(root, part["scenes"], part["processes"])
+    atomic_write_json(hosts.partial_path(root, i), part)
+    hosts.barrier("xsvggt-reconstruct-many-partials")  # every partial summary is written
+    merged = [hosts.read_partial(root, k) for k in range(n)]
+    entries, processes = [e for p in merged for e in p["scenes"]], [s for p in merged for s in p["processes"]]
+    summary = _write_summary(root, entries, processes) if i == 0 else _summary(entries, processes)
+    hosts.barrier("xsvggt-reconstruct-many-summary")  # every process has read them
+    if i == 0:
+        hosts.remove_partials(root, n)
+    return summary
+
+
+def _summary(entries: list[dict], processes: list[dict]) -> dict:
+    total = sum(p["total_seconds"] for p in processes)
+    return {"producer": PRODUCER, "scenes": sorted(entries, key=lambda e: e["scene"]),
+            "failed": sum(e["status"] == "failed" for e in entries), "processes": processes,
+            "device_idle_fraction": sum(p["frame_wait_seconds"] for p in processes) / total if total else 0.0}
+
+
+def _write_summary(root: Path, entries: list[dict], processes: list[dict]) -> dict:
+    summary = _summary(entries, processes)
+    atomic_write_json(root / SUMMARY, summary)
+    return summary
