@@ -342,6 +342,7 @@ def _reconstruct_many(args) -> Path:
     from .pipeline import CacheMemoryError
 
     args.offline, args.resume, args.save_state, args.keep_state = None, None, None, False
+    args.devices, args.attention = None, "auto"
     _validate(args)
     try:
         initialize(args.coordinator, args.num_processes, args.process_id, auto=args.auto_cluster)
