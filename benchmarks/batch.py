@@ -54,7 +54,7 @@ def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int
 
     from .stream import CONFIGS, cache_setting, random_params
 
-    cfg = CONFIGS[config]()
+    cfg = CONFIGS[config]
     cc = cache_setting(setting, budget, 4)
     params = random_params(cfg)
     fresh = init_cache(cfg, cc, 1, hw, max_frames=steps + 1)

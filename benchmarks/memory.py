@@ -46,9 +46,6 @@ DEVICE_GB = (16, 80)
 
 
 def config(name: str) -> ModelConfig:
-    if name == "medium":
-        from .stream import medium_config
-        return medium_config()
     return ModelConfig.preset(name)
 
 

@@ -49,7 +49,7 @@ import numpy as np
 from xsvggt_jax import attention, quant
 from xsvggt_jax import step as step_mod
 from xsvggt_jax.cache import CacheConfig, StreamCache, cache_report, init_cache
-from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig, TrackHeadConfig
+from xsvggt_jax.config import PRESETS, ModelConfig
 from xsvggt_jax.io.fsutil import atomic_write, atomic_write_text
 from xsvggt_jax.model import init_params
 from xsvggt_jax.pipeline import filled_bytes
@@ -64,21 +64,7 @@ EARLY_WINDOW = (5, 15)
 LATE_FRAMES = 10
 
 
-def medium_config() -> ModelConfig:
-    """Between tiny and published: 384 dims, 8 + 8 blocks, head dim 64 (so KCVT quantizes it, as the
-    published global blocks), a 6-block DINOv2 embedder and slim heads."""
-    return ModelConfig(
-        embed_dim=384, depth=8, num_heads=6,
-        dino=DinoConfig(embed_dim=384, depth=6, num_heads=6),
-        camera=CameraHeadConfig(trunk_depth=2, num_heads=8),
-        dpt=DPTConfig(features=64, out_channels=(48, 96, 192, 384), intermediate_layer_idx=(1, 3, 5, 7)),
-        track=TrackHeadConfig(features=64, hidden_size=128, depth=2),
-    )
-
-
-CONFIGS: dict[str, Callable[[], ModelConfig]] = {
-    "tiny": ModelConfig.tiny, "medium": medium_config, "published": ModelConfig.published,
-}
+CONFIGS = {name: PRESETS[name] for name in ("tiny", "medium", "published")}  # model presets benchmarked
 DEFAULT_HW = {"tiny": (112, 154), "medium": (392, 518), "published": (392, 518)}
 
 
@@ -370,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("--frames must be >= 1")
     dh, dw = DEFAULT_HW[args.config]
     hw = (args.height or dh, args.width or dw)
-    cfg = CONFIGS[args.config]().replace(dtype=args.dtype, precision=args.precision)
+    cfg = CONFIGS[args.config].replace(dtype=args.dtype, precision=args.precision)
     cfg.tokens_per_frame(*hw)  # validates the frame size
     name = args.name or f"{args.config}_{hw[0]}x{hw[1]}_{args.frames}f"
     dev = jax.devices()[0]

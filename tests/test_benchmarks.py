@@ -86,5 +86,5 @@ def test_unknown_setting_is_rejected():
 def test_upstream_comparison_skips_without_torch(caplog, tmp_path):
     args = stream.build_parser().parse_args(["--upstream-src", str(tmp_path), "--upstream-python",
                                              str(tmp_path / "no-such-python")])
-    assert stream.run_upstream(args, stream.CONFIGS["tiny"](), ["none"], (112, 154), {}) is None
+    assert stream.run_upstream(args, stream.CONFIGS["tiny"], ["none"], (112, 154), {}) is None
     assert "skipping the upstream comparison" in caplog.text
