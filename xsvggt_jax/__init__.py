@@ -29,12 +29,17 @@ _EXPORTS = {
     "params_from_checkpoint": "weights",
     "read_state_dict": "io.checkpoint_reader", "CheckpointError": "io.checkpoint_reader",
     "convert_state_dict": "convert", "ConversionError": "convert",
+    "load_dataset": "data", "DATASETS": "data", "evaluate": "eval.runner", "write_report": "eval.report",
 }
+# public submodules (the README imports them by name): pruning policies, pools of streams, meshes
+_SUBMODULES = ("prune", "batch", "parallel")
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
@@ -43,4 +48,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

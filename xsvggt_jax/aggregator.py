@@ -27,7 +27,8 @@ RESNET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 class PositionalBlock(Block):
     """`Block` taking (x, rope, bias, cache) positionally, so that `nn.remat` can mark the `rope`
-    callable static (argnum 2); same parameters as Block."""
+    callable and the `bias` (a mask / `AttentionSpec` object, not an array) static (argnums 2, 3;
+    0 is the module); same parameters as Block."""
 
     def __call__(self, x: Array, rope=None, bias=None, cache=None):
         return super().__call__(x, rope=rope, bias=bias, cache=cache)
@@ -43,7 +44,7 @@ class Aggregator(nn.Module):
         cfg = self.cfg
         c = cfg.embed_dim
         self.patch_embed = Dinov2(cfg)
-        block_cls = nn.remat(PositionalBlock, static_argnums=(2,)) if self.remat else PositionalBlock
+        block_cls = nn.remat(PositionalBlock, static_argnums=(2, 3)) if self.remat else PositionalBlock
         block = lambda name: block_cls(cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm, dtype=cfg.jnp_dtype,
                                    precision=cfg.jax_precision, name=name)
         self.frame_blocks = [block(f"frame_blocks_{i}") for i in range(cfg.depth)]
@@ -80,7 +81,7 @@ class Aggregator(nn.Module):
 
         outputs, new_caches = [], []
         for i in range(cfg.depth):
-            t, _ = self.frame_blocks[i](tokens.reshape(b * s, p, -1), rope_frame)
+            t, _ = self.frame_blocks[i](tokens.reshape(b * s, p, -1), rope_frame, None, None)
             frame_out = t.reshape(b, s, p, -1)
             t, c = self.global_blocks[i](frame_out.reshape(b, s * p, -1), rope_global, global_bias,
                                          None if caches is None else caches[i])
