@@ -32,6 +32,7 @@ from ..config import ModelConfig
 from ..eval.depth import DELTA_KEYS, evaluate_depth
 from ..eval.geometry import EvalInputError
 from ..eval.pose import extrinsics_to_c2w, trajectory_metrics
+from ..io.fsutil import atomic_write, atomic_write_text
 from ..io.params import save_params
 from ..pose import pose_encoding_to_extri_intri
 from .config import LossConfig
@@ -114,12 +115,6 @@ def check_out_dir(out: Path, run: RunConfig) -> bool:
     return False
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _read_jsonl(path: Path, upto_step: int) -> list[dict]:
     """Entries of a JSONL log with step <= upto_step (later ones belong to an interrupted run)."""
     if not path.exists():
@@ -143,10 +138,8 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (total can be negative: -alpha log conf)")
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def evaluate(predict: Callable, params: dict, clips: list) -> dict[str, float]:
@@ -195,7 +188,7 @@ def train(run: RunConfig, out: str | os.PathLike, params: Optional[dict] = None,
     resuming = check_out_dir(out, run)
     out.mkdir(parents=True, exist_ok=True)
     if not resuming:
-        _write_atomic(out / "run.json", json.dumps(run.to_json(), indent=1))
+        atomic_write_text(out / "run.json", json.dumps(run.to_json(), indent=1))
     cfg, ocfg = run.model, run.optim
     if params is None:
         raise RunError("initial parameters are required")
@@ -217,8 +210,8 @@ def train(run: RunConfig, out: str | os.PathLike, params: Optional[dict] = None,
     start = int(state.step)
     rows = _read_jsonl(out / "metrics.jsonl", start)
     evals = _read_jsonl(out / "eval.jsonl", start)
-    _write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomic(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
     progress = Progress(ocfg.steps, quiet)
     last_eval = evals[-1] if evals else None
     t_first, done_here = None, 0   # steps/s counts from the end of the first (compiling) step
