@@ -14,6 +14,7 @@ from ..data import DATASETS
 from ..data.base import DataError
 from ..io.params import ParamsError, load_params
 from ..model import init_params
+from .config import DENSE_ALIGNMENTS, LossConfig, LossConfigError
 from .data import DataSource
 from .loop import RunConfig, RunError, check_out_dir, train
 from .state import UPSTREAM_FROZEN, OptimConfig, TrainConfigError
@@ -65,8 +66,10 @@ def run_train_command(args, usage_error: type[Exception]) -> Path:
             cfg = dataclasses.replace(cfg, dtype=args.dtype)
         h, w = parse_size(args.size)
         check_frame_size(cfg, h, w)
-        if args.steps < 1 or args.batch < 1 or args.frames < 1 or args.eval_every < 0 or args.save_every < 0:
-            raise ValueError("--steps, --batch and --frames must be >= 1; --eval-every, --save-every >= 0")
+        if (args.steps < 1 or args.batch < 1 or args.frames < 1 or args.eval_every < 0 or args.save_every < 0
+                or args.eval_scenes < 0):
+            raise ValueError("--steps, --batch and --frames must be >= 1; --eval-every, --save-every, "
+                             "--eval-scenes >= 0")
         if args.data == "procedural":
             source = DataSource(batch=args.batch, frames=args.frames, height=h, width=w, seed=args.seed)
         else:
@@ -88,16 +91,18 @@ def run_train_command(args, usage_error: type[Exception]) -> Path:
             teacher_params, teacher_cfg = load_params(args.teacher)
             if teacher_cfg.to_dict() != dataclasses.replace(cfg, dtype=teacher_cfg.dtype).to_dict():
                 raise ValueError("the teacher's model configuration differs from the student's")
-        run = RunConfig(model=cfg, data=source, optim=optim, student=student, student_cache=cache_cfg,
+        align = args.align or ("none" if args.init == "random" else "scale&shift")
+        run = RunConfig(model=cfg, data=source, optim=optim, loss=LossConfig(dense_alignment=align),
+                        student=student, student_cache=cache_cfg,
                         teacher_mode=args.teacher_mode if args.teacher else None, remat=args.remat,
                         init=str(args.init), teacher=args.teacher, eval_every=args.eval_every,
-                        save_every=args.save_every, seed=args.seed)
+                        save_every=args.save_every, eval_scenes=args.eval_scenes, seed=args.seed)
         out = Path(args.out)
         check_out_dir(out, run)
         if params is None:
             params = init_params(cfg, jax.random.key(args.seed))
         result = train(run, out, params, teacher_params, quiet=args.quiet)
-    except (ValueError, ParamsError, DataError, RunError, TrainConfigError) as e:
+    except (ValueError, ParamsError, DataError, RunError, TrainConfigError, LossConfigError) as e:
         raise usage_error(str(e)) from e
     return Path(result["params"])
 
@@ -122,9 +127,13 @@ def add_parser(sub) -> None:
                                            "(e.g. prune=xstream,budget=64,quant=kcvt); implies --student stream")
     t.add_argument("--freeze", choices=("upstream", "none"),
                    help="frozen parameters (default: upstream's with --init PARAMS, none with random init)")
+    t.add_argument("--align", choices=DENSE_ALIGNMENTS,
+                   help="dense-map alignment in the loss (default: none with random init, upstream's "
+                        "scale&shift with --init PARAMS; see train.config.DENSE_ALIGNMENTS)")
     t.add_argument("--remat", action="store_true", help="rematerialise transformer blocks (less memory)")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (params stay float32)")
     t.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out scenes every K steps")
+    t.add_argument("--eval-scenes", type=int, default=2, help="held-out procedural scenes per evaluation")
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,6 +12,15 @@ from __future__ import annotations
 import dataclasses
 
 
+#: How a dense prediction is aligned to its target before the L1 (after `normalize_maps`):
+#: "scale&shift": closed-form per-frame least-squares scale and shift (upstream DistillLoss, made for
+#:     distilling a pretrained student; the fitted scale may be negative, so a model trained from
+#:     scratch with it can learn depth that is anti-correlated with the truth and still score well);
+#: "none": the (normalised) prediction is compared as is: depth must be right up to the scale
+#:     `normalize_maps` removes (VGGT's training), the choice for training from random weights.
+DENSE_ALIGNMENTS: tuple[str, ...] = ("scale&shift", "none")
+
+
 class LossConfigError(ValueError):
     """A loss configuration value is out of range."""
 
@@ -29,6 +38,7 @@ class LossConfig:
     normalize_maps: divide prediction and target by their mean valid norm before alignment
         (upstream's training-mode `normalize_pointcloud`); the loss is then in units of the target's
         mean distance, i.e. invariant to the scene's scale.
+    dense_alignment: one of DENSE_ALIGNMENTS (default: upstream's "scale&shift").
     track_weight_stop_gradient: upstream weights the track terms by the predicted track confidence
         and lets the gradient flow into it (False, the default), so the student can lower the track
         loss by lowering its confidence; True keeps the weighting but blocks that path.
@@ -45,6 +55,7 @@ class LossConfig:
     point_alpha: float = 0.1
     normal_scales: int = 3
     normalize_maps: bool = True
+    dense_alignment: str = "scale&shift"
     track_weight_stop_gradient: bool = False
 
     def __post_init__(self):
@@ -59,5 +70,8 @@ class LossConfig:
                                   f"{self.camera_component_weights}")
         if not 0 < self.camera_iteration_gamma <= 1:
             raise LossConfigError(f"camera_iteration_gamma must be in (0, 1], got {self.camera_iteration_gamma}")
+        if self.dense_alignment not in DENSE_ALIGNMENTS:
+            raise LossConfigError(f"dense_alignment must be one of {', '.join(DENSE_ALIGNMENTS)}, "
+                                  f"got {self.dense_alignment!r}")
         if self.normal_scales < 1:
             raise LossConfigError(f"normal_scales must be >= 1, got {self.normal_scales}")

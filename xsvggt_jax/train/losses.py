@@ -196,7 +196,7 @@ def _frames_mask(valid: Optional[Array], shape: tuple) -> Array:
 
 
 def _dense_loss(pred: Array, target: Array, conf: Array, valid: Optional[Array], *, channels: int,
-                alpha: float, normalize: bool,
+                alpha: float, normalize: bool, alignment: str,
                 gradient_fn: Callable[[Array, Array, Array], Array]) -> dict[str, Array]:
     """Shared depth / point recipe. pred, target [B,S,H,W,C]; conf [B,S,H,W].
     Returns the frame means of {"conf_l1", "grad", "reg"}."""
@@ -210,8 +210,13 @@ def _dense_loss(pred: Array, target: Array, conf: Array, valid: Optional[Array],
     if normalize:
         pred, _ = normalize_by_mean_norm(pred, mask)
         target, _ = normalize_by_mean_norm(target, mask)
-    scale, shift = align_scale_shift(pred, target, mask)
-    aligned = pred * scale[:, None, None, None] + shift[:, None, None, :]
+    if alignment == "scale&shift":
+        scale, shift = align_scale_shift(pred, target, mask)
+        aligned = pred * scale[:, None, None, None] + shift[:, None, None, :]
+    elif alignment == "none":
+        aligned = pred
+    else:
+        raise LossInputError(f"unknown dense alignment {alignment!r}")
     conf = jnp.maximum(conf.reshape(b * s, h, w), CONF_MIN)
     conf_l1 = masked_mean(conf[..., None] * jnp.abs(aligned - target), mask[..., None], axis=(1, 2, 3))
     reg = -alpha * masked_mean(jnp.log(conf), mask, axis=(1, 2))
@@ -225,8 +230,10 @@ def _sum_named(prefix: str, parts: dict[str, Array]) -> tuple[Array, dict[str, A
 
 
 def depth_loss(pred_depth: Array, target_depth: Array, conf: Array, valid: Optional[Array] = None, *,
-               alpha: float = 0.1, normalize: bool = True) -> tuple[Array, dict[str, Array]]:
-    """Depth term: per-frame scale-and-shift alignment of the prediction to the target, then
+               alpha: float = 0.1, normalize: bool = True,
+               alignment: str = "scale&shift") -> tuple[Array, dict[str, Array]]:
+    """Depth term: per-frame scale-and-shift alignment (`alignment`="none": no alignment) of the
+    prediction to the target, then
     conf * |aligned - target| + image-gradient L1 - alpha * log(conf).
 
     pred_depth, target_depth: [B,S,H,W,1]; conf: predicted depth confidence [B,S,H,W] (clamped at
@@ -234,14 +241,15 @@ def depth_loss(pred_depth: Array, target_depth: Array, conf: Array, valid: Optio
     first (upstream's training mode). Returns (loss, {"depth_conf_l1", "depth_grad", "depth_reg"}).
     """
     parts = _dense_loss(pred_depth, target_depth, conf, valid, channels=1, alpha=alpha,
-                        normalize=normalize, gradient_fn=image_gradient_loss)
+                        normalize=normalize, alignment=alignment, gradient_fn=image_gradient_loss)
     return _sum_named("depth", parts)
 
 
 def point_loss(pred_points: Array, target_points: Array, conf: Array, valid: Optional[Array] = None, *,
                alpha: float = 0.1, normal_scales: int = 3,
-               normalize: bool = True) -> tuple[Array, dict[str, Array]]:
-    """Point-map term: per-frame alignment (one scale, per-axis shift) of the prediction to the
+               normalize: bool = True, alignment: str = "scale&shift") -> tuple[Array, dict[str, Array]]:
+    """Point-map term: per-frame alignment (one scale, per-axis shift; `alignment`="none": none)
+    of the prediction to the
     target, then conf * |aligned - target| (mean over the 3 axes) + multi-scale normal loss
     - alpha * log(conf).
 
@@ -252,7 +260,7 @@ def point_loss(pred_points: Array, target_points: Array, conf: Array, valid: Opt
         return multiscale_normal_loss(p, t, m, normal_scales)
 
     parts = _dense_loss(pred_points, target_points, conf, valid, channels=3, alpha=alpha,
-                        normalize=normalize, gradient_fn=gradient_fn)
+                        normalize=normalize, alignment=alignment, gradient_fn=gradient_fn)
     return _sum_named("point", parts)
 
 
@@ -322,12 +330,14 @@ def multitask_loss(preds: Mapping[str, PoseInput], targets: Mapping[str, Array],
         terms["camera"], comps = (cfg.camera_weight, loss), {**comps, **parts}
     if _has(preds, ["depth", "depth_conf"]) and _has(targets, ["depth"]):
         loss, parts = depth_loss(preds["depth"], targets["depth"], preds["depth_conf"], valid,
-                                 alpha=cfg.depth_alpha, normalize=cfg.normalize_maps)
+                                 alpha=cfg.depth_alpha, normalize=cfg.normalize_maps,
+                                 alignment=cfg.dense_alignment)
         terms["depth"], comps = (cfg.depth_weight, loss), {**comps, **parts}
     if _has(preds, ["pts3d_in_other_view", "conf"]) and _has(targets, ["pts3d_in_other_view"]):
         loss, parts = point_loss(preds["pts3d_in_other_view"], targets["pts3d_in_other_view"],
                                  preds["conf"], valid, alpha=cfg.point_alpha,
-                                 normal_scales=cfg.normal_scales, normalize=cfg.normalize_maps)
+                                 normal_scales=cfg.normal_scales, normalize=cfg.normalize_maps,
+                                 alignment=cfg.dense_alignment)
         terms["point"], comps = (cfg.point_weight, loss), {**comps, **parts}
     if _has(preds, ["track", "vis", "track_conf"]) and _has(targets, ["track", "vis"]):
         loss, parts = track_loss(preds["track"], targets["track"], preds["vis"], targets["vis"],
