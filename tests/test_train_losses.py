@@ -14,12 +14,12 @@ from xsvggt_jax.train import LossConfig, LossConfigError, LossInputError, losses
 # jitted once per shape: far cheaper on a loaded CPU than op-by-op eager dispatch
 align_scale_shift = jax.jit(losses.align_scale_shift)
 camera_loss = jax.jit(losses.camera_loss, static_argnames=("delta", "component_weights", "iteration_gamma"))
-depth_loss = jax.jit(losses.depth_loss, static_argnames=("alpha", "normalize"))
+depth_loss = jax.jit(losses.depth_loss, static_argnames=("alpha", "normalize", "alignment"))
 huber = jax.jit(losses.huber, static_argnames="delta")
 multitask_loss = jax.jit(losses.multitask_loss, static_argnames="cfg")
 multiscale_normal_loss = jax.jit(losses.multiscale_normal_loss, static_argnames="scales")
 normal_loss = jax.jit(losses.normal_loss)
-point_loss = jax.jit(losses.point_loss, static_argnames=("alpha", "normal_scales", "normalize"))
+point_loss = jax.jit(losses.point_loss, static_argnames=("alpha", "normal_scales", "normalize", "alignment"))
 point_map_normals = jax.jit(losses.point_map_normals)
 track_loss = jax.jit(losses.track_loss, static_argnames="stop_gradient_weight")
 
@@ -144,6 +144,27 @@ def test_point_alignment_invariance_scale_and_translation():
     rotated = jnp.stack([target[..., 1], target[..., 0], target[..., 2]], -1)  # not a similarity
     off, _ = point_loss(rotated, target, ones)
     assert float(off) > 1e-2
+
+
+def test_alignment_none_keeps_scale_invariance_but_rejects_inverted_depth():
+    target = _preds(jax.random.PRNGKey(2))["depth"]
+    ones = jnp.ones((B, S, H, W))
+    scaled, _ = depth_loss(3.7 * target, target, ones, alignment="none")   # normalize_maps removes scale
+    assert abs(float(scaled)) < 1e-5
+    shifted, _ = depth_loss(target + 0.4, target, ones, alignment="none")  # ... but not a shift
+    assert float(shifted) > 1e-3
+    # depth decreasing where the truth increases: scale&shift fits it with a negative scale and
+    # hides the inversion; "none" does not (the trap of training from random weights)
+    inverted = 10.0 - target
+    affine, _ = depth_loss(inverted, target, ones)
+    plain, _ = depth_loss(inverted, target, ones, alignment="none")
+    assert abs(float(affine)) < 1e-5 and float(plain) > 0.05
+    pts = _surface(jax.random.PRNGKey(3))
+    same, _ = point_loss(0.37 * pts, pts, ones, alignment="none")
+    moved, _ = point_loss(pts + jnp.array([0.5, 0.0, 0.0]), pts, ones, alignment="none")
+    assert abs(float(same)) < 1e-5 and float(moved) > 1e-3
+    with pytest.raises(LossConfigError, match="dense_alignment"):
+        LossConfig(dense_alignment="scale")
 
 
 def test_align_scale_shift_recovers_affine_map_on_valid_pixels():
