@@ -119,6 +119,18 @@ def disk_error_message(e: OSError) -> str | None:
     return f"cannot write{where}: {DISK_ERRNOS[e.errno]}"
 
 
+def chained_disk_error_message(e: BaseException) -> str | None:
+    """`disk_error_message` of the first OSError in e's chain (e, its __cause__ / __context__, ...):
+    libraries such as orbax re-raise a full disk from their writer threads wrapped in their own types."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and (msg := disk_error_message(e)):
+            return msg
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def preallocate(path: Path) -> None:
     """Reserve the blocks of an (e.g. freshly created, sparse) file now: a full disk then raises
     OSError(ENOSPC) here instead of killing the process with SIGBUS when a memory map is written."""

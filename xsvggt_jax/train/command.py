@@ -12,6 +12,7 @@ from ..cache import CacheConfig
 from ..config import ModelConfig, check_frame_size
 from ..data import DATASETS
 from ..data.base import DataError
+from ..io.fsutil import chained_disk_error_message
 from ..io.params import ParamsError, load_params
 from ..model import init_params
 from .config import DENSE_ALIGNMENTS, LossConfig, LossConfigError
@@ -104,6 +105,12 @@ def run_train_command(args, usage_error: type[Exception]) -> Path:
         result = train(run, out, params, teacher_params, quiet=args.quiet)
     except (ValueError, ParamsError, DataError, RunError, TrainConfigError, LossConfigError) as e:
         raise usage_error(str(e)) from e
+    except Exception as e:  # a full disk inside orbax's checkpointing arrives wrapped
+        msg = chained_disk_error_message(e)
+        if msg is None:
+            raise
+        raise usage_error(f"{msg}; free space and re-run with the same --out to resume from the last "
+                          "checkpoint") from e
     return Path(result["params"])
 
 

@@ -1,0 +1,40 @@
+"""`xsvggt train` failure paths that need no compile: a full disk inside orbax is one error line."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from conftest import run_error
+import xsvggt_jax.train.loop as loop
+
+
+class _FullDisk:
+    """Orbax's CheckpointManager failing the way it does on a full disk: its own error type,
+    with the OSError as the cause."""
+
+    def __init__(self, directory, *a, **k):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        except OSError as e:
+            raise RuntimeError("checkpoint manager: failed to create directory") from e
+
+
+def test_full_disk_in_checkpointing_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(loop, "Checkpoints", _FullDisk)
+    msg = run_error(["train", "--config", "micro", "--size", "28x42", "--steps", "1", "--eval-scenes", "0",
+                     "--out", str(tmp_path / "run"), "--quiet"], capsys)
+    assert "no space left on device" in msg and "--out to resume" in msg and "\n" not in msg.strip()
+
+
+def test_other_errors_still_raise(monkeypatch, tmp_path):
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("a bug, not the disk")
+
+    monkeypatch.setattr(loop, "Checkpoints", Broken)
+    from xsvggt_jax.cli import main
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", "--config", "micro", "--size", "28x42", "--steps", "1", "--eval-scenes", "0",
+              "--out", str(tmp_path / "run"), "--quiet"])
