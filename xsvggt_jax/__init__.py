@@ -31,8 +31,9 @@ _EXPORTS = {
     "convert_state_dict": "convert", "ConversionError": "convert",
     "load_dataset": "data", "DATASETS": "data", "evaluate": "eval.runner", "write_report": "eval.report",
 }
-# public submodules (the README imports them by name): pruning policies, pools of streams, meshes
-_SUBMODULES = ("prune", "batch", "parallel")
+# public submodules (the README imports them by name): pruning policies, pools of streams, meshes,
+# shipped weights
+_SUBMODULES = ("prune", "batch", "parallel", "pretrained")
 
 __all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
 

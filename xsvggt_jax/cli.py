@@ -385,16 +385,15 @@ def _reconstruct_many(args) -> Path:
 
 # --------------------------------------------------------------------------------------------- demo
 def _demo(args) -> Path:
-    """A procedural scene streamed with compression on; a random tiny model unless --checkpoint."""
-    import jax
-
-    from .config import ModelConfig
+    """A procedural scene streamed with compression on, through the shipped demo model (a small model
+    trained here on procedural scenes, `xsvggt_jax.pretrained`) unless --checkpoint is given."""
     from .data.procedural import make_demo_scene
     from .io.frames import FrameSource
     from .io.fsutil import owned_tempdir
+    from . import pretrained
 
     args.offline, args.params, args.devices, args.attention = None, None, None, "auto"
-    hw = (392, 518) if args.checkpoint else (112, 154)  # the published model's frame size, or the tiny's
+    hw = (392, 518) if args.checkpoint else tuple(pretrained.card("demo")["frame_size"])
     scene = make_demo_scene(frames=args.frames, height=hw[0], width=hw[1])
 
     class SceneSource(FrameSource):
@@ -408,17 +407,16 @@ def _demo(args) -> Path:
     if args.checkpoint:
         return _reconstruct(args, source=source, extra_files=ground_truth)
     from .io.params import save_params
-    from .model import init_params
 
     _validate(args)
-    cfg = ModelConfig.tiny()
-    note = ("demo: no --checkpoint, so a small RANDOMLY INITIALISED model is used; its predictions are "
-            "meaningless (this run proves install, speed, memory and outputs)")
+    note = ("demo: the shipped `demo` model (tiny, trained in this repository on procedural scenes only; "
+            "model card: xsvggt_jax/pretrained/demo.md)")
     out = Path(args.out).absolute()
     params_dir = owned_tempdir(out.parent, f".{out.name}.tmp-demo-params-", "demo params")
     try:
         args.params = str(params_dir / "params")
-        save_params(init_params(cfg, jax.random.PRNGKey(0)), args.params, cfg)
+        params, cfg = pretrained.load("demo")
+        save_params(params, args.params, cfg)
         out = _reconstruct(args, source=source, note=note, extra_files=ground_truth)
     finally:
         shutil.rmtree(params_dir, ignore_errors=True)
@@ -459,7 +457,7 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_stat
         src.add_argument("--params", help="params directory written by `xsvggt convert`")
         src.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (converted on the fly)")
     else:
-        w.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (default: random tiny model)")
+        w.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (default: the shipped demo model)")
     w.add_argument("--spec", help="spec.json of a non-published configuration (with --checkpoint)")
     w.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/xsvggt-jax)")
     w.add_argument("--dtype", choices=tuple(DTYPES),

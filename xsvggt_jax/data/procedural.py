@@ -46,7 +46,7 @@ class SceneConfig:
 
 
 PRESETS: dict[str, SceneConfig] = {
-    "demo": SceneConfig(frames=24, height=112, width=154),  # xsvggt demo (renders 392x518 with --checkpoint)
+    "demo": SceneConfig(frames=24, height=112, width=154),  # xsvggt demo's scene (rendered at the shipped model's size)
     "tiny": SceneConfig(frames=4, height=28, width=42, num_boxes=1, num_spheres=1),
     "eval-small": SceneConfig(frames=16, height=196, width=266),
 }

@@ -1,0 +1,52 @@
+"""The shipped demo model: it loads, its card's held-out metrics reproduce, and it beats the baselines."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import jax
+import numpy as np
+import pytest
+
+from xsvggt_jax import pretrained
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.pretrained.build import heldout_metrics, model_card_markdown
+
+
+@pytest.fixture(scope="module")
+def demo():
+    params, cfg = pretrained.load("demo")
+    return params, cfg, pretrained.card("demo")
+
+
+def test_shipped_file_is_small_float16_and_matches_its_config(demo):
+    params, cfg, card = demo
+    files = resources.files("xsvggt_jax.pretrained")
+    size = len(files.joinpath("demo.safetensors").read_bytes())
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert card["storage_dtype"] == "float16" and size < 2 * n + 64 * 1024  # 2 bytes a parameter + header
+    assert cfg == ModelConfig.from_dict(card["config"])
+    assert all(x.dtype == np.float32 and np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    assert files.joinpath("demo.md").read_text() == model_card_markdown(card)
+
+
+def test_heldout_metrics_reproduce_the_card_within_1e_4(demo):
+    params, cfg, card = demo
+    h = card["heldout"]
+    got = heldout_metrics(params, cfg, tuple(card["frame_size"]), h["frames"], h["scenes"])["model"]
+    want = h["metrics"]["model"]
+    for key in ("abs_rel", "delta_1.25", "ate"):
+        assert abs(got[key] - want[key]) <= 1e-4, (key, got[key], want[key])
+
+
+def test_trained_model_beats_the_baselines_on_held_out_scenes(demo):
+    m = demo[2]["heldout"]["metrics"]
+    assert m["model"]["abs_rel"] <= 0.5 * m["constant_depth"]["abs_rel"]     # the issue's target
+    assert m["model"]["abs_rel"] < m["random_weights"]["abs_rel"]
+    assert m["model"]["ate"] < min(m["random_weights"]["ate"], m["identity_poses"]["ate"])
+
+
+def test_unknown_model_is_a_typed_error():
+    with pytest.raises(pretrained.PretrainedError, match="unknown pretrained model 'nope'"):
+        pretrained.load("nope")
