@@ -24,7 +24,7 @@ from xsvggt_jax.pose import pose_encoding_to_extri_intri
 from xsvggt_jax.train.data import DataSource, batch_at, make_clip_fn
 from xsvggt_jax.train.state import (UPSTREAM_FROZEN, Checkpoints, OptimConfig, init_state, learning_rate,
                                     make_optimizer, param_labels)
-from xsvggt_jax.train.step import make_teacher, make_train_step, place_state, shard_batch
+from xsvggt_jax.train.step import TraceCountError, make_teacher, make_train_step, place_state, shard_batch
 from xsvggt_jax.train.targets import supervised_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,23 @@ def test_overfit_one_batch_finite_and_one_trace(setup, overfit):
     assert fit[-1] < 0.1 * fit[0], fit
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert all(h["grad_norm"] > 0 for h in history)
-    # one trace: make_train_step wraps the step in chex.assert_max_traces(n=1), which raises on a second
+    # one trace: make_train_step's step raises TraceCountError on a second (max_traces=1)
+
+
+def test_each_train_step_counts_its_own_traces(setup):
+    """Two train steps made alike in one process (a notebook re-running its cell; a supervised and a
+    distillation step) trace once each; one step traced again (another clip length) raises."""
+    cfg, params, optimizer, labels, _, batch = setup
+    state = place_state(init_state(_copy(params), optimizer))
+    twins = [make_train_step(cfg, optimizer, labels, learning_rate(OPTIM)) for _ in range(2)]
+    for twin in twins:
+        twin.trace(state, shard_batch(batch))          # traces (no lowering, no compile)
+    longer = SceneConfig(frames=3, height=28, width=42)
+    clip = supervised_targets(*[getattr(make_scene(longer, seed=1, num_queries=0), k)
+                                for k in ("images", "depth", "extrinsics", "intrinsics")])
+    three = {k: clip[k][None] for k in batch}
+    with pytest.raises(TraceCountError, match="traced 2 times"):
+        twins[0].trace(state, shard_batch(three))
 
 
 def test_frozen_parameters_unchanged_and_trainable_ones_move(setup, overfit):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional
 
-import chex
 import jax
 import numpy as np
 import jax.numpy as jnp
@@ -42,6 +41,10 @@ DISTILL_KEYS = ("camera_pose", "depth", "pts3d_in_other_view")
 
 class TrainModeError(ValueError):
     """An unknown forward mode, or a stream mode without a cache configuration."""
+
+
+class TraceCountError(RuntimeError):
+    """A train step traced more often than its `max_traces` (each retrace recompiles)."""
 
 
 def check_mode(mode: str, cache_cfg: Optional[CacheConfig]) -> None:
@@ -109,8 +112,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
     "lr" (the rate this step used). mesh: shard the batch over its "data" axis and replicate the
     state (data parallel; B must divide by the axis size); default: `default_mesh()`. Place the
     state with `place_state` and the batch with `shard_batch` (same mesh) before the first call:
-    inputs of another sharding trace again (and trip the trace counter). Raises (chex) when traced more than
-    `max_traces` times.
+    inputs of another sharding trace again (and trip the trace counter). Raises TraceCountError when this
+    step (each `make_train_step` call counts its own traces) is traced more than `max_traces` times.
     """
     check_mode(mode, cache_cfg)
     if mode == "stream" and not cache_cfg.pruned:
@@ -118,8 +121,14 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
                              "cache attends over its filled prefix in a loop of data-dependent length, which "
                              "reverse-mode differentiation does not support")
 
-    @chex.assert_max_traces(n=max_traces)
+    traces = 0
+
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        nonlocal traces
+        traces += 1
+        if traces > max_traces:
+            raise TraceCountError(f"the train step is traced {traces} times (at most {max_traces}): its inputs "
+                                  "changed shape, dtype or sharding (place them with place_state / shard_batch)")
         rng, key = jax.random.split(state.rng)
         targets = {k: v for k, v in batch.items() if k != "images"}
 
