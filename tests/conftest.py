@@ -46,12 +46,29 @@ def run_error(argv, capsys) -> str:
     return err
 
 
+SESSION_COMPILE_CACHE_MIN_SECONDS = 0.3  # cache the model steps, not every tiny helper jit
+
+
 @pytest.fixture(scope="session", autouse=True)
 def user_cache_home(tmp_path_factory):
-    """The CLI's per-user caches (converted checkpoints, JAX compilation cache) go to a test folder."""
+    """The CLI's per-user caches (converted checkpoints, JAX compilation cache) go to a test folder.
+
+    The session also shares one JAX persistent compilation cache, in a folder created for this session
+    (never a user's): tests and the subprocesses they start (through the environment) that compile the
+    same program (same model, cache config, shapes and devices) compile it once. Set here only: the
+    library and the CLI keep their own defaults."""
+    compile_dir = str(tmp_path_factory.mktemp("jax-compile"))
+    old = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir",
+                                                        "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", compile_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", SESSION_COMPILE_CACHE_MIN_SECONDS)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        mp.setenv("JAX_COMPILATION_CACHE_DIR", compile_dir)
+        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(SESSION_COMPILE_CACHE_MIN_SECONDS))
         yield
+    for name, value in old.items():
+        jax.config.update(name, value)
 
 
 def micro_cfg():

@@ -7,7 +7,6 @@ trace, resume and distillation tests (a compile costs minutes on a loaded 2-core
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,7 +162,7 @@ def test_distillation_from_itself_is_zero_except_log_conf(setup):
     assert m["depth_reg"] < -1e-3 and m["point_reg"] < -1e-3   # -alpha log(conf), conf > 1
 
 
-# ------------------------------------------------------------------------------------ slow: subprocesses
+# ------------------------------------------------------------------ slow: two-device subprocess, CLI
 
 DP_SCRIPT = """
 import os, sys, json
@@ -204,15 +203,17 @@ def test_data_parallel_two_devices_matches_one():
 
 
 @pytest.mark.slow
-def test_cli_train_end_to_end_and_resume(tmp_path):
+def test_cli_train_end_to_end_and_resume(tmp_path, capsys):
+    """`xsvggt train` run in-process: the run and its files are under test here, not the process."""
+    from conftest import run_error
+    from xsvggt_jax.cli import main
     out = tmp_path / "run"
-    def argv(steps: int) -> list[str]:
-        return [sys.executable, "-m", "xsvggt_jax.cli", "train", "--config", "micro", "--size", "28x42",
-                "--frames", "2", "--steps", str(steps), "--eval-every", "2", "--out", str(out), "--quiet"]
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(argv(3), capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    def argv(steps: int) -> list[str]:
+        return ["train", "--config", "micro", "--size", "28x42", "--frames", "2", "--steps", str(steps),
+                "--eval-every", "2", "--out", str(out), "--quiet"]
+
+    assert main(argv(3)) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all("loss" in r for r in rows)
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
@@ -222,8 +223,8 @@ def test_cli_train_end_to_end_and_resume(tmp_path):
     params, cfg = load_params(out / "params")
     assert cfg == ModelConfig.preset("micro")
     # same --out, more steps: a different run -> one error line, nothing changed
-    res = subprocess.run(argv(5), capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert res.returncode == 2 and res.stderr.startswith("xsvggt: error: ") and "optim.steps" in res.stderr
+    capsys.readouterr()
+    assert "optim.steps" in run_error(argv(5), capsys)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
