@@ -92,6 +92,8 @@ METRICS = ("abs_rel", "delta_1.25", "ate", "acc", "comp", "abs_rel_ref", "delta_
            "comp_ref")
 #: Metrics where higher is better (all others: lower).
 HIGHER_IS_BETTER = ("delta_1.25", "delta_1.25_ref")
+#: Relative difference below which two metric values count as equal (float noise, not quality).
+TIE_RTOL = 1e-6
 #: Metrics of the comparison with the default and of the plot panels.
 COMPARED = ("abs_rel", "ate", "acc", "abs_rel_ref", "ate_ref")
 
@@ -257,9 +259,10 @@ def _nan(x: Optional[float]) -> float:
 
 
 def _better(metric: str, a: Optional[float], b: Optional[float]) -> bool:
-    """`a` is strictly better than `b` (False when either is missing)."""
+    """`a` is better than `b` by more than float noise (TIE_RTOL relative); False when either is missing."""
     a, b = _nan(a), _nan(b)
-    return a > b if metric in HIGHER_IS_BETTER else a < b
+    gain = a - b if metric in HIGHER_IS_BETTER else b - a
+    return gain > TIE_RTOL * abs(b)
 
 
 def compare_to_default(records: dict[str, dict], metrics: Sequence[str] = COMPARED) -> list[dict]:
@@ -440,12 +443,12 @@ def study(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: S
     from xsvggt_jax.io.params import load_params
     from xsvggt_jax.runtime import configure_compile_cache
 
-    configure_compile_cache(not args.no_compile_cache)
     try:
         params, cfg = load_params(args.params)
         check_frame_size(cfg, *hw)
     except ValueError as e:  # ParamsError, ConfigError / frame size
         parser.error(str(e))
+    configure_compile_cache(not args.no_compile_cache)
     t0 = time.perf_counter()
     sequences = held_out_sequences(args.sequences, args.frames, hw)
     result: dict[str, Any] = {

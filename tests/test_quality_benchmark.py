@@ -92,6 +92,7 @@ def test_compare_to_default():
         "xstream-int4:512": _record(512, 2_000, [0.20, 0.20]),            # the default at 512
         "a": _record(256, 1_000, [0.10, 0.30]),                           # equal bytes, better mean, 1 of 2 sequences
         "b": _record(256, 1_001, [0.01, 0.01]),                           # better but 1 byte over the 256 default
+        "c": _record(64, 500, [0.30 * (1 - 1e-9), 0.20]),                 # equal to the 256 default up to float noise
     }
     rows = quality.compare_to_default(records, metrics=("abs_rel",))
     assert [r["budget"] for r in rows] == [256, 512]
@@ -99,6 +100,9 @@ def test_compare_to_default():
     assert at256["best"] == "a" and at256["beats_default"] and at256["sequences_better"] == 1
     assert at256["default"] == pytest.approx(0.25) and at256["bytes"] == 1_000
     assert at512["best"] == "b" and at512["value"] == pytest.approx(0.01) and at512["sequences_better"] == 2
+    del records["a"]  # at 256 "c" is now the best candidate: a tie with the default, not a win
+    at256 = quality.compare_to_default(records, metrics=("abs_rel",))[0]["metrics"]["abs_rel"]
+    assert at256["best"] == "c" and not at256["beats_default"] and at256["sequences_better"] == 0
 
 
 def test_bad_arguments_exit_before_work(tmp_path, capsys):
