@@ -94,13 +94,14 @@ def report(results: Sequence[dict]) -> str:
     return text
 
 
-def update_readme(readme: Path, text: str) -> None:
+def update_readme(readme: Path, text: str, start: str = START, end: str = END) -> None:
+    """Replace what lies between the `start` and `end` markers of `readme` with `text`."""
     old = readme.read_text()
-    if START not in old or END not in old:
-        raise SystemExit(f"{readme} lacks the {START} / {END} markers")
-    head, rest = old.split(START, 1)
-    _, tail = rest.split(END, 1)
-    atomic_write_text(readme, f"{head}{START}\n{text}\n{END}{tail}")
+    if start not in old or end not in old:
+        raise SystemExit(f"{readme} lacks the {start} / {end} markers")
+    head, rest = old.split(start, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(readme, f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main(argv: Sequence[str] | None = None) -> str:
