@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import platform
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from xsvggt_jax.io.fsutil import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +104,14 @@ def table(result: dict) -> str:
 
 def write_readme(text: str) -> None:
     """Put `text` between the many-scene markers of benchmarks/README.md."""
-    from .stream import write_atomic
+    from .summarize import update_readme
 
-    readme = HERE / "README.md"
-    old = readme.read_text()
-    pre, rest = old.split(START, 1)
-    write_atomic(readme, lambda f: f.write(pre + START + "\n" + text + "\n" + END + rest.split(END, 1)[1]))
+    update_readme(HERE / "README.md", text, START, END)
 
 
 def plot(result: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from .stream import write_atomic
 
     fig = Figure(figsize=(8, 3.4))
     FigureCanvasAgg(fig)
@@ -127,7 +123,7 @@ def plot(result: dict, path: Path) -> None:
     b.set(xlabel="device-idle fraction (waiting for frames)", xlim=(0, 1), yticks=[])
     fig.suptitle("reconstruct-many, tiny 56x70 (provisional: shared 2-core CPU)", fontsize=9)
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -166,8 +162,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "backend": jax.default_backend(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "note": "provisional: the CPU was shared with other jobs (see load averages)", "runs": runs}
-    from .stream import write_atomic
-    write_atomic(args.out_dir / f"{args.name}.json", lambda f: json.dump(result, f, indent=1))
+    atomic_write_json(args.out_dir / f"{args.name}.json", result)
     plot(result, args.out_dir / f"{args.name}.png")
     text = table(result)
     print(text)

@@ -88,3 +88,21 @@ def test_upstream_comparison_skips_without_torch(caplog, tmp_path):
                                              str(tmp_path / "no-such-python")])
     assert stream.run_upstream(args, stream.CONFIGS["tiny"], ["none"], (112, 154), {}) is None
     assert "skipping the upstream comparison" in caplog.text
+
+
+def test_many_benchmark_writes_its_plot_and_readme_table(tmp_path, monkeypatch):
+    """The many-scene benchmark's writers, on the committed result (they once imported a helper that
+    no longer existed and failed only after the whole benchmark had run)."""
+    from pathlib import Path
+
+    from benchmarks import many
+
+    result = json.loads((Path(many.__file__).parent / "results" / "many_tiny.json").read_text())
+    many.plot(result, tmp_path / "many.png")
+    assert (tmp_path / "many.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "README.md").write_text(f"intro\n{many.START}\nold\n{many.END}\nafter\n")
+    monkeypatch.setattr(many, "HERE", tmp_path)
+    many.write_readme(many.table(result))
+    text = (tmp_path / "README.md").read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert all(f"| {r['run']} |" in text for r in result["runs"])
