@@ -1,11 +1,12 @@
 """Quality per cache byte: every cache setting's depth, pose and point-cloud quality against its bytes.
 
-    PYTHONPATH=. python -m benchmarks.quality --params /work/runs/ship1/params --update-readme
+    PYTHONPATH=. python -m benchmarks.quality --update-readme      # the shipped demo model
     PYTHONPATH=. python -m benchmarks.quality --from-json benchmarks/results/quality.json --update-readme
 
 Data: held-out procedural sequences (`xsvggt_jax.data.procedural.make_scene`, default 3 x 100 frames
-at 112x154, seeds `HELD_OUT_SEED + k`: disjoint from training's clips, seeds 0.., and from its eval
-scenes, `train.data.EVAL_SEED_BASE + k`). Model: a params directory (`xsvggt train` / `convert`).
+at the model's training size, seeds `HELD_OUT_SEED + k`: disjoint from training's clips, seeds 0.., and from its eval
+scenes, `train.data.EVAL_SEED_BASE + k`). Model: the shipped `demo` model (`xsvggt_jax.pretrained`,
+trained here on procedural clips) or `--params DIR` (`xsvggt train` / `convert`).
 
 Per setting (a cache setting string, see `study_setting`), every sequence goes through the jitted
 streaming step as `xsvggt eval` streams it (`eval.runner.stream_sequence`: batch 1, no query points,
@@ -389,11 +390,12 @@ def plot(result: dict, path: Path) -> None:
 # -------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", type=Path, help="params directory (config.json + params), e.g. from `xsvggt train`")
+    p.add_argument("--params", type=Path, help="params directory (config.json + params), e.g. from `xsvggt train` "
+                                               "(default: the shipped demo model)")
     p.add_argument("--settings", help="comma list of settings (`study_setting`; default: the GRID)")
     p.add_argument("--sequences", type=int, default=3, help="held-out sequences (default 3)")
     p.add_argument("--frames", type=int, default=100, help="frames per sequence (default 100)")
-    p.add_argument("--size", default="112x154", help="frame HxW (default 112x154)")
+    p.add_argument("--size", help="frame HxW (default: the demo model's training size, 84x112)")
     p.add_argument("--keyframe-every", type=int, default=10, help="point-cloud metrics on every k-th frame")
     p.add_argument("--pixel-stride", type=int, default=4, help="... at every s-th row and column")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output JSON (default benchmarks/results/quality.json)")
@@ -413,9 +415,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.from_json is not None:
         result = json.loads(args.from_json.read_text())
     else:
-        if args.params is None:
-            parser.error("--params DIR is required (or --from-json)")
         try:
+            if args.size is None:
+                from xsvggt_jax import pretrained
+                args.size = "x".join(map(str, pretrained.card("demo")["frame_size"]))
             hw = tuple(int(v) for v in args.size.lower().split("x"))
             settings = [study_setting(t) for t in (args.settings.split(",") if args.settings else GRID)]
         except (ValueError, SettingsError) as e:
@@ -443,8 +446,10 @@ def study(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: S
     from xsvggt_jax.io.params import load_params
     from xsvggt_jax.runtime import configure_compile_cache
 
+    from xsvggt_jax import pretrained
+
     try:
-        params, cfg = load_params(args.params)
+        params, cfg = pretrained.load("demo") if args.params is None else load_params(args.params)
         check_frame_size(cfg, *hw)
     except ValueError as e:  # ParamsError, ConfigError / frame size
         parser.error(str(e))
@@ -452,7 +457,7 @@ def study(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: S
     t0 = time.perf_counter()
     sequences = held_out_sequences(args.sequences, args.frames, hw)
     result: dict[str, Any] = {
-        "schema": SCHEMA, "params": str(args.params), "model": cfg.to_dict(), "frame": list(hw),
+        "schema": SCHEMA, "params": "pretrained:demo" if args.params is None else str(args.params), "model": cfg.to_dict(), "frame": list(hw),
         "tokens_per_frame": cfg.tokens_per_frame(*hw), "frames": args.frames, "sequences": list(sequences),
         "seed": HELD_OUT_SEED, "keyframe_every": args.keyframe_every, "pixel_stride": args.pixel_stride,
         "backend": jax.default_backend(), "jax_version": jax.__version__, "cpu_count": os.cpu_count(),

@@ -109,7 +109,8 @@ def test_bad_arguments_exit_before_work(tmp_path, capsys):
     for argv in (["--params", str(tmp_path), "--settings", "xstream-int9:64"],
                  ["--params", str(tmp_path), "--size", "112by154"],
                  ["--params", str(tmp_path / "missing")],
-                 []):
+                 ["--size", "84x113"],                  # the shipped model, a size it cannot take
+                 ["--frames", "0"]):
         with pytest.raises(SystemExit) as e:
             quality.main([*argv, "--json", str(tmp_path / "q.json"), "--no-plot"])
         assert e.value.code == 2, argv
