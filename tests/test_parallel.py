@@ -98,6 +98,19 @@ def test_make_mesh_checks_the_device_count():
         parallel.check_batch(mesh, 0)
 
 
+def test_resolve_slot_compute():
+    mesh = parallel.make_mesh()
+    assert batch.resolve_slot_compute("auto", None, "cpu") == "sequential"
+    assert batch.resolve_slot_compute("auto", mesh, "cpu") == "batched"
+    assert batch.resolve_slot_compute("auto", None, "gpu") == "batched"
+    assert batch.resolve_slot_compute("batched", None, "cpu") == "batched"
+    assert set(batch.SLOT_COMPUTE) == {"batched", "sequential"}
+    with pytest.raises(batch.PoolError):
+        batch.resolve_slot_compute("sequential", mesh)
+    with pytest.raises(batch.PoolError):
+        batch.resolve_slot_compute("vectorised")
+
+
 def test_pad_queries():
     pts, valid = batch.pad_queries([[1.0, 2.0], [3.0, 4.0]], 4)
     np.testing.assert_array_equal(pts, [[1, 2], [3, 4], [1, 2], [1, 2]])

@@ -11,7 +11,13 @@ import pytest
 from xsvggt_jax.batch import pad_queries
 from xsvggt_jax.heads.track import TrackHead, key_mask
 
-TOL = 1e-6
+# Over 3 frames the tracker's two iterations resample correlations at the refined tracks, so the
+# masked attention's rounding (a softmax over 5 keys, 2 of them at exp(-inf) = 0, vs over 3) grows:
+# measured 6.1e-5 on tracks (pixels, ~50: 16 float32 ulps), 6.0e-6 / 3.5e-6 on vis / conf. Unmasked,
+# the padded points move them by more than 1e-3. (Streaming steps see one frame; tests/test_parallel.py
+# checks the pool there to 1e-6.)
+TOL = 1e-5
+TRACK_TOL = 1e-4
 FRAMES, REAL, PADDED = 3, 3, 5
 
 
@@ -37,11 +43,13 @@ def test_padded_points_do_not_change_the_real_ones(head):
     valid = (np.arange(PADDED) < REAL)[None]
     masked = apply(jnp.asarray(pts), jnp.asarray(valid))
     unmasked = apply(jnp.asarray(pts), None)
+    errs, unmasked_errs = {}, {}
     for name, r, m, u in zip(("track", "vis", "conf"), ref, masked, unmasked):
         r, m, u = (np.asarray(x)[:, :, :REAL] for x in (r, m, u))
-        assert np.abs(m - r).max() <= TOL, name
-        if name != "track":  # the unmasked head lets the padded points change vis / conf
-            assert np.abs(u - r).max() > 1e-4, name
+        errs[name], unmasked_errs[name] = float(np.abs(m - r).max()), float(np.abs(u - r).max())
+    assert errs["vis"] <= TOL and errs["conf"] <= TOL, errs
+    assert errs["track"] <= TRACK_TOL, errs
+    assert min(unmasked_errs.values()) > 1e-3, unmasked_errs  # without the mask the padded points matter
     assert np.abs(np.asarray(ref[0])[:, 1:] - queries[None, None, :REAL]).max() > 0.1  # the tracker moved
 
 
