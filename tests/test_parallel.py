@@ -111,6 +111,38 @@ def test_resolve_slot_compute():
         batch.resolve_slot_compute("vectorised")
 
 
+def test_sequential_pool_equals_single_streams(micro):
+    """slot_compute="sequential": each slot of a pool of 2 runs the single-stream step's own program:
+    bit-identical to the scene alone (xstream + int4 cache, slots at different frames); slot 0's scene
+    has 2 query points padded to 4 under the validity mask: its real tracks, vis and track_conf match."""
+    from xsvggt_jax.step import make_step
+
+    from conftest import micro_frames
+    cfg, params = micro
+    cc = CacheConfig("xstream", 16, 4, quant="kcvt", bits=4)
+    frames = micro_frames(4)[:, 0]                                       # [4, 28, 28, 3]
+    points = np.array([[3.0, 4.0], [20.0, 9.0], [12.0, 25.0], [7.0, 7.0]], np.float32)
+    counts = (2, 4)
+    fresh = init_cache(cfg, cc, 1, (28, 28), query_points=jnp.zeros((1, 4, 2)))
+    padded = [batch.pad_queries(points[:n], 4) for n in counts]
+    pool = batch.reset_slots(batch.init_pool(fresh, 2), np.ones(2, bool), fresh,
+                             jnp.asarray(np.stack([p for p, _ in padded])))
+    valid = np.stack([v for _, v in padded])
+    run = batch.make_pool_step(cfg, cc, slot_compute="sequential")
+    single = make_step(cfg, cc)
+    caches = [init_cache(cfg, cc, 1, (28, 28), query_points=jnp.asarray(points[None, :n])) for n in counts]
+    for t in range(3):
+        pool, out = run(params, pool, frames[[t, t + 1]], valid)
+        for b, n in enumerate(counts):
+            caches[b], ref = single(params, caches[b], frames[t + b:t + b + 1])
+            for k, v in ref.items():
+                got, want = np.asarray(out[k][b]), np.asarray(v[0])
+                if k in batch.TRACK_KEYS:
+                    np.testing.assert_allclose(got[:n], want, rtol=0, atol=TOL, err_msg=f"{t} {b} {k}")
+                else:
+                    np.testing.assert_array_equal(got, want, err_msg=f"{t} {b} {k}")
+
+
 def test_pad_queries():
     pts, valid = batch.pad_queries([[1.0, 2.0], [3.0, 4.0]], 4)
     np.testing.assert_array_equal(pts, [[1, 2], [3, 4], [1, 2], [1, 2]])
