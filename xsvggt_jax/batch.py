@@ -55,7 +55,7 @@ from jax.sharding import Mesh, PartitionSpec
 from .cache import CacheConfig, StreamCache, cache_overflowed
 from .config import ModelConfig
 from .parallel import DATA, batch_sharding, check_batch, replicated
-from .step import check_frame_values, step
+from .step import check_frame_values, place_cache, step
 
 Array = jax.Array
 
@@ -174,6 +174,7 @@ def _sequential(cfg: ModelConfig, cache_cfg: CacheConfig, mesh: Optional[Mesh], 
 
     def run(params: dict, pool: StreamCache, frames: Array, query_valid: Optional[Array]):
         _check_inputs(pool, frames, query_valid)
+        pool = place_cache(pool, params, frames)  # committed from the start: no second compile of the step
         outs = []
         for b in range(pool_size(pool)):
             slot = jnp.int32(b)

@@ -53,7 +53,7 @@ from ..io.frames import FrameSource
 from ..io.outdir import OutputDir
 from ..parallel import batch_sharding, make_mesh, replicated
 from ..pipeline import NonFiniteError, PredictionStore
-from ..step import check_frame_values
+from ..step import check_frame_values, place_cache
 from .scenes import Scene, summary_entry
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,8 @@ def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, 
     if mesh is not None:
         fresh = jax.device_put(fresh, replicated(mesh))
     pool = init_pool(fresh, b_slots, sharding=None if mesh is None else batch_sharding(mesh))
+    if mesh is None:  # committed like the parameters, as the step's outputs are: one compile
+        pool = place_cache(pool, params)
     run = make_pool_step(cfg, cache_cfg, mesh, slot_compute=slot_compute)
     step = run.jitted
     log.info("pool of %d slots (%s) for %d scenes of %dx%d with %d query points", b_slots, run.slot_compute,
