@@ -70,13 +70,13 @@ def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int
         frames = [place(np.random.default_rng(t).random((b, *hw, 3), dtype=np.float32)) for t in range(2)]
         run = pool_mod.make_pool_step(cfg, cc, mesh)
         t0 = time.perf_counter()
-        compiled = run.jitted.lower(rep, pool, frames[0]).compile()
+        compiled = run.jitted.lower(rep, pool, frames[0], None).compile()  # no query validity mask
         compile_s = time.perf_counter() - t0
-        pool, out = jax.block_until_ready(compiled(rep, pool, frames[0]))  # warm-up
+        pool, out = jax.block_until_ready(compiled(rep, pool, frames[0], None))  # warm-up
         times = []
         for t in range(steps):
             t0 = time.perf_counter()
-            pool, out = jax.block_until_ready(compiled(rep, pool, frames[t % 2]))
+            pool, out = jax.block_until_ready(compiled(rep, pool, frames[t % 2], None))
             times.append(time.perf_counter() - t0)
         fps = b * steps / sum(times)
         records.append({"config": config, "frame_hw": list(hw), "batch": b, "devices": len(devices),

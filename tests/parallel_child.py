@@ -5,7 +5,8 @@
 (XLA_FLAGS must be set before jax is imported: the parent sets it in the child's environment.)
 For each cache setting, one pool plays a schedule of scenes over its 4 slots (one device each):
 slot 1 changes scene 3 times, slot 3 starts a step late, slot 2's scene has fewer query points
-than the pool (padded). Every scene is also run alone through the single-stream step. Prints one
+than the pool (padded, with the validity mask). Every scene is also run alone through the
+single-stream step (with its own number of query points, unmasked). Prints one
 JSON line: per setting and scene the largest absolute difference of every output, the trace count
 of `step` inside the pool step, and the per-device / total bytes of the pool cache.
 """
@@ -94,7 +95,7 @@ def main(tiny: Path) -> dict:
             for slot, (i, first, t0) in current.items():
                 if t - t0 < scenes[i][3]:
                     frames[slot] = images[first + t - t0]
-            pool, out = run(rep, pool, frames)
+            pool, out = run(rep, pool, frames, valid if heads else None)
             out = batch.mask_tracks(out, valid)  # no-op without heads
             for slot, (i, first, t0) in current.items():
                 if t - t0 < scenes[i][3]:

@@ -350,6 +350,9 @@ def _reconstruct_many(args) -> Path:
         scenes = name_scenes(inputs)
     except (ClusterError, SceneListError) as e:
         raise UsageError(str(e)) from e
+    if args.slot_compute == "sequential" and len(jax.local_devices()) > 1:
+        raise UsageError(f"--slot-compute sequential steps the slots on one device, this process has "
+                         f"{len(jax.local_devices())}: use batched (or auto)")
     root = Path(args.out).absolute()
     if root.exists() and not root.is_dir():
         raise UsageError(f"{root} exists and is not a directory")
@@ -374,7 +377,8 @@ def _reconstruct_many(args) -> Path:
     try:
         summary = run_many(scenes, root, cfg, cache_cfg, params, open_source,
                            lambda d: OutputDir(d, args.overwrite, protect=protect), finish,
-                           slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet)
+                           slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet,
+                           slot_compute=args.slot_compute)
     except CacheMemoryError as e:
         raise UsageError(str(e)) from e
     if summary["failed"]:
@@ -573,6 +577,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="streams stepped together (default: the number of local devices)")
     m.add_argument("--prefetch", type=NON_NEGATIVE_INT, default=4,
                    help="frames decoded ahead per scene by reader threads (0: decode in the main loop)")
+    from .batch import SLOT_COMPUTE
+    m.add_argument("--slot-compute", choices=("auto", *SLOT_COMPUTE), default="auto",
+                   help="how a pool steps its slots: batched (one vmapped program; GPU/TPU, meshes), sequential "
+                        "(the single-scene step per slot, one device: bit-identical to `reconstruct`), auto "
+                        "(sequential on one CPU device, else batched)")
     cl = m.add_argument_group("many machines (jax.distributed)")
     cl.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
     cl.add_argument("--num-processes", type=POSITIVE_INT, help="processes in the run")

@@ -168,7 +168,9 @@ class MultiheadAttention(nn.Module):
     precision: Precision = Precision.HIGHEST
 
     @nn.compact
-    def __call__(self, x: Array, context: Array) -> Array:
+    def __call__(self, x: Array, context: Array, mask: Any = None) -> Array:
+        """x [B, Nq, C] attends to context [B, Nk, C]; mask: `attention.attend`'s bias (e.g. an
+        `Additive` key mask [B, 1, 1, Nk]), None for none."""
         c = x.shape[-1]
         hd = c // self.num_heads
         w = self.param("in_proj_kernel", nn.initializers.lecun_normal(), (c, 3 * c))
@@ -180,6 +182,7 @@ class MultiheadAttention(nn.Module):
             y = jnp.einsum("bnc,co->bno", t, wt, precision=self.precision) + bt
             return y.reshape(*y.shape[:2], self.num_heads, hd).transpose(0, 2, 1, 3)
 
-        o = attend(heads(x, wq, bq), heads(context, wk, bk), heads(context, wv, bv), precision=self.precision)
+        o = attend(heads(x, wq, bq), heads(context, wk, bk), heads(context, wv, bv), bias=mask,
+                   precision=self.precision)
         o = o.transpose(0, 2, 1, 3).reshape(x.shape)
         return Dense(c, dtype=self.dtype, precision=self.precision, name="out_proj")(o)

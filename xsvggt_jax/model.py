@@ -4,6 +4,8 @@ Methods take images NHWC in [0, 1]: [B, S, H, W, 3]. Outputs are dicts with upst
 first and frame axis second:
   pts3d_in_other_view [B,S,H,W,3], conf [B,S,H,W], depth [B,S,H,W,1], depth_conf [B,S,H,W],
   camera_pose [B,S,9], and with query points: track [B,S,N,2], vis [B,S,N], track_conf [B,S,N].
+query_valid [B, N] bool (optional, None: all valid) marks padded query points, which then do not
+change the valid points' outputs (`heads.track`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class StreamVGGT(nn.Module):
     def __call__(self, images: Array, query_points: Optional[Array] = None, causal: bool = True) -> dict:
         return self.offline(images, query_points, causal)
 
-    def _heads(self, aggregated, pose: Array, h: int, w: int, query_points: Optional[Array]) -> dict:
+    def _heads(self, aggregated, pose: Array, h: int, w: int, query_points: Optional[Array],
+               query_valid: Optional[Array] = None) -> dict:
         b, s = aggregated[0].shape[:2]
         pts, pts_conf = self.point_head(aggregated, h, w)
         depth, depth_conf = self.depth_head(aggregated, h, w)
@@ -61,7 +64,8 @@ class StreamVGGT(nn.Module):
             "camera_pose": pose,
         }
         if query_points is not None:
-            out["track"], out["vis"], out["track_conf"] = self.track_head(aggregated, h, w, query_points)
+            out["track"], out["vis"], out["track_conf"] = self.track_head(
+                aggregated, h, w, query_points, query_valid)
         return out
 
     def offline(self, images: Array, query_points: Optional[Array] = None, causal: bool = True,
@@ -81,17 +85,21 @@ class StreamVGGT(nn.Module):
 
     def stream_frame(self, images: Array, slot: Array, global_caches: Sequence[LayerCache],
                      camera_caches: Sequence[LayerCache], query_points: Optional[Array] = None,
-                     return_aggregated: bool = False, heads: bool = True) -> tuple[dict, tuple[tuple, tuple]]:
+                     return_aggregated: bool = False, heads: bool = True,
+                     query_valid: Optional[Array] = None) -> tuple[dict, tuple[tuple, tuple]]:
         """One streaming step: images [B, 1, H, W, 3]; slot: [1] int32 special-token slot.
 
         global_caches / camera_caches: one `LayerCache` per global block / camera trunk block.
         Returns (outputs, (next global caches, next camera caches)). heads=False runs the aggregator
-        and the camera head only (outputs: camera_pose).
+        and the camera head only (outputs: camera_pose). query_valid: [B, N] bool or None.
         """
         h, w = images.shape[2:4]
         aggregated, global_caches = self.aggregator(images, slot, caches=global_caches)
         poses, camera_caches = self.camera_head(aggregated[-1], caches=camera_caches)
-        out = self._heads(aggregated, poses[-1], h, w, query_points) if heads else {"camera_pose": poses[-1]}
+        if heads:
+            out = self._heads(aggregated, poses[-1], h, w, query_points, query_valid)
+        else:
+            out = {"camera_pose": poses[-1]}
         if return_aggregated:
             out["aggregated"] = aggregated
         return out, (global_caches, camera_caches)

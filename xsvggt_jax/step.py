@@ -82,14 +82,17 @@ def check_cache(cache_cfg: CacheConfig, cache: StreamCache) -> None:
 
 
 def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache, frame: Array, *,
-         heads: bool = True, return_aggregated: bool = False) -> tuple[StreamCache, dict]:
+         heads: bool = True, return_aggregated: bool = False,
+         query_valid: Array | None = None) -> tuple[StreamCache, dict]:
     """Process one frame of a stream.
 
     frame: [B, H, W, 3] float in [0, 1] (NHWC). Returns the updated cache and the outputs for this
     frame (upstream names, batch first, no frame axis). Tracks are produced when the cache holds
     query points: frame t is queried with frame t-1's tracks, as upstream chains them.
     heads=False: aggregator + camera head only (outputs: camera_pose). return_aggregated: also
-    out["aggregated"], the `depth` aggregator outputs [B, P', 2C] the heads read.
+    out["aggregated"], the `depth` aggregator outputs [B, P', 2C] the heads read. query_valid: [B, N]
+    bool marking the cache's real query points (the others are padding, `batch.pad_queries`: they do
+    not change the real points' outputs); None: all real.
     Pure: jit it (see `make_step`); the counters are arrays, so it traces once per stream shape.
     """
     check_cache(cache_cfg, cache)
@@ -101,7 +104,7 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
     slot = jnp.minimum(cache.frame_index, 1).reshape(1)  # frame 0 uses special-token slot 0
     out, (glob, cam) = StreamVGGT(cfg).apply(
         {"params": params}, frame[:, None], slot, glob, cam, cache.track_points if heads else None,
-        return_aggregated, heads, method=StreamVGGT.stream_frame)
+        return_aggregated, heads, query_valid, method=StreamVGGT.stream_frame)
     out = jax.tree.map(lambda x: x[:, 0], out)                     # drop the frame axis
     if return_aggregated:
         out["aggregated"] = tuple(out["aggregated"])

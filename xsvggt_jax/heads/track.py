@@ -1,4 +1,11 @@
-"""Track head: DPT feature extractor + iterative correlation tracker (CoTracker-style update former)."""
+"""Track head: DPT feature extractor + iterative correlation tracker (CoTracker-style update former).
+
+Query validity: the head takes an optional `query_valid` [B, N] bool. Points are independent of one
+another everywhere except the update former's space attention, where the virtual tracks attend over
+all point tracks (`space_virtual2point_blocks`); there an invalid point (a padded one, see
+`batch.pad_queries`) is masked out as a key, so the valid points' outputs do not depend on the padded
+ones. None (the default) is the unmasked computation, exactly as before (and as upstream).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..attention import NEG_INF, Additive
 from ..config import ModelConfig
 from ..layers import Dense, LayerNorm, MultiheadAttention, Mlp
 from ..resample import sample_bilinear
@@ -43,8 +51,21 @@ def avg_pool2(x: Array) -> Array:
     return x.mean(axis=(-4, -2))
 
 
+def key_mask(valid: Array | None, frames: int) -> Additive | None:
+    """The space attention's key mask of point tracks valid [B, N] bool, for the [B * frames] rows of
+    that attention: additive bias [B * frames, 1, 1, N] (0 valid, -inf invalid). A row with no valid
+    point keeps all its keys (its outputs are padding anyway; an all -inf row would be NaN). None: None."""
+    if valid is None:
+        return None
+    valid = jnp.asarray(valid, bool)
+    valid = valid | ~valid.any(-1, keepdims=True)
+    bias = jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)                       # [B, N]
+    return Additive(jnp.repeat(bias, frames, 0)[:, None, None, :])
+
+
 class AttnBlock(nn.Module):
-    """x = norm1(x); x += attn(x, ctx); x += mlp(norm2(x)) (residual taken after norm1, as upstream)."""
+    """x = norm1(x); x += attn(x, ctx); x += mlp(norm2(x)) (residual taken after norm1, as upstream).
+    mask: the attention's mask (`attention.attend`'s bias), None for none."""
 
     num_heads: int
     mlp_ratio: float
@@ -52,24 +73,26 @@ class AttnBlock(nn.Module):
     kw: dict
 
     @nn.compact
-    def __call__(self, x: Array, context: Array | None = None) -> Array:
+    def __call__(self, x: Array, context: Array | None = None, mask: Additive | None = None) -> Array:
         x = LayerNorm(name="norm1")(x)
         if self.cross:
             ctx = LayerNorm(name="norm_context")(context)
-            x = x + MultiheadAttention(self.num_heads, name="cross_attn", **self.kw)(x, ctx)
+            x = x + MultiheadAttention(self.num_heads, name="cross_attn", **self.kw)(x, ctx, mask)
         else:
             x = x + MultiheadAttention(self.num_heads, name="attn", **self.kw)(x, x)
         return x + Mlp(int(x.shape[-1] * self.mlp_ratio), name="mlp", **self.kw)(LayerNorm(name="norm2")(x))
 
 
 class UpdateFormer(nn.Module):
-    """Alternating time attention (per track) and space attention through virtual tracks."""
+    """Alternating time attention (per track) and space attention through virtual tracks; the virtual
+    tracks read only valid point tracks (`key_mask`)."""
 
     cfg: ModelConfig
     out_dim: int
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:  # x: [B, N, T, D_in] -> [B, N, T, out_dim]
+    def __call__(self, x: Array, valid: Array | None = None) -> Array:
+        """x: [B, N, T, D_in] -> [B, N, T, out_dim]; valid: [B, N] bool or None (all valid)."""
         t = self.cfg.track
         kw = dict(dtype=self.cfg.jnp_dtype, precision=self.cfg.jax_precision)
         hs, nv = t.hidden_size, t.num_virtual_tracks
@@ -79,12 +102,14 @@ class UpdateFormer(nn.Module):
         virtual = self.param("virual_tracks", nn.initializers.normal(1.0), (1, nv, 1, hs))
         tokens = jnp.concatenate([tokens, jnp.broadcast_to(virtual, (b, nv, s, hs)).astype(tokens.dtype)], 1)
         m = n + nv
+        point_keys = key_mask(valid, s)
         for i in range(t.depth):
             tokens = AttnBlock(t.num_heads, 4.0, False, kw, name=f"time_blocks_{i}")(
                 tokens.reshape(b * m, s, hs)).reshape(b, m, s, hs)
             space = tokens.transpose(0, 2, 1, 3).reshape(b * s, m, hs)
             point, virt = space[:, :n], space[:, n:]
-            virt = AttnBlock(t.num_heads, 4.0, True, kw, name=f"space_virtual2point_blocks_{i}")(virt, point)
+            virt = AttnBlock(t.num_heads, 4.0, True, kw, name=f"space_virtual2point_blocks_{i}")(
+                virt, point, point_keys)
             virt = AttnBlock(t.num_heads, 4.0, False, kw, name=f"space_virtual_blocks_{i}")(virt)
             point = AttnBlock(t.num_heads, 4.0, True, kw, name=f"space_point2virtual_blocks_{i}")(point, virt)
             tokens = jnp.concatenate([point, virt], 1).reshape(b, s, m, hs).transpose(0, 2, 1, 3)
@@ -98,9 +123,10 @@ class Tracker(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, query_points: Array, fmaps: Array):
-        """query_points [B, N, 2] (x, y) pixels; fmaps [B, S, h, w, C]. Returns (tracks [B, S, N, 2] of the
-        last iteration, visibility [B, S, N], confidence [B, S, N])."""
+    def __call__(self, query_points: Array, fmaps: Array, query_valid: Array | None = None):
+        """query_points [B, N, 2] (x, y) pixels; fmaps [B, S, h, w, C]; query_valid [B, N] bool or None
+        (all valid). Returns (tracks [B, S, N, 2] of the last iteration, visibility [B, S, N],
+        confidence [B, S, N])."""
         t, cfg = self.cfg.track, self.cfg
         kw = dict(dtype=cfg.jnp_dtype, precision=cfg.jax_precision)
         c = t.features
@@ -141,7 +167,7 @@ class Tracker(nn.Module):
             femb = jnp.concatenate([flow_embed(flows, c // 2), flows / t.max_scale, flows / t.max_scale], -1)
             x = jnp.concatenate([femb, fcorr, track_feats], -1)             # [B, S, N, 3C+4]
             x = x + pos_q[:, None] + ref[:, :, None]
-            delta = former(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)   # [B, S, N, C+2]
+            delta = former(x.transpose(0, 2, 1, 3), query_valid).transpose(0, 2, 1, 3)   # [B, S, N, C+2]
             track_feats = ffeat_updater_gelu(ffeat_updater, ffeat_norm(delta[..., 2:])) + track_feats
             coords = coords + delta[..., :2]
             coords = coords.at[:, 0].set(query0)
@@ -158,10 +184,12 @@ class TrackHead(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, aggregated: Sequence[Array], height: int, width: int, query_points: Array):
-        """aggregated: list of [B, S, P', 2C]; query_points [B, N, 2]. Returns (track, vis, conf)."""
+    def __call__(self, aggregated: Sequence[Array], height: int, width: int, query_points: Array,
+                 query_valid: Array | None = None):
+        """aggregated: list of [B, S, P', 2C]; query_points [B, N, 2]; query_valid [B, N] bool (None: all
+        valid; invalid points do not affect the valid ones). Returns (track, vis, conf)."""
         b, s = aggregated[0].shape[:2]
         fm = DPTHead(self.cfg, self.cfg.track.features, feature_only=True, down_ratio=2, pos_embed=False,
                      name="feature_extractor")(aggregated, height, width)
         fm = fm.reshape(b, s, *fm.shape[1:])
-        return Tracker(self.cfg, name="tracker")(query_points, fm)
+        return Tracker(self.cfg, name="tracker")(query_points, fm, query_valid)

@@ -22,11 +22,11 @@ Parity with `xsvggt reconstruct` on CPU (jax 0.10.2, tiny reference model), two 
   in a pool with a longer one reduces over a longer chunk than its single run: last-bit
   differences (~2e-6 on pts3d). A scene as long as its pool's longest is bit-identical at B = 1.
   xstream's cache has a fixed capacity (the budget): no such effect.
-* B >= 2: even at equal shapes and the same frame in both slots, the B = 2 program differs from
+* B >= 2 with the batched slot compute (`batch.SLOT_COMPUTE`): the vmapped program differs from
   B = 1 from the first frame by up to ~3e-6 (camera_pose; pts3d ~3e-6, derived intrinsics 7.5e-6
-  relative) for prune none and xstream + int4 KCVT, and for xstream without quantization when the
-  slots are at different frames: XLA:CPU compiles the batched program with other fusions /
-  reduction orders; which op exactly is not isolated yet. B = 1 pools are bit-identical.
+  relative): XLA:CPU compiles the batched program with other fusions / reduction orders. So on CPU
+  `slot_compute="auto"` steps the slots sequentially with the single-stream step's own program:
+  bit-identical at any B (given equal cache sizes, see prune "none" above).
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..batch import init_pool, make_pool_step, reset_slots
+from ..batch import init_pool, make_pool_step, reset_slots, resolve_slot_compute
 from ..cache import CacheConfig, cache_report, init_cache
 from ..config import ModelConfig
 from ..io.frames import FrameSource
 from ..io.outdir import OutputDir
 from ..parallel import batch_sharding, make_mesh, replicated
 from ..pipeline import NonFiniteError, PredictionStore
-from ..step import check_frame_values
+from ..step import check_frame_values, place_cache
 from .scenes import Scene, summary_entry
 
 log = logging.getLogger(__name__)
@@ -263,14 +263,18 @@ class _Writer:
 
 def run_scenes(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, jobs: Sequence[Job], finish: Finish, *,
                slots: int = 1, prefetch: int = 4, lookahead: Optional[int] = None, devices=None,
-               progress: Optional[Callable[[int], None]] = None) -> tuple[list[dict], Stats]:
+               progress: Optional[Callable[[int], None]] = None,
+               slot_compute: str = "auto") -> tuple[list[dict], Stats]:
     """Run `jobs` through pools of `slots` streams (rounded up to a multiple of the devices); returns
     one summary entry per job (status "done" or "failed") and the loop statistics. prefetch: frames
     read ahead per scene (0: decode in the main loop); lookahead: scenes whose readers start before
     they get a slot (default `slots`). devices: the devices of the pool (default: this process's
-    local devices; several: the pool is sharded over a `data` mesh). progress(n): n frames stepped."""
+    local devices; several: the pool is sharded over a `data` mesh). progress(n): n frames stepped.
+    slot_compute: how a pool steps its slots (`batch.SLOT_COMPUTE` or "auto": sequential on one CPU
+    device, bit-identical to `reconstruct`; batched otherwise)."""
     devices = list(jax.local_devices() if devices is None else devices)
     mesh = make_mesh(devices=devices) if len(devices) > 1 else None
+    slot_compute = resolve_slot_compute(slot_compute, mesh)  # before any work: PoolError on a bad choice
     params = jax.device_put(params, replicated(mesh) if mesh is not None else devices[0])
     groups: dict[tuple, list[Job]] = collections.defaultdict(list)
     for job in jobs:
@@ -293,7 +297,7 @@ def run_scenes(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, jobs: Seq
     try:
         for key, group in groups.items():
             _run_pool(cfg, cache_cfg, params, group, key, slots, prefetch,
-                      slots if lookahead is None else lookahead, mesh, writer, stats, progress)
+                      slots if lookahead is None else lookahead, mesh, writer, stats, progress, slot_compute)
     except BaseException as e:
         with contextlib.suppress(RuntimeError):  # the writer's own failure is `e`'s cause
             writer.close()
@@ -304,7 +308,7 @@ def run_scenes(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, jobs: Seq
 
 
 def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, prefetch: int, lookahead: int,
-              mesh, writer: _Writer, stats: Stats, progress) -> None:
+              mesh, writer: _Writer, stats: Stats, progress, slot_compute: str) -> None:
     h, w, nq = key
     d = 1 if mesh is None else mesh.devices.size
     b_slots = -(-min(slots, len(group)) // d) * d
@@ -314,8 +318,12 @@ def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, 
     if mesh is not None:
         fresh = jax.device_put(fresh, replicated(mesh))
     pool = init_pool(fresh, b_slots, sharding=None if mesh is None else batch_sharding(mesh))
-    step = make_pool_step(cfg, cache_cfg, mesh).jitted
-    log.info("pool of %d slots for %d scenes of %dx%d with %d query points", b_slots, len(group), h, w, nq)
+    if mesh is None:  # committed like the parameters, as the step's outputs are: one compile
+        pool = place_cache(pool, params)
+    run = make_pool_step(cfg, cache_cfg, mesh, slot_compute=slot_compute)
+    step = run.jitted
+    log.info("pool of %d slots (%s) for %d scenes of %dx%d with %d query points", b_slots, run.slot_compute,
+             len(group), h, w, nq)
     pending = collections.deque(group)
     readers: dict[int, _Reader] = {}
 
@@ -376,7 +384,7 @@ def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, 
                 continue
             batch = jnp.asarray(np.stack(frames).transpose(0, 2, 3, 1))  # [B, H, W, 3]
             dispatched = time.perf_counter()
-            pool, out = step(params, pool, batch)
+            pool, out = step(params, pool, batch, None)
             writer.put(("step", out, rows, dispatched), stats)
             stats.steps += 1
             stats.frames += len(rows)

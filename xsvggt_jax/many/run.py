@@ -76,13 +76,14 @@ def stats_entry(stats: Stats, process_id: int, slots: int, prefetch: int) -> dic
 
 def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: CacheConfig, params: dict,
              open_source: Callable[[Path], FrameSource], open_out: Callable[[Path], OutputDir], finish: Finish, *,
-             slots: int = 1, prefetch: int = 4, quiet: bool = True) -> dict:
+             slots: int = 1, prefetch: int = 4, quiet: bool = True, slot_compute: str = "auto") -> dict:
     """Run this process's share of `scenes` (all of them in a single-process run) into ROOT/<scene>/
     and write ROOT/summary.json (process 0, after every process finished). Returns the summary on
     every process (all read the partial summaries after the barrier): {"scenes": [entry...] sorted
     by name (see `scenes.summary_entry`), "failed": int, "processes": [loop statistics...],
     "device_idle_fraction": frame-wait time / loop time over all processes}. Raises
-    `pipeline.CacheMemoryError` before any scene runs when a pool's caches do not fit."""
+    `pipeline.CacheMemoryError` before any scene runs when a pool's caches do not fit. slot_compute:
+    how a pool steps its slots (`driver.run_scenes`)."""
     import jax
 
     n, i = jax.process_count(), jax.process_index()
@@ -93,7 +94,7 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
     bar = _progress(sum(job.source.num_frames for job in jobs), quiet)
     try:
         results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish, slots=slots, prefetch=prefetch,
-                                    progress=None if bar is None else bar.update)
+                                    progress=None if bar is None else bar.update, slot_compute=slot_compute)
     finally:
         if bar is not None:
             bar.close()
