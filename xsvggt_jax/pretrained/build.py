@@ -30,13 +30,12 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..eval.depth import DELTA_KEYS, evaluate_depth
-from ..eval.geometry import EvalInputError
-from ..eval.pose import extrinsics_to_c2w, trajectory_metrics
+from ..eval.pose import extrinsics_to_c2w
 from ..io.fsutil import atomic_write, atomic_write_json, atomic_write_text
 from ..io.params import load_params
 from ..model import init_params, param_shapes
-from ..pose import pose_encoding_to_extri_intri
 from ..train.data import DataSource, eval_clips
+from ..train.loop import clip_metrics
 from ..train.step import eval_forward
 
 log = logging.getLogger(__name__)
@@ -76,14 +75,10 @@ def heldout_metrics(params: dict, cfg: ModelConfig, frame_size: tuple[int, int],
     for targets, scene in clips:
         gt_c2w = extrinsics_to_c2w(scene.extrinsics)
         for name, p in models.items():
-            out = jax.device_get(predict(p, targets["images"][None]))
-            d = evaluate_depth(np.asarray(out["depth"][0, ..., 0], np.float64), scene.depth, align="median")
-            extr, _ = pose_encoding_to_extri_intri(jax.numpy.asarray(out["camera_pose"][0]), (h, w))
-            try:
-                ate = trajectory_metrics(extrinsics_to_c2w(np.asarray(extr, np.float64)), gt_c2w)["ate"]
-            except EvalInputError:   # coinciding predicted centres: the identity-pose value
-                ate = _identity_pose_ate(gt_c2w)
-            rows[name].append({"abs_rel": d["abs_rel"], DELTA_KEYS[0]: d[DELTA_KEYS[0]], "ate": ate})
+            row = clip_metrics(jax.device_get(predict(p, targets["images"][None])), scene)
+            if row["ate"] is None:   # coinciding predicted centres: the identity-pose value
+                row["ate"] = _identity_pose_ate(gt_c2w)
+            rows[name].append(row)
         if baselines:
             d = evaluate_depth(np.ones_like(scene.depth, np.float64), scene.depth, align="median")
             rows["constant_depth"].append({"abs_rel": d["abs_rel"], DELTA_KEYS[0]: d[DELTA_KEYS[0]]})

@@ -142,21 +142,26 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def clip_metrics(out: dict, scene) -> dict[str, Any]:
+    """Depth AbsRel / delta<1.25 (one median scale over the clip) and camera ATE (Sim(3)-aligned
+    camera centres) of one clip's predictions against its procedural scene. out: host arrays
+    {"depth" [1, S, H, W, 1], "camera_pose" [1, S, 9]}. "ate" is None when the clip allows no
+    alignment: fewer than 3 frames, or coinciding predicted centres (an untrained model)."""
+    _, h, w = scene.depth.shape
+    depth = evaluate_depth(out["depth"][0, ..., 0], scene.depth, align="median")
+    extr, _ = pose_encoding_to_extri_intri(jax.numpy.asarray(out["camera_pose"][0]), (h, w))
+    try:
+        ate = trajectory_metrics(extrinsics_to_c2w(np.asarray(extr)), extrinsics_to_c2w(scene.extrinsics))["ate"]
+    except EvalInputError:
+        ate = None
+    return {"abs_rel": depth["abs_rel"], DELTA_KEYS[0]: depth[DELTA_KEYS[0]], "ate": ate}
+
+
 def evaluate(predict: Callable, params: dict, clips: list) -> dict[str, float]:
-    """Mean over held-out clips of depth AbsRel / delta<1.25 (median scale per sequence) and camera
-    ATE (Sim(3)-aligned camera centres; None when no clip allows the alignment: fewer than 3 frames,
-    or coinciding predicted centres) of the predictions."""
-    rows = []
-    for targets, scene in clips:
-        out = jax.device_get(predict(params, targets["images"][None]))
-        s, h, w = scene.depth.shape
-        depth = evaluate_depth(out["depth"][0, ..., 0], scene.depth, align="median")
-        extr, _ = pose_encoding_to_extri_intri(jax.numpy.asarray(out["camera_pose"][0]), (h, w))
-        try:
-            ate = trajectory_metrics(extrinsics_to_c2w(np.asarray(extr)), extrinsics_to_c2w(scene.extrinsics))["ate"]
-        except EvalInputError:   # < 3 frames, or predicted camera centres that coincide (untrained model)
-            ate = None
-        rows.append({"abs_rel": depth["abs_rel"], DELTA_KEYS[0]: depth[DELTA_KEYS[0]], "ate": ate})
+    """Mean of `clip_metrics` over held-out clips (predict(params, images [1, S, H, W, 3])); "ate"
+    averages the clips that allow it (None when none does)."""
+    rows = [clip_metrics(jax.device_get(predict(params, targets["images"][None])), scene)
+            for targets, scene in clips]
     ates = [r["ate"] for r in rows if r["ate"] is not None]
     return {"abs_rel": float(np.mean([r["abs_rel"] for r in rows])),
             DELTA_KEYS[0]: float(np.mean([r[DELTA_KEYS[0]] for r in rows])),
