@@ -222,9 +222,10 @@ def write_scene(tmp: Path, args, source, cfg, mode: str, cache_meta: dict | None
     return report
 
 
-def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -> Path:
+def _reconstruct(args, source=None, note: str | None = None, extra_files=None, model=None) -> Path:
     """Run a reconstruction and write OUTDIR. `source` (a FrameSource) overrides args.input;
-    `extra_files(tmp)` adds files to the staged outputs."""
+    `extra_files(tmp)` adds files to the staged outputs; `model` (params, cfg) overrides
+    --params / --checkpoint."""
     import jax
 
     from .config import check_frame_size
@@ -248,7 +249,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None) -
             source = open_frames(args.input, mode=args.resize, fps=args.fps, stride=args.stride)
     except (FsError, FrameError, StateError) as e:
         raise UsageError(str(e)) from e
-    params, cfg = _model(args)
+    params, cfg = _model(args) if model is None else model
     params = jax.device_put(params)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
@@ -393,7 +394,6 @@ def _demo(args) -> Path:
     trained here on procedural scenes, `xsvggt_jax.pretrained`) unless --checkpoint is given."""
     from .data.procedural import make_demo_scene
     from .io.frames import FrameSource
-    from .io.fsutil import owned_tempdir
     from . import pretrained
 
     args.offline, args.params, args.devices, args.attention = None, None, None, "auto"
@@ -410,20 +410,10 @@ def _demo(args) -> Path:
                                             images=scene.images)
     if args.checkpoint:
         return _reconstruct(args, source=source, extra_files=ground_truth)
-    from .io.params import save_params
-
-    _validate(args)
+    _validate(args)  # before loading the model (as _reconstruct does before its own)
     note = ("demo: the shipped `demo` model (tiny, trained in this repository on procedural scenes only; "
             "model card: xsvggt_jax/pretrained/demo.md)")
-    out = Path(args.out).absolute()
-    params_dir = owned_tempdir(out.parent, f".{out.name}.tmp-demo-params-", "demo params")
-    try:
-        args.params = str(params_dir / "params")
-        params, cfg = pretrained.load("demo")
-        save_params(params, args.params, cfg)
-        out = _reconstruct(args, source=source, note=note, extra_files=ground_truth)
-    finally:
-        shutil.rmtree(params_dir, ignore_errors=True)
+    out = _reconstruct(args, source=source, note=note, extra_files=ground_truth, model=pretrained.load("demo"))
     print(note)
     return out
 
