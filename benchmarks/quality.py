@@ -416,10 +416,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result = json.loads(args.from_json.read_text())
     else:
         try:
-            if args.size is None:
-                from xsvggt_jax import pretrained
-                args.size = "x".join(map(str, pretrained.card("demo")["frame_size"]))
-            hw = tuple(int(v) for v in args.size.lower().split("x"))
+            from xsvggt_jax import pretrained
+            from xsvggt_jax.train.command import parse_size
+
+            hw = tuple(pretrained.card("demo")["frame_size"]) if args.size is None else parse_size(args.size)
             settings = [study_setting(t) for t in (args.settings.split(",") if args.settings else GRID)]
         except (ValueError, SettingsError) as e:
             parser.error(f"--size must be HxW and --settings valid settings ({e})")
