@@ -39,12 +39,17 @@ SCHEMA = 1
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 DEFAULT_HW = {"tiny": (56, 70), "medium": (112, 154)}  # tiny: the reference frames' size
-START, END = "<!-- batch:start -->", "<!-- batch:end -->"
 
 
 def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int, setting: str,
-            budget: int) -> list[dict]:
-    """In this process (its devices): one record per B."""
+            budget: int, dtype: str = "float32", compile_workers: int = 1) -> list[dict]:
+    """In this process (its devices): one record per B, the model computing in `dtype`. The B
+    programs are compiled first, `compile_workers` at a time (XLA compiles outside the GIL; on a
+    many-core host several at once save wall time, each compile_s then measured under that
+    concurrency), and timed afterwards one after another."""
+    import concurrent.futures
+    import dataclasses
+
     import jax
     import numpy as np
 
@@ -54,12 +59,12 @@ def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int
 
     from .stream import CONFIGS, cache_setting, random_params
 
-    cfg = CONFIGS[config]
+    cfg = dataclasses.replace(CONFIGS[config], dtype=dtype)
     cc = cache_setting(setting, budget, 4)
     params = random_params(cfg)
     fresh = init_cache(cfg, cc, 1, hw, max_frames=steps + 1)
-    records = []
-    for b in batches:
+
+    def build(b: int) -> dict:
         devices = jax.devices()[:min(b, len(jax.devices()))]
         mesh = parallel.make_mesh(devices=devices) if len(devices) > 1 else None
         if mesh is not None:
@@ -71,7 +76,15 @@ def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int
         run = pool_mod.make_pool_step(cfg, cc, mesh)
         t0 = time.perf_counter()
         compiled = run.jitted.lower(rep, pool, frames[0], None).compile()  # no query validity mask
-        compile_s = time.perf_counter() - t0
+        return dict(b=b, devices=devices, rep=rep, pool=pool, frames=frames, compiled=compiled,
+                    compile_s=time.perf_counter() - t0)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, compile_workers)) as ex:
+        built = list(ex.map(build, batches))
+    records = []
+    for prog in built:
+        b, devices, rep, pool, frames, compiled, compile_s = (prog[k] for k in (
+            "b", "devices", "rep", "pool", "frames", "compiled", "compile_s"))
         pool, out = jax.block_until_ready(compiled(rep, pool, frames[0], None))  # warm-up
         times = []
         for t in range(steps):
@@ -79,12 +92,14 @@ def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int
             pool, out = jax.block_until_ready(compiled(rep, pool, frames[t % 2], None))
             times.append(time.perf_counter() - t0)
         fps = b * steps / sum(times)
-        records.append({"config": config, "frame_hw": list(hw), "batch": b, "devices": len(devices),
+        records.append({"config": config, "dtype": dtype, "frame_hw": list(hw), "batch": b, "devices": len(devices),
                         "compile_s": compile_s, "step_s": times, "median_step_s": statistics.median(times),
                         "frames_per_s": fps, "frames_per_s_per_device": fps / len(devices),
                         "pool_cache_bytes": tree_bytes(pool),
                         "cache_bytes_per_device": max(parallel.per_device_bytes(pool).values())})
-        log.info("%s B=%d on %d device(s): %.2f frames/s (compile %.1f s)", config, b, len(devices), fps, compile_s)
+        log.info("%s %s B=%d on %d device(s): %.2f frames/s (compile %.1f s)", config, dtype, b, len(devices), fps,
+                 compile_s)
+        del prog["pool"], prog["compiled"]  # free this B's device memory before timing the next
     return records
 
 
@@ -93,10 +108,11 @@ def child(argv: Sequence[str]) -> None:
     args = build_parser().parse_args(argv)
     import jax
     recs = []
-    for config in args.configs.split(","):
-        hw = DEFAULT_HW[config] if args.height is None else (args.height, args.width)
-        recs += measure(config, hw, [int(b) for b in args.batches.split(",")], args.steps, args.setting,
-                        args.budget)
+    for dtype in args.dtypes.split(","):
+        for config in args.configs.split(","):
+            hw = DEFAULT_HW[config] if args.height is None else (args.height, args.width)
+            recs += measure(config, hw, [int(b) for b in args.batches.split(",")], args.steps, args.setting,
+                            args.budget, dtype, args.compile_workers)
     print(json.dumps({"device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                       "jax_version": jax.__version__, "records": recs}))
 
@@ -115,14 +131,14 @@ def run_devices(argv: Sequence[str], devices: int) -> dict:
 
 
 def table(result: dict) -> str:
-    head = ("config", "frame", "forced devices", "B", "devices used", "compile s", "median step ms",
+    head = ("config", "dtype", "frame", "forced devices", "B", "devices used", "compile s", "median step ms",
             "frames/s", "frames/s per device", "cache KiB per device", "load avg (1 min) before/after")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in result["runs"]:
         load = f"{run['load_avg_before'][0]:.1f}/{run['load_avg_after'][0]:.1f}"
         for r in run["records"]:
             lines.append("| " + " | ".join([
-                r["config"], f"{r['frame_hw'][0]}x{r['frame_hw'][1]}", str(run["forced_devices"]), str(r["batch"]),
+                r["config"], r.get("dtype", "float32"), f"{r['frame_hw'][0]}x{r['frame_hw'][1]}", str(run["forced_devices"]), str(r["batch"]),
                 str(r["devices"]), f"{r['compile_s']:.1f}", f"{r['median_step_s'] * 1e3:.1f}",
                 f"{r['frames_per_s']:.2f}", f"{r['frames_per_s_per_device']:.2f}",
                 f"{r['cache_bytes_per_device'] / 1024:.0f}", load]) + " |")
@@ -141,13 +157,13 @@ def plot(result: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for run in result["runs"]:
-        for config in dict.fromkeys(r["config"] for r in run["records"]):
-            recs = [r for r in run["records"] if r["config"] == config]
+        for config, dtype in dict.fromkeys((r["config"], r.get("dtype", "float32")) for r in run["records"]):
+            recs = [r for r in run["records"] if (r["config"], r.get("dtype", "float32")) == (config, dtype)]
+            devices = f"{run['forced_devices']} forced device(s)" if run["backend"] == "cpu" else run["device_kind"]
             ax.plot([r["batch"] for r in recs], [r["frames_per_s"] for r in recs], marker="o",
-                    ls="-" if run["forced_devices"] == 1 else "--",
-                    label=f"{config}, {run['forced_devices']} forced device(s)")
+                    ls="-" if run["forced_devices"] == 1 else "--", label=f"{config} {dtype}, {devices}")
     ax.set(xscale="log", ylim=(0, None), xlabel="streams B", ylabel="frames/s (all streams)",
-           title=f"pool step, {result['setting']} (provisional: shared {result['cpu_count']}-core CPU)")
+           title=f"pool step, {result['setting']} ({machine_words(result)})")
     ax.set_xticks(result["batches"], [str(b) for b in result["batches"]])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
@@ -156,14 +172,17 @@ def plot(result: dict, path: Path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
-def update_readme(readme: Path, text: str) -> None:
-    from xsvggt_jax.io.fsutil import atomic_write_text
-    old = readme.read_text()
-    if START not in old or END not in old:
-        raise SystemExit(f"{readme} lacks the {START} / {END} markers")
-    pre, rest = old.split(START, 1)
-    new = pre + START + "\n" + text + "\n" + END + rest.split(END, 1)[1]
-    atomic_write_text(readme, new)
+def machine_words(result: dict) -> str:
+    """What ran the numbers, for titles: the accelerator's kind, or the (possibly shared) CPU."""
+    kinds = sorted({run["device_kind"] for run in result["runs"] if run["backend"] != "cpu"})
+    return ", ".join(kinds) if kinds else f"provisional: shared {result['cpu_count']}-core CPU"
+
+
+def update_readme(readme: Path, text: str, marker: str = "batch") -> None:
+    """Put `text` between `<!-- marker:start -->` and `<!-- marker:end -->` of `readme`."""
+    from .summarize import update_readme as put
+
+    put(readme, text, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,12 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per B (after one warm-up step)")
     p.add_argument("--setting", default="xstream-int4", help="cache setting (benchmarks.stream.SETTINGS)")
     p.add_argument("--budget", type=int, default=64, help="tokens kept per layer (pruned settings)")
+    p.add_argument("--dtypes", default="float32", help="comma list of compute dtypes (float32, bfloat16)")
+    p.add_argument("--compile-workers", type=int, default=1,
+                   help="programs compiled at once before timing (default 1; more on a many-core host)")
     p.add_argument("--height", type=int, default=None, help="frame height (default per config)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--name", default=None, help="output name (default batch_<configs>)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--marker", default="batch", help="README table markers <!-- MARKER:start/end --> (default batch)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -192,12 +215,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {}
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keep = [a for a in argv if a not in ("--update-readme", "--no-plot")]
+    runs = [run_devices(keep, int(d)) for d in args.devices.split(",")]
+    shared_cpu = all(run["backend"] == "cpu" for run in runs)
     result = {"schema": SCHEMA, "setting": args.setting, "budget": args.budget, "steps": args.steps,
               "batches": [int(b) for b in args.batches.split(",")], "cpu_count": os.cpu_count(),
               "machine": platform.machine(), "python": platform.python_version(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "note": "provisional: the CPU was shared with other jobs (see load averages)",
-              "runs": [run_devices(keep, int(d)) for d in args.devices.split(",")]}
+              "note": ("provisional: the CPU was shared with other jobs (see load averages)" if shared_cpu else
+                       f"compiled {args.compile_workers} at a time; timed one program at a time"),
+              "runs": runs}
     from xsvggt_jax.io.fsutil import atomic_write_text
     name = args.name or "batch_" + args.configs.replace(",", "_")
     atomic_write_text(args.out_dir / f"{name}.json", json.dumps(result, indent=1))
@@ -206,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     text = table(result)
     print(text)
     if args.update_readme:
-        update_readme(HERE / "README.md", text)
+        update_readme(HERE / "README.md", text, args.marker)
     return result
 
 

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
-START, END = "<!-- many:start -->", "<!-- many:end -->"
 HW = (56, 70)
 
 
@@ -66,7 +65,8 @@ def scenes(count: int, lo: int, hi: int, seed: int = 0):
     return [Rendered(i, n) for i, n in enumerate(lengths)]
 
 
-def run(label: str, sources, cfg, cache_cfg, params, slots: int, prefetch: int, root: Path) -> dict:
+def run(label: str, sources, cfg, cache_cfg, params, slots: int, prefetch: int, root: Path,
+        slot_compute: str = "auto") -> dict:
     from xsvggt_jax.cli import _parser, stream_timing, write_scene
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.many import Job, Scene, run_scenes
@@ -81,7 +81,8 @@ def run(label: str, sources, cfg, cache_cfg, params, slots: int, prefetch: int, 
 
     jobs = [Job(Scene(s.name, Path(s.name)), s, OutputDir(root / s.name)) for s in sources]
     t0 = time.perf_counter()
-    results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish, slots=slots, prefetch=prefetch)
+    results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish, slots=slots, prefetch=prefetch,
+                                slot_compute=slot_compute)
     wall = time.perf_counter() - t0
     done = sum(r["status"] == "done" for r in results)
     rec = {"run": label, "slots": slots, "prefetch": prefetch, "scenes": done, "frames": stats.frames,
@@ -102,11 +103,11 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def write_readme(text: str) -> None:
-    """Put `text` between the many-scene markers of benchmarks/README.md."""
+def write_readme(text: str, marker: str = "many") -> None:
+    """Put `text` between the `<!-- marker:start/end -->` markers of benchmarks/README.md."""
     from .summarize import update_readme
 
-    update_readme(HERE / "README.md", text, START, END)
+    update_readme(HERE / "README.md", text, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -121,7 +122,10 @@ def plot(result: dict, path: Path) -> None:
     a.set(xlabel="scenes/hour", title=f"{result['scenes']} scenes, {result['frames']} frames")
     b.barh(labels, [r["device_idle_fraction"] for r in result["runs"]])
     b.set(xlabel="device-idle fraction (waiting for frames)", xlim=(0, 1), yticks=[])
-    fig.suptitle("reconstruct-many, tiny 56x70 (provisional: shared 2-core CPU)", fontsize=9)
+    where = (f"provisional: shared {result['cpu_count']}-core CPU" if result["backend"] == "cpu"
+             else f"{result['device_kind']}, {result['cpu_count']} host cores")
+    fig.suptitle(f"reconstruct-many, tiny {result['frame'][0]}x{result['frame'][1]} {result.get('dtype', 'float32')}, "
+                 f"slots {result.get('slot_compute', 'auto')} ({where})", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
@@ -136,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--runs", default="continuous,one-at-a-time,continuous-no-prefetch")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--name", default="many_tiny")
+    p.add_argument("--slot-compute", default="auto", help="how a pool steps its slots (batch.SLOT_COMPUTE or auto)")
+    p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16)")
+    p.add_argument("--marker", default="many", help="README table markers <!-- MARKER:start/end --> (default many)")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -145,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from xsvggt_jax.config import ModelConfig
     from xsvggt_jax.model import init_params
 
-    cfg = ModelConfig.tiny()
+    cfg = dataclasses.replace(ModelConfig.tiny(), dtype=args.dtype)
     params = init_params(cfg, jax.random.PRNGKey(0))
     cache_cfg = CacheConfig(prune="xstream", budget=64, quant="kcvt", bits=4)
     plans = {"continuous": (args.slots, args.prefetch), "one-at-a-time": (1, args.prefetch),
@@ -154,20 +161,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = []
     for label in args.runs.split(","):
         with tempfile.TemporaryDirectory(prefix="xsvggt-many-bench-") as tmp:
-            runs.append(run(label, sources, cfg, cache_cfg, params, *plans[label], Path(tmp) / "root"))
+            runs.append(run(label, sources, cfg, cache_cfg, params, *plans[label], Path(tmp) / "root",
+                            args.slot_compute))
             shutil.rmtree(tmp, ignore_errors=True)
     result = {"scenes": args.scenes, "frames": int(sum(s.num_frames for s in sources)),
               "lengths": [args.min_frames, args.max_frames], "frame": list(HW), "config": "tiny (random weights)",
               "cache": "xstream + int4 kcvt, budget 64", "cpu_count": os.cpu_count(), "machine": platform.machine(),
-              "backend": jax.default_backend(),
+              "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "dtype": args.dtype,
+              "slot_compute": args.slot_compute,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "note": "provisional: the CPU was shared with other jobs (see load averages)", "runs": runs}
+              "note": ("provisional: the CPU was shared with other jobs (see load averages)"
+                       if jax.default_backend() == "cpu" else "frames rendered and outputs written on the host"),
+              "runs": runs}
     atomic_write_json(args.out_dir / f"{args.name}.json", result)
     plot(result, args.out_dir / f"{args.name}.png")
     text = table(result)
     print(text)
     if args.update_readme:
-        write_readme(text)
+        write_readme(text, args.marker)
     return result
 
 

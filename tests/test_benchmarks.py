@@ -100,7 +100,7 @@ def test_many_benchmark_writes_its_plot_and_readme_table(tmp_path, monkeypatch):
     result = json.loads((Path(many.__file__).parent / "results" / "many_tiny.json").read_text())
     many.plot(result, tmp_path / "many.png")
     assert (tmp_path / "many.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    (tmp_path / "README.md").write_text(f"intro\n{many.START}\nold\n{many.END}\nafter\n")
+    (tmp_path / "README.md").write_text("intro\n<!-- many:start -->\nold\n<!-- many:end -->\nafter\n")
     monkeypatch.setattr(many, "HERE", tmp_path)
     many.write_readme(many.table(result))
     text = (tmp_path / "README.md").read_text()
