@@ -80,17 +80,42 @@ def test_many_matches_single_runs_and_reports_bad_scenes(inputs, many_run, tmp_p
     for name, n in LENGTHS.items():
         assert predictions(root / name)["depth"].shape == (n, 56, 70, 1)
     # s7 starts in a reset slot (four scenes ran before it in the pool of B = 2) and is the pool's
-    # longest scene, so its uncompressed cache has the single run's size (a shorter scene's is sized
-    # for the pool's longest: last-bit differences, see xsvggt_jax/many/driver.py): bit-identical
-    single = tmp_path / "s7"
-    assert main(["reconstruct", str(scenes["s7"]), "--params", str(params), "--out", str(single), "--quiet"]) == 0
-    ours, ref = predictions(root / "s7"), predictions(single)
-    assert sorted(ours) == sorted(ref)
+    # longest scene; s2a is its shortest, its uncompressed cache sized for s7 (the attention chunks are
+    # not, `cache.prefix_chunk`): both bit-identical to their single runs
+    for name in ("s7", "s2a"):
+        single = tmp_path / name
+        assert main(["reconstruct", str(scenes[name]), "--params", str(params), "--out", str(single), "--quiet"]) == 0
+        ours, ref = predictions(root / name), predictions(single)
+        assert sorted(ours) == sorted(ref)
+        for k in ref:
+            np.testing.assert_array_equal(ours[k], ref[k], err_msg=f"{name}: {k}")
+        assert files(root / name) == files(single)
+        report, ref_report = (json.loads((d / "report.json").read_text()) for d in (root / name, single))
+        assert report["cache_bytes"] == ref_report["cache_bytes"] and report["frames"] == ref_report["frames"]
+
+
+def test_scenes_with_different_query_counts_share_a_pool(inputs, tiny_frames, tmp_path):
+    """--query-pools shared: a 3-point and an 8-point scene run in one pool of 8 points a slot (the
+    3 points padded and masked); each scene keeps its own points, within 1e-5 of its single run (the
+    padded shapes change the last bits). split: one pool per point count."""
+    params, scenes, _ = inputs
+    images, qp = tiny_frames
+    few = tmp_path / "few.npz"
+    np.savez(few, images=images[:3], query_points=qp[:3])
+    argv = [str(few), str(scenes["s4"]), "--params", str(params), "--quiet", "--slots", "2"]
+    pools = {}
+    for mode in ("shared", "split"):
+        root = tmp_path / mode
+        assert main(["reconstruct-many", *argv, "--out", str(root), "--query-pools", mode]) == 0
+        pools[mode] = json.loads((root / "summary.json").read_text())["processes"][0]["pools"]
+    assert pools == {"shared": 1, "split": 2}
+    single = tmp_path / "single"
+    assert main(["reconstruct", str(few), "--params", str(params), "--out", str(single), "--quiet"]) == 0
+    ours, ref = predictions(tmp_path / "shared" / "few"), predictions(single)
+    assert sorted(ours) == sorted(ref) and ours["vis"].shape == ref["vis"].shape == (3, 3)
     for k in ref:
-        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
-    assert files(root / "s7") == files(single)
-    report, ref_report = (json.loads((d / "report.json").read_text()) for d in (root / "s7", single))
-    assert report["cache_bytes"] == ref_report["cache_bytes"] and report["frames"] == ref_report["frames"]
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    assert predictions(tmp_path / "shared" / "s4")["track"].shape == (4, len(qp), 2)
 
 
 def test_many_error_line(many_run, capsys):
@@ -144,8 +169,8 @@ def _free_port() -> int:
 
 def test_two_processes_write_the_same_root_as_one(inputs, tmp_path):
     """xstream keeps the cache's shapes independent of the pool's longest scene (an uncompressed cache
-    is sized for it, which changes the compiled attention's chunking), so the processes' pools
-    (s2a + s3, and s2b) compile the same shapes as the one-process pool of all three."""
+    is sized for it), so the processes' pools (s2a + s3, and s2b) compile the same shapes as the
+    one-process pool of all three."""
     params, scenes, _ = inputs
     names = ["s2a", "s2b", "s3"]
     common = [*(str(scenes[n]) for n in names), "--params", str(params), "--quiet", "--slots", "1",

@@ -3,8 +3,11 @@
 Every array has a shape fixed by the configuration, so `step` compiles once for a whole stream.
 
 * `prune="none"`: every token of every frame, up to `max_frames` (the uncompressed cache). Attention
-  runs over the filled prefix only, `chunk` slots at a time, so a step's cost grows with the stream
-  as upstream's does instead of paying for the whole capacity from frame 0.
+  runs over the filled prefix only, one chunk of slots at a time (`prefix_chunk`), so a step's cost
+  grows with the stream as upstream's does instead of paying for the whole capacity from frame 0. The
+  chunk depends on the layer, never on the capacity, so a stream's numbers do not depend on the
+  `max_frames` it was given (a short scene in a pool sized for a long one is bit-identical to its own
+  run).
 * a pruning policy (`xstream`, `sliding`, `random`, `diversity`, `cumulative`, `frame`, see
   `xsvggt_jax.prune`): at most `keep` tokens per layer. Each step appends the frame, attends over
   [past; current], then prunes back to the budget (XStreamVGGT's order). `cumulative` layers also carry
@@ -48,7 +51,7 @@ Array = jax.Array
 QUANT_LAYOUTS = ("none", *LAYOUTS)  # registry keys: "none" or a K/V codec layout of `kvcodec.LAYOUTS`
 
 __all__ = ["QUANT_LAYOUTS", "SCALE_DTYPES", "LAYOUTS", "CacheConfig", "LayerKV", "LayerCache", "StreamCache",
-           "update_layer", "layer_caches", "init_cache", "cache_overflowed", "cache_bytes", "cache_report",
+           "update_layer", "prefix_chunk", "layer_caches", "init_cache", "cache_overflowed", "cache_bytes", "cache_report",
            "tree_bytes", "stored_slots", "CacheMismatchError", "CacheOverflowError"]
 
 
@@ -76,8 +79,9 @@ class CacheConfig:
     bits:   code width, one of `quant.PACK_BITS`; group: quantization group size.
     quant_head_dim: upstream quantizes only attention layers whose head dim is 64 (the aggregator's
             global blocks at the published size, never its camera trunk); None quantizes every layer.
-    chunk:  prune="none" only: attention walks the filled slots in chunks of this many tokens (a
-            longer stream's capacity is rounded up to a multiple of it; a shorter one is one chunk).
+    chunk:  prune="none" only: attention walks the filled slots in chunks of at most this many
+            tokens (`prefix_chunk`: fewer for a layer gaining few tokens a call, as the camera
+            trunk's); the capacity is rounded up to whole chunks.
     scale_dtype: a key of `SCALE_DTYPES`. "float32" stores the group scales exactly (bit-exact with
             upstream); "float16" halves their bytes (the cache then sits within 1.15x of the packed
             floor at the published size) at the price of rounding each scale to 11 significant bits.
@@ -203,6 +207,20 @@ class LayerKV:
     mass: Optional[Array] = None
 
 
+CHUNK_CALLS = 256  # an uncompressed layer's attention chunk holds at most this many calls' tokens
+
+
+def prefix_chunk(cache_cfg: CacheConfig, step_tokens: int) -> int:
+    """Slots per attention chunk of an uncompressed layer that gains `step_tokens` tokens a call:
+    min(chunk, CHUNK_CALLS x step_tokens). A function of the layer only, never of the stream's
+    length: the capacity is rounded up to whole chunks and attention folds over the filled chunks, so
+    the same stream reduces over the same blocks whatever capacity it was given. (A chunk sized to the
+    capacity would make a scene's last bits depend on the longest scene of its pool.) The camera trunk
+    (1 token a call) gets 256-slot chunks, 64 frames of 4 iterations, rather than the global layers'
+    2,048, so a short stream does not hold 2,048 camera slots."""
+    return min(cache_cfg.chunk, CHUNK_CALLS * step_tokens)
+
+
 def stored_slots(kv: LayerKV) -> int:
     """Tokens a layer cache can hold."""
     return kv.k.slots if isinstance(kv.k, Packed) else kv.k.shape[2]
@@ -241,7 +259,7 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
     k_att, v_att = _stage(kv.k, length, k, work), _stage(kv.v, length, v, work)
     end = length + n
     if policy is None:  # static capacity: attend over the filled chunks only
-        mask = Prefix(end, min(cache_cfg.chunk, slots))  # slots <= chunk, or a multiple of it
+        mask = Prefix(end, prefix_chunk(cache_cfg, n))  # the capacity is whole chunks (plan_layers)
     else:               # a pruned buffer is (nearly) full: one masked pass
         mask = jnp.where(jnp.arange(work) < end, 0.0, -jnp.inf).astype(jnp.float32)
 
@@ -371,9 +389,9 @@ def plan_layers(cfg: ModelConfig, cache_cfg: CacheConfig, frame_hw: tuple[int, i
 
     def plan(layers, heads, hd, n, frames_tokens, cc: CacheConfig):
         qz = cc.quantizes(hd)
-        if not cc.pruned:  # one short chunk, or a whole number of attention chunks
-            c = cc.chunk
-            slots = frames_tokens if frames_tokens <= c else -(-frames_tokens // c) * c
+        if not cc.pruned:  # whole attention chunks
+            c = prefix_chunk(cc, n)
+            slots = max(1, -(-frames_tokens // c)) * c
         else:  # room for the current tokens too, unless they are staged outside (quantized)
             slots = cc.keep(n) + (0 if qz else n)
         return LayerPlan(layers, heads, hd, n, slots, qz, cc.pruned)

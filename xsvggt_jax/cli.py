@@ -379,7 +379,7 @@ def _reconstruct_many(args) -> Path:
         summary = run_many(scenes, root, cfg, cache_cfg, params, open_source,
                            lambda d: OutputDir(d, args.overwrite, protect=protect), finish,
                            slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet,
-                           slot_compute=args.slot_compute)
+                           slot_compute=args.slot_compute, query_pools=args.query_pools)
     except CacheMemoryError as e:
         raise UsageError(str(e)) from e
     if summary["failed"]:
@@ -572,6 +572,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="how a pool steps its slots: batched (one vmapped program; GPU/TPU, meshes), sequential "
                         "(the single-scene step per slot, one device: bit-identical to `reconstruct`), auto "
                         "(sequential on one CPU device, else batched)")
+    from .many.driver import QUERY_POOLS
+    m.add_argument("--query-pools", choices=QUERY_POOLS, default="auto",
+                   help="scenes with different numbers of query points: shared (one pool per frame size, points "
+                        "padded and masked; last-bit differences in vis/track_conf), split (a pool per point "
+                        "count), auto (split with sequential slots, shared with batched ones)")
     cl = m.add_argument_group("many machines (jax.distributed)")
     cl.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
     cl.add_argument("--num-processes", type=POSITIVE_INT, help="processes in the run")

@@ -13,9 +13,28 @@ def inverse_log(y: Array) -> Array:
     return jnp.sign(y) * jnp.expm1(jnp.abs(y))
 
 
+@jax.custom_jvp
+def relu_passing_gradient(x: Array) -> Array:
+    """relu(x) with the identity's derivative: upstream's value, a gradient for negative x too."""
+    return jax.nn.relu(x)
+
+
+@relu_passing_gradient.defjvp
+def _relu_passing_gradient_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return relu_passing_gradient(x), t
+
+
 def activate_pose(enc: Array) -> Array:
-    """Pose encoding [..., 9]: translation linear, quaternion linear, field of view relu."""
-    return jnp.concatenate([enc[..., :7], jax.nn.relu(enc[..., 7:])], -1)
+    """Pose encoding [..., 9]: translation linear, quaternion linear, field of view relu.
+
+    The FoV relu's value is upstream's; its derivative is 1 everywhere (straight-through). With relu's
+    own derivative a FoV pre-activation pushed below 0 in training gets no gradient again: training
+    the tiny model from scratch, one of the two FoV channels died that way within 200 steps (FoV_h
+    0 on every frame: infinite focal length), whichever channel overshot first. Upstream fine-tunes
+    from VGGT's weights, whose FoV never leaves the positive side. Inference is unchanged.
+    """
+    return jnp.concatenate([enc[..., :7], relu_passing_gradient(enc[..., 7:])], -1)
 
 
 def activate_dense(out: Array, activation: str, conf_activation: str = "expp1") -> tuple[Array, Array]:

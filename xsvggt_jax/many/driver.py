@@ -1,9 +1,13 @@
 """The many-scene driver: scenes stream through a pool of B slots with continuous batching.
 
-Scenes are grouped into pools by frame size and number of query points (`pool_key`): a pool's
-cache is laid out for one frame size, and padding query points would change the real points' `vis`
-/ `track_conf` (see `batch.py`), so a scene of another size or query count runs in a pool of its own,
-after the previous pool (pools run one after another, each compiled once). Within a pool every step
+Scenes are grouped into pools (`group_pools`), run one after another, each compiled once. A pool's
+cache is laid out for one frame size, so a scene of another size runs in a pool of its own. Query
+points (`query_pools`): "shared" puts every scene of a frame size in one pool of N points a slot (the
+most of any of its scenes), a scene's points padded to N and masked out of the real points'
+attention (`batch.pad_queries`; its outputs keep its own points only); "split" gives each number of
+points its own pool. Padding changes the shapes the track head reduces over, so a padded scene's
+`vis` / `track_conf` differ from its single run in the last bits (1-2 ulp on CPU): "auto" splits when
+the slots run sequentially (bit-identical to `reconstruct`) and shares when they are batched. Within a pool every step
 feeds one frame per slot ([B, H, W, 3]) to the jitted pool step; when a scene ends (or fails),
 `reset_slots` re-initialises its slot and the next scene starts there at the next step: no
 recompile, no draining. Idle slots (no scenes left) get blank frames whose outputs are dropped.
@@ -16,17 +20,15 @@ Host work overlaps device work:
   directory and publishes it (`OutputDir`), while the device steps on.
 `device_idle_fraction` = time the main loop waited for frames / its total time.
 
-Parity with `xsvggt reconstruct` on CPU (jax 0.10.2, tiny reference model), two separate effects:
-* prune "none": a pool's uncompressed cache is sized for its longest scene, and a stream shorter than
-  `CacheConfig.chunk` tokens attends over its whole capacity as one chunk (masked tail), so a scene
-  in a pool with a longer one reduces over a longer chunk than its single run: last-bit
-  differences (~2e-6 on pts3d). A scene as long as its pool's longest is bit-identical at B = 1.
-  xstream's cache has a fixed capacity (the budget): no such effect.
+Parity with `xsvggt reconstruct` on CPU (jax 0.10.2, tiny reference model):
+* prune "none": a pool's uncompressed cache is sized for its longest scene, but its attention chunks
+  are not (`cache.prefix_chunk`), so a shorter scene folds over the same key blocks as in its own
+  run: bit-identical.
 * B >= 2 with the batched slot compute (`batch.SLOT_COMPUTE`): the vmapped program differs from
   B = 1 from the first frame by up to ~3e-6 (camera_pose; pts3d ~3e-6, derived intrinsics 7.5e-6
   relative): XLA:CPU compiles the batched program with other fusions / reduction orders. So on CPU
   `slot_compute="auto"` steps the slots sequentially with the single-stream step's own program:
-  bit-identical at any B (given equal cache sizes, see prune "none" above).
+  bit-identical at any B.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..batch import init_pool, make_pool_step, reset_slots, resolve_slot_compute
+from ..batch import TRACK_KEYS, init_pool, make_pool_step, pad_queries, reset_slots, resolve_slot_compute
 from ..cache import CacheConfig, cache_report, init_cache
 from ..config import ModelConfig
 from ..io.frames import FrameSource
@@ -72,10 +74,34 @@ class Job:
     out: OutputDir
 
 
+QUERY_POOLS = ("auto", "split", "shared")
+
+
 def pool_key(source: FrameSource) -> tuple[int, int, int]:
-    """(H, W, number of query points): scenes with the same key share a pool."""
+    """(H, W, number of query points) of one scene."""
     qp = source.query_points
     return source.height, source.width, 0 if qp is None else len(qp)
+
+
+def resolve_query_pools(mode: str, slot_compute: str) -> str:
+    """"split" or "shared" for `mode` (a `QUERY_POOLS` name) under the resolved `slot_compute`: auto
+    shares when the slots are batched, splits when they run sequentially (bit-identical to single runs)."""
+    if mode not in QUERY_POOLS:
+        raise ValueError(f"unknown query pools {mode!r}; choose from {QUERY_POOLS}")
+    if mode == "auto":
+        return "shared" if slot_compute == "batched" else "split"
+    return mode
+
+
+def group_pools(jobs: Sequence[Job], query_pools: str) -> dict[tuple[int, int, int], list[Job]]:
+    """{(H, W, N points a slot): the jobs of that pool} in first-appearance order. query_pools:
+    "split" (one pool per frame size and point count) or "shared" (one per frame size, N the most
+    points of any of its scenes)."""
+    by_shape: dict[tuple, list[Job]] = collections.defaultdict(list)
+    for job in jobs:
+        key = pool_key(job.source)
+        by_shape[key if query_pools == "split" else key[:2]].append(job)
+    return {(*key[:2], max(pool_key(j.source)[2] for j in group)): group for key, group in by_shape.items()}
 
 
 class _Reader:
@@ -222,7 +248,10 @@ class _Writer:
         for b, a, t, frame in rows:
             if a not in self.open:
                 continue
-            bad = a.store.write(t, {k: v[b:b + 1] for k, v in out.items()}, frame)
+            n = pool_key(a.job.source)[2]  # the scene's own points: a shared pool pads them
+            row = {k: v[b:b + 1, :n] if k in TRACK_KEYS else v[b:b + 1] for k, v in out.items()
+                   if n or k not in TRACK_KEYS}
+            bad = a.store.write(t, row, frame)
             a.latency.append(seconds)
             if bad:
                 self._fail(a, NonFiniteError(f"the model produced NaN/Inf at frame {t} of "
@@ -264,21 +293,21 @@ class _Writer:
 def run_scenes(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, jobs: Sequence[Job], finish: Finish, *,
                slots: int = 1, prefetch: int = 4, lookahead: Optional[int] = None, devices=None,
                progress: Optional[Callable[[int], None]] = None,
-               slot_compute: str = "auto") -> tuple[list[dict], Stats]:
+               slot_compute: str = "auto", query_pools: str = "auto") -> tuple[list[dict], Stats]:
     """Run `jobs` through pools of `slots` streams (rounded up to a multiple of the devices); returns
     one summary entry per job (status "done" or "failed") and the loop statistics. prefetch: frames
     read ahead per scene (0: decode in the main loop); lookahead: scenes whose readers start before
     they get a slot (default `slots`). devices: the devices of the pool (default: this process's
     local devices; several: the pool is sharded over a `data` mesh). progress(n): n frames stepped.
     slot_compute: how a pool steps its slots (`batch.SLOT_COMPUTE` or "auto": sequential on one CPU
-    device, bit-identical to `reconstruct`; batched otherwise)."""
+    device, bit-identical to `reconstruct`; batched otherwise). query_pools: whether scenes with
+    different numbers of query points share a pool (`QUERY_POOLS`, `resolve_query_pools`)."""
     devices = list(jax.local_devices() if devices is None else devices)
     mesh = make_mesh(devices=devices) if len(devices) > 1 else None
     slot_compute = resolve_slot_compute(slot_compute, mesh)  # before any work: PoolError on a bad choice
+    query_pools = resolve_query_pools(query_pools, slot_compute)
     params = jax.device_put(params, replicated(mesh) if mesh is not None else devices[0])
-    groups: dict[tuple, list[Job]] = collections.defaultdict(list)
-    for job in jobs:
-        groups[pool_key(job.source)].append(job)
+    groups = group_pools(jobs, query_pools)
     results: list[dict] = []
     stats = Stats()
     infos: dict[tuple, dict] = {}
@@ -297,7 +326,8 @@ def run_scenes(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, jobs: Seq
     try:
         for key, group in groups.items():
             _run_pool(cfg, cache_cfg, params, group, key, slots, prefetch,
-                      slots if lookahead is None else lookahead, mesh, writer, stats, progress, slot_compute)
+                      slots if lookahead is None else lookahead, mesh, writer, stats, progress, slot_compute,
+                      shared=query_pools == "shared")
     except BaseException as e:
         with contextlib.suppress(RuntimeError):  # the writer's own failure is `e`'s cause
             writer.close()
@@ -308,7 +338,7 @@ def run_scenes(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, jobs: Seq
 
 
 def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, prefetch: int, lookahead: int,
-              mesh, writer: _Writer, stats: Stats, progress, slot_compute: str) -> None:
+              mesh, writer: _Writer, stats: Stats, progress, slot_compute: str, shared: bool) -> None:
     h, w, nq = key
     d = 1 if mesh is None else mesh.devices.size
     b_slots = -(-min(slots, len(group)) // d) * d
@@ -337,6 +367,8 @@ def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, 
                     readers[id(job)] = _Reader(job.source, prefetch)
 
     active: list[Optional[_Active]] = [None] * b_slots
+    masked = shared and nq > 0  # a shared pool passes each slot's real points: valid [B, N]
+    valid = np.zeros((b_slots, nq), bool)
     blank = np.zeros((3, h, w), np.float32)
     t_start = time.perf_counter()
     try:
@@ -353,7 +385,8 @@ def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, 
                     writer.put(("start", a), stats)
                     active[b], done[b] = a, True
                     if nq:
-                        queries[b] = job.source.query_points
+                        queries[b], valid[b] = pad_queries(
+                            np.zeros((0, 2)) if job.source.query_points is None else job.source.query_points, nq)
             read_ahead()
             if not any(active):
                 break
@@ -384,7 +417,7 @@ def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, 
                 continue
             batch = jnp.asarray(np.stack(frames).transpose(0, 2, 3, 1))  # [B, H, W, 3]
             dispatched = time.perf_counter()
-            pool, out = step(params, pool, batch, None)
+            pool, out = step(params, pool, batch, jnp.asarray(valid) if masked else None)
             writer.put(("step", out, rows, dispatched), stats)
             stats.steps += 1
             stats.frames += len(rows)

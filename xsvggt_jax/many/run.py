@@ -12,7 +12,7 @@ from ..io.frames import FrameSource
 from ..io.fsutil import PRODUCER, atomic_write_json
 from ..io.outdir import OutputDir
 from . import hosts
-from .driver import Finish, Job, Stats, pool_key, run_scenes
+from .driver import Finish, Job, Stats, group_pools, resolve_query_pools, run_scenes
 from .scenes import SUMMARY, Scene, completed_report, process_share, summary_entry
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,16 @@ def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, open_source: Cal
     return jobs, entries
 
 
-def check_pool_memory(cfg: ModelConfig, cache_cfg: CacheConfig, jobs: Sequence[Job], slots: int) -> None:
+def check_pool_memory(cfg: ModelConfig, cache_cfg: CacheConfig, jobs: Sequence[Job], slots: int,
+                      query_pools: str = "split") -> None:
     """Raise `pipeline.CacheMemoryError` when a pool's caches (slots x one scene's, sized for the pool's
-    longest scene) would not fit the device's available memory; before any scene runs."""
+    longest scene) would not fit the device's available memory; before any scene runs. query_pools:
+    "split" or "shared" (`driver.group_pools`)."""
     from ..pipeline import CacheMemoryError, cache_memory_bytes
     from ..runtime import device_available_bytes
 
     available = device_available_bytes()
-    pools: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        pools.setdefault(pool_key(job.source), []).append(job)
-    for (h, w, nq), group in pools.items():
+    for (h, w, nq), group in group_pools(jobs, query_pools).items():
         need = min(slots, len(group)) * cache_memory_bytes(
             cfg, cache_cfg, (h, w), max(j.source.num_frames for j in group), nq)
         if available is not None and need > available:
@@ -76,25 +75,32 @@ def stats_entry(stats: Stats, process_id: int, slots: int, prefetch: int) -> dic
 
 def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: CacheConfig, params: dict,
              open_source: Callable[[Path], FrameSource], open_out: Callable[[Path], OutputDir], finish: Finish, *,
-             slots: int = 1, prefetch: int = 4, quiet: bool = True, slot_compute: str = "auto") -> dict:
+             slots: int = 1, prefetch: int = 4, quiet: bool = True, slot_compute: str = "auto",
+             query_pools: str = "auto") -> dict:
     """Run this process's share of `scenes` (all of them in a single-process run) into ROOT/<scene>/
     and write ROOT/summary.json (process 0, after every process finished). Returns the summary on
     every process (all read the partial summaries after the barrier): {"scenes": [entry...] sorted
     by name (see `scenes.summary_entry`), "failed": int, "processes": [loop statistics...],
     "device_idle_fraction": frame-wait time / loop time over all processes}. Raises
     `pipeline.CacheMemoryError` before any scene runs when a pool's caches do not fit. slot_compute:
-    how a pool steps its slots (`driver.run_scenes`)."""
+    how a pool steps its slots, query_pools: whether scenes with different numbers of query points
+    share a pool (both as `driver.run_scenes`)."""
     import jax
+
+    from ..batch import resolve_slot_compute
 
     n, i = jax.process_count(), jax.process_index()
     mine = process_share(scenes, n, i)
     log.info("process %d of %d: %d of %d scenes", i, n, len(mine), len(scenes))
     jobs, entries = plan(mine, root, cfg, open_source, open_out)
-    check_pool_memory(cfg, cache_cfg, jobs, slots)
+    several = len(jax.local_devices()) > 1  # run_scenes puts the pool on a mesh: batched slots
+    check_pool_memory(cfg, cache_cfg, jobs, slots, resolve_query_pools(
+        query_pools, "batched" if several else resolve_slot_compute(slot_compute, None)))
     bar = _progress(sum(job.source.num_frames for job in jobs), quiet)
     try:
         results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish, slots=slots, prefetch=prefetch,
-                                    progress=None if bar is None else bar.update, slot_compute=slot_compute)
+                                    progress=None if bar is None else bar.update, slot_compute=slot_compute,
+                                    query_pools=query_pools)
     finally:
         if bar is not None:
             bar.close()
