@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The accelerator checks of one lent device session, in one call (device time is scarce):
-#   1. versions and a smoke run (`xsvggt demo`: the shipped model end to end, its AbsRel printed);
-#   2. frames/s of the pool step for B = 1, 2, 4, 8, tiny and medium, float32 and bfloat16;
-#   3. the many-scene benchmark (40 scenes, continuous vs one at a time vs no prefetch, slots batched);
-#   4. the upstream parity tests on the accelerator (tests/test_parity.py, same tolerances as CPU);
-#   5. medium at the published frame size 392x518, float32 and bfloat16.
+# The accelerator checks of one lent device session, in one call (device time is scarce: 15 min a
+# session, a machine's start included). XLA:GPU compiles this model's step in 25-57 s a program (H100,
+# 2026-11-26, 8 at once on 16 host cores), so each step below compiles few programs:
+#   1. versions and a smoke run (`xsvggt demo`: the shipped model end to end);
+#   2. the upstream parity tests on the accelerator (a subset of tests/test_parity.py, CPU tolerances);
+#   3. frames/s of the pool step, medium 112x154, B = 1 and 8, float32 and bfloat16 (tiny is in
+#      benchmarks/results/batch_gpu_h100_tiny.json);
+#   4. the many-scene benchmark (20 scenes, continuous vs one at a time, slots batched);
+#   5. medium at the published frame size 392x518, B = 1 and 8, float32 and bfloat16.
 # Run from the repository root with OUT set (a folder the results go to). It expects:
 #   .whl/  wheels the device image lacks (plyfile), installed into /tmp/site;
-#   .ref/  a copy of ../shared/reference (the tests look for <repo>/../shared/reference).
-# Each step has its own time limit, so one that overruns loses only its own numbers.
+#   .ref/  a copy of ../shared/reference without weights.safetensors (the tests look for
+#          <repo>/../shared/reference; the working tree that travels is capped at 64 MiB).
+# Each step has its own time limit (560 s in all: call the tool with timeout_s 600), so one that
+# overruns loses only its own numbers.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 : "${OUT:?set OUT to the results folder}"
@@ -24,27 +29,28 @@ python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|chex|opta
 
 step smoke: xsvggt demo
 # A flax from the image that breaks our Linen modules is replaced by the pinned one, once.
-if ! timeout 120 python3 -m xsvggt_jax.cli demo --out /tmp/demo --overwrite >"$OUT/demo.log" 2>&1; then
+if ! timeout 90 python3 -m xsvggt_jax.cli demo --out /tmp/demo --overwrite >"$OUT/demo.log" 2>&1; then
   tail -5 "$OUT/demo.log"
   step "demo failed with the image's flax; trying flax 0.12.8"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/flax-*.whl || exit 1
-  timeout 120 python3 -m xsvggt_jax.cli demo --out /tmp/demo --overwrite >"$OUT/demo.log" 2>&1 \
+  timeout 90 python3 -m xsvggt_jax.cli demo --out /tmp/demo --overwrite >"$OUT/demo.log" 2>&1 \
     || { tail -30 "$OUT/demo.log"; exit 1; }
 fi
 grep -v "^WARNING" "$OUT/demo.log" | tail -12
 
-step batch: tiny 56x70 and medium 112x154, float32 and bfloat16
-timeout "${BATCH_S:-170}" python3 -m benchmarks.batch --configs tiny,medium --batches 1,2,4,8 --devices 1 \
-  --dtypes float32,bfloat16 --compile-workers 8 --steps 20 --out-dir "$OUT" --name batch_gpu 2>&1 | grep -v '^WARNING'
-
-step many: 40 scenes, slots batched
-timeout "${MANY_S:-170}" python3 -m benchmarks.many --slot-compute batched --out-dir "$OUT" --name many_gpu 2>&1 \
-  | grep -E '^\||Traceback|Error' | tail -12
-
 step parity tests on the accelerator
-timeout "${PARITY_S:-150}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 4 --dist load tests/test_parity.py 2>&1 | tail -15
+timeout "${PARITY_S:-120}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 4 --dist load tests/test_parity.py \
+  -k "stream_outputs and (stream_none or KTVT or sliding)" 2>&1 | tail -15
+
+step batch: medium 112x154, float32 and bfloat16
+timeout "${BATCH_S:-120}" python3 -m benchmarks.batch --configs medium --batches 1,8 --devices 1 \
+  --dtypes float32,bfloat16 --compile-workers 4 --steps 20 --out-dir "$OUT" --name batch_gpu_medium 2>&1 | grep -v '^WARNING'
+
+step many: 20 scenes, slots batched
+timeout "${MANY_S:-130}" python3 -m benchmarks.many --scenes 20 --runs continuous,one-at-a-time --slot-compute batched \
+  --out-dir "$OUT" --name many_gpu 2>&1 | grep -E '^\||Traceback|Error' | tail -12
 
 step batch: medium at 392x518
-timeout "${LARGE_S:-120}" python3 -m benchmarks.batch --configs medium --batches 1,2,4,8 --devices 1 --height 392 --width 518 \
-  --dtypes float32,bfloat16 --compile-workers 8 --steps 10 --out-dir "$OUT" --name batch_gpu_392x518 2>&1 | grep -v '^WARNING'
+timeout "${LARGE_S:-100}" python3 -m benchmarks.batch --configs medium --batches 1,8 --devices 1 --height 392 --width 518 \
+  --dtypes float32,bfloat16 --compile-workers 4 --steps 10 --out-dir "$OUT" --name batch_gpu_392x518 2>&1 | grep -v '^WARNING'
 step done

@@ -53,11 +53,17 @@ SESSION_COMPILE_CACHE_MIN_SECONDS = 0.3  # cache the model steps, not every tiny
 def user_cache_home(tmp_path_factory):
     """The CLI's per-user caches (converted checkpoints, JAX compilation cache) go to a test folder.
 
-    The session also shares one JAX persistent compilation cache, in a folder created for this session
-    (never a user's): tests and the subprocesses they start (through the environment) that compile the
-    same program (same model, cache config, shapes and devices) compile it once. Set here only: the
-    library and the CLI keep their own defaults."""
-    compile_dir = str(tmp_path_factory.mktemp("jax-compile"))
+    The run also shares one JAX persistent compilation cache, in a folder created for this run (never
+    a user's): tests, the subprocesses they start (through the environment) and, under pytest-xdist,
+    the other workers (the folder sits in the run's temporary root) that compile the same program
+    (same model, cache config, shapes and devices) compile it once. Set here only: the library and the
+    CLI keep their own defaults."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp = <run root>/popen-gwN: one folder for all workers
+        compile_dir = tmp_path_factory.getbasetemp().parent / "jax-compile"
+        compile_dir.mkdir(exist_ok=True)
+        compile_dir = str(compile_dir)
+    else:
+        compile_dir = str(tmp_path_factory.mktemp("jax-compile"))
     old = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir",
                                                         "jax_persistent_cache_min_compile_time_secs")}
     jax.config.update("jax_compilation_cache_dir", compile_dir)

@@ -36,7 +36,7 @@ def test_heldout_metrics_reproduce_the_card_within_1e_4(demo):
     h = card["heldout"]
     got = heldout_metrics(params, cfg, tuple(card["frame_size"]), h["frames"], h["scenes"])["model"]
     want = h["metrics"]["model"]
-    for key in ("abs_rel", "delta_1.25", "ate"):
+    for key in ("abs_rel", "delta_1.25", "ate", "focal_err"):
         assert abs(got[key] - want[key]) <= 1e-4, (key, got[key], want[key])
 
 
@@ -45,6 +45,8 @@ def test_trained_model_beats_the_baselines_on_held_out_scenes(demo):
     assert m["model"]["abs_rel"] <= 0.5 * m["constant_depth"]["abs_rel"]     # the target
     assert m["model"]["abs_rel"] < m["random_weights"]["abs_rel"]
     assert m["model"]["ate"] < min(m["random_weights"]["ate"], m["identity_poses"]["ate"])
+    # both fields of view learned (the first shipped model had a dead FoV_h channel: infinite fy)
+    assert m["model"]["focal_err"] < 0.05 < m["random_weights"]["focal_err"]
 
 
 def test_unknown_model_is_a_typed_error():

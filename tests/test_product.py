@@ -61,6 +61,8 @@ def test_demo_runs_end_to_end_with_one_compile_and_shows_the_scene(tmp_path, cap
     assert "shipped `demo` model" in stdout and str(out) in stdout
     report = check_outputs(out, frames, hw)
     assert report["cache"]["prune"] == "xstream" and report["cache"]["quant"] == "kcvt"
+    # every camera usable: a field of view <= 0 would drop the frame from the COLMAP export
+    assert report["colmap_dropped_frames"] == [] and report["colmap_images"] == frames
     truth = np.load(out / "scene_ground_truth.npz")["depth"]
     assert truth.shape == (frames, *hw)
     compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(step)")]

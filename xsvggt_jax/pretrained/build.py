@@ -62,7 +62,7 @@ def _identity_pose_ate(ref_c2w: np.ndarray) -> float:
 def heldout_metrics(params: dict, cfg: ModelConfig, frame_size: tuple[int, int], frames: int,
                     scenes: int, baselines: bool = False) -> dict[str, dict[str, Any]]:
     """{"model": {...}} (plus "random_weights", "constant_depth", "identity_poses" when `baselines`)
-    of mean {"abs_rel", "delta_1.25", "ate"} over `scenes` held-out procedural scenes."""
+    of mean {"abs_rel", "delta_1.25", "ate", "focal_err"} over `scenes` held-out procedural scenes."""
     h, w = frame_size
     clips = eval_clips(DataSource(frames=frames, height=h, width=w), scenes)
     predict = eval_forward(cfg, "causal", None)
@@ -140,8 +140,8 @@ def model_card_markdown(info: dict) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.4f}"
     rows = [("trained model", m["model"]), ("random weights", m["random_weights"]),
             ("constant depth (median-scaled)", m["constant_depth"]), ("identity poses", m["identity_poses"])]
-    table = "\n".join(f"| {label} | {fmt(r.get('abs_rel'))} | {fmt(r.get(DELTA_KEYS[0]))} | {fmt(r.get('ate'))} |"
-                      for label, r in rows)
+    table = "\n".join(f"| {label} | {fmt(r.get('abs_rel'))} | {fmt(r.get(DELTA_KEYS[0]))} | {fmt(r.get('ate'))} | "
+                      f"{fmt(r.get('focal_err'))} |" for label, r in rows)
     secs = t["train_seconds"]
     return f"""# Model card: `{info['name']}`
 
@@ -167,10 +167,11 @@ boxes and planes under smooth camera paths at {h}x{w} pixels, nothing of real im
 ## Held-out metrics
 {info['heldout']['scenes']} procedural scenes never seen in training, {info['heldout']['frames']} frames each, whole-clip
 causal forward; depth AbsRel and delta<1.25 after one median scale per sequence, ATE after Sim(3)
-alignment of the camera centres (scene units; the scenes span a few units).
+alignment of the camera centres (scene units; the scenes span a few units), focal error
+mean |f / f_true - 1| of the focal lengths the predicted fields of view give.
 
-| | AbsRel | delta<1.25 | ATE |
-|---|---|---|---|
+| | AbsRel | delta<1.25 | ATE | focal error |
+|---|---|---|---|---|
 {table}
 
 `tests/test_pretrained.py` reloads the shipped file and reproduces the trained model's row to 1e-4.

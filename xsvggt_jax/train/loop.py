@@ -143,18 +143,24 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 
 
 def clip_metrics(out: dict, scene) -> dict[str, Any]:
-    """Depth AbsRel / delta<1.25 (one median scale over the clip) and camera ATE (Sim(3)-aligned
-    camera centres) of one clip's predictions against its procedural scene. out: host arrays
+    """Depth AbsRel / delta<1.25 (one median scale over the clip), camera ATE (Sim(3)-aligned camera
+    centres) and focal error (mean |f / f_true - 1| over frames and both axes; inf for a field of view
+    <= 0) of one clip's predictions against its procedural scene. out: host arrays
     {"depth" [1, S, H, W, 1], "camera_pose" [1, S, 9]}. "ate" is None when the clip allows no
     alignment: fewer than 3 frames, or coinciding predicted centres (an untrained model)."""
     _, h, w = scene.depth.shape
     depth = evaluate_depth(out["depth"][0, ..., 0], scene.depth, align="median")
-    extr, _ = pose_encoding_to_extri_intri(jax.numpy.asarray(out["camera_pose"][0]), (h, w))
+    extr, intr = pose_encoding_to_extri_intri(jax.numpy.asarray(out["camera_pose"][0]), (h, w))
     try:
         ate = trajectory_metrics(extrinsics_to_c2w(np.asarray(extr)), extrinsics_to_c2w(scene.extrinsics))["ate"]
     except EvalInputError:
         ate = None
-    return {"abs_rel": depth["abs_rel"], DELTA_KEYS[0]: depth[DELTA_KEYS[0]], "ate": ate}
+    diag = (slice(None), [0, 1], [0, 1])  # [S, 2]: fx, fy
+    with np.errstate(invalid="ignore"):
+        ratio = np.asarray(intr, np.float64)[diag] / np.asarray(scene.intrinsics, np.float64)[diag]
+    focal = np.abs(ratio - 1.0)
+    return {"abs_rel": depth["abs_rel"], DELTA_KEYS[0]: depth[DELTA_KEYS[0]], "ate": ate,
+            "focal_err": float(np.mean(np.where(np.isfinite(focal), focal, np.inf)))}
 
 
 def evaluate(predict: Callable, params: dict, clips: list) -> dict[str, float]:
@@ -165,7 +171,8 @@ def evaluate(predict: Callable, params: dict, clips: list) -> dict[str, float]:
     ates = [r["ate"] for r in rows if r["ate"] is not None]
     return {"abs_rel": float(np.mean([r["abs_rel"] for r in rows])),
             DELTA_KEYS[0]: float(np.mean([r[DELTA_KEYS[0]] for r in rows])),
-            "ate": float(np.mean(ates)) if ates else None}
+            "ate": float(np.mean(ates)) if ates else None,
+            "focal_err": float(np.mean([r["focal_err"] for r in rows]))}
 
 
 class Progress:
