@@ -178,26 +178,27 @@ assert len(jax.devices()) == 2
 cfg = ModelConfig.preset("micro")
 src = DataSource(batch=2, frames=2, height=28, width=42, seed=3)
 optim = OptimConfig(lr=3e-3, warmup=3, steps=40, freeze=UPSTREAM_FROZEN)
-params = init_params(cfg, jax.random.key(0))
+params = jax.device_get(init_params(cfg, jax.random.key(0)))  # host copies: each step donates its own state
 opt = make_optimizer(optim, params)
-mesh = data_mesh() if sys.argv[2] == "2" else data_mesh(jax.devices()[:1])
-step = make_train_step(cfg, opt, param_labels(params, optim.freeze), learning_rate(optim), mesh=mesh)
-state, m = step(place_state(init_state(params, opt), mesh), shard_batch(batch_at(make_clip_fn(src), src, 0), mesh))
-leaf = np.asarray(jax.tree_util.tree_leaves(state.params)[-1]).ravel()[:4].tolist()
-print(json.dumps({"loss": float(m["loss"]), "leaf": leaf,
-                  "sharded": len(state.params["depth_head"]["projects_0"]["kernel"].sharding.device_set)}))
+batch = batch_at(make_clip_fn(src), src, 0)
+out = {}
+for n, mesh in (("1", data_mesh(jax.devices()[:1])), ("2", data_mesh())):
+    step = make_train_step(cfg, opt, param_labels(params, optim.freeze), learning_rate(optim), mesh=mesh)
+    state, m = step(place_state(init_state(params, opt), mesh), shard_batch(batch, mesh))
+    leaf = np.asarray(jax.tree_util.tree_leaves(state.params)[-1]).ravel()[:4].tolist()
+    out[n] = {"loss": float(m["loss"]), "leaf": leaf,
+              "sharded": len(state.params["depth_head"]["projects_0"]["kernel"].sharding.device_set)}
+print(json.dumps(out))
 """
 
 
 @pytest.mark.slow
 def test_data_parallel_two_devices_matches_one():
-    out = {}
-    for n in ("1", "2"):
-        res = subprocess.run([sys.executable, "-c", DP_SCRIPT, str(ROOT), n], capture_output=True, text=True,
-                             timeout=900)
-        assert res.returncode == 0, res.stderr[-3000:]
-        out[n] = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["2"]["sharded"] == 2
+    """One train step on a 1-device and on a 2-device data mesh (one subprocess, two forced devices)."""
+    res = subprocess.run([sys.executable, "-c", DP_SCRIPT, str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["1"]["sharded"] == 1 and out["2"]["sharded"] == 2
     assert abs(out["1"]["loss"] - out["2"]["loss"]) <= 1e-6 * max(1.0, abs(out["1"]["loss"]))
     np.testing.assert_allclose(out["1"]["leaf"], out["2"]["leaf"], rtol=1e-5, atol=1e-7)
 
