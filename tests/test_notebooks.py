@@ -2,9 +2,9 @@
 
 Each notebook runs in a fresh Jupyter kernel (nbclient + ipykernel, this interpreter) whose working
 directory is a temporary folder and whose `xsvggt_jax` is this checkout's (PYTHONPATH), so a cell that
-raises fails the test with its traceback. The kernels get `--xla_backend_optimization_level=0`
-(appended to XLA_FLAGS): XLA's LLVM back end then compiles the notebooks' train and stream steps about
-twice as fast on a CPU; the notebooks compute the same things.
+raises fails the test with its traceback. The kernels inherit the suite's XLA_FLAGS
+(`conftest.TEST_XLA_FLAGS`: LLVM's cheaper pipeline, about twice as fast to compile the notebooks'
+train and stream steps on a CPU); the notebooks compute the same things.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ def test_notebook_executes(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env=env)

@@ -12,7 +12,9 @@ from xsvggt_jax.step import make_step
 
 def test_filled_bytes_grow_with_an_uncompressed_stream_and_reach_the_allocation(micro):
     cfg, params = micro
-    cc = CacheConfig.uncompressed()
+    # attention chunks of 3 slots divide both the global (3 x 9 tokens) and the camera (3 x 4) stream,
+    # so the capacity is exactly three frames (the default 2,048-token chunk would round it up)
+    cc = CacheConfig(prune="none", chunk=3)
     cache = init_cache(cfg, cc, 1, (28, 28), max_frames=3)
     allocated = cache_bytes(cache)
     empty = filled_bytes(cache)

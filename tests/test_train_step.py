@@ -166,7 +166,7 @@ def test_distillation_from_itself_is_zero_except_log_conf(setup):
 
 DP_SCRIPT = """
 import os, sys, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
 from xsvggt_jax.config import ModelConfig
