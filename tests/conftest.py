@@ -9,14 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# XLA's CPU back end with LLVM's cheaper pipeline: the suite is bound by compiling hundreds of
-# programs (each run once or a few times), and this compiles them ~30% faster. The numerics are the
-# same operations (no fast-math either way): every parity tolerance and bit-identity check still
-# applies. Set before jax starts; subprocesses inherit it (`xla_flags` adds their own flags to it).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), TEST_XLA_FLAGS]))
-
-import jax  # noqa: E402 - after XLA_FLAGS
+import jax
 import numpy as np
 import pytest
 
@@ -35,10 +28,18 @@ def require_reference(path: Path = REFERENCE) -> Path:
     return path
 
 
-def xla_flags(*extra: str) -> str:
-    """This process's XLA_FLAGS (the suite's, see TEST_XLA_FLAGS) plus `extra`, for a subprocess that
-    needs its own (e.g. --xla_force_host_platform_device_count=N)."""
-    return " ".join(filter(None, [os.environ.get("XLA_FLAGS"), *extra]))
+# XLA's CPU back end with LLVM's cheaper pipeline: compiles this model's programs ~30% faster, but
+# rounds differently (under it the KTVT parity test's camera_pose error is 1.3e-5 instead of 6.7e-6,
+# over its 1e-5 tolerance). So the tests in this process, which check parity with upstream, keep
+# XLA's defaults, and only subprocesses that compare their own runs with each other (sharded vs
+# single, two meshes, notebooks) get these flags, through `child_xla_flags`.
+CHILD_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+
+def child_xla_flags(*extra: str) -> str:
+    """XLA_FLAGS for a subprocess whose checks compare its own runs only: this process's flags, the
+    faster-compiling CHILD_XLA_FLAGS and `extra` (e.g. --xla_force_host_platform_device_count=N)."""
+    return " ".join(filter(None, [os.environ.get("XLA_FLAGS"), *CHILD_XLA_FLAGS, *extra]))
 
 
 def rel_err(ours, ref) -> float:

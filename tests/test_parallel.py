@@ -21,7 +21,7 @@ import pytest
 from xsvggt_jax import batch, parallel
 from xsvggt_jax.cache import CacheConfig, init_cache
 
-from conftest import TINY, require_reference, xla_flags
+from conftest import TINY, child_xla_flags, require_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-6
@@ -30,7 +30,7 @@ TOL = 1e-6
 @pytest.fixture(scope="module")
 def child() -> dict:
     require_reference(TINY)
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"), JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags("--xla_force_host_platform_device_count=4"), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "tests.parallel_child", str(TINY)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)

@@ -21,8 +21,8 @@ DEVICES = 4
 
 @pytest.fixture(scope="module")
 def worker() -> dict:
-    from conftest import xla_flags
-    env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={DEVICES}"),
+    from conftest import child_xla_flags
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(f"--xla_force_host_platform_device_count={DEVICES}"),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

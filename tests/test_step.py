@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import xsvggt_jax.step as step_mod
-from conftest import micro_frames, nhwc, xla_flags
+from conftest import child_xla_flags, micro_frames, nhwc
 from xsvggt_jax.cache import (CacheConfig, CacheMismatchError, CacheOverflowError, cache_bytes, cache_overflowed,
                               init_cache)
 from xsvggt_jax.pose import pose_encoding_to_extri_intri, quat_to_mat
@@ -169,7 +169,7 @@ assert len(compiles) == 2, len(compiles)
 def test_step_compiles_once_on_a_two_device_mesh(tmp_path):
     """init_cache no longer pins the cache to device 0: on a (CPU) mesh an unsharded cache is placed
     next to the replicated parameters, a sharded one keeps its sharding, and each compiles once."""
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"), JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags("--xla_force_host_platform_device_count=2"), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     r = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -7,6 +7,7 @@ trace, resume and distillation tests (a compile costs minutes on a loaded 2-core
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -195,7 +196,9 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_data_parallel_two_devices_matches_one():
     """One train step on a 1-device and on a 2-device data mesh (one subprocess, two forced devices)."""
-    res = subprocess.run([sys.executable, "-c", DP_SCRIPT, str(ROOT)], capture_output=True, text=True, timeout=900)
+    from conftest import child_xla_flags
+    res = subprocess.run([sys.executable, "-c", DP_SCRIPT, str(ROOT)], capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, XLA_FLAGS=child_xla_flags()))
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["1"]["sharded"] == 1 and out["2"]["sharded"] == 2

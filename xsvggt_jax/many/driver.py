@@ -7,10 +7,12 @@ most of any of its scenes), a scene's points padded to N and masked out of the r
 attention (`batch.pad_queries`; its outputs keep its own points only); "split" gives each number of
 points its own pool. Padding changes the shapes the track head reduces over, so a padded scene's
 `vis` / `track_conf` differ from its single run in the last bits (1-2 ulp on CPU): "auto" splits when
-the slots run sequentially (bit-identical to `reconstruct`) and shares when they are batched. Within a pool every step
-feeds one frame per slot ([B, H, W, 3]) to the jitted pool step; when a scene ends (or fails),
-`reset_slots` re-initialises its slot and the next scene starts there at the next step: no
-recompile, no draining. Idle slots (no scenes left) get blank frames whose outputs are dropped.
+the slots run sequentially (bit-identical to `reconstruct`) and shares when they are batched.
+
+Within a pool every step feeds one frame per slot ([B, H, W, 3]) to the jitted pool step; when a
+scene ends (or fails), `reset_slots` re-initialises its slot and the next scene starts there at the
+next step: no recompile, no draining. Idle slots (no scenes left) get blank frames whose outputs are
+dropped.
 
 Host work overlaps device work:
 * a reader per scene (a thread filling a queue of `prefetch` frames, decoded, preprocessed and
@@ -48,7 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..batch import TRACK_KEYS, init_pool, make_pool_step, pad_queries, reset_slots, resolve_slot_compute
+from ..batch import (TRACK_KEYS, PoolError, init_pool, make_pool_step, pad_queries, reset_slots,
+                     resolve_slot_compute)
 from ..cache import CacheConfig, cache_report, init_cache
 from ..config import ModelConfig
 from ..io.frames import FrameSource
@@ -87,7 +90,7 @@ def resolve_query_pools(mode: str, slot_compute: str) -> str:
     """"split" or "shared" for `mode` (a `QUERY_POOLS` name) under the resolved `slot_compute`: auto
     shares when the slots are batched, splits when they run sequentially (bit-identical to single runs)."""
     if mode not in QUERY_POOLS:
-        raise ValueError(f"unknown query pools {mode!r}; choose from {QUERY_POOLS}")
+        raise PoolError(f"unknown query pools {mode!r}; choose from {QUERY_POOLS}")
     if mode == "auto":
         return "shared" if slot_compute == "batched" else "split"
     return mode
