@@ -3,7 +3,8 @@
 # session, a machine's start included). XLA:GPU compiles this model's step in 25-57 s a program (H100,
 # 2026-11-26, 8 at once on 16 host cores), so each step below compiles few programs:
 #   1. versions and a smoke run (`xsvggt demo`: the shipped model end to end);
-#   2. the upstream parity tests on the accelerator (a subset of tests/test_parity.py, CPU tolerances);
+#   2. the upstream parity tests on the accelerator (tests/test_parity.py, CPU tolerances; one of them
+#      failed on the H100 on 2026-11-26 and the cut output lost its name);
 #   3. frames/s of the pool step, medium 112x154, B = 1 and 8, float32 and bfloat16 (tiny is in
 #      benchmarks/results/batch_gpu_h100_tiny.json);
 #   4. the many-scene benchmark (20 scenes, continuous vs one at a time, slots batched);
@@ -39,18 +40,20 @@ fi
 grep -v "^WARNING" "$OUT/demo.log" | tail -12
 
 step parity tests on the accelerator
-timeout "${PARITY_S:-120}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 4 --dist load tests/test_parity.py \
-  -k "stream_outputs and (stream_none or KTVT or sliding)" 2>&1 | tail -15
+# -v and tee: each test's name and result reach $OUT/parity.log as it ends, even if the limit cuts the run
+# (the first lent session lost which test failed to a `| tail` that the time limit killed)
+timeout "${PARITY_S:-200}" python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 4 --dist load \
+  tests/test_parity.py 2>&1 | grep -E 'PASSED|FAILED|ERROR|^E  |passed|failed' | tee "$OUT/parity.log" | tail -30
 
 step batch: medium 112x154, float32 and bfloat16
-timeout "${BATCH_S:-120}" python3 -m benchmarks.batch --configs medium --batches 1,8 --devices 1 \
+timeout "${BATCH_S:-110}" python3 -m benchmarks.batch --configs medium --batches 1,8 --devices 1 \
   --dtypes float32,bfloat16 --compile-workers 4 --steps 20 --out-dir "$OUT" --name batch_gpu_medium 2>&1 | grep -v '^WARNING'
 
 step many: 20 scenes, slots batched
-timeout "${MANY_S:-130}" python3 -m benchmarks.many --scenes 20 --runs continuous,one-at-a-time --slot-compute batched \
+timeout "${MANY_S:-100}" python3 -m benchmarks.many --scenes 20 --runs continuous,one-at-a-time --slot-compute batched \
   --out-dir "$OUT" --name many_gpu 2>&1 | grep -E '^\||Traceback|Error' | tail -12
 
 step batch: medium at 392x518
-timeout "${LARGE_S:-100}" python3 -m benchmarks.batch --configs medium --batches 1,8 --devices 1 --height 392 --width 518 \
+timeout "${LARGE_S:-60}" python3 -m benchmarks.batch --configs medium --batches 1,8 --devices 1 --height 392 --width 518 \
   --dtypes float32,bfloat16 --compile-workers 4 --steps 10 --out-dir "$OUT" --name batch_gpu_392x518 2>&1 | grep -v '^WARNING'
 step done
