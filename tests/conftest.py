@@ -138,15 +138,3 @@ def tiny_params(tiny_dir, tiny_cfg):
 def tiny_frames(tiny_dir):
     d = np.load(tiny_dir / "frames.npz")
     return d["images"], d["query_points"]
-
-
-# Test files that take minutes on a 2-core CPU and sort late (train step, notebooks, sharded pool),
-# moved to the front. pytest-xdist's loadfile mode hands whole files to the two workers in collection
-# order, so a long file collected near the end leaves one worker running it alone while the other
-# idles. Order only: no test is added or skipped, and each file keeps its own order.
-LONG_FILES_FIRST = ("test_train_step.py", "test_notebooks.py", "test_parallel.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file and test order kept
