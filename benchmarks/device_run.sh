@@ -12,7 +12,9 @@
 # Run from the repository root with OUT set (a folder the results go to). It expects:
 #   .whl/  wheels the device image lacks (plyfile), installed into /tmp/site;
 #   .ref/  a copy of ../shared/reference without weights.safetensors (the tests look for
-#          <repo>/../shared/reference; the working tree that travels is capped at 64 MiB).
+#          <repo>/../shared/reference; the working tree that travels is capped at 64 MiB):
+#          cp -r ../shared/reference .ref && rm .ref/tiny/weights.safetensors
+#   Both are listed in .git/info/exclude (never committed) and named in the call's `carry`.
 # Each step has its own time limit (560 s in all: call the tool with timeout_s 600), so one that
 # overruns loses only its own numbers.
 set -u
