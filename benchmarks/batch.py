@@ -64,7 +64,7 @@ def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int
     params = random_params(cfg)
     fresh = init_cache(cfg, cc, 1, hw, max_frames=steps + 1)
 
-    def build(b: int) -> dict:
+    def build(b: int) -> tuple:  # (B, devices, params, pool, frames, compiled step, compile seconds)
         devices = jax.devices()[:min(b, len(jax.devices()))]
         mesh = parallel.make_mesh(devices=devices) if len(devices) > 1 else None
         if mesh is not None:
@@ -76,15 +76,12 @@ def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int
         run = pool_mod.make_pool_step(cfg, cc, mesh)
         t0 = time.perf_counter()
         compiled = run.jitted.lower(rep, pool, frames[0], None).compile()  # no query validity mask
-        return dict(b=b, devices=devices, rep=rep, pool=pool, frames=frames, compiled=compiled,
-                    compile_s=time.perf_counter() - t0)
+        return b, devices, rep, pool, frames, compiled, time.perf_counter() - t0
 
     with concurrent.futures.ThreadPoolExecutor(max(1, compile_workers)) as ex:
         built = list(ex.map(build, batches))
     records = []
-    for prog in built:
-        b, devices, rep, pool, frames, compiled, compile_s = (prog[k] for k in (
-            "b", "devices", "rep", "pool", "frames", "compiled", "compile_s"))
+    for b, devices, rep, pool, frames, compiled, compile_s in built:
         pool, out = jax.block_until_ready(compiled(rep, pool, frames[0], None))  # warm-up
         times = []
         for t in range(steps):
@@ -99,7 +96,6 @@ def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int
                         "cache_bytes_per_device": max(parallel.per_device_bytes(pool).values())})
         log.info("%s %s B=%d on %d device(s): %.2f frames/s (compile %.1f s)", config, dtype, b, len(devices), fps,
                  compile_s)
-        del prog["pool"], prog["compiled"]  # free this B's device memory before timing the next
     return records
 
 
@@ -138,7 +134,8 @@ def table(result: dict) -> str:
         load = f"{run['load_avg_before'][0]:.1f}/{run['load_avg_after'][0]:.1f}"
         for r in run["records"]:
             lines.append("| " + " | ".join([
-                r["config"], r.get("dtype", "float32"), f"{r['frame_hw'][0]}x{r['frame_hw'][1]}", str(run["forced_devices"]), str(r["batch"]),
+                r["config"], r.get("dtype", "float32"), f"{r['frame_hw'][0]}x{r['frame_hw'][1]}",
+                str(run["forced_devices"]), str(r["batch"]),
                 str(r["devices"]), f"{r['compile_s']:.1f}", f"{r['median_step_s'] * 1e3:.1f}",
                 f"{r['frames_per_s']:.2f}", f"{r['frames_per_s_per_device']:.2f}",
                 f"{r['cache_bytes_per_device'] / 1024:.0f}", load]) + " |")
@@ -176,13 +173,6 @@ def machine_words(result: dict) -> str:
     """What ran the numbers, for titles: the accelerator's kind, or the (possibly shared) CPU."""
     kinds = sorted({run["device_kind"] for run in result["runs"] if run["backend"] != "cpu"})
     return ", ".join(kinds) if kinds else f"provisional: shared {result['cpu_count']}-core CPU"
-
-
-def update_readme(readme: Path, text: str, marker: str = "batch") -> None:
-    """Put `text` between `<!-- marker:start -->` and `<!-- marker:end -->` of `readme`."""
-    from .summarize import update_readme as put
-
-    put(readme, text, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     text = table(result)
     print(text)
     if args.update_readme:
-        update_readme(HERE / "README.md", text, args.marker)
+        from .summarize import markers, update_readme
+        update_readme(HERE / "README.md", text, *markers(args.marker))
     return result
 
 

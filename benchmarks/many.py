@@ -105,9 +105,9 @@ def table(result: dict) -> str:
 
 def write_readme(text: str, marker: str = "many") -> None:
     """Put `text` between the `<!-- marker:start/end -->` markers of benchmarks/README.md."""
-    from .summarize import update_readme
+    from .summarize import markers, update_readme
 
-    update_readme(HERE / "README.md", text, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->")
+    update_readme(HERE / "README.md", text, *markers(marker))
 
 
 def plot(result: dict, path: Path) -> None:

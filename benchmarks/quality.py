@@ -54,7 +54,7 @@ import numpy as np
 
 from xsvggt_jax.eval.settings import Setting, SettingsError, parse_setting
 
-from .summarize import markdown, update_readme
+from .summarize import markdown, markers, update_readme
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ SCHEMA = 1
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "quality.json"
 DEFAULT_PNG = HERE / "quality.png"
-START, END = "<!-- quality:start -->", "<!-- quality:end -->"
+START, END = markers("quality")
 HELD_OUT_SEED = 2_000_000_000  # training clips use seeds 0.., its eval scenes 10^9 + k
 REFERENCE = "none"
 DEFAULT_FIELDS = {"pool": 16, "group": 64}  # XStreamVGGT's defaults, fixed for every setting of the study

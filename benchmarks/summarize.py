@@ -21,7 +21,14 @@ from xsvggt_jax.io.fsutil import atomic_write_text
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The start / end markers of the README table `name`: `<!-- name:start -->`, `<!-- name:end -->`."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+START, END = markers("results")
 
 COLUMNS = ("run", "device", "dtype", "setting", "compile s", "traces", "GFLOP/step", "median ms",
            "early ms", "late ms", "late/early", "x FLOP floor", "cache MiB (end)", "peak RSS GiB")

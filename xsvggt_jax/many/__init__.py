@@ -12,5 +12,5 @@ from .hosts import ClusterError, initialize
 from .run import run_many
 from .scenes import Scene, SceneListError, name_scenes, process_share, read_manifest
 
-__all__ = ["QUERY_POOLS", "Job", "Stats", "group_pools", "pool_key", "run_scenes", "ClusterError", "initialize", "run_many", "Scene",
-           "SceneListError", "name_scenes", "process_share", "read_manifest"]
+__all__ = ["QUERY_POOLS", "Job", "Stats", "group_pools", "pool_key", "run_scenes", "ClusterError", "initialize",
+           "run_many", "Scene", "SceneListError", "name_scenes", "process_share", "read_manifest"]

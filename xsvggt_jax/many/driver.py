@@ -49,6 +49,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from ..batch import (TRACK_KEYS, PoolError, init_pool, make_pool_step, pad_queries, reset_slots,
                      resolve_slot_compute)
@@ -94,6 +95,14 @@ def resolve_query_pools(mode: str, slot_compute: str) -> str:
     if mode == "auto":
         return "shared" if slot_compute == "batched" else "split"
     return mode
+
+
+def resolve_modes(slot_compute: str, query_pools: str, devices: Sequence) -> tuple[Optional[Mesh], str, str]:
+    """(the pool's mesh, None on one device; the slot compute; "split" or "shared") of a run over
+    `devices`. Raises `PoolError` on a bad choice, before any work."""
+    mesh = make_mesh(devices=devices) if len(devices) > 1 else None
+    slot_compute = resolve_slot_compute(slot_compute, mesh)
+    return mesh, slot_compute, resolve_query_pools(query_pools, slot_compute)
 
 
 def group_pools(jobs: Sequence[Job], query_pools: str) -> dict[tuple[int, int, int], list[Job]]:
@@ -306,9 +315,7 @@ def run_scenes(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, jobs: Seq
     device, bit-identical to `reconstruct`; batched otherwise). query_pools: whether scenes with
     different numbers of query points share a pool (`QUERY_POOLS`, `resolve_query_pools`)."""
     devices = list(jax.local_devices() if devices is None else devices)
-    mesh = make_mesh(devices=devices) if len(devices) > 1 else None
-    slot_compute = resolve_slot_compute(slot_compute, mesh)  # before any work: PoolError on a bad choice
-    query_pools = resolve_query_pools(query_pools, slot_compute)
+    mesh, slot_compute, query_pools = resolve_modes(slot_compute, query_pools, devices)  # before any work
     params = jax.device_put(params, replicated(mesh) if mesh is not None else devices[0])
     groups = group_pools(jobs, query_pools)
     results: list[dict] = []

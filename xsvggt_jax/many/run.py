@@ -12,7 +12,7 @@ from ..io.frames import FrameSource
 from ..io.fsutil import PRODUCER, atomic_write_json
 from ..io.outdir import OutputDir
 from . import hosts
-from .driver import Finish, Job, Stats, group_pools, resolve_query_pools, run_scenes
+from .driver import Finish, Job, Stats, group_pools, resolve_modes, run_scenes
 from .scenes import SUMMARY, Scene, completed_report, process_share, summary_entry
 
 log = logging.getLogger(__name__)
@@ -87,15 +87,11 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
     share a pool (both as `driver.run_scenes`)."""
     import jax
 
-    from ..batch import resolve_slot_compute
-
     n, i = jax.process_count(), jax.process_index()
     mine = process_share(scenes, n, i)
     log.info("process %d of %d: %d of %d scenes", i, n, len(mine), len(scenes))
     jobs, entries = plan(mine, root, cfg, open_source, open_out)
-    several = len(jax.local_devices()) > 1  # run_scenes puts the pool on a mesh: batched slots
-    check_pool_memory(cfg, cache_cfg, jobs, slots, resolve_query_pools(
-        query_pools, "batched" if several else resolve_slot_compute(slot_compute, None)))
+    check_pool_memory(cfg, cache_cfg, jobs, slots, resolve_modes(slot_compute, query_pools, jax.local_devices())[2])
     bar = _progress(sum(job.source.num_frames for job in jobs), quiet)
     try:
         results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish, slots=slots, prefetch=prefetch,
