@@ -42,24 +42,35 @@ class CameraHead(nn.Module):
         attention across frames (offline). `caches`: one streaming cache per trunk block; every
         iteration appends the frame's token to each. The random key of the call (iteration it, block i)
         is fold_in(caches[i].key, it): distinct per call, deterministic.
+
+        The iterations are one `nn.scan` over the shared trunk (XLA compiles the trunk once, not
+        `iterations` times). As upstream, each iteration reads the previous prediction through a
+        stop-gradient (no backpropagation through the refinement), so the gradient of iteration k's
+        pose reaches the parameters through its own update only.
         """
         x = self.token_norm(tokens[:, :, 0])  # camera tokens [B, S, 2C]
         b, s, _ = x.shape
-        caches = None if caches is None else list(caches)
-        pred = None
-        preds = []
-        for it in range(self.cfg.camera.iterations):
-            src = jnp.broadcast_to(self.empty_pose_tokens, (b, s, POSE_DIM)) if pred is None else pred
-            shift, scale, gate = jnp.split(self.poseLN_modulation_1(nn.silu(self.embed_pose(src))), 3, -1)
-            h = gate * (self.adaln_norm(x) * (1 + scale) + shift) + x
-            for i, blk in enumerate(self.trunk):
+        empty = jnp.broadcast_to(self.empty_pose_tokens, (b, s, POSE_DIM)).astype(x.dtype)
+        keys = None if caches is None else tuple(c.key for c in caches)
+
+        def iteration(head: "CameraHead", carry, it):
+            pred, caches = carry                              # pred [B, S, 9]: 0 before the first
+            pred = jax.lax.stop_gradient(pred)
+            src = jnp.where(it == 0, empty, pred)
+            shift, scale, gate = jnp.split(head.poseLN_modulation_1(nn.silu(head.embed_pose(src))), 3, -1)
+            h = gate * (head.adaln_norm(x) * (1 + scale) + shift) + x
+            new_caches = []
+            for i, blk in enumerate(head.trunk):
                 if caches is None:
                     h, _ = blk(h, bias=bias)
                 else:
-                    layer_key = caches[i].key
-                    h, c = blk(h, bias=bias, cache=caches[i].replace(key=jax.random.fold_in(layer_key, it)))
-                    caches[i] = c.replace(key=layer_key)
-            delta = self.pose_branch(self.trunk_norm(h))
-            pred = delta if pred is None else pred + delta
-            preds.append(activate_pose(pred))
-        return preds, (None if caches is None else tuple(caches))
+                    h, c = blk(h, bias=bias, cache=caches[i].replace(key=jax.random.fold_in(keys[i], it)))
+                    new_caches.append(c.replace(key=keys[i]))
+            pred = pred + head.pose_branch(head.trunk_norm(h))  # the first: 0 + delta == delta exactly
+            return (pred, None if caches is None else tuple(new_caches)), activate_pose(pred)
+
+        n = self.cfg.camera.iterations
+        refine = nn.scan(iteration, variable_broadcast="params", split_rngs={"params": False}, length=n)
+        carry = (jnp.zeros((b, s, POSE_DIM), x.dtype), None if caches is None else tuple(caches))
+        (_, caches), preds = refine(self, carry, jnp.arange(n))
+        return [preds[i] for i in range(n)], caches

@@ -118,22 +118,36 @@ class UpdateFormer(nn.Module):
 
 
 class Tracker(nn.Module):
-    """Iteratively refines query-point tracks through a correlation pyramid of the feature maps."""
+    """Iteratively refines query-point tracks through a correlation pyramid of the feature maps.
+
+    The `iters` refinements are one `nn.scan` over the shared modules (XLA compiles the update once).
+    As upstream, each refinement reads the previous coordinates through a stop-gradient."""
 
     cfg: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        t, cfg = self.cfg.track, self.cfg
+        kw = dict(dtype=cfg.jnp_dtype, precision=cfg.jax_precision)
+        c = t.features
+        self.fmap_norm = LayerNorm()
+        self.query_ref_token = self.param("query_ref_token", nn.initializers.normal(1.0), (1, 2, 3 * c + 4))
+        self.corr_mlp = Mlp(t.hidden_size, c, **kw)
+        self.updateformer = UpdateFormer(cfg, c + 2)
+        self.ffeat_norm = LayerNorm()  # GroupNorm(1, C) on [rows, C] == LayerNorm over C
+        self.ffeat_updater_0 = Dense(c, **kw)
+        self.vis_predictor_0 = Dense(1, **kw)
+        self.conf_predictor_0 = Dense(1, **kw)
+
     def __call__(self, query_points: Array, fmaps: Array, query_valid: Array | None = None):
         """query_points [B, N, 2] (x, y) pixels; fmaps [B, S, h, w, C]; query_valid [B, N] bool or None
         (all valid). Returns (tracks [B, S, N, 2] of the last iteration, visibility [B, S, N],
         confidence [B, S, N])."""
         t, cfg = self.cfg.track, self.cfg
-        kw = dict(dtype=cfg.jnp_dtype, precision=cfg.jax_precision)
         c = t.features
         b, s, hh, ww, _ = fmaps.shape
         n = query_points.shape[1]
         r = t.corr_radius
-        fmaps = LayerNorm(name="fmap_norm")(fmaps)
+        fmaps = self.fmap_norm(fmaps)
         coords = jnp.broadcast_to((query_points / float(t.stride))[:, None], (b, s, n, 2))
         query0 = coords[:, 0]  # [B, N, 2]
         sample = jax.vmap(lambda img, xy: sample_bilinear(img, xy, "border"))
@@ -148,31 +162,32 @@ class Tracker(nn.Module):
 
         pos = jnp.asarray(grid_sincos_embed(3 * c + 4, hh, ww))
         pos_q = jax.vmap(lambda xy: sample_bilinear(pos, xy, "border"))(query0)  # [B, N, D]
-        ref = self.param("query_ref_token", nn.initializers.normal(1.0), (1, 2, 3 * c + 4))
+        ref = self.query_ref_token
         ref = jnp.concatenate([ref[:, :1], jnp.broadcast_to(ref[:, 1:2], (1, s - 1, 3 * c + 4))], 1)  # [1, S, D]
 
-        corr_mlp = Mlp(t.hidden_size, c, name="corr_mlp", **kw)
-        former = UpdateFormer(cfg, c + 2, name="updateformer")
-        ffeat_norm = LayerNorm(name="ffeat_norm")  # GroupNorm(1, C) on [rows, C] == LayerNorm over C
-        ffeat_updater = Dense(c, name="ffeat_updater_0", **kw)
-        for _ in range(t.iters):
+        def refine(tracker: "Tracker", carry, _):
+            coords, track_feats = carry
+            coords = jax.lax.stop_gradient(coords)
             corrs = []
             for lvl, fm in enumerate(pyramid):
                 corr = jnp.einsum("bsnc,bshwc->bsnhw", track_feats, fm, precision=cfg.jax_precision) / np.sqrt(c)
                 xy = coords[..., None, :] / (2 ** lvl) + off  # [B, S, N, K, 2]
                 corrs.append(jax.vmap(jax.vmap(jax.vmap(
                     lambda img, p: sample_bilinear(img[..., None], p, "zeros")[..., 0])))(corr, xy))
-            fcorr = corr_mlp(jnp.concatenate(corrs, -1))                     # [B, S, N, C]
+            fcorr = tracker.corr_mlp(jnp.concatenate(corrs, -1))               # [B, S, N, C]
             flows = coords - coords[:, :1]
             femb = jnp.concatenate([flow_embed(flows, c // 2), flows / t.max_scale, flows / t.max_scale], -1)
             x = jnp.concatenate([femb, fcorr, track_feats], -1)             # [B, S, N, 3C+4]
             x = x + pos_q[:, None] + ref[:, :, None]
-            delta = former(x.transpose(0, 2, 1, 3), query_valid).transpose(0, 2, 1, 3)   # [B, S, N, C+2]
-            track_feats = ffeat_updater_gelu(ffeat_updater, ffeat_norm(delta[..., 2:])) + track_feats
-            coords = coords + delta[..., :2]
-            coords = coords.at[:, 0].set(query0)
-        vis = jax.nn.sigmoid(Dense(1, name="vis_predictor_0", **kw)(track_feats)[..., 0])
-        conf = jax.nn.sigmoid(Dense(1, name="conf_predictor_0", **kw)(track_feats)[..., 0])
+            delta = tracker.updateformer(x.transpose(0, 2, 1, 3), query_valid).transpose(0, 2, 1, 3)  # [B, S, N, C+2]
+            track_feats = ffeat_updater_gelu(tracker.ffeat_updater_0, tracker.ffeat_norm(delta[..., 2:])) + track_feats
+            coords = (coords + delta[..., :2]).at[:, 0].set(query0)
+            return (coords, track_feats), None
+
+        scan = nn.scan(refine, variable_broadcast="params", split_rngs={"params": False}, length=t.iters)
+        (coords, track_feats), _ = scan(self, (coords, track_feats), None)
+        vis = jax.nn.sigmoid(self.vis_predictor_0(track_feats)[..., 0])
+        conf = jax.nn.sigmoid(self.conf_predictor_0(track_feats)[..., 0])
         return coords * t.stride, vis, conf
 
 
