@@ -110,10 +110,10 @@ def nhwc(images: np.ndarray):
 
 @pytest.fixture(scope="session")
 def micro():
-    """(micro_cfg(), its random parameters)."""
+    """(micro_cfg(), its random parameters, committed to the default device like loaded ones)."""
     from xsvggt_jax.model import init_params
     cfg = micro_cfg()
-    return cfg, init_params(cfg, jax.random.PRNGKey(0))
+    return cfg, jax.device_put(init_params(cfg, jax.random.PRNGKey(0)), jax.devices()[0])
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +129,13 @@ def tiny_cfg(tiny_dir):
 
 @pytest.fixture(scope="session")
 def tiny_params(tiny_dir, tiny_cfg):
+    """The reference weights, converted and committed to the default device, as `io.params.load_params`
+    returns them: the tests then compile the programs the CLI compiles (a committed argument adds
+    sharding annotations to the program), and share them through the run's compilation cache."""
     from xsvggt_jax.convert import convert_state_dict
     from xsvggt_jax.io.checkpoint_reader import read_state_dict
-    return convert_state_dict(read_state_dict(tiny_dir / "weights.pth"), tiny_cfg, source="weights.pth")
+    params = convert_state_dict(read_state_dict(tiny_dir / "weights.pth"), tiny_cfg, source="weights.pth")
+    return jax.device_put(params, jax.devices()[0])
 
 
 @pytest.fixture(scope="session")

@@ -113,19 +113,50 @@ def test_published_int4_cache_within_115_percent_of_floor_with_fp16_scales():
 
 
 # -------------------------------------------------------------------------------------- tracing
-@pytest.mark.parametrize("prune", ["none", "xstream", "sliding", "random"])
-def test_one_trace_per_stream_every_policy_and_layout(monkeypatch, micro, prune):
+PRUNES = ("none", "xstream", "sliding", "random")
+
+
+def _tracing_config(prune: str, quant: str) -> CacheConfig:
+    return CacheConfig(prune=prune, budget=24, pool=3, quant=quant, quant_head_dim=None)
+
+
+def test_step_cache_is_a_fixed_point_every_policy_and_layout(micro):
+    """jit reuses a trace when the arguments' tree and avals repeat. For every policy and layout the
+    cache a step returns has exactly the tree and avals (shape, dtype, weak type) of the cache it was
+    given, so a stream's next step matches the first step's trace (abstract evaluation: no compile)."""
     cfg, params = micro
-    real = step_mod.step
-    for quant in QUANT_LAYOUTS:
-        chex.clear_trace_counter()
-        monkeypatch.setattr(step_mod, "step", chex.assert_max_traces(real, n=1))  # make_step jits this
-        cc = CacheConfig(prune=prune, budget=24, pool=3, quant=quant, quant_head_dim=None)
-        fn = step_mod.make_step(cfg, cc)
-        cache = init_cache(cfg, cc, 1, (28, 28), max_frames=20)  # no queries: the track head is not the subject
-        for frame in _frames(20):
-            cache, out = fn(params, cache, jnp.asarray(frame))  # a second trace raises AssertionError
-        assert np.all(np.isfinite(np.asarray(out["depth"])))
+    frame = jax.ShapeDtypeStruct((1, 28, 28, 3), jnp.float32)
+    aval = lambda x: (x.shape, x.dtype, getattr(x, "weak_type", False))
+    for prune in PRUNES:
+        for quant in QUANT_LAYOUTS:
+            cc = _tracing_config(prune, quant)
+            cache = init_cache(cfg, cc, 1, (28, 28), max_frames=20)
+            new, _ = jax.eval_shape(lambda c, f: step_mod.step(cfg, cc, params, c, f), cache, frame)
+            assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(cache), (prune, quant)
+            before = [aval(jax.typeof(x)) for x in jax.tree_util.tree_leaves(cache)]
+            assert [aval(x) for x in jax.tree_util.tree_leaves(new)] == before, (prune, quant)
+
+
+# Real streams, each policy and each layout at least once (the fixed point above covers every pair):
+# a second trace, from anything the abstract check cannot see, raises.
+TRACED = [("none", "none"), ("xstream", "kcvt"), ("sliding", "ktvt"), ("random", "kcvc"), ("xstream", "ktvc")]
+
+
+def test_traced_streams_cover_every_policy_and_layout():
+    assert {p for p, _ in TRACED} == set(PRUNES) and {q for _, q in TRACED} == set(QUANT_LAYOUTS)
+
+
+@pytest.mark.parametrize("prune,quant", TRACED)
+def test_one_trace_per_stream(monkeypatch, micro, prune, quant):
+    cfg, params = micro
+    chex.clear_trace_counter()
+    monkeypatch.setattr(step_mod, "step", chex.assert_max_traces(step_mod.step, n=1))  # make_step jits this
+    cc = _tracing_config(prune, quant)
+    fn = step_mod.make_step(cfg, cc)
+    cache = init_cache(cfg, cc, 1, (28, 28), max_frames=20)  # no queries: the track head is not the subject
+    for frame in _frames(20):
+        cache, out = fn(params, cache, jnp.asarray(frame))  # a second trace raises AssertionError
+    assert np.all(np.isfinite(np.asarray(out["depth"])))
 
 
 # ----------------------------------------------------------------------------------- vmap, random
