@@ -17,11 +17,25 @@ from xsvggt_jax.heads.track import Tracker
 FRAMES, POINTS = 3, 4
 
 
+def _random_params(module, *args):
+    """Parameters of `module` for `args`: shapes by abstract evaluation (no compile), N(0, 0.1^2) values."""
+    rng = np.random.default_rng(2)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
+    return jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+def _replace(params: dict, path: tuple, value) -> dict:
+    """A copy of the nested dict `params` with the leaf at `path` replaced."""
+    if len(path) == 1:
+        return {**params, path[0]: value}
+    return {**params, path[0]: _replace(params[path[0]], path[1:], value)}
+
+
 def _camera(cfg, iterations: int):
     cfg = cfg.replace(camera=dataclasses.replace(cfg.camera, iterations=iterations))
     tokens = jax.random.normal(jax.random.key(1), (1, FRAMES, cfg.num_special_tokens + 4, 2 * cfg.embed_dim))
     head = CameraHead(cfg)
-    return head, jax.jit(head.init)(jax.random.key(2), tokens)["params"], tokens
+    return head, _random_params(head, tokens), tokens
 
 
 def test_camera_iterations_read_the_previous_pose_through_a_stop_gradient(micro):
@@ -29,8 +43,9 @@ def test_camera_iterations_read_the_previous_pose_through_a_stop_gradient(micro)
     token (the first iteration's input) reaches iteration k >= 1 only through that detached value:
     its gradient there is exactly 0, while the first iteration's is not."""
     head, params, tokens = _camera(micro[0], iterations=3)
-    sums = lambda p: jnp.stack([pose.sum() for pose in head.apply({"params": p}, tokens)[0]])  # [iterations]
-    grads = np.asarray(jax.jit(jax.jacrev(sums))(params)["empty_pose_tokens"])                 # [3, 1, 1, 9]
+    sums = lambda empty: jnp.stack([pose.sum() for pose in head.apply(     # [iterations]
+        {"params": _replace(params, ("empty_pose_tokens",), empty)}, tokens)[0]])
+    grads = np.asarray(jax.jit(jax.jacrev(sums))(params["empty_pose_tokens"]))      # [3, 1, 1, 9]
     assert np.abs(grads[0]).max() > 1e-6        # the check has teeth
     np.testing.assert_array_equal(grads[1:], 0.0)
 
@@ -56,8 +71,9 @@ def test_tracker_iterations_read_the_previous_coordinates_through_a_stop_gradien
     fmaps = jnp.asarray(rng.standard_normal((1, FRAMES, 6, 8, cfg.track.features)), jnp.float32)
     queries = jnp.asarray(rng.uniform(2.0, 10.0, (1, POINTS, 2)), jnp.float32)
     tracker = Tracker(cfg)
-    params = jax.jit(tracker.init)(jax.random.key(0), queries, fmaps)["params"]
-
-    sums = lambda p: tracker.apply({"params": p}, queries, fmaps)[0][:, 1:].sum((0, 1, 2))  # [2]: x, y
-    bias = np.asarray(jax.jit(jax.jacrev(sums))(params)["updateformer"]["flow_head"]["bias"])  # [2, C + 2]
+    params = _random_params(tracker, queries, fmaps)
+    path = ("updateformer", "flow_head", "bias")
+    sums = lambda bias: tracker.apply({"params": _replace(params, path, bias)}, queries,  # [2]: x, y
+                                      fmaps)[0][:, 1:].sum((0, 1, 2))
+    bias = np.asarray(jax.jit(jax.jacfwd(sums))(params[path[0]][path[1]][path[2]]))   # [2, C + 2]
     np.testing.assert_array_equal(bias[:, :2], cfg.track.stride * (FRAMES - 1) * POINTS * np.eye(2))
