@@ -281,3 +281,16 @@ def test_no_top_level_convert_package():
     assert not r.stdout.strip().startswith(str(ROOT)), "this tree still has a top-level `convert` package"
     text = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'include = \["xsvggt_jax\*"\]', text)
+
+
+def test_frame_size_for_tracking_keeps_every_pyramid_level():
+    """medium / published: stride 2, 7 correlation levels, so tracking needs both sides >= 128 px."""
+    from xsvggt_jax.config import check_frame_size
+    cfg = ModelConfig.preset("medium")
+    assert (cfg.track.stride, cfg.track.corr_levels) == (2, 7)
+    check_frame_size(cfg, 112, 154)                      # no query points: any multiple of the patch
+    check_frame_size(cfg, 140, 154, tracks=True)
+    with pytest.raises(ValueError, match="112x154 is too small to track points.*>= 128 pixels"):
+        check_frame_size(cfg, 112, 154, tracks=True)
+    with pytest.raises(ValueError, match="patch size 14"):
+        check_frame_size(cfg, 100, 154, tracks=True)

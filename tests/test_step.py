@@ -103,6 +103,23 @@ def test_step_refuses_frames_that_are_not_float_nhwc_in_unit_range(micro):
     assert np.isfinite(np.asarray(out["depth"])).all()
 
 
+def test_frames_too_small_for_the_tracker_refused_before_compiling(micro):
+    """The track head halves its feature map corr_levels - 1 times; a side below stride x 2^(levels-1)
+    left an empty pyramid level and an obscure gather error from deep inside the tracer (the medium
+    and published configs, 7 levels, at 112x154). Refused at trace time, naming the need; the same
+    frames without query points run."""
+    import dataclasses
+    cfg, params = micro
+    cfg = cfg.replace(track=dataclasses.replace(cfg.track, corr_levels=5))   # needs sides >= 2 x 16 = 32
+    cc = CacheConfig("sliding", 24)
+    frame = jnp.asarray(micro_frames(1)[0])                                   # [1, 28, 28, 3]
+    tracked = init_cache(cfg, cc, 1, (28, 28), query_points=jnp.full((1, 2, 2), 5.0))
+    with pytest.raises(ValueError, match=r"28x28 is too small to track points: .* 5-level .* >= 32 pixels"):
+        jax.eval_shape(lambda c, f: step_mod.step(cfg, cc, params, c, f), tracked, frame)
+    untracked = init_cache(cfg, cc, 1, (28, 28))
+    jax.eval_shape(lambda c, f: step_mod.step(cfg, cc, params, c, f), untracked, frame)
+
+
 def test_uncompressed_cache_overflow_is_reported(micro):
     """Stepping an uncompressed cache past max_frames used to overwrite its last slots silently."""
     cfg, params = micro

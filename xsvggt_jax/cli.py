@@ -253,12 +253,12 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
     params = jax.device_put(params)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
-    try:
-        check_frame_size(cfg, source.height, source.width)
-    except ValueError as e:
-        raise UsageError(f"{source.name}: {e}") from e
     qp = _query_points(args.query_points)
     qp = source.query_points if qp is None else qp
+    try:
+        check_frame_size(cfg, source.height, source.width, tracks=qp is not None and len(qp) > 0)
+    except ValueError as e:
+        raise UsageError(f"{source.name}: {e}") from e
     s, hw, nq = source.num_frames, (source.height, source.width), 0 if qp is None else len(qp)
     _warn_outside(qp, hw)
     devices = _offline_devices(args, s, qp) if args.offline else 1

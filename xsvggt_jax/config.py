@@ -477,8 +477,16 @@ PRESETS: Mapping[str, ModelConfig] = MappingProxyType({
 })
 
 
-def check_frame_size(cfg: ModelConfig, height: int, width: int) -> None:
-    """Frames must be at least one patch and have sides that are multiples of the patch size."""
+def check_frame_size(cfg: ModelConfig, height: int, width: int, *, tracks: bool = False) -> None:
+    """Frames must be at least one patch and have sides that are multiples of the patch size. With
+    `tracks` (query points given, so the track head runs), each side must also keep every level of
+    the tracker's correlation pyramid at least one pixel: side // stride >= 2^(corr_levels - 1)."""
     p = cfg.patch_size
     if height < p or width < p or height % p or width % p:
         raise ValueError(f"frame size {height}x{width} must be positive multiples of the patch size {p}")
+    t = cfg.track
+    need = t.stride * 2 ** (t.corr_levels - 1)
+    if tracks and min(height, width) < need:
+        raise ValueError(f"frame size {height}x{width} is too small to track points: the track head's "
+                         f"{t.corr_levels}-level correlation pyramid needs both sides >= {need} pixels "
+                         f"(stride {t.stride} x 2^{t.corr_levels - 1}); give larger frames or no query points")

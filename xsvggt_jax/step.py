@@ -49,7 +49,7 @@ def check_frame(cfg: ModelConfig, cache: StreamCache, frame: Array) -> None:
     if not jnp.issubdtype(frame.dtype, jnp.floating):
         hint = " (divide uint8 frames by 255)" if frame.dtype == jnp.uint8 else ""
         raise FrameError(f"frames must be float in [0, 1], got dtype {frame.dtype}{hint}")
-    check_frame_size(cfg, *shape[1:3])
+    check_frame_size(cfg, *shape[1:3], tracks=cache.track_points is not None)
     if tuple(shape[1:3]) != cache.frame_hw:
         raise CacheMismatchError(f"the cache was built for {cache.frame_hw[0]}x{cache.frame_hw[1]} frames, "
                                  f"got {shape[1]}x{shape[2]}")

@@ -34,7 +34,8 @@ def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, open_source: Cal
             continue
         try:
             source = open_source(scene.path)
-            check_frame_size(cfg, source.height, source.width)
+            qp = source.query_points
+            check_frame_size(cfg, source.height, source.width, tracks=qp is not None and len(qp) > 0)
             jobs.append(Job(scene, source, open_out(out_dir)))
         except ValueError as e:
             entries.append(summary_entry(scene, "failed", error=str(e)))
