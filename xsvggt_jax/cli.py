@@ -255,11 +255,11 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
         cfg = cfg.replace(dtype=args.dtype)
     qp = _query_points(args.query_points)
     qp = source.query_points if qp is None else qp
+    s, hw, nq = source.num_frames, (source.height, source.width), 0 if qp is None else len(qp)
     try:
-        check_frame_size(cfg, source.height, source.width, tracks=qp is not None and len(qp) > 0)
+        check_frame_size(cfg, *hw, tracks=nq > 0)
     except ValueError as e:
         raise UsageError(f"{source.name}: {e}") from e
-    s, hw, nq = source.num_frames, (source.height, source.width), 0 if qp is None else len(qp)
     _warn_outside(qp, hw)
     devices = _offline_devices(args, s, qp) if args.offline else 1
     cache_cfg = None if args.offline else _cache_config(args)
