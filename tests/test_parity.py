@@ -49,11 +49,45 @@ def stream_none_run(tiny_cfg, tiny_params, tiny_frames) -> dict:
     return stream_outputs(tiny_cfg, CacheConfig.uncompressed(), tiny_params, *tiny_frames, return_aggregated=True)
 
 
+def _errors(out, ref, frames=slice(None)) -> dict:
+    return {k: rel_err(out[k][frames], ref[k][frames]) for k in OUTPUTS}
+
+
 # Quantized runs: a float difference can flip a code by one step (reference README), so they get their
 # own bounds, each <= 2x what this port measures (float32 CPU, max over outputs of the relative error):
-KTVT_TOL = 1e-5              # per-token K and V + xstream pruning: measured 6.7e-6 (pts3d_in_other_view)
+KTVT_TOL = 4e-5              # per-token K and V + xstream pruning, whole stream: see KTVT_NEAR_TIE_FRAME
 QUANT_ONLY_KCVT_TOL = 1e-4   # per-channel K, no pruning: measured 5.0e-5 (camera_pose)
 FP16_SCALE_TOL = 5e-4        # KTVT with float16 group scales (11 significant bits): measured 3.0e-4 (camera_pose)
+
+# Per-token KTVT + pruning: the reference stream sits within float32 noise of a code flip at frame 11.
+# Frames 0-10 match it to <= 1.7e-6 (every output, each frame) on the CPU and on an H200 GPU alike; at
+# frame 11 one rounding of x / scale lands within float32 noise of a code boundary, so which code it
+# gets (and frame 11's outputs) depends on summation order. Measured, max over outputs (2026-11-26):
+#   CPU float32                          frame 11: 3.1e-5, frame 12: 4.3e-6, whole stream 6.65e-6
+#   H200 GPU float32 ("highest" matmuls: frame 11: 7.5e-5, frame 12: 6.7e-5, whole stream 1.98e-5
+#     no TF32)
+#   CPU, input frames * (1 + 1e-7 N(0,1)), 4 seeds: 3 land on the CPU's state (6.6e-6), 1 on the GPU's (1.99e-5).
+# The uncompressed stream is at 1.3e-6 (CPU) / 1.4e-6 (H200) on every frame: the flip is the code's, not
+# the port's. So frames before KTVT_NEAR_TIE_FRAME are held to TOL frame by frame (the flips measured
+# here move their frame by 3.1e-5 to 7.5e-5), and the whole stream to 2x the worst state measured
+# (KTVT_TOL = 4e-5). Before this, a whole-stream 1e-5 failed on the H200 and on a 1e-7 perturbation of
+# the input, while letting frame 11 alone sit at 3.1e-5 on the CPU.
+KTVT_NEAR_TIE_FRAME = 11
+
+
+def ktvt_errors(out, ref) -> tuple[dict, dict]:
+    """(max relative error per frame before KTVT_NEAR_TIE_FRAME, per output over the whole stream), as
+    bounded by TOL and KTVT_TOL."""
+    head = {f: max(rel_err(out[k][f], ref[k][f]) for k in OUTPUTS) for f in range(KTVT_NEAR_TIE_FRAME)}
+    return head, _errors(out, ref)
+
+
+def assert_ktvt_parity(out, ref) -> None:
+    head, whole = ktvt_errors(out, ref)
+    print("KTVT relative errors per frame before the near tie:", head, "whole stream:", whole)
+    assert max(head.values()) <= TOL, head
+    assert max(whole.values()) <= KTVT_TOL, whole
+
 
 # Per-channel groups + pruning (KCVT, KCVC, KTVC) are NOT reproducible to 1e-3 by any implementation whose
 # keys differ from upstream's by one ulp, upstream's own code included: rerun here (torch 2.13 CPU, same
@@ -74,16 +108,11 @@ TIE_FREE_FRAMES = 2
 TIE_ENVELOPE_TOL = 2.5e-2
 
 
-def _errors(out, ref, frames=slice(None)) -> dict:
-    return {k: rel_err(out[k][frames], ref[k][frames]) for k in OUTPUTS}
-
-
 @pytest.mark.parametrize("run,cache_cfg,tol", [
     ("stream_none", CacheConfig.uncompressed(), TOL),            # measured 1.3e-6
     ("stream_none", CacheConfig(prune="none", chunk=64), TOL),  # the filled-prefix loop over many chunks
     ("stream_xs_c64_p16", CacheConfig(prune="xstream", budget=64, pool=16), TOL),
     ("stream_sliding_c64", CacheConfig(prune="sliding", budget=64), TOL),
-    ("stream_xs_c64_p16_KTVT", CacheConfig("xstream", 64, 16, quant="ktvt"), KTVT_TOL),
     ("stream_quant_KCVT", CacheConfig("none", quant="kcvt"), QUANT_ONLY_KCVT_TOL),
     ("stream_xs_c64_p16_KTVT", CacheConfig("xstream", 64, 16, quant="ktvt", scale_dtype="float16"), FP16_SCALE_TOL),
 ])
@@ -95,6 +124,13 @@ def test_stream_outputs(run, cache_cfg, tol, request, tiny_dir, tiny_cfg, tiny_p
     errs = _errors(out, np.load(tiny_dir / f"{run}.npz"))
     print(f"{run} relative errors:", errs)
     assert all(e <= tol for e in errs.values()), errs
+
+
+def test_stream_per_token_pruned(tiny_dir, tiny_cfg, tiny_params, tiny_frames):
+    """KTVT + xstream: exact frame by frame up to the reference's near tie, within 2x the measured
+    flip states after (see KTVT_NEAR_TIE_FRAME)."""
+    out = stream_outputs(tiny_cfg, CacheConfig("xstream", 64, 16, quant="ktvt"), tiny_params, *tiny_frames)
+    assert_ktvt_parity(out, np.load(tiny_dir / "stream_xs_c64_p16_KTVT.npz"))
 
 
 @pytest.mark.parametrize("layout", ["kcvt", "kcvc", "ktvc"])
