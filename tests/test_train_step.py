@@ -15,15 +15,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.data.procedural import SceneConfig, make_scene
 from xsvggt_jax.model import init_params
 from xsvggt_jax.pose import pose_encoding_to_extri_intri
+from xsvggt_jax.train.config import LossConfig
 from xsvggt_jax.train.data import DataSource, batch_at, make_clip_fn
-from xsvggt_jax.train.state import (UPSTREAM_FROZEN, Checkpoints, OptimConfig, init_state, learning_rate,
-                                    make_optimizer, param_labels)
+from xsvggt_jax.train.state import (UPSTREAM_FROZEN, Checkpoints, OptimConfig, init_state, learning_rate_at,
+                                    make_optimizer, param_labels, set_hyperparams)
 from xsvggt_jax.train.step import TraceCountError, make_teacher, make_train_step, place_state, shard_batch
 from xsvggt_jax.train.targets import supervised_targets
 
@@ -31,6 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 80
 SOURCE = DataSource(batch=1, frames=2, height=28, width=42, seed=3)
 OPTIM = OptimConfig(lr=3e-3, warmup=3, steps=STEPS, freeze=UPSTREAM_FROZEN)
+# `xsvggt train`'s loss from random weights (test_cli_train_end_to_end_and_resume): with the same model,
+# clip shape and loss, the CLI's train step is this fixture's program (the optimizer's settings are
+# arrays in the state), so the run's compilation cache compiles it once
+LOSS = LossConfig(dense_alignment="none")
 
 
 def _copy(tree):
@@ -43,7 +49,7 @@ def setup():
     params = init_params(cfg, jax.random.key(0))
     optimizer = make_optimizer(OPTIM, params)
     labels = param_labels(params, OPTIM.freeze)
-    step = make_train_step(cfg, optimizer, labels, learning_rate(OPTIM))
+    step = make_train_step(cfg, optimizer, labels, loss_cfg=LOSS)
     batch = batch_at(make_clip_fn(SOURCE), SOURCE, 0)
     return cfg, params, optimizer, labels, step, batch
 
@@ -97,7 +103,7 @@ def test_each_train_step_counts_its_own_traces(setup):
     distillation step) trace once each; one step traced again (another clip length) raises."""
     cfg, params, optimizer, labels, _, batch = setup
     state = place_state(init_state(_copy(params), optimizer))
-    twins = [make_train_step(cfg, optimizer, labels, learning_rate(OPTIM)) for _ in range(2)]
+    twins = [make_train_step(cfg, optimizer, labels, loss_cfg=LOSS) for _ in range(2)]
     for twin in twins:
         twin.trace(state, shard_batch(batch))          # traces (no lowering, no compile)
     longer = SceneConfig(frames=3, height=28, width=42)
@@ -106,6 +112,40 @@ def test_each_train_step_counts_its_own_traces(setup):
     three = {k: clip[k][None] for k in batch}
     with pytest.raises(TraceCountError, match="traced 2 times"):
         twins[0].trace(state, shard_batch(three))
+
+
+def test_learning_rate_schedule_matches_optax():
+    """learning_rate_at (jnp, settings may be traced) against optax.warmup_cosine_decay_schedule."""
+    count = np.arange(130)
+    for lr, warmup, steps, final in [(1e-4, 10, 100, 0.01), (3e-3, 0, 4, 0.01), (1.0, 5, 3, 0.1), (3e-3, 3, 80, 0.0)]:
+        ref = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * final)
+        ours = jax.vmap(lambda c: learning_rate_at(c, lr, warmup, steps, final))(count)
+        np.testing.assert_allclose(np.asarray(ours), [float(ref(c)) for c in count], rtol=1e-6, atol=1e-7 * lr)
+
+
+def test_one_compiled_step_serves_every_learning_rate(setup, overfit):
+    """The optimizer's settings are arrays in the state: the fixture's step (compiled for OPTIM, traced
+    once: a second trace raises) runs other rates and schedules, and the rate scales the update. On a
+    first AdamW step every update is -lr * (m / (sqrt(v) + eps) + wd * p) with the same m, v, p: linear in lr."""
+    _, params, optimizer, _, step, batch = setup
+    device_batch = shard_batch(batch)
+    runs = {}
+    for name, cfg in {"a": OptimConfig(lr=1e-3, warmup=0, steps=1000), "b": OptimConfig(lr=2e-3, warmup=0, steps=1000),
+                      "warm": OptimConfig(lr=1e-3, warmup=4, steps=9)}.items():
+        state = set_hyperparams(place_state(init_state(_copy(params), optimizer)), cfg)
+        runs[name] = step(state, device_batch)
+    for name, lr in (("a", 1e-3), ("b", 2e-3), ("warm", 0.0)):   # step 0 of a warmup runs at rate 0
+        assert float(runs[name][1]["lr"]) == pytest.approx(lr, rel=1e-6), name
+    moved = 0
+    for p0, pa, pb, pw in zip(*(jax.tree_util.tree_leaves(t) for t in
+                                (params, runs["a"][0].params, runs["b"][0].params, runs["warm"][0].params))):
+        p0, da, db = np.asarray(p0), np.asarray(pa) - np.asarray(p0), np.asarray(pb) - np.asarray(p0)
+        np.testing.assert_array_equal(np.asarray(pw), p0)
+        # p + update is rounded to p's float32 grid: a difference of two such sums is exact to ~2 ulp(p)
+        bound = 1e-3 * np.abs(2 * da) + 4 * np.finfo(np.float32).eps * np.abs(p0)
+        assert np.all(np.abs(db - 2 * da) <= bound), np.abs(db - 2 * da - bound).max()
+        moved += bool(np.any(da != 0))
+    assert moved > 10
 
 
 def test_frozen_parameters_unchanged_and_trainable_ones_move(setup, overfit):
@@ -173,7 +213,7 @@ sys.path.insert(0, sys.argv[1])
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.model import init_params
 from xsvggt_jax.train.data import DataSource, batch_at, make_clip_fn
-from xsvggt_jax.train.state import OptimConfig, UPSTREAM_FROZEN, init_state, learning_rate, make_optimizer, param_labels
+from xsvggt_jax.train.state import OptimConfig, UPSTREAM_FROZEN, init_state, make_optimizer, param_labels
 from xsvggt_jax.train.step import data_mesh, make_train_step, place_state, shard_batch
 assert len(jax.devices()) == 2
 cfg = ModelConfig.preset("micro")
@@ -184,7 +224,7 @@ opt = make_optimizer(optim, params)
 batch = batch_at(make_clip_fn(src), src, 0)
 out = {}
 for n, mesh in (("1", data_mesh(jax.devices()[:1])), ("2", data_mesh())):
-    step = make_train_step(cfg, opt, param_labels(params, optim.freeze), learning_rate(optim), mesh=mesh)
+    step = make_train_step(cfg, opt, param_labels(params, optim.freeze), mesh=mesh)
     state, m = step(place_state(init_state(params, opt), mesh), shard_batch(batch, mesh))
     leaf = np.asarray(jax.tree_util.tree_leaves(state.params)[-1]).ravel()[:4].tolist()
     out[n] = {"loss": float(m["loss"]), "leaf": leaf,
@@ -214,8 +254,9 @@ def test_cli_train_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
 
     def argv(steps: int) -> list[str]:
+        # --freeze upstream: the fixture's partition, so this run's train step is the fixture's program
         return ["train", "--config", "micro", "--size", "28x42", "--frames", "2", "--steps", str(steps),
-                "--eval-every", "2", "--out", str(out), "--quiet"]
+                "--freeze", "upstream", "--eval-every", "2", "--out", str(out), "--quiet"]
 
     assert main(argv(3)) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

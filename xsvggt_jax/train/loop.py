@@ -37,7 +37,7 @@ from ..io.params import save_params
 from ..pose import pose_encoding_to_extri_intri
 from .config import LossConfig
 from .data import DataSource, batch_at, eval_clips, make_clip_fn
-from .state import Checkpoints, OptimConfig, init_state, learning_rate, make_optimizer, param_labels
+from .state import Checkpoints, OptimConfig, init_state, make_optimizer, param_labels
 from .step import eval_forward, make_teacher, make_train_step, place_state, shard_batch
 
 log = logging.getLogger(__name__)
@@ -206,13 +206,12 @@ def train(run: RunConfig, out: str | os.PathLike, params: Optional[dict] = None,
         raise RunError("initial parameters are required")
     optimizer = make_optimizer(ocfg, params)
     labels = param_labels(params, ocfg.freeze)
-    schedule = learning_rate(ocfg)
     state = place_state(init_state(params, optimizer, run.seed), mesh)
     ckpt = Checkpoints(out / "checkpoints")
     if resuming and ckpt.latest_step() is not None:
         state = ckpt.restore(state)
         log.info("resumed %s at step %d", out, int(state.step))
-    train_step = make_train_step(cfg, optimizer, labels, schedule, loss_cfg=run.loss, mode=run.student,
+    train_step = make_train_step(cfg, optimizer, labels, loss_cfg=run.loss, mode=run.student,
                                  cache_cfg=run.student_cache, remat=run.remat, mesh=mesh)
     teacher = make_teacher(cfg, run.teacher_mode) if run.teacher_mode else None
     clip_fn = make_clip_fn(run.data)

@@ -5,6 +5,11 @@ Optimizer (upstream StreamVGGT / VGGT recipe): global-norm gradient clipping, th
 parameter group) with a linear warmup to `lr` and a cosine decay to `lr * final_lr_ratio` at
 `steps`. Frozen parameters (path prefixes, default upstream's: the DINO patch embedding and the
 camera / register tokens) get zero updates through `optax.multi_transform`, so they stay bit-exact.
+
+The numeric settings (lr, warmup, steps, final_lr_ratio, b1, b2, weight_decay, clip_norm) are arrays in
+the optimizer state (`optax.inject_hyperparams`), not constants of the compiled program: one compiled
+train step serves every learning rate and schedule length (a sweep compiles once), and a state can be
+given new values with `set_hyperparams`. Only `freeze` (the parameter partition) is structural.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -50,10 +56,26 @@ class OptimConfig:
                                    f"steps={self.steps}, warmup={self.warmup}, clip_norm={self.clip_norm}")
 
 
+#: OptimConfig fields held as arrays in the optimizer state (everything but `freeze`)
+HYPERPARAMS = ("lr", "warmup", "steps", "final_lr_ratio", "b1", "b2", "weight_decay", "clip_norm")
+
+
+def learning_rate_at(count, lr, warmup, steps, final_lr_ratio) -> Array:
+    """The rate at step `count` (0-based) from scalars or arrays: linear warmup 0 -> lr over `warmup`
+    steps, then cosine to lr * final_lr_ratio at max(steps, warmup + 1) (optax's
+    `warmup_cosine_decay_schedule`, written with jnp so that its settings may be traced values)."""
+    count = jnp.asarray(count, jnp.float32)
+    lr, warmup = jnp.asarray(lr, jnp.float32), jnp.asarray(warmup, jnp.float32)
+    decay = jnp.maximum(jnp.asarray(steps, jnp.float32), warmup + 1) - warmup
+    alpha = jnp.asarray(final_lr_ratio, jnp.float32)
+    t = jnp.clip(count - warmup, 0.0, decay) / decay
+    cosine = lr * ((1 - alpha) * 0.5 * (1 + jnp.cos(jnp.pi * t)) + alpha)
+    return jnp.where(count < warmup, lr * count / jnp.maximum(warmup, 1.0), cosine)
+
+
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warmup 0 -> lr over `warmup` steps, then cosine to lr * final_lr_ratio at `steps`."""
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1),
-                                              end_value=cfg.lr * cfg.final_lr_ratio)
+    """`learning_rate_at` for this configuration."""
+    return lambda count: learning_rate_at(count, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
 
 
 def _path_str(path) -> str:
@@ -69,11 +91,39 @@ def param_labels(params: Any, freeze: tuple[str, ...]) -> Any:
 
 
 def make_optimizer(cfg: OptimConfig, params: Any) -> optax.GradientTransformation:
-    """clip -> AdamW(schedule) on trainable parameters; zero updates on frozen ones."""
-    train = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                        optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
-    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()},
-                                 param_labels(params, cfg.freeze))
+    """clip -> AdamW(schedule) on trainable parameters; zero updates on frozen ones. The numeric
+    settings (`HYPERPARAMS`) are arrays in the state it initialises (`optax.inject_hyperparams`)."""
+    labels = param_labels(params, cfg.freeze)
+
+    def transform(lr, warmup, steps, final_lr_ratio, b1, b2, weight_decay, clip_norm):
+        schedule = lambda count: learning_rate_at(count, lr, warmup, steps, final_lr_ratio)  # noqa: E731
+        train = optax.chain(optax.clip_by_global_norm(clip_norm),
+                            optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+        return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+    # host (numpy) values, not device arrays: each `init` makes its own arrays (a train step donates its
+    # state, and arrays held by the optimizer itself would be deleted with the first state)
+    return optax.inject_hyperparams(transform, hyperparam_dtype=jnp.float32)(
+        **{name: np.asarray(getattr(cfg, name), np.int32 if name in ("warmup", "steps") else np.float32)
+           for name in HYPERPARAMS})
+
+
+def hyperparams(opt_state: Any) -> Optional[dict]:
+    """The array hyperparameters of a `make_optimizer` state (None for another optimizer's)."""
+    hp = getattr(opt_state, "hyperparams", None)
+    return hp if isinstance(hp, dict) and set(HYPERPARAMS) <= set(hp) else None
+
+
+def set_hyperparams(state: "TrainState", cfg: OptimConfig) -> "TrainState":
+    """`state` with its optimizer's numeric settings replaced by `cfg`'s (same shapes and dtypes, so the
+    compiled train step is reused). `cfg.freeze` must be the one the optimizer was made with."""
+    hp = hyperparams(state.opt_state)
+    if hp is None:
+        raise TrainConfigError("this state's optimizer was not made by make_optimizer: it has no array "
+                               "hyperparameters")
+    new = {**hp, **{name: jnp.asarray(getattr(cfg, name), hp[name].dtype) for name in HYPERPARAMS}}
+    new = jax.device_put(new, {name: hp[name].sharding for name in new})
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=new))
 
 
 @flax.struct.dataclass

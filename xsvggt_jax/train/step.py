@@ -32,7 +32,7 @@ from ..model import StreamVGGT
 from ..step import step as stream_step
 from .config import LossConfig
 from .losses import multitask_loss
-from .state import TrainState
+from .state import TrainState, hyperparams, learning_rate_at
 
 Array = jax.Array
 MODES = ("full", "causal", "stream")
@@ -100,14 +100,18 @@ def trainable_norm(grads: dict, labels: dict) -> Array:
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, labels: dict,
-                    schedule: optax.Schedule, *, loss_cfg: LossConfig = LossConfig(), mode: str = "causal",
+                    schedule: Optional[optax.Schedule] = None, *, loss_cfg: LossConfig = LossConfig(),
+                    mode: str = "causal",
                     cache_cfg: Optional[CacheConfig] = None, remat: bool = False,
                     mesh: Optional[Mesh] = None, max_traces: int = 1) -> Callable:
     """Jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
 
     batch: images [B,S,H,W,3] plus target keys of `multitask_loss` (camera_pose [B,S,9], depth
     [B,S,H,W,1], pts3d_in_other_view [B,S,H,W,3], valid [B,S,H,W] optional). labels: `param_labels`
-    of the parameters (for the logged gradient norm); schedule: the optimizer's learning rate.
+    of the parameters (for the logged gradient norm). schedule: the optimizer's learning rate, for the
+    "lr" metric; None (the default) reads it from a `make_optimizer` state, whose settings are arrays,
+    so this one compiled step serves every lr / warmup / steps (`state.set_hyperparams`); a schedule
+    function is compiled into the step.
     metrics: the loss components of `multitask_loss`, "grad_norm" (trainable, before clipping) and
     "lr" (the rate this step used). mesh: shard the batch over its "data" axis and replicate the
     state (data parallel; B must divide by the axis size); default: `default_mesh()`. Place the
@@ -140,7 +144,12 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                             step=state.step + 1, rng=rng, data_pos=state.data_pos + 1)
-        return new, {**comps, "grad_norm": trainable_norm(grads, labels), "lr": schedule(state.step)}
+        metrics = {**comps, "grad_norm": trainable_norm(grads, labels)}
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        elif (hp := hyperparams(state.opt_state)) is not None:
+            metrics["lr"] = learning_rate_at(state.step, hp["lr"], hp["warmup"], hp["steps"], hp["final_lr_ratio"])
+        return new, metrics
 
     mesh = default_mesh() if mesh is None else mesh   # explicit shardings: one trace, one compile
     replicated = NamedSharding(mesh, PartitionSpec())
