@@ -42,7 +42,7 @@ from .step import eval_forward, make_teacher, make_train_step, place_state, shar
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = "xsvggt-train/1"
+RUN_FORMAT = "xsvggt-train/2"  # 2: optimizer settings are arrays in the checkpointed state
 PLOT_KEYS = ("loss", "camera", "depth_conf_l1", "point_conf_l1")
 
 
