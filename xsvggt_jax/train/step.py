@@ -101,8 +101,7 @@ def trainable_norm(grads: dict, labels: dict) -> Array:
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, labels: dict,
                     schedule: Optional[optax.Schedule] = None, *, loss_cfg: LossConfig = LossConfig(),
-                    mode: str = "causal",
-                    cache_cfg: Optional[CacheConfig] = None, remat: bool = False,
+                    mode: str = "causal", cache_cfg: Optional[CacheConfig] = None, remat: bool = False,
                     mesh: Optional[Mesh] = None, max_traces: int = 1) -> Callable:
     """Jitted `train_step(state, batch) -> (state, metrics)`; the state is donated.
 
@@ -110,10 +109,10 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
     [B,S,H,W,1], pts3d_in_other_view [B,S,H,W,3], valid [B,S,H,W] optional). labels: `param_labels`
     of the parameters (for the logged gradient norm). schedule: the optimizer's learning rate, for the
     "lr" metric; None (the default) reads it from a `make_optimizer` state, whose settings are arrays,
-    so this one compiled step serves every lr / warmup / steps (`state.set_hyperparams`); a schedule
-    function is compiled into the step.
+    so this one compiled step serves every lr / warmup / steps (`xsvggt_jax.train.state.set_hyperparams`);
+    a schedule function is compiled into the step.
     metrics: the loss components of `multitask_loss`, "grad_norm" (trainable, before clipping) and
-    "lr" (the rate this step used). mesh: shard the batch over its "data" axis and replicate the
+    "lr" (the rate this step used; absent for another optimizer without a schedule). mesh: shard the batch over its "data" axis and replicate the
     state (data parallel; B must divide by the axis size); default: `default_mesh()`. Place the
     state with `place_state` and the batch with `shard_batch` (same mesh) before the first call:
     inputs of another sharding trace again (and trip the trace counter). Raises TraceCountError when this
