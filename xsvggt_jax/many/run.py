@@ -12,7 +12,7 @@ from ..io.frames import FrameSource
 from ..io.fsutil import PRODUCER, atomic_write_json
 from ..io.outdir import OutputDir
 from . import hosts
-from .driver import Finish, Job, Stats, group_pools, resolve_modes, run_scenes
+from .driver import Finish, Job, Stats, group_pools, pool_key, resolve_modes, run_scenes
 from .scenes import SUMMARY, Scene, completed_report, process_share, summary_entry
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, open_source: Cal
             continue
         try:
             source = open_source(scene.path)
-            qp = source.query_points
-            check_frame_size(cfg, source.height, source.width, tracks=qp is not None and len(qp) > 0)
+            height, width, points = pool_key(source)
+            check_frame_size(cfg, height, width, tracks=points > 0)
             jobs.append(Job(scene, source, open_out(out_dir)))
         except ValueError as e:
             entries.append(summary_entry(scene, "failed", error=str(e)))

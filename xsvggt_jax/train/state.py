@@ -73,11 +73,6 @@ def learning_rate_at(count, lr, warmup, steps, final_lr_ratio) -> Array:
     return jnp.where(count < warmup, lr * count / jnp.maximum(warmup, 1.0), cosine)
 
 
-def learning_rate(cfg: OptimConfig) -> optax.Schedule:
-    """`learning_rate_at` for this configuration."""
-    return lambda count: learning_rate_at(count, cfg.lr, cfg.warmup, cfg.steps, cfg.final_lr_ratio)
-
-
 def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 

@@ -112,8 +112,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
     so this one compiled step serves every lr / warmup / steps (`xsvggt_jax.train.state.set_hyperparams`);
     a schedule function is compiled into the step.
     metrics: the loss components of `multitask_loss`, "grad_norm" (trainable, before clipping) and
-    "lr" (the rate this step used; absent for another optimizer without a schedule). mesh: shard the batch over its "data" axis and replicate the
-    state (data parallel; B must divide by the axis size); default: `default_mesh()`. Place the
+    "lr" (the rate this step used; absent for another optimizer without a schedule). mesh: shard the
+    batch over its "data" axis and replicate the state (data parallel; B must divide by the axis
+    size); default: `default_mesh()`. Place the
     state with `place_state` and the batch with `shard_batch` (same mesh) before the first call:
     inputs of another sharding trace again (and trip the trace counter). Raises TraceCountError when this
     step (each `make_train_step` call counts its own traces) is traced more than `max_traces` times.
