@@ -4,7 +4,7 @@
 
 For each device count D a child interpreter runs with
 `XLA_FLAGS=--xla_force_host_platform_device_count=D` (XLA must see the flag before jax starts). In it,
-for each model config and each B, a pool of B slots (`xsvggt_jax.batch`, cache `--setting`,
+for each model config and each B, a pool of B slots (`xsvggt_jax.stream.pool`, cache `--setting`,
 random weights `init_params(cfg, PRNGKey(0))`, deterministic random frames already placed on the
 devices) is stepped by `make_pool_step`: on one device the jitted `vmap` of the step, on D devices
 under `shard_map` over a mesh of min(B, D) devices on `data` (B / D slots a device). The step is
@@ -53,9 +53,9 @@ def measure(config: str, hw: tuple[int, int], batches: Sequence[int], steps: int
     import jax
     import numpy as np
 
-    from xsvggt_jax import batch as pool_mod
-    from xsvggt_jax import parallel
-    from xsvggt_jax.cache import init_cache, tree_bytes
+    from xsvggt_jax.stream import pool as pool_mod
+    from xsvggt_jax.stream import mesh as parallel
+    from xsvggt_jax.cache.core import init_cache, tree_bytes
 
     from .stream import CONFIGS, cache_setting, random_params
 

@@ -33,11 +33,11 @@ python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|chex|opta
 
 step smoke: xsvggt demo
 # A flax from the image that breaks our Linen modules is replaced by the pinned one, once.
-if ! timeout 90 python3 -m xsvggt_jax.cli demo --out /tmp/demo --overwrite >"$OUT/demo.log" 2>&1; then
+if ! timeout 90 python3 -m xsvggt_jax.app.cli demo --out /tmp/demo --overwrite >"$OUT/demo.log" 2>&1; then
   tail -5 "$OUT/demo.log"
   step "demo failed with the image's flax; trying flax 0.12.8"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/flax-*.whl || exit 1
-  timeout 90 python3 -m xsvggt_jax.cli demo --out /tmp/demo --overwrite >"$OUT/demo.log" 2>&1 \
+  timeout 90 python3 -m xsvggt_jax.app.cli demo --out /tmp/demo --overwrite >"$OUT/demo.log" 2>&1 \
     || { tail -30 "$OUT/demo.log"; exit 1; }
 fi
 grep -v "^WARNING" "$OUT/demo.log" | tail -12

@@ -67,7 +67,7 @@ def scenes(count: int, lo: int, hi: int, seed: int = 0):
 
 def run(label: str, sources, cfg, cache_cfg, params, slots: int, prefetch: int, root: Path,
         slot_compute: str = "auto") -> dict:
-    from xsvggt_jax.cli import _parser, stream_timing, write_scene
+    from xsvggt_jax.app.cli import _parser, stream_timing, write_scene
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.many import Job, Scene, run_scenes
 
@@ -148,9 +148,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import jax
 
-    from xsvggt_jax.cache import CacheConfig
+    from xsvggt_jax.cache.core import CacheConfig
     from xsvggt_jax.config import ModelConfig
-    from xsvggt_jax.model import init_params
+    from xsvggt_jax.nn.model import init_params
 
     cfg = dataclasses.replace(ModelConfig.tiny(), dtype=args.dtype)
     params = init_params(cfg, jax.random.PRNGKey(0))

@@ -1,6 +1,6 @@
 """Memory model of the offline forward: compile, do not run, and read XLA's memory analysis.
 
-`python -m benchmarks.memory` compiles `StreamVGGT.offline` (one device) and `seqpar.offline_sharded`
+`python -m benchmarks.memory` compiles `StreamVGGT.offline` (one device) and `stream.sharded.offline_sharded`
 (ring attention over D forced CPU devices, one subprocess per D with XLA_FLAGS) for each frame count,
 with abstract parameters (`model.param_shapes`: nothing allocated), and records the peak bytes per
 device = temp + arguments + outputs of the compiled executable. From a linear fit per (D, dtype) it
@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.model import StreamVGGT, init_params, param_shapes
+from xsvggt_jax.nn.model import StreamVGGT, init_params, param_shapes
 from xsvggt_jax.runtime import peak_rss_bytes
 
 log = logging.getLogger("benchmarks.memory")
@@ -59,7 +59,7 @@ def compile_offline(cfg: ModelConfig, frames: int, hw: tuple[int, int], *, devic
     if devices == 1:
         fn = jax.jit(lambda p, x: model.apply({"params": p}, x, None, causal, method=StreamVGGT.offline))
         return fn.lower(params, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
-    from xsvggt_jax.seqpar import make_seq_mesh, offline_sharded
+    from xsvggt_jax.stream.sharded import make_seq_mesh, offline_sharded
     mesh = make_seq_mesh(devices)
     rep = NamedSharding(mesh, P())
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), params)

@@ -443,7 +443,7 @@ def study(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: S
     from xsvggt_jax.config import check_frame_size
     from xsvggt_jax.eval.runner import finite_or_none
     from xsvggt_jax.io.fsutil import atomic_write_json
-    from xsvggt_jax.io.params import load_params
+    from xsvggt_jax.weights.params import load_params
     from xsvggt_jax.runtime import configure_compile_cache
 
     from xsvggt_jax import pretrained

@@ -4,7 +4,7 @@
 
 Random weights (`init_params(cfg, PRNGKey(0))`) and deterministic random frames
 (`np.random.default_rng(0)`, one [1, H, W, 3] float32 image drawn per frame, the same frames for
-every setting). For each cache setting the step (`xsvggt_jax.step.step`, jitted here with the cache
+every setting). For each cache setting the step (`xsvggt_jax.stream.step.step`, jitted here with the cache
 donated, as `make_step` does) is lowered and compiled explicitly (timed apart from execution), then
 every frame is run once and timed device-synchronised (`jax.block_until_ready` on the new cache and
 the outputs). Summary latencies are medians over frame windows (early: frames [5, 15), late: the last
@@ -46,13 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax import attention, quant
-from xsvggt_jax import step as step_mod
-from xsvggt_jax.cache import CacheConfig, StreamCache, cache_report, init_cache
+from xsvggt_jax.attention import kernels as attention
+from xsvggt_jax.cache import quant
+from xsvggt_jax.stream import step as step_mod
+from xsvggt_jax.cache.core import CacheConfig, StreamCache, cache_report, init_cache
 from xsvggt_jax.config import PRESETS, ModelConfig
 from xsvggt_jax.io.fsutil import atomic_write, atomic_write_text
-from xsvggt_jax.model import init_params
-from xsvggt_jax.pipeline import filled_bytes
+from xsvggt_jax.nn.model import init_params
+from xsvggt_jax.stream.pipeline import filled_bytes
 from xsvggt_jax.runtime import peak_rss_bytes
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def random_params(cfg: ModelConfig) -> dict:
 
 def agg_cam_step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache,
                  frame: jax.Array) -> tuple[StreamCache, jax.Array]:
-    """`xsvggt_jax.step.step` without the DPT / track heads (`heads=False`): aggregator + camera head
+    """`xsvggt_jax.stream.step.step` without the DPT / track heads (`heads=False`): aggregator + camera head
     only, the part upstream's `Aggregator` + `CameraHead` comparison runs. Returns the cache and the
     pose [B, 9]."""
     cache, out = step_mod.step(cfg, cache_cfg, params, cache, frame, heads=False)
@@ -389,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "backend": backend, "device": getattr(dev, "device_kind", str(dev)), "device_count": jax.device_count(),
         "jax_version": jax.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "ran": "xsvggt_jax.step.step per frame: aggregator + camera head + depth and point DPT heads"
+        "ran": "xsvggt_jax.stream.step.step per frame: aggregator + camera head + depth and point DPT heads"
                + (" + track head" if args.queries else " (no query points: no track head)"),
         "notes": [
             "latency_s: every frame once, after an explicit lower+compile, device-synchronised "

@@ -51,7 +51,7 @@ def rel_err(ours, ref) -> float:
 
 def run_error(argv, capsys) -> str:
     """Run the CLI's main(argv), expect exit code 2 and one `xsvggt: error: ...` line; return it."""
-    from xsvggt_jax.cli import main
+    from xsvggt_jax.app.cli import main
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
@@ -111,7 +111,7 @@ def nhwc(images: np.ndarray):
 @pytest.fixture(scope="session")
 def micro():
     """(micro_cfg(), its random parameters, committed to the default device like loaded ones)."""
-    from xsvggt_jax.model import init_params
+    from xsvggt_jax.nn.model import init_params
     cfg = micro_cfg()
     return cfg, jax.device_put(init_params(cfg, jax.random.PRNGKey(0)), jax.devices()[0])
 
@@ -132,8 +132,8 @@ def tiny_params(tiny_dir, tiny_cfg):
     """The reference weights, converted and committed to the default device, as `io.params.load_params`
     returns them: the tests then compile the programs the CLI compiles (a committed argument adds
     sharding annotations to the program), and share them through the run's compilation cache."""
-    from xsvggt_jax.convert import convert_state_dict
-    from xsvggt_jax.io.checkpoint_reader import read_state_dict
+    from xsvggt_jax.weights.convert import convert_state_dict
+    from xsvggt_jax.weights.torch_reader import read_state_dict
     params = convert_state_dict(read_state_dict(tiny_dir / "weights.pth"), tiny_cfg, source="weights.pth")
     return jax.device_put(params, jax.devices()[0])
 

@@ -22,16 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax import batch, parallel
-from xsvggt_jax.cache import CacheConfig, init_cache, tree_bytes
+from xsvggt_jax.stream import pool as batch
+from xsvggt_jax.stream import mesh as parallel
+from xsvggt_jax.cache.core import CacheConfig, init_cache, tree_bytes
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.io.checkpoint_reader import read_state_dict
-from xsvggt_jax.step import step
+from xsvggt_jax.weights.torch_reader import read_state_dict
+from xsvggt_jax.stream.step import step
 
-try:  # the converter is moving into the package
-    from xsvggt_jax.convert import convert_state_dict
-except ImportError:
-    from convert import convert_state_dict
+from xsvggt_jax.weights.convert import convert_state_dict
 
 SLOTS, N = 4, 5
 # name: (cache config, query points of slot 2's scene, heads). Compiles dominate the run time: the

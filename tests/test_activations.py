@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.heads.activations import activate_pose
+from xsvggt_jax.nn.heads.activations import activate_pose
 
 
 def test_pose_activation_value_is_upstream_relu():

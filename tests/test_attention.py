@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from xsvggt_jax import attention as A
-from xsvggt_jax.attention import (AttentionConfigError, AttentionSpec, FrameCausal, Full, KeyPrefix, attend,
+from xsvggt_jax.attention import kernels as A
+from xsvggt_jax.attention.kernels import (AttentionConfigError, AttentionSpec, FrameCausal, Full, KeyPrefix, attend,
                                   block_schedule, resolve_attention)
 from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig
-from xsvggt_jax.model import StreamVGGT, param_shapes
+from xsvggt_jax.nn.model import StreamVGGT, param_shapes
 
 HIGHEST = jax.lax.Precision.HIGHEST
 TOKENS = 37                   # tokens per frame: no block size below divides S * TOKENS

@@ -10,14 +10,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import xsvggt_jax.step as step_mod
+import xsvggt_jax.stream.step as step_mod
 from conftest import micro_cfg, micro_frames as _frames
 from test_quant import ref_quant
-from xsvggt_jax.cache import (QUANT_LAYOUTS, CacheConfig, LayerPlan, _empty_layers, cache_bytes, init_cache,
+from xsvggt_jax.cache.core import (QUANT_LAYOUTS, CacheConfig, LayerPlan, _empty_layers, cache_bytes, init_cache,
                               plan_layers, tree_bytes, update_layer)
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.kvcodec import LAYOUTS as CODECS
-from xsvggt_jax.layers import Prefix
+from xsvggt_jax.cache.codec import LAYOUTS as CODECS
+from xsvggt_jax.nn.layers import Prefix
 
 LAYOUTS = tuple(q for q in QUANT_LAYOUTS if q != "none")
 

@@ -1,4 +1,4 @@
-"""Tests for xsvggt_jax.io.checkpoint_reader (no torch: fixtures are hand-built)."""
+"""Tests for xsvggt_jax.weights.torch_reader (no torch: fixtures are hand-built)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from xsvggt_jax.io.checkpoint_reader import CheckpointError, read_state_dict
+from xsvggt_jax.weights.torch_reader import CheckpointError, read_state_dict
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
 
@@ -260,8 +260,7 @@ def test_broadcast_rows_are_refused_but_views_of_a_larger_storage_pass(tmp_path:
 
 
 def test_total_beyond_memory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from xsvggt_jax.io import checkpoint_reader
-
+    from xsvggt_jax.weights import torch_reader as checkpoint_reader
     st = FakeStorage("0", np.zeros(64, np.float32))  # 256 B storage; a, b, c view all of it: 1 KiB in all
     path = write_torch_zip(tmp_path / "shared.pth", {k: tensor(st) for k in "abc"})
     monkeypatch.setattr(checkpoint_reader, "_memory_bytes", lambda: 1000)

@@ -12,8 +12,8 @@ from flax.traverse_util import flatten_dict
 from conftest import rel_err, run_error
 from test_parity import OFFLINE_TRACK_SCORE_TOL, TOL, assert_ktvt_parity
 from test_parity import OUTPUTS as ALL_KEYS
-from xsvggt_jax.cli import main
-from xsvggt_jax.io.params import ParamsError, load_params
+from xsvggt_jax.app.cli import main
+from xsvggt_jax.weights.params import ParamsError, load_params
 
 REPORT_FIELDS = ("mode", "frames", "height", "width", "seconds_per_frame", "compile_seconds", "cache_bytes",
                  "peak_memory_bytes", "backend", "device")

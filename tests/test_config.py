@@ -262,7 +262,7 @@ def test_readme_library_names_are_exported():
     text = (ROOT / "README.md").read_text()
     imports = re.findall(r"^from (xsvggt_jax[\w.]*) import ([\w, ]+)$", text, flags=re.M)
     names = {n.strip(): mod for mod, group in imports for n in group.split(",")}
-    names.update({n: None for n in re.findall(r"`xsvggt_jax\.\w+\.(\w+)`", text)})
+    names.update({n: None for n in re.findall(r"`xsvggt_jax\.(?:\w+\.)+(\w+)`", text)})
     assert {"ModelConfig", "CacheConfig", "init_cache", "make_step", "load_params", "run_stream"} <= set(names)
     for name, mod in names.items():
         assert name in xsvggt_jax.__all__, name

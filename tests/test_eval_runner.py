@@ -34,7 +34,7 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def params_dir(tmp_path_factory, tiny_params, tiny_cfg) -> Path:
-    from xsvggt_jax.io.params import save_params
+    from xsvggt_jax.weights.params import save_params
     return save_params(tiny_params, tmp_path_factory.mktemp("eval") / "params", tiny_cfg)
 
 
@@ -43,7 +43,7 @@ def evaluated(tmp_path_factory, dataset, params_dir, tiny_params, tiny_cfg):
     """(recon EvalResults with predictions, reconstruct's predictions.npz of sequence 0)."""
     work = tmp_path_factory.mktemp("reconstruct")
     np.savez(work / "frames.npz", images=dataset[0].images())  # 56x70: preprocessing at 70 px is the identity
-    proc = subprocess.Popen([sys.executable, "-m", "xsvggt_jax.cli", "reconstruct", str(work / "frames.npz"),
+    proc = subprocess.Popen([sys.executable, "-m", "xsvggt_jax.app.cli", "reconstruct", str(work / "frames.npz"),
                              "--params", str(params_dir), "--out", str(work / "out"), "--quiet"],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,7 +129,7 @@ def test_checks_come_before_model_work(dataset, tiny_cfg):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_eval_procedural_matches_the_api(evaluated, params_dir, tiny_params, tiny_cfg, tmp_path, capsys):
-    from xsvggt_jax.cli import main
+    from xsvggt_jax.app.cli import main
 
     out = tmp_path / "ev"
     main(["eval", "--dataset", "procedural", "--task", "pose", "--params", str(params_dir), "--settings", SETTINGS,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from xsvggt_jax import quant
-from xsvggt_jax.cache import CacheConfig
+from xsvggt_jax.cache import quant
+from xsvggt_jax.cache.core import CacheConfig
 from xsvggt_jax.eval.settings import Setting, SettingsError, as_settings, parse_setting, parse_settings
-from xsvggt_jax.kvcodec import LAYOUTS
-from xsvggt_jax.prune import POLICIES
+from xsvggt_jax.cache.codec import LAYOUTS
+from xsvggt_jax.cache.prune import POLICIES
 
 
 def test_examples_of_the_issue():

@@ -62,7 +62,7 @@ def _tmp_leftovers(d: Path) -> list[str]:
 def test_pose_np_matches_jax():
     import jax.numpy as jnp
 
-    from xsvggt_jax.pose import pose_encoding_to_extri_intri
+    from xsvggt_jax.geometry import pose_encoding_to_extri_intri
 
     pose = _random_poses(np.random.default_rng(0), 7).astype(np.float32)
     extr, intr = E.pose_to_extri_intri_np(pose, (H, W))

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.heads.camera import CameraHead
-from xsvggt_jax.heads.track import Tracker
+from xsvggt_jax.nn.heads.camera import CameraHead
+from xsvggt_jax.nn.heads.track import Tracker
 
 FRAMES, POINTS = 3, 4
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from xsvggt_jax import attention, layers
-from xsvggt_jax.layers import Prefix, attend
+from xsvggt_jax.attention import kernels as attention
+from xsvggt_jax.nn import layers
+from xsvggt_jax.nn.layers import Prefix, attend
 
 CHUNK = 16
 

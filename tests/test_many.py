@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import run_error
-from xsvggt_jax.cli import main
-from xsvggt_jax.io.params import save_params
+from xsvggt_jax.app.cli import main
+from xsvggt_jax.weights.params import save_params
 from xsvggt_jax.many import name_scenes, process_share
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_two_processes_write_the_same_root_as_one(inputs, tmp_path):
     root = tmp_path / "out"
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-m", "xsvggt_jax.cli", "reconstruct-many", *common, "--out", str(root),
+    procs = [subprocess.Popen([sys.executable, "-m", "xsvggt_jax.app.cli", "reconstruct-many", *common, "--out", str(root),
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

@@ -11,12 +11,14 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from conftest import require_reference
-from xsvggt_jax.convert import ConversionError, check_coverage, convert_state_dict
-from xsvggt_jax.convert.keymap import map_key
-from xsvggt_jax.cache import CacheConfig, init_cache
+from xsvggt_jax.weights.convert import ConversionError
+from xsvggt_jax.weights.convert import check_coverage
+from xsvggt_jax.weights.convert import convert_state_dict
+from xsvggt_jax.weights.keymap import map_key
+from xsvggt_jax.cache.core import CacheConfig, init_cache
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.model import param_shapes
-from xsvggt_jax.step import step
+from xsvggt_jax.nn.model import param_shapes
+from xsvggt_jax.stream.step import step
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_key_map_transforms():
 
 
 def test_convert_rejects_extra_missing_and_misshapen(tiny_params, tiny_cfg):
-    from xsvggt_jax.io.checkpoint_reader import read_state_dict
+    from xsvggt_jax.weights.torch_reader import read_state_dict
     from conftest import TINY
     sd = read_state_dict(TINY / "weights.safetensors")
     for mutate, needle in [

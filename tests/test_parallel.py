@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xsvggt_jax import batch, parallel
-from xsvggt_jax.cache import CacheConfig, init_cache
+from xsvggt_jax.stream import pool as batch
+from xsvggt_jax.stream import mesh as parallel
+from xsvggt_jax.cache.core import CacheConfig, init_cache
 
 from conftest import TINY, child_xla_flags, require_reference
 
@@ -115,7 +116,7 @@ def test_sequential_pool_equals_single_streams(micro):
     """slot_compute="sequential": each slot of a pool of 2 runs the single-stream step's own program:
     bit-identical to the scene alone (xstream + int4 cache, slots at different frames); slot 0's scene
     has 2 query points padded to 4 under the validity mask: its real tracks, vis and track_conf match."""
-    from xsvggt_jax.step import make_step
+    from xsvggt_jax.stream.step import make_step
 
     from conftest import micro_frames
     cfg, params = micro

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import TINY, require_reference
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.io.params import FORMAT_V1, ParamsError, load_config, load_params, save_params
-from xsvggt_jax.model import param_shapes
+from xsvggt_jax.weights.params import FORMAT_V1, ParamsError, load_config, load_params, save_params
+from xsvggt_jax.nn.model import param_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,8 +144,8 @@ def test_save_and_load_in_a_subprocess_print_nothing(tmp_path):
     code = f"""
 import jax, numpy as np
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.io.params import save_params, load_params
-from xsvggt_jax.model import param_shapes
+from xsvggt_jax.weights.params import save_params, load_params
+from xsvggt_jax.nn.model import param_shapes
 cfg = ModelConfig.preset("micro")
 params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), param_shapes(cfg))
 save_params(params, {str(tmp_path / "p")!r}, cfg)
@@ -162,7 +162,7 @@ save_params(loaded, {str(tmp_path / "q")!r}, cfg)
 def test_conversion_cache_keeps_the_requested_dtype(tmp_path):
     """The cache key is the architecture; a second run with another dtype reuses the conversion but
     returns the configuration asked for (the cached directory's dtype used to win)."""
-    from xsvggt_jax.weights import params_from_checkpoint
+    from xsvggt_jax.weights.cached import params_from_checkpoint
 
     pth = require_reference(TINY) / "weights.pth"
     cfg = ModelConfig.tiny()
@@ -176,8 +176,9 @@ def test_conversion_cache_keeps_the_requested_dtype(tmp_path):
 
 
 def test_forgotten_spec_says_so_in_one_line():
-    from xsvggt_jax.convert import ConversionError, check_coverage
-    from xsvggt_jax.io.checkpoint_reader import read_state_dict
+    from xsvggt_jax.weights.convert import ConversionError
+    from xsvggt_jax.weights.convert import check_coverage
+    from xsvggt_jax.weights.torch_reader import read_state_dict
 
     shapes = {k: v.shape for k, v in read_state_dict(require_reference(TINY) / "weights.safetensors").items()}
     with pytest.raises(ConversionError) as e:

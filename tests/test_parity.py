@@ -10,10 +10,10 @@ from PIL import Image
 
 from conftest import nhwc as _nhwc
 from conftest import rel_err
-from xsvggt_jax.cache import CacheConfig, init_cache
-from xsvggt_jax.dino import interpolate_pos_embed
-from xsvggt_jax.model import StreamVGGT
-from xsvggt_jax.step import make_step
+from xsvggt_jax.cache.core import CacheConfig, init_cache
+from xsvggt_jax.nn.dino import interpolate_pos_embed
+from xsvggt_jax.nn.model import StreamVGGT
+from xsvggt_jax.stream.step import make_step
 
 OUTPUTS = ("pts3d_in_other_view", "conf", "depth", "depth_conf", "camera_pose", "track", "vis", "track_conf")
 TOL = 1e-5  # relative error, every output and intermediate

@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from conftest import micro_frames
-from xsvggt_jax.cache import CacheConfig, cache_bytes, init_cache
-from xsvggt_jax.pipeline import filled_bytes
-from xsvggt_jax.step import make_step
+from xsvggt_jax.cache.core import CacheConfig, cache_bytes, init_cache
+from xsvggt_jax.stream.pipeline import filled_bytes
+from xsvggt_jax.stream.step import make_step
 
 
 def test_filled_bytes_grow_with_an_uncompressed_stream_and_reach_the_allocation(micro):

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import xsvggt_jax.step as step_mod
+import xsvggt_jax.stream.step as step_mod
 from conftest import micro_frames
-from xsvggt_jax.cache import CacheConfig, LayerKV, cache_bytes, init_cache, tree_bytes, update_layer
+from xsvggt_jax.cache.core import CacheConfig, LayerKV, cache_bytes, init_cache, tree_bytes, update_layer
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.prune import (PolicyError, PruneContext, attention_mass, cumulative, diversity, frame,
+from xsvggt_jax.cache.prune import (PolicyError, PruneContext, attention_mass, cumulative, diversity, frame,
                               protected_top, xstream, xstream_scores)
 
 

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from plyfile import PlyData
 
-import xsvggt_jax.pipeline as pipeline
+import xsvggt_jax.stream.pipeline as pipeline
 from conftest import require_reference, run_error
-from xsvggt_jax.cli import main
+from xsvggt_jax.app.cli import main
 
 OUTPUT_FILES = ("predictions.npz", "points.ply", "trajectory.txt", "colmap/sparse/0/cameras.txt",
                 "colmap/sparse/0/images.txt", "colmap/sparse/0/points3D.txt", "depth/depth.npz",

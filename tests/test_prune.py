@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xsvggt_jax.prune import (POLICIES, PruneContext, cumulative, diversity, frame, pool_queries, random, sliding,
+from xsvggt_jax.cache.prune import (POLICIES, PruneContext, cumulative, diversity, frame, pool_queries, random, sliding,
                               xstream)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import quality
 from conftest import micro_cfg
-from xsvggt_jax.cache import init_cache
+from xsvggt_jax.cache.core import init_cache
 from xsvggt_jax.eval.settings import SettingsError
 
 HW = (28, 28)

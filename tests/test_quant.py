@@ -1,4 +1,4 @@
-"""Tests of xsvggt_jax.quant: bit packing and upstream's group-wise fake quantization.
+"""Tests of xsvggt_jax.cache.quant: bit packing and upstream's group-wise fake quantization.
 
 The expected quantizer outputs come from `ref_quant`, a small independent float32 numpy
 transcription of the upstream PyTorch formula (last-axis groups, zero padding counted in min/max).
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xsvggt_jax.kvcodec import LAYOUTS, SCALE_DTYPES, PerChannel, PerToken
-from xsvggt_jax.quant import PACK_BITS, dequantize, fake_quant, pack, packed_bytes, quantize, unpack
+from xsvggt_jax.cache.codec import LAYOUTS, SCALE_DTYPES, PerChannel, PerToken
+from xsvggt_jax.cache.quant import PACK_BITS, dequantize, fake_quant, pack, packed_bytes, quantize, unpack
 
 
 # ----------------------------------------------------------------------------- numpy reference

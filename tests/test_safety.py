@@ -19,12 +19,12 @@ import jax
 import numpy as np
 import pytest
 
-import xsvggt_jax.pipeline as pipeline
+import xsvggt_jax.stream.pipeline as pipeline
 from conftest import run_error
-from xsvggt_jax.cache import CacheConfig, init_cache, tree_bytes
-from xsvggt_jax.cli import main
+from xsvggt_jax.cache.core import CacheConfig, init_cache, tree_bytes
+from xsvggt_jax.app.cli import main
 from xsvggt_jax.io.fsutil import OWNER_FILE, owner_record
-from xsvggt_jax.io.params import save_params
+from xsvggt_jax.weights.params import save_params
 from xsvggt_jax.io.rgb import to_uint8_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,8 +176,8 @@ def test_enospc_in_an_export_is_one_line(params_dir, npz, tmp_path, capsys, monk
 SIGTERM_DRIVER = """
 import sys, time
 from pathlib import Path
-import xsvggt_jax.pipeline as pipeline
-from xsvggt_jax.cli import main
+import xsvggt_jax.stream.pipeline as pipeline
+from xsvggt_jax.app.cli import main
 real, ready = pipeline.make_step, Path(sys.argv[1])
 
 def slow(*a):
@@ -304,7 +304,7 @@ def test_damaged_state_dir_is_one_error_line(how, interrupted_state, params_dir,
 def test_flags_validated_before_any_work(flags, expect, params_dir, npz, tmp_path, capsys, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("work started before the flags were checked")
-    monkeypatch.setattr("xsvggt_jax.cli._model", no_work)
+    monkeypatch.setattr("xsvggt_jax.app.cli._model", no_work)
     monkeypatch.setattr("xsvggt_jax.io.frames.open_frames", no_work)
     out = tmp_path / "out"
     flags = [f.format(out=out) for f in flags]
@@ -346,7 +346,7 @@ def test_nan_weight_is_an_error(tiny_params, tiny_cfg, npz, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- 8. compilation cache
-COMPILE_DRIVER = ("import sys, xsvggt_jax.runtime as r, xsvggt_jax.cli as c\n"
+COMPILE_DRIVER = ("import sys, xsvggt_jax.runtime as r, xsvggt_jax.app.cli as c\n"
                   "r.COMPILE_CACHE_MIN_SECONDS = 0  # cache even the tiny model's quick compiles\n"
                   "sys.exit(c.main(sys.argv[1:]))")
 

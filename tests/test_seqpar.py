@@ -73,9 +73,9 @@ def _main() -> None:
 
     from benchmarks.memory import compile_offline, peak_bytes
     from test_attention import micro_config
-    from xsvggt_jax import attention as A
-    from xsvggt_jax.model import init_params
-    from xsvggt_jax.seqpar import DATA, SEQ, make_seq_mesh
+    from xsvggt_jax.attention import kernels as A
+    from xsvggt_jax.nn.model import init_params
+    from xsvggt_jax.stream.sharded import DATA, SEQ, make_seq_mesh
 
     assert jax.device_count() == DEVICES
     mesh = make_seq_mesh(DEVICES)

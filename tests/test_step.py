@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import xsvggt_jax.step as step_mod
+import xsvggt_jax.stream.step as step_mod
 from conftest import child_xla_flags, micro_frames, nhwc
-from xsvggt_jax.cache import (CacheConfig, CacheMismatchError, CacheOverflowError, cache_bytes, cache_overflowed,
+from xsvggt_jax.cache.core import (CacheConfig, CacheMismatchError, CacheOverflowError, cache_bytes, cache_overflowed,
                               init_cache)
-from xsvggt_jax.pose import pose_encoding_to_extri_intri, quat_to_mat
+from xsvggt_jax.geometry import pose_encoding_to_extri_intri, quat_to_mat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,9 +156,9 @@ MESH_SCRIPT = """
 import logging, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from conftest import micro_cfg, micro_frames
-from xsvggt_jax.cache import CacheConfig, init_cache
-from xsvggt_jax.model import init_params
-from xsvggt_jax.step import make_step
+from xsvggt_jax.cache.core import CacheConfig, init_cache
+from xsvggt_jax.nn.model import init_params
+from xsvggt_jax.stream.step import make_step
 assert jax.device_count() == 2
 cfg, cc = micro_cfg(), CacheConfig("xstream", 24, 3)
 mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xsvggt_jax.batch import pad_queries
-from xsvggt_jax.heads.track import TrackHead, key_mask
+from xsvggt_jax.stream.pool import pad_queries
+from xsvggt_jax.nn.heads.track import TrackHead, key_mask
 
 # Over 3 frames the tracker's two iterations resample correlations at the refined tracks, so the
 # masked attention's rounding (a softmax over 5 keys, 2 of them at exp(-inf) = 0, vs over 3) grows:

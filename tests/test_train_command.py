@@ -34,7 +34,7 @@ def test_other_errors_still_raise(monkeypatch, tmp_path):
             raise RuntimeError("a bug, not the disk")
 
     monkeypatch.setattr(loop, "Checkpoints", Broken)
-    from xsvggt_jax.cli import main
+    from xsvggt_jax.app.cli import main
     with pytest.raises(RuntimeError, match="a bug"):
         main(["train", "--config", "micro", "--size", "28x42", "--steps", "1", "--eval-scenes", "0",
               "--out", str(tmp_path / "run"), "--quiet"])

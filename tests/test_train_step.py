@@ -20,8 +20,8 @@ import pytest
 
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.data.procedural import SceneConfig, make_scene
-from xsvggt_jax.model import init_params
-from xsvggt_jax.pose import pose_encoding_to_extri_intri
+from xsvggt_jax.nn.model import init_params
+from xsvggt_jax.geometry import pose_encoding_to_extri_intri
 from xsvggt_jax.train.config import LossConfig
 from xsvggt_jax.train.data import DataSource, batch_at, make_clip_fn
 from xsvggt_jax.train.state import (UPSTREAM_FROZEN, Checkpoints, OptimConfig, init_state, learning_rate_at,
@@ -211,7 +211,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.model import init_params
+from xsvggt_jax.nn.model import init_params
 from xsvggt_jax.train.data import DataSource, batch_at, make_clip_fn
 from xsvggt_jax.train.state import OptimConfig, UPSTREAM_FROZEN, init_state, make_optimizer, param_labels
 from xsvggt_jax.train.step import data_mesh, make_train_step, place_state, shard_batch
@@ -250,7 +250,7 @@ def test_data_parallel_two_devices_matches_one():
 def test_cli_train_end_to_end_and_resume(tmp_path, capsys):
     """`xsvggt train` run in-process: the run and its files are under test here, not the process."""
     from conftest import run_error
-    from xsvggt_jax.cli import main
+    from xsvggt_jax.app.cli import main
     out = tmp_path / "run"
 
     def argv(steps: int) -> list[str]:
@@ -264,7 +264,7 @@ def test_cli_train_end_to_end_and_resume(tmp_path, capsys):
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 3] and all(np.isfinite(e["abs_rel"]) for e in evals)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from xsvggt_jax.io.params import load_params
+    from xsvggt_jax.weights.params import load_params
     params, cfg = load_params(out / "params")
     assert cfg == ModelConfig.preset("micro")
     # same --out, more steps: a different run -> one error line, nothing changed
@@ -287,9 +287,9 @@ def test_cli_train_bad_flags(capsys, tmp_path):
 
 def test_remat_blocks_same_parameters_and_gradients():
     import flax.linen as nn
-    from xsvggt_jax.aggregator import PositionalBlock
-    from xsvggt_jax.model import StreamVGGT, param_shapes
-    from xsvggt_jax.rope import make_rope
+    from xsvggt_jax.nn.aggregator import PositionalBlock
+    from xsvggt_jax.nn.model import StreamVGGT, param_shapes
+    from xsvggt_jax.nn.rope import make_rope
     from conftest import rel_err
 
     cfg = ModelConfig.preset("micro")

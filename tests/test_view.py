@@ -24,7 +24,7 @@ from PIL import Image
 
 from conftest import run_error
 from xsvggt_jax.io import exports as ex
-from xsvggt_jax.view import ViewError, build_scene, frame_colours, load_result
+from xsvggt_jax.app.view import ViewError, build_scene, frame_colours, load_result
 
 S, H, W = 5, 24, 32
 POINT_RGB = (255, 0, 255)  # magenta: no part of viser's page is drawn in it
@@ -199,7 +199,7 @@ def test_cli_serves_until_sigterm(outdir):
     import urllib.request
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "xsvggt_jax.cli", "view", str(outdir), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "xsvggt_jax.app.cli", "view", str(outdir), "--port", "0"],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()

@@ -22,25 +22,25 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
 # public name -> submodule that defines it
 _EXPORTS = {
     "ModelConfig": "config", "ConfigError": "config", "PRESETS": "config", "DTYPES": "config",
-    "CacheConfig": "cache", "init_cache": "cache",
-    "make_step": "step", "run_stream": "step",
-    "StreamVGGT": "model", "init_params": "model", "param_shapes": "model",
-    "load_params": "io.params", "save_params": "io.params", "load_config": "io.params", "ParamsError": "io.params",
-    "params_from_checkpoint": "weights",
-    "read_state_dict": "io.checkpoint_reader", "CheckpointError": "io.checkpoint_reader",
-    "convert_state_dict": "convert", "ConversionError": "convert",
-    "load_dataset": "data", "DATASETS": "data", "evaluate": "eval.runner", "write_report": "eval.report",
+    "CacheConfig": "cache.core", "init_cache": "cache.core",
+    "make_step": "stream.step", "run_stream": "stream.step",
+    "StreamVGGT": "nn.model", "init_params": "nn.model", "param_shapes": "nn.model",
+    "load_params": "weights.params", "save_params": "weights.params", "load_config": "weights.params", "ParamsError": "weights.params",
+    "params_from_checkpoint": "weights.cached",
+    "read_state_dict": "weights.torch_reader", "CheckpointError": "weights.torch_reader",
+    "convert_state_dict": "weights.convert", "ConversionError": "weights.convert",
+    "load_dataset": "data", "DATASETS": "data", "make_demo_scene": "data.procedural", "evaluate": "eval.runner", "write_report": "eval.report",
 }
 # public submodules (the README imports them by name): pruning policies, pools of streams, meshes,
 # shipped weights
-_SUBMODULES = ("prune", "batch", "parallel", "pretrained")
+_SUBMODULES = {"prune": "cache.prune", "batch": "stream.pool", "parallel": "stream.mesh", "pretrained": "pretrained"}
 
 __all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

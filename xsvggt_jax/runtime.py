@@ -84,7 +84,7 @@ COMPILE_CACHE_MIN_SECONDS = 1.0  # compilations faster than this are not worth a
 
 def compile_cache_dir() -> Path:
     """Per-user persistent JAX compilation cache: $XDG_CACHE_HOME/xsvggt-jax/jax-compile."""
-    from .weights import default_cache_dir
+    from xsvggt_jax.weights.cached import default_cache_dir
 
     return default_cache_dir() / "jax-compile"
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import DataError, Dataset, DatasetInfo, Sequence
-from .kitti import read_kitti
-from .procedural import (PRESETS, ProceduralScene, SceneConfig, make_demo_scene, make_scene, procedural_dataset,
+from xsvggt_jax.data.base import DataError, Dataset, DatasetInfo, Sequence
+from xsvggt_jax.data.kitti import read_kitti
+from xsvggt_jax.data.procedural import (PRESETS, ProceduralScene, SceneConfig, make_demo_scene, make_scene, procedural_dataset,
                          procedural_sequence)
-from .rgbd_recon import read_7scenes, read_nrgbd
-from .scannet import read_scannet
-from .sintel import read_sintel
-from .tum import TUM_DYNAMICS_SEQUENCES, read_bonn, read_tum
+from xsvggt_jax.data.rgbd_recon import read_7scenes, read_nrgbd
+from xsvggt_jax.data.scannet import read_scannet
+from xsvggt_jax.data.sintel import read_sintel
+from xsvggt_jax.data.tum import TUM_DYNAMICS_SEQUENCES, read_bonn, read_tum
 
 
 def _procedural(root: str | Path | None = None, **options) -> Dataset:

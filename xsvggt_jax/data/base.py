@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..io.exports import invert_extrinsics
+from xsvggt_jax.io.exports import invert_extrinsics
 
 
 class DataError(ValueError):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (DataError, Dataset, DatasetInfo, Sequence, indexed_loader, read_png16, read_rgb, require_dir,
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, indexed_loader, read_png16, read_rgb, require_dir,
                    require_file, scaled_depth)
 
 KITTI_DEPTH_SCALE = 256.0

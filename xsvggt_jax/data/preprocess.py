@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..io.frames import preprocess_image, preprocessed_size, resized_size
-from .base import DataError, Sequence
+from xsvggt_jax.io.frames import preprocess_image, preprocessed_size, resized_size
+from xsvggt_jax.data.base import DataError, Sequence
 
 
 def _layout(width: int, height: int, mode: str, target: int) -> tuple[int, int, int, int, int, int]:

@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from .base import DataError, Dataset, DatasetInfo, Sequence
+from xsvggt_jax.data.base import DataError, Dataset, DatasetInfo, Sequence
 
 _UP = np.array([0.0, -1.0, 0.0])  # y points down (OpenCV), so "up" is -y
 _LIGHT = np.array([0.35, -0.8, -0.45]) / np.linalg.norm([0.35, -0.8, -0.45])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (DataError, Dataset, DatasetInfo, Sequence, image_size, indexed_loader, invert_pose,
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, image_size, indexed_loader, invert_pose,
                    read_png16, read_rgb, require_dir, require_file, scaled_depth, scaled_intrinsics)
 
 log = logging.getLogger(__name__)

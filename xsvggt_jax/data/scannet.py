@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (DataError, Dataset, DatasetInfo, Sequence, indexed_loader, invert_pose, read_png16, read_rgb,
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, indexed_loader, invert_pose, read_png16, read_rgb,
                    require_dir, require_file, scaled_depth)
 
 SCANNET_FRAMES, SCANNET_STRIDE = 90, 3

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataError, Dataset, DatasetInfo, Sequence, indexed_loader, read_rgb, require_dir, require_file
+from xsvggt_jax.data.base import DataError, Dataset, DatasetInfo, Sequence, indexed_loader, read_rgb, require_dir, require_file
 
 TAG_FLOAT = np.float32(202021.25)
 SINTEL_SEQUENCES = ("alley_2", "ambush_4", "ambush_5", "ambush_6", "cave_2", "cave_4", "market_2", "market_5",

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.exports import quat_to_mat_np
-from .base import (DataError, Dataset, DatasetInfo, Sequence, image_size, indexed_loader,
+from xsvggt_jax.io.exports import quat_to_mat_np
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, image_size, indexed_loader,
                    invert_pose, read_png16, read_rgb, require_dir, require_file, scaled_depth,
                    scaled_intrinsics)
 

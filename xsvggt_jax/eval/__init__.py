@@ -14,13 +14,13 @@ Evaluating cache settings (these import JAX and the model, so they are not impor
 * `command`: the `xsvggt eval` subcommand.
 """
 
-from .depth import (DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, depth_metrics,
+from xsvggt_jax.eval.depth import (DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, depth_metrics,
                     evaluate_depth, lstsq_scale_shift, median_scale, resize_depth, robust_scale,
                     valid_depth_mask)
-from .geometry import EvalInputError, Similarity, umeyama
-from .pointcloud import (accuracy_completeness, centre_crop, estimate_normals, icp_point_to_point,
+from xsvggt_jax.eval.geometry import EvalInputError, Similarity, umeyama
+from xsvggt_jax.eval.pointcloud import (accuracy_completeness, centre_crop, estimate_normals, icp_point_to_point,
                          median_shift_scale, reconstruction_metrics, world_to_camera)
-from .pose import (absolute_trajectory_error, align_trajectory, c2w_to_extrinsics,
+from xsvggt_jax.eval.pose import (absolute_trajectory_error, align_trajectory, c2w_to_extrinsics,
                    extrinsics_to_c2w, pairwise_pose_errors, pose_accuracy, pose_auc, read_tum,
                    relative_pose_error, trajectory_metrics, write_tum)
 

@@ -71,7 +71,7 @@ def take_frames(seq, n: int):
 
 def _procedural_config(args, cfg, target: int):
     """The eval-small preset rendered at the model's frame size (W = target, H ~ 3/4 W in patches)."""
-    from ..data import PRESETS
+    from xsvggt_jax.data import PRESETS
 
     patch = cfg.patch_size
     height = max(patch, round(0.75 * target / patch) * patch)
@@ -81,8 +81,8 @@ def _procedural_config(args, cfg, target: int):
 
 def _model_config(args, usage_error):
     """(ModelConfig, random?) from the weight options, reading no weights."""
-    from ..config import ModelConfig
-    from ..io.params import ParamsError, load_config
+    from xsvggt_jax.config import ModelConfig
+    from xsvggt_jax.weights.params import ParamsError, load_config
 
     try:
         if args.params:
@@ -99,7 +99,7 @@ def _model_config(args, usage_error):
 
 
 def _dataset(args, cfg, usage_error):
-    from ..data import DataError, Dataset, load_dataset
+    from xsvggt_jax.data import DataError, Dataset, load_dataset
 
     for flag in ("sequences", "frames_per_sequence"):
         value = getattr(args, flag)
@@ -129,17 +129,17 @@ def run(args, usage_error, load_model) -> Path:
     (the CLI's weight loader, used for --params / --checkpoint)."""
     import jax
 
-    from ..data import DataError
-    from ..io.frames import FrameError
-    from ..io.fsutil import FsError
-    from ..io.outdir import OutputDir
-    from ..io.params import ParamsError
-    from ..model import init_params
-    from .report import write_report
-    from .runner import TASKS, EvalConfigError, check_evaluation, evaluate
-    from .settings import SettingsError, parse_settings
+    from xsvggt_jax.data import DataError
+    from xsvggt_jax.io.frames import FrameError
+    from xsvggt_jax.io.fsutil import FsError
+    from xsvggt_jax.io.outdir import OutputDir
+    from xsvggt_jax.weights.params import ParamsError
+    from xsvggt_jax.nn.model import init_params
+    from xsvggt_jax.eval.report import write_report
+    from xsvggt_jax.eval.runner import TASKS, EvalConfigError, check_evaluation, evaluate
+    from xsvggt_jax.eval.settings import SettingsError, parse_settings
 
-    from ..data import DATASETS
+    from xsvggt_jax.data import DATASETS
 
     if args.dataset not in DATASETS:
         raise usage_error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")

@@ -22,8 +22,8 @@ from typing import Literal
 
 import numpy as np
 
-from ..resample import _cubic_aa as _keys_cubic
-from .geometry import EvalInputError, lower_median
+from xsvggt_jax.nn.resample import _cubic_aa as _keys_cubic
+from xsvggt_jax.eval.geometry import EvalInputError, lower_median
 
 Alignment = Literal["median", "scale", "scale&shift", "metric"]
 ALIGNMENTS: tuple[str, ...] = ("median", "scale", "scale&shift", "metric")

@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .geometry import EvalInputError, check_points, lower_median, umeyama
+from xsvggt_jax.eval.geometry import EvalInputError, check_points, lower_median, umeyama
 
 #: Side of the centre crop the metrics are computed on (pixels).
 CROP_SIZE = 224

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from ..io.exports import invert_extrinsics, quat_to_mat_np, write_tum
-from .geometry import EvalInputError, Similarity, umeyama
+from xsvggt_jax.io.exports import invert_extrinsics, quat_to_mat_np, write_tum
+from xsvggt_jax.eval.geometry import EvalInputError, Similarity, umeyama
 
 __all__ = [
     "extrinsics_to_c2w", "c2w_to_extrinsics", "read_tum", "write_tum", "align_trajectory",

@@ -15,9 +15,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..io.fsutil import atomic_write_text
-from ..io.plots import _figure, _save
-from .runner import TASKS, EvalResults, finite_or_none
+from xsvggt_jax.io.fsutil import atomic_write_text
+from xsvggt_jax.io.plots import _figure, _save
+from xsvggt_jax.eval.runner import TASKS, EvalResults, finite_or_none
 
 PRODUCER = "xsvggt-jax"  # results.json["producer"]: an output directory `xsvggt eval` may replace
 KIND = "eval"

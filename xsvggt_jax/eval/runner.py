@@ -26,7 +26,7 @@
    process's peak RSS (a process-wide high-water mark: a later setting never reports less).
 
 Any `CacheConfig` works, including one whose `prune` names a policy the user registered in
-`xsvggt_jax.prune.POLICIES` (see `settings.py`).
+`xsvggt_jax.cache.prune.POLICIES` (see `settings.py`).
 """
 
 from __future__ import annotations
@@ -43,19 +43,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cache import CacheConfig, cache_report, init_cache
-from ..config import ModelConfig, check_frame_size
-from ..data.base import Dataset, Sequence
-from ..data.preprocess import preprocess_frame
-from ..io.exports import pose_to_extri_intri_np, unproject_depth
-from ..io.frames import FrameError, preprocess_image, preprocessed_size, resized_size
-from ..runtime import peak_rss_bytes
-from ..step import make_step
-from .depth import DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, evaluate_depth, resize_depth
-from .geometry import EvalInputError
-from .pointcloud import CROP_SIZE, reconstruction_metrics, world_to_camera
-from .pose import extrinsics_to_c2w, pairwise_pose_errors, pose_accuracy, pose_auc, trajectory_metrics
-from .settings import Setting, as_settings
+from xsvggt_jax.cache.core import CacheConfig, cache_report, init_cache
+from xsvggt_jax.config import ModelConfig, check_frame_size
+from xsvggt_jax.data.base import Dataset, Sequence
+from xsvggt_jax.data.preprocess import preprocess_frame
+from xsvggt_jax.io.exports import pose_to_extri_intri_np, unproject_depth
+from xsvggt_jax.io.frames import FrameError, preprocess_image, preprocessed_size, resized_size
+from xsvggt_jax.runtime import peak_rss_bytes
+from xsvggt_jax.stream.step import make_step
+from xsvggt_jax.eval.depth import DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, evaluate_depth, resize_depth
+from xsvggt_jax.eval.geometry import EvalInputError
+from xsvggt_jax.eval.pointcloud import CROP_SIZE, reconstruction_metrics, world_to_camera
+from xsvggt_jax.eval.pose import extrinsics_to_c2w, pairwise_pose_errors, pose_accuracy, pose_auc, trajectory_metrics
+from xsvggt_jax.eval.settings import Setting, as_settings
 
 log = logging.getLogger(__name__)
 

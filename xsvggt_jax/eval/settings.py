@@ -4,10 +4,10 @@ Grammar of one setting (whitespace around it is ignored)::
 
     <policy>[-<layout><bits>|-int<bits>][:<budget>]
 
-* policy: a key of `xsvggt_jax.prune.POLICIES` ("none", "xstream", "sliding", "random", or a policy the
+* policy: a key of `xsvggt_jax.cache.prune.POLICIES` ("none", "xstream", "sliding", "random", or a policy the
   user registered there; a registered name may itself contain "-");
-* layout: a key of `xsvggt_jax.kvcodec.LAYOUTS` ("kcvt", "ktvt", "kcvc", "ktvc"), bits one of
-  `xsvggt_jax.quant.PACK_BITS`; `int<bits>` is upstream's default layout `kcvt`. No suffix: an
+* layout: a key of `xsvggt_jax.cache.codec.LAYOUTS` ("kcvt", "ktvt", "kcvc", "ktvc"), bits one of
+  `xsvggt_jax.cache.quant.PACK_BITS`; `int<bits>` is upstream's default layout `kcvt`. No suffix: an
   unquantized cache;
 * budget: tokens kept per attention layer (`CacheConfig.budget`; default the CacheConfig default).
 
@@ -23,10 +23,10 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 
-from .. import quant
-from ..cache import CacheConfig
-from ..kvcodec import LAYOUTS
-from ..prune import POLICIES
+from xsvggt_jax.cache import quant
+from xsvggt_jax.cache.core import CacheConfig
+from xsvggt_jax.cache.codec import LAYOUTS
+from xsvggt_jax.cache.prune import POLICIES
 
 #: Layout that `int<bits>` stands for (upstream XStreamVGGT's default KV_QUANT_MODE).
 DEFAULT_LAYOUT = "kcvt"

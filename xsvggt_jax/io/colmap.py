@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .exports import PathLike, _check_cameras, _fmt, mat_to_quat_np
-from .frames import FrameInfo
-from .fsutil import atomic_write
+from xsvggt_jax.io.exports import PathLike, _check_cameras, _fmt, mat_to_quat_np
+from xsvggt_jax.io.frames import FrameInfo
+from xsvggt_jax.io.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .fsutil import atomic_write, atomic_write_text
-from ..pose import quat_to_mat
+from xsvggt_jax.io.fsutil import atomic_write, atomic_write_text
+from xsvggt_jax.geometry import quat_to_mat
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def mat_to_quat_np(rot: np.ndarray) -> np.ndarray:
 def pose_to_extri_intri_np(pose: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Pose encoding [..., 9] -> (extrinsics [..., 3, 4] camera-from-world, intrinsics [..., 3, 3]).
 
-    numpy twin of `xsvggt_jax.pose.pose_encoding_to_extri_intri` (float64 arithmetic)."""
+    numpy twin of `xsvggt_jax.geometry.pose_encoding_to_extri_intri` (float64 arithmetic)."""
     pose = np.asarray(pose, np.float64)
     if pose.shape[-1] != 9:
         raise ValueError(f"pose encoding must end in 9 values, got shape {pose.shape}")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .rgb import to_uint8_rgb
+from xsvggt_jax.io.rgb import to_uint8_rgb
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +449,7 @@ def open_frames(path: str | Path, *, mode: str = "crop", target: int = DEFAULT_T
     if suffix in IMAGE_EXTENSIONS:
         return ImageFolderSource([path], str(path), mode, target)
     if suffix in VIDEO_EXTENSIONS:
-        from .video import VideoSource  # PyAV is imported only for videos
+        from xsvggt_jax.io.video import VideoSource  # PyAV is imported only for videos
 
         return VideoSource(path, mode, target, fps, stride)
     raise FrameError(f"{path}: unsupported input type {suffix or '(no extension)'!r}: expected a folder of "

@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .fsutil import OWNER_FILE, PRODUCER, FsError, atomic_write_json, owned_tempdir, sweep_leftovers
+from xsvggt_jax.io.fsutil import OWNER_FILE, PRODUCER, FsError, atomic_write_json, owned_tempdir, sweep_leftovers
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import exports as ex
-from .colmap import DEFAULT_MAX_POINTS, export_colmap
-from .frames import FrameInfo, FrameSource
-from .fsutil import atomic_write
+from xsvggt_jax.io import exports as ex
+from xsvggt_jax.io.colmap import DEFAULT_MAX_POINTS, export_colmap
+from xsvggt_jax.io.frames import FrameInfo, FrameSource
+from xsvggt_jax.io.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .exports import PathLike
-from .fsutil import atomic_write
+from xsvggt_jax.io.exports import PathLike
+from xsvggt_jax.io.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 

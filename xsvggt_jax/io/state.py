@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .fsutil import atomic_write_json, owner_record, owner_status
+from xsvggt_jax.io.fsutil import atomic_write_json, owner_record, owner_status
 
 log = logging.getLogger(__name__)
 META = "meta.json"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .frames import DEFAULT_TARGET, FrameError, FrameSource, _check_args, _check_size, frame_info_for, \
+from xsvggt_jax.io.frames import DEFAULT_TARGET, FrameError, FrameSource, _check_args, _check_size, frame_info_for, \
     preprocess_image
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ prefetching readers, an asynchronous writer, resume, and JAX's multi-process run
     run.py     `run_many`: one process's share end to end and ROOT/summary.json
 """
 
-from .driver import QUERY_POOLS, Job, Stats, group_pools, pool_key, run_scenes
-from .hosts import ClusterError, initialize
-from .run import run_many
-from .scenes import Scene, SceneListError, name_scenes, process_share, read_manifest
+from xsvggt_jax.many.driver import QUERY_POOLS, Job, Stats, group_pools, pool_key, run_scenes
+from xsvggt_jax.many.hosts import ClusterError, initialize
+from xsvggt_jax.many.run import run_many
+from xsvggt_jax.many.scenes import Scene, SceneListError, name_scenes, process_share, read_manifest
 
 __all__ = ["QUERY_POOLS", "Job", "Stats", "group_pools", "pool_key", "run_scenes", "ClusterError", "initialize",
            "run_many", "Scene", "SceneListError", "name_scenes", "process_share", "read_manifest"]

@@ -51,16 +51,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ..batch import (TRACK_KEYS, PoolError, init_pool, make_pool_step, pad_queries, reset_slots,
+from xsvggt_jax.stream.pool import (TRACK_KEYS, PoolError, init_pool, make_pool_step, pad_queries, reset_slots,
                      resolve_slot_compute)
-from ..cache import CacheConfig, cache_report, init_cache
-from ..config import ModelConfig
-from ..io.frames import FrameSource
-from ..io.outdir import OutputDir
-from ..parallel import batch_sharding, make_mesh, replicated
-from ..pipeline import NonFiniteError, PredictionStore
-from ..step import check_frame_values, place_cache
-from .scenes import Scene, summary_entry
+from xsvggt_jax.cache.core import CacheConfig, cache_report, init_cache
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.io.frames import FrameSource
+from xsvggt_jax.io.outdir import OutputDir
+from xsvggt_jax.stream.mesh import batch_sharding, make_mesh, replicated
+from xsvggt_jax.stream.pipeline import NonFiniteError, PredictionStore
+from xsvggt_jax.stream.step import check_frame_values, place_cache
+from xsvggt_jax.many.scenes import Scene, summary_entry
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cache import CacheConfig
-from ..config import ModelConfig, check_frame_size
-from ..io.frames import FrameSource
-from ..io.fsutil import PRODUCER, atomic_write_json
-from ..io.outdir import OutputDir
-from . import hosts
-from .driver import Finish, Job, Stats, group_pools, pool_key, resolve_modes, run_scenes
-from .scenes import SUMMARY, Scene, completed_report, process_share, summary_entry
+from xsvggt_jax.cache.core import CacheConfig
+from xsvggt_jax.config import ModelConfig, check_frame_size
+from xsvggt_jax.io.frames import FrameSource
+from xsvggt_jax.io.fsutil import PRODUCER, atomic_write_json
+from xsvggt_jax.io.outdir import OutputDir
+from xsvggt_jax.many import hosts
+from xsvggt_jax.many.driver import Finish, Job, Stats, group_pools, pool_key, resolve_modes, run_scenes
+from xsvggt_jax.many.scenes import SUMMARY, Scene, completed_report, process_share, summary_entry
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def check_pool_memory(cfg: ModelConfig, cache_cfg: CacheConfig, jobs: Sequence[J
     """Raise `pipeline.CacheMemoryError` when a pool's caches (slots x one scene's, sized for the pool's
     longest scene) would not fit the device's available memory; before any scene runs. query_pools:
     "split" or "shared" (`driver.group_pools`)."""
-    from ..pipeline import CacheMemoryError, cache_memory_bytes
-    from ..runtime import device_available_bytes
+    from xsvggt_jax.stream.pipeline import CacheMemoryError, cache_memory_bytes
+    from xsvggt_jax.runtime import device_available_bytes
 
     available = device_available_bytes()
     for (h, w, nq), group in group_pools(jobs, query_pools).items():

@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..io.fsutil import PRODUCER
-from ..io.outdir import MANIFEST
+from xsvggt_jax.io.fsutil import PRODUCER
+from xsvggt_jax.io.outdir import MANIFEST
 
 SUMMARY = "summary.json"
 REPORT = "report.json"

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
-from ..config import ModelConfig
-from ..model import param_shapes
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.nn.model import param_shapes
 
 #: Shipped models; one entry per `<name>.safetensors` / `<name>.json` pair in this package.
 MODELS: tuple[str, ...] = ("demo",)

@@ -28,15 +28,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..config import ModelConfig
-from ..eval.depth import DELTA_KEYS, evaluate_depth
-from ..eval.pose import extrinsics_to_c2w
-from ..io.fsutil import atomic_write, atomic_write_json, atomic_write_text
-from ..io.params import load_params
-from ..model import init_params, param_shapes
-from ..train.data import DataSource, eval_clips
-from ..train.loop import clip_metrics
-from ..train.step import eval_forward
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.eval.depth import DELTA_KEYS, evaluate_depth
+from xsvggt_jax.eval.pose import extrinsics_to_c2w
+from xsvggt_jax.io.fsutil import atomic_write, atomic_write_json, atomic_write_text
+from xsvggt_jax.weights.params import load_params
+from xsvggt_jax.nn.model import init_params, param_shapes
+from xsvggt_jax.train.data import DataSource, eval_clips
+from xsvggt_jax.train.loop import clip_metrics
+from xsvggt_jax.train.step import eval_forward
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import jax
 
-from ..cache import CacheConfig
-from ..config import ModelConfig, check_frame_size
-from ..data import DATASETS
-from ..data.base import DataError
-from ..io.fsutil import chained_disk_error_message
-from ..io.params import ParamsError, load_params
-from ..model import init_params
-from .config import DENSE_ALIGNMENTS, LossConfig, LossConfigError
-from .data import DataSource
-from .loop import RunConfig, RunError, check_out_dir, train
-from .state import UPSTREAM_FROZEN, OptimConfig, TrainConfigError
+from xsvggt_jax.cache.core import CacheConfig
+from xsvggt_jax.config import ModelConfig, check_frame_size
+from xsvggt_jax.data import DATASETS
+from xsvggt_jax.data.base import DataError
+from xsvggt_jax.io.fsutil import chained_disk_error_message
+from xsvggt_jax.weights.params import ParamsError, load_params
+from xsvggt_jax.nn.model import init_params
+from xsvggt_jax.train.config import DENSE_ALIGNMENTS, LossConfig, LossConfigError
+from xsvggt_jax.train.data import DataSource
+from xsvggt_jax.train.loop import RunConfig, RunError, check_out_dir, train
+from xsvggt_jax.train.state import UPSTREAM_FROZEN, OptimConfig, TrainConfigError
 
 _CACHE_INTS = {"budget", "pool", "seed", "bits", "group", "chunk"}
 

@@ -21,11 +21,11 @@ from typing import Optional
 
 import numpy as np
 
-from ..data import load_dataset
-from ..data.base import DataError, Dataset
-from ..data.preprocess import preprocess_frame
-from ..data.procedural import SceneConfig, make_scene
-from .targets import supervised_targets
+from xsvggt_jax.data import load_dataset
+from xsvggt_jax.data.base import DataError, Dataset
+from xsvggt_jax.data.preprocess import preprocess_frame
+from xsvggt_jax.data.procedural import SceneConfig, make_scene
+from xsvggt_jax.train.targets import supervised_targets
 
 EVAL_SEED_BASE = 1_000_000_000
 TARGET_KEYS = ("images", "camera_pose", "depth", "pts3d_in_other_view", "valid")

@@ -27,18 +27,18 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from ..cache import CacheConfig
-from ..config import ModelConfig
-from ..eval.depth import DELTA_KEYS, evaluate_depth
-from ..eval.geometry import EvalInputError
-from ..eval.pose import extrinsics_to_c2w, trajectory_metrics
-from ..io.fsutil import atomic_write, atomic_write_text
-from ..io.params import save_params
-from ..pose import pose_encoding_to_extri_intri
-from .config import LossConfig
-from .data import DataSource, batch_at, eval_clips, make_clip_fn
-from .state import Checkpoints, OptimConfig, init_state, make_optimizer, param_labels
-from .step import eval_forward, make_teacher, make_train_step, place_state, shard_batch
+from xsvggt_jax.cache.core import CacheConfig
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.eval.depth import DELTA_KEYS, evaluate_depth
+from xsvggt_jax.eval.geometry import EvalInputError
+from xsvggt_jax.eval.pose import extrinsics_to_c2w, trajectory_metrics
+from xsvggt_jax.io.fsutil import atomic_write, atomic_write_text
+from xsvggt_jax.weights.params import save_params
+from xsvggt_jax.geometry import pose_encoding_to_extri_intri
+from xsvggt_jax.train.config import LossConfig
+from xsvggt_jax.train.data import DataSource, batch_at, eval_clips, make_clip_fn
+from xsvggt_jax.train.state import Checkpoints, OptimConfig, init_state, make_optimizer, param_labels
+from xsvggt_jax.train.step import eval_forward, make_teacher, make_train_step, place_state, shard_batch
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """StreamVGGT / VGGT training losses as pure, jit-able, differentiable jnp functions.
 
-Prediction names are the model's outputs (`xsvggt_jax.model`), batch first and frame axis second:
+Prediction names are the model's outputs (`xsvggt_jax.nn.model`), batch first and frame axis second:
   camera_pose [B,S,9] (absT_quaR_FoV: translation 3, quaternion xyzw 4, FoV h, w 2), or its
       per-iteration list from the camera head,
   depth [B,S,H,W,1], depth_conf [B,S,H,W], pts3d_in_other_view [B,S,H,W,3], conf [B,S,H,W],
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import LossConfig
+from xsvggt_jax.train.config import LossConfig
 
 Array = jax.Array
 PoseInput = Union[Array, Sequence[Array]]

@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..cache import CacheConfig, init_cache
-from ..config import ModelConfig
-from ..model import StreamVGGT
-from ..step import step as stream_step
-from .config import LossConfig
-from .losses import multitask_loss
-from .state import TrainState, hyperparams, learning_rate_at
+from xsvggt_jax.cache.core import CacheConfig, init_cache
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.nn.model import StreamVGGT
+from xsvggt_jax.stream.step import step as stream_step
+from xsvggt_jax.train.config import LossConfig
+from xsvggt_jax.train.losses import multitask_loss
+from xsvggt_jax.train.state import TrainState, hyperparams, learning_rate_at
 
 Array = jax.Array
 MODES = ("full", "causal", "stream")
@@ -56,7 +56,7 @@ def check_mode(mode: str, cache_cfg: Optional[CacheConfig]) -> None:
 
 def forward(cfg: ModelConfig, mode: str, cache_cfg: Optional[CacheConfig], params: dict, images: Array,
             rng: Optional[Array] = None, remat: bool = False) -> dict:
-    """Model outputs [B, S, ...] (see `xsvggt_jax.model`) for images [B, S, H, W, 3] in [0, 1].
+    """Model outputs [B, S, ...] (see `xsvggt_jax.nn.model`) for images [B, S, H, W, 3] in [0, 1].
     rng: key of a stream's cache (the random pruning policy); remat: rematerialise each transformer
     block of the aggregator (offline modes) or each frame step (stream) in the backward pass."""
     check_mode(mode, cache_cfg)

@@ -6,15 +6,15 @@ points are moved into frame 0's camera, and translations, points and depths are 
 scale per sequence: the mean distance of the valid points from frame 0's camera centre. The pose
 encoding is VGGT's absT_quaR_FoV: [t (3), quaternion xyzw of R (4), FoV_h, FoV_w], with
 FoV_h = 2 atan(H / (2 fy)) and FoV_w = 2 atan(W / (2 fx)) (the inverse of
-`xsvggt_jax.pose.pose_encoding_to_extri_intri`).
+`xsvggt_jax.geometry.pose_encoding_to_extri_intri`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..data.base import DataError
-from ..io.exports import mat_to_quat_np
+from xsvggt_jax.data.base import DataError
+from xsvggt_jax.io.exports import mat_to_quat_np
 
 SCALE_MIN = 1e-6  # a sequence whose valid points all sit at the camera centre cannot be normalised
 

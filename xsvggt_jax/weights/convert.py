@@ -9,10 +9,10 @@ from typing import Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from ..config import ModelConfig
-from ..model import param_shapes
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.nn.model import param_shapes
 
-from .keymap import map_key, transformed_shape
+from xsvggt_jax.weights.keymap import map_key, transformed_shape
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .config import ModelConfig
-from .layers import Block, LayerNorm
-from .resample import aa_bicubic_matrix, resize_hw
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.nn.layers import Block, LayerNorm
+from xsvggt_jax.nn.resample import aa_bicubic_matrix, resize_hw
 
 Array = jax.Array
 

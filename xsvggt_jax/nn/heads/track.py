@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..attention import NEG_INF, Additive
-from ..config import ModelConfig
-from ..layers import Dense, LayerNorm, MultiheadAttention, Mlp
-from ..resample import sample_bilinear
-from .dpt import DPTHead, sincos_1d
+from xsvggt_jax.attention.kernels import NEG_INF, Additive
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.nn.layers import Dense, LayerNorm, MultiheadAttention, Mlp
+from xsvggt_jax.nn.resample import sample_bilinear
+from xsvggt_jax.nn.heads.dpt import DPTHead, sincos_1d
 
 Array = jax.Array
 

@@ -52,10 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from .cache import CacheConfig, StreamCache, cache_overflowed
-from .config import ModelConfig
-from .parallel import DATA, batch_sharding, check_batch, replicated
-from .step import check_frame_values, place_cache, step
+from xsvggt_jax.cache.core import CacheConfig, StreamCache, cache_overflowed
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.stream.mesh import DATA, batch_sharding, check_batch, replicated
+from xsvggt_jax.stream.step import check_frame_values, place_cache, step
 
 Array = jax.Array
 

@@ -23,8 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from . import quant
-
+from xsvggt_jax.cache import quant
 Array = jax.Array
 
 SCALE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16}  # registry: dtype of stored group scales

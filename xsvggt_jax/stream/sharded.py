@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from .attention import (SEQUENCE_PARALLEL_IMPLS, AttentionConfigError, AttentionSpec, FrameCausal, Full,
+from xsvggt_jax.attention.kernels import (SEQUENCE_PARALLEL_IMPLS, AttentionConfigError, AttentionSpec, FrameCausal, Full,
                         KEY_BLOCK, QUERY_BLOCK, Mask, blocked_states, unblock)
-from .model import StreamVGGT
-from .parallel import DATA, SEQ, make_mesh
+from xsvggt_jax.nn.model import StreamVGGT
+from xsvggt_jax.stream.mesh import DATA, SEQ, make_mesh
 
 Array = jax.Array
 Precision = jax.lax.Precision

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import AttentionSpec, FrameCausal, Full, Prefix, attend
+from xsvggt_jax.attention.kernels import AttentionSpec, FrameCausal, Full, Prefix, attend
 
 Array = jax.Array
 Precision = jax.lax.Precision
@@ -88,7 +88,7 @@ Mask = Union[Array, Prefix, FrameCausal, Full, AttentionSpec]
 
 
 class KVCache(Protocol):
-    """A layer's streaming cache as attention uses it (`xsvggt_jax.cache.LayerCache`): pure, it returns
+    """A layer's streaming cache as attention uses it (`xsvggt_jax.cache.core.LayerCache`): pure, it returns
     its next state instead of mutating itself."""
 
     def update(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Optional[Mask], "KVCache"]:

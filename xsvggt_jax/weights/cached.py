@@ -12,8 +12,8 @@ from typing import Optional
 
 import jax
 
-from .config import ModelConfig
-from .io.params import ParamsError, load_params, save_params
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.weights.params import ParamsError, load_params, save_params
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def params_from_checkpoint(checkpoint: str | Path, cfg: ModelConfig, cache_dir: 
     orbax cache (keyed by the file's content and `cfg.architecture()`, so the runtime fields dtype and
     precision share one conversion; the returned `cfg` is the one asked for). Params are jax.Arrays.
     Errors from reading or converting propagate (CheckpointError / ConversionError)."""
-    from .convert import convert_state_dict
-    from .io.checkpoint_reader import read_state_dict
+    from xsvggt_jax.weights.convert import convert_state_dict
+    from xsvggt_jax.weights.torch_reader import read_state_dict
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():

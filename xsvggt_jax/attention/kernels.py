@@ -236,7 +236,7 @@ def attend(q: Array, k: Array, v: Array, *, bias: Any = None,
         key_block, query_block = mask.chunk or key_block, q.shape[2]
     if impl == "blocked":
         return attend_blocked(q, k, v, mask, precision, query_block=query_block, key_block=key_block)
-    from .seqpar import attend_sequence_parallel
+    from xsvggt_jax.stream.sharded import attend_sequence_parallel
     return attend_sequence_parallel(q, k, v, mask, precision, spec.axis, ring=impl == "ring",
                                     query_block=query_block, key_block=key_block)
 

@@ -8,12 +8,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..config import ModelConfig
-from ..layers import Block, Dense, LayerNorm, Mlp
-from .activations import activate_pose
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.nn.layers import Block, Dense, LayerNorm, Mlp
+from xsvggt_jax.nn.heads.activations import activate_pose
 
 if TYPE_CHECKING:
-    from ..cache import LayerCache
+    from xsvggt_jax.cache.core import LayerCache
 
 Array = jax.Array
 POSE_DIM = 9  # translation (3), quaternion xyzw (4), field of view h, w (2)

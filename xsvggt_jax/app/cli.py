@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .io.fsutil import PRODUCER, atomic_savez, atomic_write_json
+from xsvggt_jax.io.fsutil import PRODUCER, atomic_savez, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------------------------------ convert
 def _convert(args) -> Path:
-    from .convert import ConversionError, convert_state_dict
-
-    from .config import ModelConfig
-    from .io.checkpoint_reader import CheckpointError, read_state_dict
-    from .io.params import ParamsError, _check_target, save_params
+    from xsvggt_jax.weights.convert import ConversionError
+    from xsvggt_jax.weights.convert import convert_state_dict
+    from xsvggt_jax.config import ModelConfig
+    from xsvggt_jax.weights.torch_reader import CheckpointError, read_state_dict
+    from xsvggt_jax.weights.params import ParamsError, _check_target, save_params
 
     try:
         cfg = ModelConfig.from_spec(args.spec) if args.spec else ModelConfig.published()
@@ -61,7 +61,7 @@ def _convert(args) -> Path:
 
 # ------------------------------------------------------------------------------------- reconstruct
 def _cache_config(args):
-    from .cache import CacheConfig
+    from xsvggt_jax.cache.core import CacheConfig
 
     try:
         return CacheConfig(prune=args.prune, budget=args.cache_size, pool=args.pool, seed=args.seed,
@@ -75,12 +75,11 @@ def _cache_config(args):
 
 def _model(args):
     """(params, cfg) from --params or --checkpoint [--spec]."""
-    from .convert import ConversionError
-
-    from .config import ModelConfig
-    from .io.checkpoint_reader import CheckpointError
-    from .io.params import ParamsError, load_params
-    from .weights import params_from_checkpoint
+    from xsvggt_jax.weights.convert import ConversionError
+    from xsvggt_jax.config import ModelConfig
+    from xsvggt_jax.weights.torch_reader import CheckpointError
+    from xsvggt_jax.weights.params import ParamsError, load_params
+    from xsvggt_jax.weights.cached import params_from_checkpoint
 
     try:
         if args.params:
@@ -107,7 +106,7 @@ def _query_points(text: str | None):
 
 def _exports(tmp: Path, preds: dict, rgb: np.ndarray, source, args) -> dict:
     """predictions.npz, points.ply, trajectory.txt, colmap/, depth/ into `tmp` (see io/outputs.py)."""
-    from .io.outputs import ExportOptions, write_outputs
+    from xsvggt_jax.io.outputs import ExportOptions, write_outputs
 
     options = ExportOptions(points=args.points, conf_percentile=args.conf_percentile,
                             ply_max_pixels=args.ply_max_pixels, colmap_max_points=args.colmap_max_points,
@@ -172,7 +171,7 @@ def _warn_outside(qp: np.ndarray | None, hw: tuple[int, int]) -> None:
 
 def _export_bytes(frames: int, hw: tuple[int, int], queries: int, ply_max_pixels: int) -> int:
     """Rough upper estimate of the exported files (predictions.npz, depth maps, point cloud, COLMAP)."""
-    from .pipeline import prediction_bytes
+    from xsvggt_jax.stream.pipeline import prediction_bytes
 
     pixels = frames * hw[0] * hw[1]
     cloud = min(pixels, ply_max_pixels)
@@ -196,8 +195,8 @@ def write_scene(tmp: Path, args, source, cfg, mode: str, cache_meta: dict | None
     Returns the report."""
     import jax
 
-    from .io.plots import plot_offline, plot_stream
-    from .runtime import peak_rss_bytes
+    from xsvggt_jax.io.plots import plot_offline, plot_stream
+    from xsvggt_jax.runtime import peak_rss_bytes
 
     s, hw = source.num_frames, (source.height, source.width)
     extra = _exports(tmp, preds, rgb, source, args)
@@ -228,15 +227,15 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
     --params / --checkpoint."""
     import jax
 
-    from .config import check_frame_size
-    from .io.frames import FrameError, open_frames
-    from .io.fsutil import FsError, check_free_space, disk_error_message
-    from .io.outdir import OutputDir
-    from .io.params import ParamsError
-    from .io.state import StateError, check_state_dir, claim_state_dir, params_digest, release_state_dir
-    from .offline import run_offline
-    from .pipeline import CacheMemoryError, NonFiniteError, check_cache_memory, prediction_bytes, stream_frames
-    from .runtime import peak_rss_bytes
+    from xsvggt_jax.config import check_frame_size
+    from xsvggt_jax.io.frames import FrameError, open_frames
+    from xsvggt_jax.io.fsutil import FsError, check_free_space, disk_error_message
+    from xsvggt_jax.io.outdir import OutputDir
+    from xsvggt_jax.weights.params import ParamsError
+    from xsvggt_jax.io.state import StateError, check_state_dir, claim_state_dir, params_digest, release_state_dir
+    from xsvggt_jax.stream.offline import run_offline
+    from xsvggt_jax.stream.pipeline import CacheMemoryError, NonFiniteError, check_cache_memory, prediction_bytes, stream_frames
+    from xsvggt_jax.runtime import peak_rss_bytes
 
     _validate(args)
     inputs = [p for p in (getattr(args, "input", None), args.params, args.checkpoint) if p]
@@ -323,7 +322,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
 
 def _drop_unused_state(state_dir: Path | None, args) -> None:
     """After a failed run: a state directory without a checkpoint holds nothing worth keeping."""
-    from .io.state import CHECKPOINT, StateError, release_state_dir
+    from xsvggt_jax.io.state import CHECKPOINT, StateError, release_state_dir
 
     if state_dir is not None and not args.resume and not (state_dir / CHECKPOINT).exists():
         try:
@@ -337,10 +336,10 @@ def _reconstruct_many(args) -> Path:
     """Many scenes through pools of --slots streams into ROOT/<scene>/ (see `xsvggt_jax.many`)."""
     import jax
 
-    from .io.frames import open_frames
-    from .io.outdir import OutputDir
-    from .many import ClusterError, SceneListError, initialize, name_scenes, read_manifest, run_many
-    from .pipeline import CacheMemoryError
+    from xsvggt_jax.io.frames import open_frames
+    from xsvggt_jax.io.outdir import OutputDir
+    from xsvggt_jax.many import ClusterError, SceneListError, initialize, name_scenes, read_manifest, run_many
+    from xsvggt_jax.stream.pipeline import CacheMemoryError
 
     args.offline, args.resume, args.save_state, args.keep_state = None, None, None, False
     args.devices, args.attention = None, "auto"
@@ -392,9 +391,9 @@ def _reconstruct_many(args) -> Path:
 def _demo(args) -> Path:
     """A procedural scene streamed with compression on, through the shipped demo model (a small model
     trained here on procedural scenes, `xsvggt_jax.pretrained`) unless --checkpoint is given."""
-    from .data.procedural import make_demo_scene
-    from .io.frames import FrameSource
-    from . import pretrained
+    from xsvggt_jax.data.procedural import make_demo_scene
+    from xsvggt_jax.io.frames import FrameSource
+    from xsvggt_jax import pretrained
 
     args.offline, args.params, args.devices, args.attention = None, None, None, "auto"
     hw = (392, 518) if args.checkpoint else tuple(pretrained.card("demo")["frame_size"])
@@ -440,10 +439,10 @@ PERCENTILE = _typed(float, lambda v: 0 <= v <= 100, "a percentile between 0 and 
 
 
 def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_state: bool = True) -> None:
-    from .cache import QUANT_LAYOUTS, SCALE_DTYPES
-    from .config import DTYPES  # the registry of compute dtypes
-    from .prune import POLICIES, PROTECT
-    from .quant import PACK_BITS
+    from xsvggt_jax.cache.core import QUANT_LAYOUTS, SCALE_DTYPES
+    from xsvggt_jax.config import DTYPES  # the registry of compute dtypes
+    from xsvggt_jax.cache.prune import POLICIES, PROTECT
+    from xsvggt_jax.cache.quant import PACK_BITS
 
     w = r.add_argument_group("weights")
     if not demo:
@@ -517,7 +516,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args) -> Path:
-    from .train.command import run_train_command
+    from xsvggt_jax.train.command import run_train_command
 
     return run_train_command(args, UsageError)
 
@@ -543,7 +542,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--offline", choices=("causal", "full"),
                    help="batch forward over all frames instead of streaming (causal or full attention)")
-    from .attention import ATTENTION_IMPLS
+    from xsvggt_jax.attention.kernels import ATTENTION_IMPLS
     r.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
                    help="offline global attention: auto (cudnn on GPU, else blocked/xla), xla (dense), blocked "
                         "(online softmax over key blocks, causal blocks skipped), cudnn, ring/gather (with --devices)")
@@ -567,12 +566,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="streams stepped together (default: the number of local devices)")
     m.add_argument("--prefetch", type=NON_NEGATIVE_INT, default=4,
                    help="frames decoded ahead per scene by reader threads (0: decode in the main loop)")
-    from .batch import SLOT_COMPUTE
+    from xsvggt_jax.stream.pool import SLOT_COMPUTE
     m.add_argument("--slot-compute", choices=("auto", *SLOT_COMPUTE), default="auto",
                    help="how a pool steps its slots: batched (one vmapped program; GPU/TPU, meshes), sequential "
                         "(the single-scene step per slot, one device: bit-identical to `reconstruct`), auto "
                         "(sequential on one CPU device, else batched)")
-    from .many.driver import QUERY_POOLS
+    from xsvggt_jax.many.driver import QUERY_POOLS
     m.add_argument("--query-pools", choices=QUERY_POOLS, default="auto",
                    help="scenes with different numbers of query points: shared (one pool per frame size, points "
                         "padded and masked; last-bit differences in vis/track_conf), split (a pool per point "
@@ -593,16 +592,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--conf-percentile", type=float,
                    help="draw predictions.npz's depth points above this confidence percentile, with a slider "
                         "(default: points.ply as written)")
-    from .eval.command import add_parser as add_eval_parser  # `xsvggt eval`: xsvggt_jax/eval/command.py
+    from xsvggt_jax.eval.command import add_parser as add_eval_parser  # `xsvggt eval`: xsvggt_jax/eval/command.py
     add_eval_parser(sub)
-    from .train.command import add_parser as add_train_parser  # `xsvggt train`: xsvggt_jax/train/command.py
+    from xsvggt_jax.train.command import add_parser as add_train_parser  # `xsvggt train`: xsvggt_jax/train/command.py
     add_train_parser(sub)
     return p
 
 
 def _view(args) -> Path:
     """Serve `xsvggt view` until Ctrl-C / SIGTERM."""
-    from .view import ViewError, serve
+    from xsvggt_jax.app.view import ViewError, serve
 
     try:
         serve(args.outdir, args.host, args.port, args.max_points, args.conf_percentile,
@@ -613,7 +612,7 @@ def _view(args) -> Path:
 
 
 def _eval(args) -> Path:
-    from .eval.command import run
+    from xsvggt_jax.eval.command import run
     return run(args, UsageError, _model)
 
 
@@ -629,7 +628,7 @@ def _fail(message: str, code: int = 2) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `xsvggt` console script. Returns 0; input errors raise SystemExit(2), SIGTERM /
     SIGHUP SystemExit(128 + signal) after the same cleanup as Ctrl-C (KeyboardInterrupt)."""
-    from .runtime import Terminated, configure_compile_cache, signals_as_interrupt
+    from xsvggt_jax.runtime import Terminated, configure_compile_cache, signals_as_interrupt
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],

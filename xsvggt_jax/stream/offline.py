@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import FrameCausal, Full, resolve_attention
-from .config import ModelConfig
-from .io.rgb import to_uint8_rgb
-from .model import StreamVGGT
-from .pipeline import NonFiniteError
+from xsvggt_jax.attention.kernels import FrameCausal, Full, resolve_attention
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.io.rgb import to_uint8_rgb
+from xsvggt_jax.nn.model import StreamVGGT
+from xsvggt_jax.stream.pipeline import NonFiniteError
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], qu
     x = jnp.asarray(frames.transpose(0, 2, 3, 1))[None]  # [1, S, H, W, 3]
     q = None if query_points is None else jnp.asarray(query_points)[None]
     if devices > 1:
-        from .seqpar import make_seq_mesh, offline_sharded
+        from xsvggt_jax.stream.sharded import make_seq_mesh, offline_sharded
 
         impl = attention if attention in ("ring", "gather") else "ring"
         mesh = make_seq_mesh(devices)

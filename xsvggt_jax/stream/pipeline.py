@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import CacheConfig, cache_report, init_cache, stored_slots, tree_bytes
-from .config import ModelConfig
-from .io.fsutil import format_bytes, preallocate
-from .io.rgb import to_uint8_rgb
-from .io.state import CHECKPOINT, OUTPUTS, FrameDigest, StateError, load_state, read_meta, save_state
-from .runtime import device_available_bytes
-from .step import make_step
+from xsvggt_jax.cache.core import CacheConfig, cache_report, init_cache, stored_slots, tree_bytes
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.io.fsutil import format_bytes, preallocate
+from xsvggt_jax.io.rgb import to_uint8_rgb
+from xsvggt_jax.io.state import CHECKPOINT, OUTPUTS, FrameDigest, StateError, load_state, read_meta, save_state
+from xsvggt_jax.runtime import device_available_bytes
+from xsvggt_jax.stream.step import make_step
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig
-from ..layers import LayerNorm
-from ..resample import resize_bilinear
-from .activations import activate_dense
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.nn.layers import LayerNorm
+from xsvggt_jax.nn.resample import resize_bilinear
+from xsvggt_jax.nn.heads.activations import activate_dense
 
 Array = jax.Array
 

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-from .dino import Dinov2
-from .layers import Block, KVCache
-from .rope import make_rope
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.nn.dino import Dinov2
+from xsvggt_jax.nn.layers import Block, KVCache
+from xsvggt_jax.nn.rope import make_rope
 
 Array = jax.Array
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 
 import jax
 
-from ..config import ConfigError, ModelConfig
+from xsvggt_jax.config import ConfigError, ModelConfig
 
 __all__ = ["ParamsError", "save_params", "load_params", "load_config", "staged_dir"]
 
@@ -167,7 +167,7 @@ def _check_arrays(stored: dict, cfg: ModelConfig, directory: Path) -> None:
     """Compare the checkpoint's array metadata with the parameter tree `cfg` needs (abstractly)."""
     from flax.traverse_util import flatten_dict
 
-    from ..model import param_shapes
+    from xsvggt_jax.nn.model import param_shapes
 
     want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(param_shapes(cfg)).items()}
     have = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(stored).items()}

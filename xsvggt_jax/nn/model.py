@@ -17,15 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .aggregator import Aggregator
-from .attention import AttentionSpec, FrameCausal, Full, check_impl
-from .config import ModelConfig
-from .heads.camera import CameraHead
-from .heads.dpt import DPTHead
-from .heads.track import TrackHead
+from xsvggt_jax.nn.aggregator import Aggregator
+from xsvggt_jax.attention.kernels import AttentionSpec, FrameCausal, Full, check_impl
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.nn.heads.camera import CameraHead
+from xsvggt_jax.nn.heads.dpt import DPTHead
+from xsvggt_jax.nn.heads.track import TrackHead
 
 if TYPE_CHECKING:
-    from .cache import LayerCache
+    from xsvggt_jax.cache.core import LayerCache
 
 Array = jax.Array
 
@@ -106,7 +106,7 @@ class StreamVGGT(nn.Module):
 
     def dino_tokens(self, images: Array) -> Array:
         """Normalised DINOv2 patch tokens of images [N, H, W, 3] -> [N, Hp*Wp, C] (for parity tests)."""
-        from .aggregator import RESNET_MEAN, RESNET_STD
+        from xsvggt_jax.nn.aggregator import RESNET_MEAN, RESNET_STD
         return self.aggregator.patch_embed((images - RESNET_MEAN) / RESNET_STD)
 
 

@@ -9,7 +9,7 @@ Every array has a shape fixed by the configuration, so `step` compiles once for 
   `max_frames` it was given (a short scene in a pool sized for a long one is bit-identical to its own
   run).
 * a pruning policy (`xstream`, `sliding`, `random`, `diversity`, `cumulative`, `frame`, see
-  `xsvggt_jax.prune`): at most `keep` tokens per layer. Each step appends the frame, attends over
+  `xsvggt_jax.cache.prune`): at most `keep` tokens per layer. Each step appends the frame, attends over
   [past; current], then prunes back to the budget (XStreamVGGT's order). `cumulative` layers also carry
   a running attention mass per slot (`LayerKV.mass`), decayed and increased every call, pruned with
   the tokens.
@@ -40,11 +40,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from . import quant
-from .config import ModelConfig
-from .kvcodec import LAYOUTS, SCALE_DTYPES, Codec, Packed, take_rows
-from .layers import Mask, Prefix
-from .prune import MASS_POLICIES, POLICIES, PROTECT, PruneContext, attention_mass
+from xsvggt_jax.cache import quant
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.cache.codec import LAYOUTS, SCALE_DTYPES, Codec, Packed, take_rows
+from xsvggt_jax.nn.layers import Mask, Prefix
+from xsvggt_jax.cache.prune import MASS_POLICIES, POLICIES, PROTECT, PruneContext, attention_mass
 
 Array = jax.Array
 

@@ -4,7 +4,7 @@ A mesh has two named axes: `data` splits the batch of streams (each device holds
 `seq` is reserved for splitting one stream's tokens (size 1 today). The placements used with it:
 
 * parameters: replicated on every device (`replicated(mesh)`, `PartitionSpec()`);
-* frames [B, H, W, 3], pool caches (every leaf has the slot axis first, see `xsvggt_jax.batch`) and
+* frames [B, H, W, 3], pool caches (every leaf has the slot axis first, see `xsvggt_jax.stream.pool`) and
   step outputs [B, ...]: split along their leading axis on `data` (`batch_sharding(mesh)`,
   `PartitionSpec("data")`). B must be a multiple of the `data` size.
 

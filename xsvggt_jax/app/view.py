@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io.exports import invert_extrinsics, mat_to_quat_np, unproject_depth
+from xsvggt_jax.io.exports import invert_extrinsics, mat_to_quat_np, unproject_depth
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, layer_caches
-from .config import ModelConfig, check_frame_size
-from .model import StreamVGGT
+from xsvggt_jax.cache.core import CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, layer_caches
+from xsvggt_jax.config import ModelConfig, check_frame_size
+from xsvggt_jax.nn.model import StreamVGGT
 
 Array = jax.Array
 

@@ -1,0 +1,1 @@
+"""Attention: mask objects, kernels (dense, blocked, ring) and the dispatcher."""

@@ -1,0 +1,1 @@
+"""Running the model: the pure step, pools of streams, meshes, offline and sharded forwards."""
