@@ -601,7 +601,7 @@ def _parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     for name in MODEL_COMMANDS:
         sub.choices[name].add_argument(
-            "--memory-fraction", type=MEMORY_FRACTION,
+            "--memory-fraction", type=MEMORY_FRACTION, metavar="F",
             help="preallocate this share of the GPU's memory at start, as JAX does by default (0.75); default: "
                  "allocate on demand, unless XLA_PYTHON_CLIENT_PREALLOCATE / XLA_CLIENT_MEM_FRACTION / "
                  "XLA_PYTHON_CLIENT_ALLOCATOR are set")
