@@ -16,7 +16,7 @@ from xsvggt_jax.app.cli import main
 from xsvggt_jax.weights.params import ParamsError, load_params
 
 REPORT_FIELDS = ("mode", "frames", "height", "width", "seconds_per_frame", "compile_seconds", "cache_bytes",
-                 "peak_memory_bytes", "backend", "device")
+                 "peak_memory_bytes", "backend", "device", "device_kind", "device_peak_bytes")
 
 
 def no_leftovers(parent: Path, name: str) -> None:
@@ -155,6 +155,7 @@ def test_reconstruct_stream_matches_upstream(stream_run, tiny_dir):
     assert report["mode"] == "stream" and report["frames"] == 20
     assert (report["height"], report["width"]) == (56, 70)
     assert report["cache_bytes"] > 0 and report["peak_memory_bytes"] > 0
+    assert (report["device_peak_bytes"] is None) == (report["backend"] == "cpu")  # no allocator stats on CPU
     assert report["seconds_per_frame"] > 0 and report["compile_seconds"] > 0
 
 

@@ -1,6 +1,7 @@
-"""Process-level helpers of the command line: peak memory, memory available to a device, SIGTERM
-handled like Ctrl-C (so every `finally` block cleans up when a cluster scheduler stops a run), and
-JAX's persistent compilation cache."""
+"""Process-level helpers of the command line: peak memory (host and device), memory available to a
+device, accelerator memory on demand (JAX's preallocation off unless asked for), SIGTERM handled like
+Ctrl-C (so every `finally` block cleans up when a cluster scheduler stops a run), and JAX's persistent
+compilation cache."""
 
 from __future__ import annotations
 
@@ -38,18 +39,72 @@ def host_available_bytes() -> int | None:
         return None
 
 
+def _memory_stats(device) -> dict | None:
+    """The allocator's statistics of a JAX device (GPU/TPU), None where the backend keeps none (CPU)."""
+    try:
+        return device.memory_stats()
+    except (AttributeError, NotImplementedError, RuntimeError):  # backends without memory stats
+        return None
+
+
 def device_available_bytes(device=None) -> int | None:
     """Bytes still allocatable on `device` (default: the first JAX device): the allocator's limit minus
-    what is in use on accelerators, the host's available memory on CPU; None when unknown."""
+    what is in use on accelerators (`bytes_limit - bytes_in_use` of its memory stats), the host's
+    available memory on CPU; None when unknown."""
     import jax
 
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return host_available_bytes()
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    stats = _memory_stats(device)
     if not stats or "bytes_limit" not in stats:
         return None
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def device_peak_bytes(device=None) -> int | None:
+    """Peak bytes in use so far on `device` (default: the first JAX device), from its allocator's
+    `peak_bytes_in_use`; None where the backend keeps no memory stats (CPU)."""
+    import jax
+
+    stats = _memory_stats(device or jax.devices()[0])
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+# JAX's own variables for GPU memory (https://docs.jax.dev/en/latest/gpu_memory_allocation.html), read
+# by jaxlib once, when the GPU backend starts. Only the command line's entry point sets them
+# (`configure_device_memory`); nothing else in the package reads them.
+PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+MEM_FRACTION = "XLA_CLIENT_MEM_FRACTION"  # XLA_PYTHON_CLIENT_MEM_FRACTION is its deprecated name
+JAX_MEMORY_VARIABLES = (PREALLOCATE, MEM_FRACTION, "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
+
+
+class MemoryConfigError(ValueError):
+    """A memory fraction out of (0, 1], or one given while JAX's memory variables are set."""
+
+
+def configure_device_memory(fraction: float | None = None, environ=None) -> dict[str, str]:
+    """Set how JAX takes accelerator memory, before its backend starts: on demand by default
+    (XLA_PYTHON_CLIENT_PREALLOCATE=false, instead of JAX's 75% of the GPU reserved at start, so memory
+    in use is what the run uses), or with `fraction` that share of the GPU preallocated
+    (XLA_PYTHON_CLIENT_PREALLOCATE=true, XLA_CLIENT_MEM_FRACTION=fraction). JAX memory variables the
+    user set are left alone (and a `fraction` beside them is a MemoryConfigError). `environ`: the
+    process environment (os.environ) unless given. Returns the variables set. No effect on a backend
+    that already started, nor on CPU."""
+    environ = os.environ if environ is None else environ
+    if fraction is not None and not 0 < fraction <= 1:
+        raise MemoryConfigError(f"the memory fraction must be in (0, 1], got {fraction}")
+    user = {k: environ[k] for k in JAX_MEMORY_VARIABLES if environ.get(k)}  # '' is unset, as for jaxlib
+    if user:
+        if fraction is not None:
+            set_ = ", ".join(f"{k}={v}" for k, v in user.items())
+            raise MemoryConfigError(f"a memory fraction was given while the environment sets {set_}: use one")
+        log.debug("device memory: as the environment sets it (%s)", user)
+        return {}
+    settings = {PREALLOCATE: "false"} if fraction is None else {PREALLOCATE: "true", MEM_FRACTION: str(float(fraction))}
+    environ.update(settings)
+    log.debug("device memory: %s", settings)
+    return settings
 
 
 class Terminated(KeyboardInterrupt):

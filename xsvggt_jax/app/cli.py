@@ -196,7 +196,7 @@ def write_scene(tmp: Path, args, source, cfg, mode: str, cache_meta: dict | None
     import jax
 
     from xsvggt_jax.io.plots import plot_offline, plot_stream
-    from xsvggt_jax.runtime import peak_rss_bytes
+    from xsvggt_jax.runtime import device_peak_bytes, peak_rss_bytes
 
     s, hw = source.num_frames, (source.height, source.width)
     extra = _exports(tmp, preds, rgb, source, args)
@@ -212,6 +212,7 @@ def write_scene(tmp: Path, args, source, cfg, mode: str, cache_meta: dict | None
         "cache": cache_meta, "latency_s": [float(x) for x in latency],
         "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": peak_rss_bytes(),
         "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
+        "device_kind": jax.devices()[0].device_kind, "device_peak_bytes": device_peak_bytes(),
         "dtype": cfg.dtype, "precision": cfg.precision, **extra, **(details or {}),
         **({"note": note} if note else {}),
     }
@@ -436,6 +437,8 @@ POSITIVE_INT = _typed(int, lambda v: v >= 1, "a positive integer")
 NON_NEGATIVE_INT = _typed(int, lambda v: v >= 0, "a non-negative integer")
 POSITIVE_FLOAT = _typed(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 PERCENTILE = _typed(float, lambda v: 0 <= v <= 100, "a percentile between 0 and 100")
+MEMORY_FRACTION = _typed(float, lambda v: 0 < v <= 1, "a fraction of the GPU's memory in (0, 1]")
+MODEL_COMMANDS = ("reconstruct", "reconstruct-many", "demo", "eval", "train")  # the commands that run the model
 
 
 def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_state: bool = True) -> None:
@@ -596,6 +599,12 @@ def _parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     from xsvggt_jax.train.command import add_parser as add_train_parser  # `xsvggt train`: xsvggt_jax/train/command.py
     add_train_parser(sub)
+    for name in MODEL_COMMANDS:
+        sub.choices[name].add_argument(
+            "--memory-fraction", type=MEMORY_FRACTION, metavar="F",
+            help="preallocate this share of the GPU's memory at start, as JAX does by default (0.75); default: "
+                 "allocate on demand, unless XLA_PYTHON_CLIENT_PREALLOCATE / XLA_CLIENT_MEM_FRACTION / "
+                 "XLA_PYTHON_CLIENT_ALLOCATOR are set")
     return p
 
 
@@ -628,14 +637,19 @@ def _fail(message: str, code: int = 2) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `xsvggt` console script. Returns 0; input errors raise SystemExit(2), SIGTERM /
     SIGHUP SystemExit(128 + signal) after the same cleanup as Ctrl-C (KeyboardInterrupt)."""
-    from xsvggt_jax.runtime import Terminated, configure_compile_cache, signals_as_interrupt
+    from xsvggt_jax.runtime import (MemoryConfigError, Terminated, configure_compile_cache, configure_device_memory,
+                                    signals_as_interrupt)
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     if args.verbose < 2:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-    if args.command in ("reconstruct", "reconstruct-many", "demo", "eval", "train"):
+    try:  # before anything starts JAX's backend (parsing and imports do not)
+        configure_device_memory(getattr(args, "memory_fraction", None))
+    except MemoryConfigError as e:
+        _fail(f"--memory-fraction: {e}")
+    if args.command in MODEL_COMMANDS:
         configure_compile_cache(not getattr(args, "no_compile_cache", False))
     try:
         with signals_as_interrupt():
