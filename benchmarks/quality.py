@@ -52,7 +52,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from xsvggt_jax.eval.settings import Setting, SettingsError, parse_setting
+from xsvggt_jax.cache.core import CacheConfig
+from xsvggt_jax.errors import ConfigError
+from xsvggt_jax.eval.settings import Setting, SettingsError
 
 from .summarize import markdown, markers, update_readme
 
@@ -103,25 +105,13 @@ COMPARED = ("abs_rel", "ate", "acc", "abs_rel_ref", "ate_ref")
 def study_setting(text: str) -> Setting:
     """`<eval setting>[/<field>=<value>...]` -> Setting: an `xsvggt eval` setting string (e.g.
     `xstream-int4:1024`, see `eval.settings`) with pool 16 and group 64, then CacheConfig fields
-    (e.g. `/protect=budget`, `/camera_quant=kcvt`, `/camera_budget=64`; integers and floats are
-    read as numbers). Raises SettingsError."""
-    base, *extra = text.strip().split("/")
-    fields: dict[str, Any] = dict(DEFAULT_FIELDS)
-    for item in extra:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SettingsError(f"cache setting {text!r}: {item!r} is not <field>=<value>")
-        fields[key] = _number(value)
-    return Setting(text.strip(), parse_setting(base, fields).cache)
-
-
-def _number(value: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+    (e.g. `/protect=budget`, `/camera_quant=kcvt`, `/camera_budget=64`), read by
+    `CacheConfig.from_text` (values typed by the fields). Raises SettingsError."""
+    name = text.strip()
+    try:
+        return Setting(name, CacheConfig.from_text(name, DEFAULT_FIELDS, sep="/"))
+    except ConfigError as e:
+        raise SettingsError(str(e)) from None
 
 
 # -------------------------------------------------------------------------------------------- data

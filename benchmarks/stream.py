@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 
 SCHEMA = 1
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-SETTINGS = ("none", "xstream", "xstream-int4", "sliding")
+#: the benchmarked cache settings -> their text (`CacheConfig.from_text`) at --budget and --bits
+SETTINGS = {"none": "none", "xstream": "xstream:{budget}", "xstream-int4": "xstream-int{bits}:{budget}",
+            "sliding": "sliding:{budget}"}
 EARLY_WINDOW = (5, 15)
 LATE_FRAMES = 10
 
@@ -70,16 +72,10 @@ DEFAULT_HW = {"tiny": (112, 154), "medium": (392, 518), "published": (392, 518)}
 
 
 def cache_setting(name: str, budget: int, bits: int) -> CacheConfig:
-    """A named cache setting."""
-    if name == "none":
-        return CacheConfig(prune="none")
-    if name == "xstream":
-        return CacheConfig(prune="xstream", budget=budget)
-    if name == "xstream-int4":
-        return CacheConfig(prune="xstream", budget=budget, quant="kcvt", bits=bits)
-    if name == "sliding":
-        return CacheConfig(prune="sliding", budget=budget)
-    raise ValueError(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+    """A named cache setting of SETTINGS: `budget` tokens when pruned, `bits`-bit codes when quantized."""
+    if name not in SETTINGS:
+        raise ValueError(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+    return CacheConfig.from_text(SETTINGS[name].format(budget=budget, bits=bits))
 
 
 # ------------------------------------------------------------------------------------------ helpers

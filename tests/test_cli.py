@@ -236,3 +236,91 @@ def test_reconstruct_compressed_stream(flags, run, tiny_dir, params_dirs, tmp_pa
         assert report[field] > 0, field
     assert report["cache_bytes"] == report["cache_bytes_global"] + report["cache_bytes_camera"] + 8 * 2 * 4 + 12 + 8
     assert report["cache"]["prune"] == "xstream" and report["cache"]["budget"] == 64
+
+
+# ------------------------------------------------------------------ typed errors, one loader, one --dtype
+def test_every_error_class_of_the_package_is_typed():
+    """Library errors derive from xsvggt_jax.errors.XsvggtError (and stay ValueErrors); the CLI defines
+    none of its own."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import xsvggt_jax
+    from xsvggt_jax.app import cli
+    from xsvggt_jax.errors import XsvggtError
+
+    classes = []
+    for m in pkgutil.walk_packages(xsvggt_jax.__path__, "xsvggt_jax."):
+        module = importlib.import_module(m.name)
+        classes += [c for c in vars(module).values()
+                    if inspect.isclass(c) and issubclass(c, BaseException) and c.__module__ == m.name]
+    untyped = sorted(f"{c.__module__}.{c.__name__}" for c in classes if not issubclass(c, XsvggtError))
+    # Ctrl-C's twin, and a guard against recompiling (a bug, not an input problem)
+    assert untyped == ["xsvggt_jax.runtime.Terminated", "xsvggt_jax.train.step.TraceCountError"]
+    typed = [c for c in classes if issubclass(c, XsvggtError) and c is not XsvggtError]
+    assert len(typed) > 25 and all(issubclass(c, ValueError) for c in typed)  # as before: except ValueError holds
+    assert not hasattr(cli, "UsageError")
+
+
+def test_commands_raise_typed_errors_without_handed_down_classes():
+    import inspect
+
+    from xsvggt_jax.eval import command as eval_command
+    from xsvggt_jax.train import command as train_command
+    assert list(inspect.signature(eval_command.run).parameters) == ["args"]
+    assert list(inspect.signature(train_command.run_train_command).parameters) == ["args"]
+
+
+@pytest.mark.parametrize("kind", ["InputError", "ConfigError", "ResourceError", "XsvggtError"])
+def test_main_prints_any_library_error_as_one_line(kind, monkeypatch, capsys, tmp_path):
+    import xsvggt_jax.errors as errors
+    from xsvggt_jax.app import cli
+
+    def fail(args):
+        raise getattr(errors, kind)("something the user can fix")
+    monkeypatch.setattr(cli, "_convert", fail)
+    err = run_error(["convert", str(tmp_path / "x.pth"), "--out", str(tmp_path / "out")], capsys)
+    assert err == "xsvggt: error: something the user can fix"
+
+    def bug(args):
+        raise ValueError("a bug keeps its traceback")
+    monkeypatch.setattr(cli, "_convert", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["convert", str(tmp_path / "x.pth"), "--out", str(tmp_path / "out")])
+
+
+def test_dtype_is_one_flag_on_every_command():
+    from xsvggt_jax.app.cli import _parser
+    from xsvggt_jax.config import DTYPES
+    from xsvggt_jax.weights.loading import DTYPE_HELP
+
+    commands = _parser()._subparsers._group_actions[0].choices
+    for name in ("demo", "reconstruct", "reconstruct-many", "eval", "train"):
+        (flag,) = [a for a in commands[name]._actions if "--dtype" in a.option_strings]
+        assert tuple(flag.choices) == tuple(DTYPES) and flag.help == DTYPE_HELP, name
+
+
+def test_one_loader_applies_dtype(params_dirs, tmp_path):
+    """reconstruct / eval / train read weights and apply --dtype through weights.loading."""
+    import argparse
+
+    import jax
+
+    from xsvggt_jax.app.cli import _parser
+    from xsvggt_jax.eval.command import _model_config
+    from xsvggt_jax.train.command import run_config
+    from xsvggt_jax.weights.loading import load_model, model_config
+
+    flags = argparse.Namespace(params=str(params_dirs["pth"]), checkpoint=None, spec=None, cache_dir=None,
+                               dtype="bfloat16")
+    params, cfg = load_model(flags)
+    assert cfg.dtype == "bfloat16" and model_config(flags) == cfg
+    assert jax.tree.leaves(params)[0].dtype == np.float32  # the compute dtype only
+    p = _parser()
+    ev = p.parse_args(["eval", "--dataset", "procedural", "--task", "recon", "--out", str(tmp_path / "e"),
+                       "--dtype", "bfloat16"])
+    assert _model_config(ev)[0].dtype == "bfloat16"
+    tr = p.parse_args(["train", "--init", str(params_dirs["pth"]), "--out", str(tmp_path / "t"), "--dtype",
+                       "float16"])
+    assert run_config(tr).model == cfg.replace(dtype="float16")

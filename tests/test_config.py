@@ -294,3 +294,89 @@ def test_frame_size_for_tracking_keeps_every_pyramid_level():
         check_frame_size(cfg, 112, 154, tracks=True)
     with pytest.raises(ValueError, match="patch size 14"):
         check_frame_size(cfg, 100, 154, tracks=True)
+
+
+# ---------------------------------------------------------------- text -> configuration: one parser
+def test_value_from_text_reads_a_field_by_its_annotation():
+    from typing import Literal, Optional
+    from xsvggt_jax.config import value_from_text
+    assert value_from_text("n", int, " 64 ") == 64 and type(value_from_text("n", int, "64")) is int
+    assert value_from_text("x", float, "0.3") == 0.3 and value_from_text("x", float, "2") == 2.0
+    assert value_from_text("b", bool, "True") is True and value_from_text("b", bool, "false") is False
+    assert value_from_text("s", str, "kcvt") == "kcvt"
+    assert value_from_text("o", Optional[int], "none") is None and value_from_text("o", Optional[int], "7") == 7
+    assert value_from_text("q", Optional[str], "none") == "none"  # a layout called "none", not None
+    assert value_from_text("m", Literal["a", "b"], "b") == "b"
+    for hint, text, words in [(int, "abc", "n must be an integer, got 'abc'"), (int, "1.5", "an integer"),
+                              (float, "x", "a number"), (float, "nan", "a number"), (float, "inf", "a number"),
+                              (bool, "yes", "true or false"), (Optional[int], "many", "an integer"),
+                              (Literal["a", "b"], "c", "one of a, b, got 'c'")]:
+        with pytest.raises(ConfigError) as e:
+            value_from_text("n", hint, text)
+        assert words in str(e.value) and "invalid literal" not in str(e.value)
+
+
+def test_cache_config_from_text_types_every_field():
+    from xsvggt_jax.cache.core import CacheConfig
+    c = CacheConfig.from_text("prune=xstream,budget=64,protect_share=0.3,camera_budget=32,quant_head_dim=none,"
+                              "camera_quant=none,mass_decay=1,scale_dtype=float16")
+    assert c == CacheConfig(prune="xstream", budget=64, protect_share=0.3, camera_budget=32, quant_head_dim=None,
+                            camera_quant="none", mass_decay=1.0, scale_dtype="float16")
+    assert type(c.budget) is int and type(c.protect_share) is float and type(c.mass_decay) is float
+    # the short form of `xsvggt eval`, then fields, over `defaults`, over the dataclass defaults
+    assert CacheConfig.from_text("xstream-int2:128, protect=budget", {"pool": 8, "budget": 5}) == \
+        CacheConfig(prune="xstream", budget=128, quant="kcvt", bits=2, protect="budget", pool=8)
+    assert CacheConfig.from_text("none") == CacheConfig.uncompressed()
+    assert CacheConfig.from_text("sliding:32/seed=3", sep="/") == CacheConfig(prune="sliding", budget=32, seed=3)
+    for c in (CacheConfig(), CacheConfig(prune="frame", quant="ktvc", bits=8, camera_bits=2, camera_quant="kcvt")):
+        text = ",".join(f"{k}={v}" for k, v in dataclasses.asdict(c).items() if v is not None)
+        assert CacheConfig.from_text(text) == c  # every field's text form reads back (None: left out)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("prune=xstream,foo=1", "unknown key 'foo' (keys: prune, budget, pool, seed, quant, bits, group, "),
+    ("budget=abc", "budget must be an integer, got 'abc'"),
+    ("budget=1.5", "budget must be an integer, got '1.5'"),
+    ("protect_share=0.3x", "protect_share must be a number, got '0.3x'"),
+    ("camera_budget=many", "camera_budget must be an integer, got 'many'"),
+    ("protect_share=2", "protect_share must be in (0, 1], got 2.0"),
+    ("prune=bogus", "prune must be one of ("),
+    ("camera_quant=kxvx", "camera_quant must be one of ("),
+    ("", "empty"), (" ", "empty"), (",", "an empty item"), ("prune=xstream,", "an empty item"),
+    ("prune=xstream,,budget=2", "an empty item"),
+    ("prune=xstream,budget", "expected KEY=VALUE, got 'budget'"),
+    ("budget=1,budget=2", "budget is given twice"), ("xstream:64,budget=2", "budget is given twice"),
+    ("bogus", "does not read as"), ("xstream-int3", "3-bit"), ("xstream:0", "budget after ':'"),
+])
+def test_cache_config_from_text_errors_are_one_sentence(text, words):
+    from xsvggt_jax.cache.core import CacheConfig
+    with pytest.raises(ConfigError) as e:
+        CacheConfig.from_text(text, where="--student-cache")
+    msg = str(e.value)
+    assert msg.startswith("--student-cache: ") and words in msg and "\n" not in msg, msg
+    assert "invalid literal" not in msg and "could not convert" not in msg and "TypeError" not in msg
+
+
+def test_every_cache_setting_parser_is_cache_config_from_text(monkeypatch, tmp_path):
+    """eval --settings, train --student-cache and the benchmarks' settings all read text with
+    CacheConfig.from_text (the one parser), and get what it returns."""
+    from benchmarks import quality, stream
+    from xsvggt_jax.app.cli import _parser
+    from xsvggt_jax.cache.core import CacheConfig
+    from xsvggt_jax.eval.settings import parse_settings
+    from xsvggt_jax.train.command import run_config
+
+    real, calls = CacheConfig.from_text.__func__, []
+
+    def spy(cls, text, *args, **kwargs):
+        calls.append(text)
+        return dataclasses.replace(real(cls, text, *args, **kwargs), chunk=7)  # marks what it built
+
+    monkeypatch.setattr(CacheConfig, "from_text", classmethod(spy))
+    got = [parse_settings("xstream-int4:64")[0].cache, quality.study_setting("sliding:32/protect=budget").cache,
+           stream.cache_setting("xstream-int4", 48, 8)]
+    args = _parser().parse_args(["train", "--config", "micro", "--student-cache", "prune=sliding,budget=16",
+                                 "--out", str(tmp_path / "run")])
+    got.append(run_config(args).student_cache)
+    assert calls == ["xstream-int4:64", "sliding:32/protect=budget", "xstream-int8:48", "prune=sliding,budget=16"]
+    assert [c.chunk for c in got] == [7, 7, 7, 7]

@@ -304,7 +304,7 @@ def test_damaged_state_dir_is_one_error_line(how, interrupted_state, params_dir,
 def test_flags_validated_before_any_work(flags, expect, params_dir, npz, tmp_path, capsys, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("work started before the flags were checked")
-    monkeypatch.setattr("xsvggt_jax.app.cli._model", no_work)
+    monkeypatch.setattr("xsvggt_jax.app.cli.load_model", no_work)
     monkeypatch.setattr("xsvggt_jax.io.frames.open_frames", no_work)
     out = tmp_path / "out"
     flags = [f.format(out=out) for f in flags]

@@ -57,3 +57,51 @@ def test_run_of_an_older_format_is_refused(tmp_path):
     (out / "run.json").write_text(json.dumps({**run.to_json(), "format": "xsvggt-train/1"}))
     with pytest.raises(loop.RunError, match=r"other settings \(format\)"):
         loop.check_out_dir(out, run)
+
+
+# ------------------------------------------------------------------------ --student-cache: typed fields
+def _no_training(monkeypatch) -> dict:
+    """Replace the training loop and the parameter init: record the RunConfig the command built."""
+    import xsvggt_jax.train.command as command
+    seen = {}
+
+    def fake_train(run, out, params, teacher_params, quiet=False):
+        seen["run"] = run
+        return {"params": str(out / "params")}
+    monkeypatch.setattr(command, "train", fake_train)
+    monkeypatch.setattr(command, "init_params", lambda cfg, key: {})
+    return seen
+
+
+@pytest.mark.parametrize("cache, field, value", [
+    ("prune=xstream,budget=64,protect_share=0.3", "protect_share", 0.3),
+    ("prune=xstream,budget=64,camera_budget=32", "camera_budget", 32),
+    ("xstream-int4:64,mass_decay=0.5", "mass_decay", 0.5),
+])
+def test_student_cache_fields_are_typed(cache, field, value, monkeypatch, tmp_path):
+    """A float or optional field of --student-cache gives a valid run config (it was a TypeError
+    traceback: only integer fields were converted)."""
+    seen = _no_training(monkeypatch)
+    from xsvggt_jax.app.cli import main
+    assert main(["train", "--config", "micro", "--student-cache", cache, "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    run = seen["run"]
+    assert run.student == "stream" and run.student_cache.budget == 64
+    assert getattr(run.student_cache, field) == value and type(getattr(run.student_cache, field)) is type(value)
+
+
+@pytest.mark.parametrize("cache, words", [
+    ("prune=xstream,foo=1", "unknown key 'foo' (keys: prune, budget, "),
+    ("prune=xstream,budget=abc", "budget must be an integer, got 'abc'"),
+    ("protect_share=0.3x", "protect_share must be a number, got '0.3x'"),
+    ("camera_budget=lots", "camera_budget must be an integer, got 'lots'"),
+    ("protect_share=1.5", "protect_share must be in (0, 1]"),
+    (",", "empty"), ("", "empty"),
+])
+def test_bad_student_cache_is_one_line(cache, words, monkeypatch, capsys, tmp_path):
+    seen = _no_training(monkeypatch)
+    msg = run_error(["train", "--config", "micro", "--student-cache", cache, "--out", str(tmp_path / "run"),
+                     "--quiet"], capsys)
+    assert msg.startswith("xsvggt: error: --student-cache: ") and words in msg, msg
+    assert "invalid literal" not in msg and "int()" not in msg
+    assert "run" not in seen and not (tmp_path / "run").exists()

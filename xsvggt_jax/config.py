@@ -9,8 +9,10 @@
   `StreamVGGT()` defaults).
 
 Every way of building a configuration (constructor, `replace`, `from_dict`, `from_spec`, presets) runs
-the same validation in `__post_init__` and raises `ConfigError` (a ValueError) whose one-sentence
-message names the offending field, e.g. ``dpt.intermediate_layer_idx[2] is 7, out of range for depth 4``.
+the same validation in `__post_init__` and raises `ConfigError` (`xsvggt_jax.errors`, a ValueError)
+whose one-sentence message names the offending field, e.g. ``dpt.intermediate_layer_idx[2] is 7, out of
+range for depth 4``. `value_from_text` reads a field's value from text by the field's annotation (the
+one text parser of configuration values; `cache.core.CacheConfig.from_text` uses it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 import numbers
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from types import MappingProxyType
@@ -30,8 +33,11 @@ from typing import Any, ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
+from xsvggt_jax.errors import ConfigError, InputError  # ConfigError: importable from here as before
+
 __all__ = ["CONFIG_FORMAT", "DTYPES", "PRECISIONS", "RUNTIME_FIELDS", "PRESETS", "ConfigError", "DinoConfig",
-           "CameraHeadConfig", "DPTConfig", "TrackHeadConfig", "ModelConfig", "check_frame_size"]
+           "CameraHeadConfig", "DPTConfig", "TrackHeadConfig", "ModelConfig", "check_frame_size",
+           "value_from_text"]
 
 CONFIG_FORMAT = "xsvggt-config/1"
 DTYPES: Mapping[str, Any] = MappingProxyType(
@@ -40,14 +46,6 @@ PRECISIONS: Mapping[str, jax.lax.Precision] = MappingProxyType(
     {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST})
 # fields that choose how the network is computed, not what it is: they do not change the parameters
 RUNTIME_FIELDS = ("dtype", "precision")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; `field` is its dotted name (e.g. ``dpt.features``)."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field} {problem}")
-        self.field, self.problem = field, problem
 
 
 def _show(value: Any) -> str:
@@ -92,6 +90,45 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, hint):
             raise ConfigError(name, f"must be a {hint.__name__}, got {_show(value)}")
+        return value
+    raise TypeError(f"unsupported config field type {hint!r}")  # pragma: no cover (a programming error)
+
+
+_TEXT_KINDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def value_from_text(name: str, hint: Any, text: str) -> Any:
+    """The value of config field `name` written as `text`, read by its annotation `hint`: int, float
+    (finite), bool (true/false), str, a `Literal[...]` of strings, or `Optional[...]` of those, where
+    "none" reads None for a number (an Optional str field takes "none" as the string: leave the field
+    out for its default). Raises ConfigError naming the field, e.g. ``budget must be an integer, got
+    'abc'``. Values are checked against the annotation only; the dataclass validates the rest."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == len(typing.get_args(hint)) or len(args) != 1:
+            raise TypeError(f"unsupported config field type {hint!r}")  # pragma: no cover (a programming error)
+        if args[0] is not str and text.strip().lower() == "none":
+            return None
+        return value_from_text(name, args[0], text)
+    text = text.strip()
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        if text not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}, got {text!r}")
+        return text
+    if hint is str:
+        return text
+    if hint is bool:
+        if text.lower() not in ("true", "false"):
+            raise ConfigError(name, f"must be true or false, got {text!r}")
+        return text.lower() == "true"
+    if hint in (int, float):
+        try:
+            value = hint(text) if hint is float or re.fullmatch(r"[+-]?\d+", text) else None
+        except ValueError:
+            value = None
+        if value is None or (hint is float and not math.isfinite(value)):
+            raise ConfigError(name, f"must be {_TEXT_KINDS[hint]}, got {text!r}")
         return value
     raise TypeError(f"unsupported config field type {hint!r}")  # pragma: no cover (a programming error)
 
@@ -483,10 +520,10 @@ def check_frame_size(cfg: ModelConfig, height: int, width: int, *, tracks: bool 
     the tracker's correlation pyramid at least one pixel: side // stride >= 2^(corr_levels - 1)."""
     p = cfg.patch_size
     if height < p or width < p or height % p or width % p:
-        raise ValueError(f"frame size {height}x{width} must be positive multiples of the patch size {p}")
+        raise InputError(f"frame size {height}x{width} must be positive multiples of the patch size {p}")
     t = cfg.track
     need = t.stride * 2 ** (t.corr_levels - 1)
     if tracks and min(height, width) < need:
-        raise ValueError(f"frame size {height}x{width} is too small to track points: the track head's "
+        raise InputError(f"frame size {height}x{width} is too small to track points: the track head's "
                          f"{t.corr_levels}-level correlation pyramid needs both sides >= {need} pixels "
                          f"(stride {t.stride} x 2^{t.corr_levels - 1}); give larger frames or no query points")

@@ -11,8 +11,11 @@ INPUT is a folder of images, a video file, or an .npz with `images` [S,3,H,W] (a
 Input problems (bad files, flags, shapes, values, existing outputs, no disk space or memory, NaN
 predictions) end with one line `xsvggt: error: ...` on stderr and exit code 2, checked before any
 work where possible; outputs are staged and moved into place when complete, so a failed run leaves
-nothing behind. SIGTERM/SIGHUP clean up like Ctrl-C and exit with 128 + the signal number. What
-xsvggt may delete: see `io/outdir.py` and `io/state.py` (only files it wrote itself).
+nothing behind. The library raises typed errors (`xsvggt_jax.errors.XsvggtError` and its kinds);
+`main` prints each as that line, and lets anything else (a bug) keep its traceback. Weights and
+`--dtype` come from `weights/loading.py` (as for eval and train). SIGTERM/SIGHUP clean up like Ctrl-C
+and exit with 128 + the signal number. What xsvggt may delete: see `io/outdir.py` and `io/state.py`
+(only files it wrote itself).
 """
 
 from __future__ import annotations
@@ -28,68 +31,38 @@ from typing import Sequence
 
 import numpy as np
 
+from xsvggt_jax.errors import ConfigError, InputError, XsvggtError
 from xsvggt_jax.io.fsutil import PRODUCER, atomic_savez, atomic_write_json
+from xsvggt_jax.weights.loading import add_weight_flags, check_weight_flags, load_model, spec_config
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 2000
 
 
-class UsageError(Exception):
-    """A problem with the user's inputs: reported as one line, exit code 2."""
-
-
 # ------------------------------------------------------------------------------------------ convert
 def _convert(args) -> Path:
-    from xsvggt_jax.weights.convert import ConversionError
     from xsvggt_jax.weights.convert import convert_state_dict
-    from xsvggt_jax.config import ModelConfig
-    from xsvggt_jax.weights.torch_reader import CheckpointError, read_state_dict
-    from xsvggt_jax.weights.params import ParamsError, _check_target, save_params
+    from xsvggt_jax.weights.torch_reader import read_state_dict
+    from xsvggt_jax.weights.params import _check_target, save_params
 
-    try:
-        cfg = ModelConfig.from_spec(args.spec) if args.spec else ModelConfig.published()
-        _check_target(Path(args.out).absolute(), args.overwrite)  # fail fast, before reading SRC
-        state = read_state_dict(args.src)
-        params = convert_state_dict(state, cfg, source=str(args.src))
-        return save_params(params, args.out, cfg, overwrite=args.overwrite)
-    except (CheckpointError, ConversionError, ParamsError) as e:
-        raise UsageError(str(e)) from e
-    except (ValueError, TypeError) as e:  # from_spec on a bad spec
-        raise UsageError(f"bad spec {args.spec}: {e}" if args.spec else str(e)) from e
+    cfg = spec_config(args.spec)
+    _check_target(Path(args.out).absolute(), args.overwrite)  # fail fast, before reading SRC
+    state = read_state_dict(args.src)
+    params = convert_state_dict(state, cfg, source=str(args.src))
+    return save_params(params, args.out, cfg, overwrite=args.overwrite)
 
 
 # ------------------------------------------------------------------------------------- reconstruct
 def _cache_config(args):
+    """The streaming cache flags -> CacheConfig (typed by argparse; ConfigError for a value it refuses)."""
     from xsvggt_jax.cache.core import CacheConfig
 
-    try:
-        return CacheConfig(prune=args.prune, budget=args.cache_size, pool=args.pool, seed=args.seed,
-                           quant=args.quant, bits=args.bits, group=args.group, scale_dtype=args.scale_dtype,
-                           protect=args.protect, protect_share=args.protect_share, mass_decay=args.mass_decay,
-                           camera_budget=args.camera_budget, camera_quant=args.camera_quant,
-                           camera_bits=args.camera_bits)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-
-
-def _model(args):
-    """(params, cfg) from --params or --checkpoint [--spec]."""
-    from xsvggt_jax.weights.convert import ConversionError
-    from xsvggt_jax.config import ModelConfig
-    from xsvggt_jax.weights.torch_reader import CheckpointError
-    from xsvggt_jax.weights.params import ParamsError, load_params
-    from xsvggt_jax.weights.cached import params_from_checkpoint
-
-    try:
-        if args.params:
-            return load_params(args.params)
-        cfg = ModelConfig.from_spec(args.spec) if args.spec else ModelConfig.published()
-        return params_from_checkpoint(args.checkpoint, cfg, Path(args.cache_dir) if args.cache_dir else None)
-    except (CheckpointError, ConversionError, ParamsError) as e:
-        raise UsageError(str(e)) from e
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"bad spec {args.spec}: {e}") from e
+    return CacheConfig(prune=args.prune, budget=args.cache_size, pool=args.pool, seed=args.seed,
+                       quant=args.quant, bits=args.bits, group=args.group, scale_dtype=args.scale_dtype,
+                       protect=args.protect, protect_share=args.protect_share, mass_decay=args.mass_decay,
+                       camera_budget=args.camera_budget, camera_quant=args.camera_quant,
+                       camera_bits=args.camera_bits)
 
 
 def _query_points(text: str | None):
@@ -100,7 +73,7 @@ def _query_points(text: str | None):
     except ValueError:
         pts = np.zeros((0, 3))
     if pts.ndim != 2 or pts.shape[1] != 2 or not len(pts) or not np.all(np.isfinite(pts)):
-        raise UsageError(f"--query-points must look like 'x,y x,y ...', got {text!r}")
+        raise ConfigError(f"--query-points must look like 'x,y x,y ...', got {text!r}")
     return pts
 
 
@@ -120,25 +93,23 @@ def _inside(path: Path, root: Path) -> bool:
 
 def _validate(args) -> None:
     """Cross-flag checks, before any file is read or written (single flags are checked by argparse)."""
-    if args.spec and args.params:
-        raise UsageError("--spec describes a --checkpoint; a --params directory carries its own configuration")
-    if args.spec and not args.checkpoint:
-        raise UsageError("--spec needs --checkpoint")
+    check_weight_flags(args)
     if args.resume and args.save_state and Path(args.resume).absolute() != Path(args.save_state).absolute():
-        raise UsageError("--resume and --save-state name different directories")
+        raise ConfigError("--resume and --save-state name different directories")
     state = args.resume or args.save_state
     if args.offline and state:
-        raise UsageError("--save-state/--resume apply to streaming, not --offline")
+        raise ConfigError("--save-state/--resume apply to streaming, not --offline")
     if not args.offline and (args.devices or args.attention in ("ring", "gather")):
-        raise UsageError("--devices and --attention ring|gather apply to --offline")
+        raise ConfigError("--devices and --attention ring|gather apply to --offline")
     if args.devices and args.devices > 1 and args.query_points:
-        raise UsageError("tracks are not available from the frame-sharded forward: use --devices 1 with --query-points")
+        raise ConfigError("tracks are not available from the frame-sharded forward: use --devices 1 with "
+                          "--query-points")
     if args.keep_state and not state:
-        raise UsageError("--keep-state needs --save-state or --resume")
+        raise ConfigError("--keep-state needs --save-state or --resume")
     if state:
         out, st = Path(args.out).resolve(), Path(state).resolve()
         if _inside(st, out) or _inside(out, st):
-            raise UsageError(f"the state directory {state} and --out {args.out} must not contain each other")
+            raise ConfigError(f"the state directory {state} and --out {args.out} must not contain each other")
     if not args.offline:
         _cache_config(args)
     _query_points(args.query_points)
@@ -151,9 +122,9 @@ def _offline_devices(args, frames: int, qp) -> int:
 
     if args.devices:
         if args.devices > jax.device_count():
-            raise UsageError(f"--devices {args.devices}: only {jax.device_count()} devices are available")
+            raise ConfigError(f"--devices {args.devices}: only {jax.device_count()} devices are available")
         if frames % args.devices:
-            raise UsageError(f"{frames} frames do not split evenly over --devices {args.devices}")
+            raise ConfigError(f"{frames} frames do not split evenly over --devices {args.devices}")
         return args.devices
     if qp is not None:
         return 1
@@ -248,18 +219,16 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
         if source is None:
             source = open_frames(args.input, mode=args.resize, fps=args.fps, stride=args.stride)
     except (FsError, FrameError, StateError) as e:
-        raise UsageError(str(e)) from e
-    params, cfg = _model(args) if model is None else model
+        raise InputError(str(e)) from e
+    params, cfg = load_model(args, default=None if model is None else (lambda: model))
     params = jax.device_put(params)
-    if args.dtype:
-        cfg = cfg.replace(dtype=args.dtype)
     qp = _query_points(args.query_points)
     qp = source.query_points if qp is None else qp
     s, hw, nq = source.num_frames, (source.height, source.width), 0 if qp is None else len(qp)
     try:
         check_frame_size(cfg, *hw, tracks=nq > 0)
     except ValueError as e:
-        raise UsageError(f"{source.name}: {e}") from e
+        raise InputError(f"{source.name}: {e}") from e
     _warn_outside(qp, hw)
     devices = _offline_devices(args, s, qp) if args.offline else 1
     cache_cfg = None if args.offline else _cache_config(args)
@@ -270,7 +239,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
         check_free_space({out.final: _export_bytes(s, hw, nq, args.ply_max_pixels) + (0 if state_dir else memmaps),
                           **({state_dir: memmaps} if state_dir and not args.resume else {})})
     except (CacheMemoryError, FsError) as e:
-        raise UsageError(str(e)) from e
+        raise InputError(str(e)) from e
     mode = f"offline_{args.offline}" if args.offline else "stream"
     log.info("%s: %s, %d frames of %dx%d, %d queries, backend %s", mode, source.name, s, *hw, nq,
              jax.default_backend())
@@ -304,13 +273,13 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
             shutil.rmtree(tmp / ".work", ignore_errors=True)
     except (FrameError, StateError, ParamsError, NonFiniteError, FsError) as e:
         _drop_unused_state(state_dir, args)
-        raise UsageError(str(e)) from e
+        raise InputError(str(e)) from e
     except OSError as e:
         msg = disk_error_message(e)
         if msg is None:
             raise
         _drop_unused_state(state_dir, args)
-        raise UsageError(msg) from e
+        raise InputError(msg) from e
     except BaseException:
         _drop_unused_state(state_dir, args)
         raise
@@ -350,16 +319,14 @@ def _reconstruct_many(args) -> Path:
         inputs = list(args.inputs) + (read_manifest(args.manifest) if args.manifest else [])
         scenes = name_scenes(inputs)
     except (ClusterError, SceneListError) as e:
-        raise UsageError(str(e)) from e
+        raise InputError(str(e)) from e
     if args.slot_compute == "sequential" and len(jax.local_devices()) > 1:
-        raise UsageError(f"--slot-compute sequential steps the slots on one device, this process has "
+        raise InputError(f"--slot-compute sequential steps the slots on one device, this process has "
                          f"{len(jax.local_devices())}: use batched (or auto)")
     root = Path(args.out).absolute()
     if root.exists() and not root.is_dir():
-        raise UsageError(f"{root} exists and is not a directory")
-    params, cfg = _model(args)
-    if args.dtype:
-        cfg = cfg.replace(dtype=args.dtype)
+        raise InputError(f"{root} exists and is not a directory")
+    params, cfg = load_model(args)
     cache_cfg = _cache_config(args)
     qp = _query_points(args.query_points)
     protect = [s.path for s in scenes] + [p for p in (args.params, args.checkpoint) if p]
@@ -381,9 +348,9 @@ def _reconstruct_many(args) -> Path:
                            slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet,
                            slot_compute=args.slot_compute, query_pools=args.query_pools)
     except CacheMemoryError as e:
-        raise UsageError(str(e)) from e
+        raise InputError(str(e)) from e
     if summary["failed"]:
-        raise UsageError(f"{summary['failed']} of {len(summary['scenes'])} scenes failed "
+        raise InputError(f"{summary['failed']} of {len(summary['scenes'])} scenes failed "
                          f"(see {root / 'summary.json'})")
     return root
 
@@ -443,21 +410,15 @@ MODEL_COMMANDS = ("reconstruct", "reconstruct-many", "demo", "eval", "train")  #
 
 def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_state: bool = True) -> None:
     from xsvggt_jax.cache.core import QUANT_LAYOUTS, SCALE_DTYPES
-    from xsvggt_jax.config import DTYPES  # the registry of compute dtypes
     from xsvggt_jax.cache.prune import POLICIES, PROTECT
     from xsvggt_jax.cache.quant import PACK_BITS
 
     w = r.add_argument_group("weights")
     if not demo:
-        src = w.add_mutually_exclusive_group(required=True)
-        src.add_argument("--params", help="params directory written by `xsvggt convert`")
-        src.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (converted on the fly)")
+        add_weight_flags(w)
     else:
-        w.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (default: the shipped demo model)")
-    w.add_argument("--spec", help="spec.json of a non-published configuration (with --checkpoint)")
-    w.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/xsvggt-jax)")
-    w.add_argument("--dtype", choices=tuple(DTYPES),
-                   help="compute dtype (default: the model's, float32; bfloat16 is faster on accelerators)")
+        add_weight_flags(w, params=False, required=False,
+                         checkpoint_help="upstream StreamVGGT .pth / .safetensors (default: the shipped demo model)")
     w.add_argument("--no-compile-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache (default: ~/.cache/xsvggt-jax/jax-compile)")
     o = r.add_argument_group("outputs")
@@ -521,7 +482,7 @@ class _Parser(argparse.ArgumentParser):
 def _train(args) -> Path:
     from xsvggt_jax.train.command import run_train_command
 
-    return run_train_command(args, UsageError)
+    return run_train_command(args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -610,19 +571,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _view(args) -> Path:
     """Serve `xsvggt view` until Ctrl-C / SIGTERM."""
-    from xsvggt_jax.app.view import ViewError, serve
+    from xsvggt_jax.app.view import serve
 
-    try:
-        serve(args.outdir, args.host, args.port, args.max_points, args.conf_percentile,
-              announce=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except ViewError as e:
-        raise UsageError(str(e)) from e
+    serve(args.outdir, args.host, args.port, args.max_points, args.conf_percentile,
+          announce=lambda msg: print(msg, file=sys.stderr, flush=True))
     return Path(args.outdir)
 
 
 def _eval(args) -> Path:
     from xsvggt_jax.eval.command import run
-    return run(args, UsageError, _model)
+    return run(args)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -655,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with signals_as_interrupt():
             out = {"convert": _convert, "reconstruct": _reconstruct, "reconstruct-many": _reconstruct_many,
                    "demo": _demo, "view": _view, "eval": _eval, "train": _train}[args.command](args)
-    except UsageError as e:
+    except XsvggtError as e:  # the library's typed errors (xsvggt_jax.errors): one line, exit 2
         _fail(str(e))
     except Terminated as e:
         _fail(f"stopped by {e}; partial outputs were removed", 128 + e.signum)

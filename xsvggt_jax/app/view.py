@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from xsvggt_jax.io.exports import invert_extrinsics, mat_to_quat_np, unproject_depth
+from xsvggt_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ DEFAULT_MAX_POINTS = 300_000
 COLORMAP = "viridis"  # frame index -> colour of frustums, trajectory and (npz mode) points
 
 
-class ViewError(ValueError):
+class ViewError(InputError):
     """OUTDIR is missing, not an xsvggt output, or damaged."""
 
 

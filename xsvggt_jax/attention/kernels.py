@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xsvggt_jax.errors import ConfigError
+
 Array = jax.Array
 Precision = jax.lax.Precision
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def options(**changes) -> Iterator[AttentionOptions]:
         _OPTIONS.reset(token)
 
 
-class AttentionConfigError(ValueError):
+class AttentionConfigError(ConfigError):
     """An unknown attention implementation, or one that cannot run here (ring outside a mesh axis)."""
 
 

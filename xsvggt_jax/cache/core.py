@@ -34,14 +34,17 @@ it was built for (static fields: CacheConfig, frame size, capacity) so `step` ca
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import re
+import typing
+from typing import Any, Mapping, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from xsvggt_jax.cache import quant
-from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.config import ModelConfig, value_from_text
+from xsvggt_jax.errors import ConfigError, InputError
 from xsvggt_jax.cache.codec import LAYOUTS, SCALE_DTYPES, Codec, Packed, take_rows
 from xsvggt_jax.nn.layers import Mask, Prefix
 from xsvggt_jax.cache.prune import MASS_POLICIES, POLICIES, PROTECT, PruneContext, attention_mass
@@ -50,16 +53,17 @@ Array = jax.Array
 
 QUANT_LAYOUTS = ("none", *LAYOUTS)  # registry keys: "none" or a K/V codec layout of `kvcodec.LAYOUTS`
 
-__all__ = ["QUANT_LAYOUTS", "SCALE_DTYPES", "LAYOUTS", "CacheConfig", "LayerKV", "LayerCache", "StreamCache",
-           "update_layer", "prefix_chunk", "layer_caches", "init_cache", "cache_overflowed", "cache_bytes", "cache_report",
-           "tree_bytes", "stored_slots", "CacheMismatchError", "CacheOverflowError"]
+__all__ = ["QUANT_LAYOUTS", "SCALE_DTYPES", "LAYOUTS", "DEFAULT_LAYOUT", "CacheConfig", "short_form_grammar",
+           "LayerKV", "LayerCache", "StreamCache", "update_layer", "prefix_chunk", "layer_caches", "init_cache",
+           "cache_overflowed", "cache_bytes", "cache_report", "tree_bytes", "stored_slots", "CacheMismatchError",
+           "CacheOverflowError"]
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(InputError):
     """A cache stepped with another CacheConfig (or frame size) than it was built for."""
 
 
-class CacheOverflowError(ValueError):
+class CacheOverflowError(InputError):
     """An uncompressed cache asked to hold more frames than its capacity (`max_frames`)."""
 
 
@@ -118,30 +122,77 @@ class CacheConfig:
 
     def __post_init__(self):
         if self.prune not in POLICIES:
-            raise ValueError(f"prune must be one of {tuple(POLICIES)}, got {self.prune!r}")
+            raise ConfigError("prune", f"must be one of {tuple(POLICIES)}, got {self.prune!r}")
         if self.quant not in QUANT_LAYOUTS:
-            raise ValueError(f"quant must be one of {QUANT_LAYOUTS}, got {self.quant!r}")
+            raise ConfigError("quant", f"must be one of {QUANT_LAYOUTS}, got {self.quant!r}")
         if self.bits not in quant.PACK_BITS:
-            raise ValueError(f"bits must be one of {quant.PACK_BITS}, got {self.bits}")
+            raise ConfigError("bits", f"must be one of {quant.PACK_BITS}, got {self.bits}")
         if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+            raise ConfigError("scale_dtype", f"must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if min(self.budget, self.pool, self.group, self.chunk) < 1:
-            raise ValueError(f"budget, pool, group and chunk must be positive "
-                             f"({self.budget}, {self.pool}, {self.group}, {self.chunk})")
+            raise ConfigError(f"budget, pool, group and chunk must be positive "
+                              f"({self.budget}, {self.pool}, {self.group}, {self.chunk})")
         if self.protect not in PROTECT:
-            raise ValueError(f"protect must be one of {PROTECT}, got {self.protect!r}")
+            raise ConfigError("protect", f"must be one of {PROTECT}, got {self.protect!r}")
         if self.protect == "budget" and self.prune == "frame":
-            raise ValueError("protect='budget' applies to token policies; prune='frame' keeps whole frames")
+            raise ConfigError("protect='budget' applies to token policies; prune='frame' keeps whole frames")
         if not 0.0 < self.protect_share <= 1.0:
-            raise ValueError(f"protect_share must be in (0, 1], got {self.protect_share}")
+            raise ConfigError("protect_share", f"must be in (0, 1], got {self.protect_share}")
         if not 0.0 <= self.mass_decay <= 1.0:
-            raise ValueError(f"mass_decay must be in [0, 1], got {self.mass_decay}")
+            raise ConfigError("mass_decay", f"must be in [0, 1], got {self.mass_decay}")
         if self.camera_budget is not None and self.camera_budget < 1:
-            raise ValueError(f"camera_budget must be positive, got {self.camera_budget}")
+            raise ConfigError("camera_budget", f"must be positive, got {self.camera_budget}")
         if self.camera_quant is not None and self.camera_quant not in QUANT_LAYOUTS:
-            raise ValueError(f"camera_quant must be one of {QUANT_LAYOUTS}, got {self.camera_quant!r}")
+            raise ConfigError("camera_quant", f"must be one of {QUANT_LAYOUTS}, got {self.camera_quant!r}")
         if self.camera_bits is not None and self.camera_bits not in quant.PACK_BITS:
-            raise ValueError(f"camera_bits must be one of {quant.PACK_BITS}, got {self.camera_bits}")
+            raise ConfigError("camera_bits", f"must be one of {quant.PACK_BITS}, got {self.camera_bits}")
+
+    @classmethod
+    def from_text(cls, text: str, defaults: Mapping[str, Any] | None = None, *, where: str | None = None,
+                  sep: str = ",") -> "CacheConfig":
+        """A CacheConfig from its text form: the one parser of cache settings (`xsvggt train
+        --student-cache`, `xsvggt eval --settings`, the benchmarks)::
+
+            [<policy>[-<layout><bits>|-int<bits>][:<budget>]] [<sep>KEY=VALUE ...]
+
+        The optional head is the short form `xsvggt eval` uses (`xstream:2048`, `xstream-int4:2048`,
+        `none`): a policy of `prune.POLICIES` (a registered name may contain "-"), a layout of
+        `codec.LAYOUTS` ("int" is `DEFAULT_LAYOUT`) with its code width of `quant.PACK_BITS`, and
+        the budget. KEY=VALUE sets any field, the value read by the field's annotation
+        (`config.value_from_text`: `budget=64`, `protect_share=0.3`, `quant_head_dim=none`). Fields
+        set by neither come from `defaults` (field -> value), then the dataclass defaults. Raises
+        ConfigError: one sentence starting with `where` (default "cache setting '<text>'") that
+        names an empty item, an unknown or repeated key (listing the keys), a value that is not of
+        the field's type, or a value CacheConfig refuses."""
+        where = where or f"cache setting {text.strip()!r}"
+
+        def fail(problem: str) -> ConfigError:
+            return ConfigError(f"{where}: {problem}")
+
+        if not text.strip():
+            raise fail("empty (give a setting such as prune=xstream,budget=2048 or xstream-int4:2048)")
+        hints, given = typing.get_type_hints(cls), {}
+        for i, item in enumerate(part.strip() for part in text.split(sep)):
+            if not item:
+                raise fail(f"an empty item (two {sep!r} in a row, or one at an end?)")
+            key, eq, value = item.partition("=")
+            if not eq and i == 0:
+                given.update(_short_form(item, fail))
+                continue
+            key = key.strip()
+            if not eq or key not in hints:
+                problem = f"unknown key {key!r}" if eq else f"expected KEY=VALUE, got {item!r}"
+                raise fail(f"{problem} (keys: {', '.join(f.name for f in dataclasses.fields(cls))})")
+            if key in given:
+                raise fail(f"{key} is given twice")
+            try:
+                given[key] = value_from_text(key, hints[key], value)
+            except ConfigError as e:
+                raise fail(str(e)) from None
+        try:
+            return cls(**{**(defaults or {}), **given})
+        except ConfigError as e:
+            raise fail(str(e)) from None
 
     @classmethod
     def uncompressed(cls) -> "CacheConfig":
@@ -190,6 +241,39 @@ class CacheConfig:
             raise ValueError("an unquantized cache has no codecs")
         kc, vc = LAYOUTS[self.quant]
         return kc(self.bits, self.group, self.scale_dtype), vc(self.bits, self.group, self.scale_dtype)
+
+
+#: Layout that the short form's `int<bits>` stands for (upstream XStreamVGGT's default KV_QUANT_MODE).
+DEFAULT_LAYOUT = "kcvt"
+_SUFFIX = re.compile(r"^(?P<policy>.+?)-(?P<layout>int|[a-z]+)(?P<bits>\d+)$")
+
+
+def short_form_grammar() -> str:
+    """The short form of a cache setting, in words (error messages, help texts)."""
+    return (f"<policy>[-<layout><bits>|-int<bits>][:<budget>] with policy in {', '.join(POLICIES)}, "
+            f"layout in {', '.join(LAYOUTS)} and bits in {', '.join(map(str, quant.PACK_BITS))}")
+
+
+def _short_form(text: str, fail) -> dict[str, Any]:
+    """`<policy>[-<layout><bits>|-int<bits>][:<budget>]` -> the CacheConfig fields it sets;
+    `fail(problem)` builds the error raised."""
+    head, colon, budget = text.partition(":")
+    fields: dict[str, Any] = {}
+    if colon:
+        if not re.fullmatch(r"\d+", budget) or int(budget) < 1:
+            raise fail("the budget after ':' must be a positive integer")
+        fields["budget"] = int(budget)
+    if head in POLICIES:
+        return {"prune": head, **fields}
+    m = _SUFFIX.match(head)
+    if m is None or m["policy"] not in POLICIES:
+        raise fail(f"does not read as {short_form_grammar()}")
+    layout, bits = (DEFAULT_LAYOUT if m["layout"] == "int" else m["layout"]), int(m["bits"])
+    if layout not in LAYOUTS:
+        raise fail(f"unknown quantization layout {layout!r} (choose from int, {', '.join(LAYOUTS)})")
+    if bits not in quant.PACK_BITS:
+        raise fail(f"{bits}-bit codes are not supported (choose from {', '.join(map(str, quant.PACK_BITS))})")
+    return {"prune": m["policy"], "quant": layout, "bits": bits, **fields}
 
 
 @flax.struct.dataclass

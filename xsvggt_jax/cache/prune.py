@@ -30,6 +30,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from xsvggt_jax.errors import ConfigError
+
 Array = jax.Array
 
 PROTECT = ("full", "budget")       # registry of protection modes (CacheConfig.protect)
@@ -37,7 +39,7 @@ MASS_POLICIES = ("cumulative",)    # policies whose layers carry a running atten
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigError):
     """A policy called with a context it cannot serve (e.g. a budget below what it must protect)."""
 
 

@@ -25,9 +25,10 @@ import numpy as np
 from PIL import Image
 
 from xsvggt_jax.io.exports import invert_extrinsics
+from xsvggt_jax.errors import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad data input: a dataset file or folder that cannot be read (the one-line message names it), an
     unknown dataset or preset, an invalid scene size."""
 

@@ -4,7 +4,8 @@ accuracy_vs_bytes.png into OUTDIR.
     xsvggt eval [DATA] --dataset 7scenes|nrgbd|tum|tum-dynamics|scannet|bonn|sintel|kitti|procedural
                 --task recon|video-depth|pose (--params DIR | --checkpoint FILE [--spec spec.json])
                 --settings none,xstream:2048,xstream-int4:2048 --out OUTDIR
-                [--sequences N] [--frames-per-sequence N] [--resize crop|pad] [--frame-size W] [--quiet]
+                [--sequences N] [--frames-per-sequence N] [--resize crop|pad] [--frame-size W] [--dtype D]
+                [--quiet]
 
 DATA is not used by `--dataset procedural`, which renders its scenes at the model's frame size; with
 procedural data and no weights a small randomly initialised model is used (its numbers are
@@ -20,6 +21,10 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
+
+from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.errors import ConfigError, InputError
+from xsvggt_jax.weights.loading import add_weight_flags, load_model, model_config, with_dtype
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +50,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--frame-size", type=int, help="width frames are resized to (default: the model's img_size, "
                                                   "518 for the published model)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    w = e.add_argument_group("weights (procedural data without them: a random tiny model)")
-    src = w.add_mutually_exclusive_group()
-    src.add_argument("--params", help="params directory written by `xsvggt convert`")
-    src.add_argument("--checkpoint", help="upstream StreamVGGT .pth / .safetensors (converted on the fly)")
-    w.add_argument("--spec", help="spec.json of a non-published configuration (with --checkpoint)")
-    w.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/xsvggt-jax)")
+    add_weight_flags(e.add_argument_group("weights (procedural data without them: a random tiny model)"),
+                     required=False)
     c = e.add_argument_group("cache options shared by every setting (as `xsvggt reconstruct`)")
     c.add_argument("--pool", type=int, default=16, help="query pooling size of the xstream score")
     c.add_argument("--group", type=int, default=64, help="quantization group size")
@@ -79,94 +80,67 @@ def _procedural_config(args, cfg, target: int):
     return dataclasses.replace(PRESETS["eval-small"], frames=frames, height=height, width=target)
 
 
-def _model_config(args, usage_error):
+def _model_config(args) -> tuple[ModelConfig, bool]:
     """(ModelConfig, random?) from the weight options, reading no weights."""
-    from xsvggt_jax.config import ModelConfig
-    from xsvggt_jax.weights.params import ParamsError, load_config
-
-    try:
-        if args.params:
-            return load_config(args.params), False
-        if args.checkpoint:
-            return (ModelConfig.from_spec(args.spec) if args.spec else ModelConfig.published()), False
-    except ParamsError as e:
-        raise usage_error(str(e)) from e
-    except (ValueError, TypeError) as e:
-        raise usage_error(f"bad spec {args.spec}: {e}") from e
+    cfg = model_config(args)
+    if cfg is not None:
+        return cfg, False
     if args.dataset != "procedural":
-        raise usage_error(f"--params or --checkpoint is required to evaluate on {args.dataset}")
-    return ModelConfig.tiny(), True
+        raise InputError(f"--params or --checkpoint is required to evaluate on {args.dataset}")
+    return with_dtype(ModelConfig.tiny(), args), True
 
 
-def _dataset(args, cfg, usage_error):
-    from xsvggt_jax.data import DataError, Dataset, load_dataset
+def _dataset(args, cfg):
+    from xsvggt_jax.data import Dataset, load_dataset
 
     for flag in ("sequences", "frames_per_sequence"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise usage_error(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    try:
-        if args.dataset == "procedural":
-            target = args.frame_size or cfg.img_size
-            ds = load_dataset("procedural", config=_procedural_config(args, cfg, target),
-                              num_sequences=args.sequences or 2)
-        else:
-            if not args.data:
-                raise usage_error(f"DATA, the {args.dataset} folder, is required")
-            if not Path(args.data).is_dir():
-                raise usage_error(f"{args.data}: dataset folder not found")
-            ds = load_dataset(args.dataset, args.data)
-    except DataError as e:
-        raise usage_error(str(e)) from e
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.dataset == "procedural":
+        target = args.frame_size or cfg.img_size
+        ds = load_dataset("procedural", config=_procedural_config(args, cfg, target),
+                          num_sequences=args.sequences or 2)
+    else:
+        if not args.data:
+            raise InputError(f"DATA, the {args.dataset} folder, is required")
+        if not Path(args.data).is_dir():
+            raise InputError(f"{args.data}: dataset folder not found")
+        ds = load_dataset(args.dataset, args.data)
     seqs = ds.sequences[:args.sequences] if args.sequences else ds.sequences
     if args.frames_per_sequence:
         seqs = tuple(take_frames(s, args.frames_per_sequence) for s in seqs)
     return Dataset(info=ds.info, sequences=tuple(seqs))
 
 
-def run(args, usage_error, load_model) -> Path:
-    """Run `xsvggt eval`. usage_error: the CLI's UsageError class; load_model(args) -> (params, cfg)
-    (the CLI's weight loader, used for --params / --checkpoint)."""
+def run(args) -> Path:
+    """Run `xsvggt eval`. Bad inputs raise `xsvggt_jax.errors` errors (the CLI prints one line), every
+    one before the weights are read or the model runs."""
     import jax
 
-    from xsvggt_jax.data import DataError
-    from xsvggt_jax.io.frames import FrameError
-    from xsvggt_jax.io.fsutil import FsError
-    from xsvggt_jax.io.outdir import OutputDir
-    from xsvggt_jax.weights.params import ParamsError
-    from xsvggt_jax.nn.model import init_params
-    from xsvggt_jax.eval.report import write_report
-    from xsvggt_jax.eval.runner import TASKS, EvalConfigError, check_evaluation, evaluate
-    from xsvggt_jax.eval.settings import SettingsError, parse_settings
-
     from xsvggt_jax.data import DATASETS
+    from xsvggt_jax.eval.report import write_report
+    from xsvggt_jax.eval.runner import TASKS, check_evaluation, evaluate
+    from xsvggt_jax.eval.settings import parse_settings
+    from xsvggt_jax.io.outdir import OutputDir
+    from xsvggt_jax.nn.model import init_params
 
     if args.dataset not in DATASETS:
-        raise usage_error(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     if args.task not in TASKS:
-        raise usage_error(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
-    try:
-        settings = parse_settings(args.settings, {"pool": args.pool, "group": args.group,
-                                                  "scale_dtype": args.scale_dtype, "seed": args.seed})
-    except SettingsError as e:
-        raise usage_error(str(e)) from e
-    try:  # replaces only what an earlier xsvggt run wrote there; never the user's files or the data
-        out = OutputDir(args.out, protect=[args.data] if args.data else [])
-    except FsError as e:
-        raise usage_error(str(e)) from e
-    cfg, random_model = _model_config(args, usage_error)
-    dataset = _dataset(args, cfg, usage_error)
-    try:
-        check_evaluation(cfg, dataset, args.task, args.resize, args.frame_size)
-    except (EvalConfigError, DataError, FrameError) as e:
-        raise usage_error(str(e)) from e
+        raise ConfigError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
+    settings = parse_settings(args.settings, {"pool": args.pool, "group": args.group,
+                                              "scale_dtype": args.scale_dtype, "seed": args.seed})
+    # replaces only what an earlier xsvggt run wrote there; never the user's files or the data
+    out = OutputDir(args.out, protect=[args.data] if args.data else [])
+    cfg, random_model = _model_config(args)
+    dataset = _dataset(args, cfg)
+    check_evaluation(cfg, dataset, args.task, args.resize, args.frame_size)
 
     note = RANDOM_MODEL_NOTE if random_model else None
     if random_model:
         log.warning(note)
-        params = init_params(cfg, jax.random.PRNGKey(0))
-    else:
-        params, cfg = load_model(args)
+    params, cfg = load_model(args, default=lambda: (init_params(cfg, jax.random.PRNGKey(0)), cfg))
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -178,8 +152,6 @@ def run(args, usage_error, load_model) -> Path:
                                frame_size=args.frame_size, progress=tick)
             write_report(results, tmp, extra={"data": None if args.dataset == "procedural" else str(args.data),
                                                "random_model": random_model}, note=note)
-    except (DataError, FrameError, ParamsError, FsError) as e:
-        raise usage_error(str(e)) from e
     finally:
         if bar is not None:
             bar.close()

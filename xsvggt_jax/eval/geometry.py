@@ -9,8 +9,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from xsvggt_jax.errors import InputError
 
-class EvalInputError(ValueError):
+
+class EvalInputError(InputError):
     """Arrays handed to an evaluation metric have the wrong shape, too few valid entries, or
     describe a degenerate configuration (e.g. collinear positions for a Sim(3) fit)."""
 

@@ -56,6 +56,7 @@ from xsvggt_jax.eval.geometry import EvalInputError
 from xsvggt_jax.eval.pointcloud import CROP_SIZE, reconstruction_metrics, world_to_camera
 from xsvggt_jax.eval.pose import extrinsics_to_c2w, pairwise_pose_errors, pose_accuracy, pose_auc, trajectory_metrics
 from xsvggt_jax.eval.settings import Setting, as_settings
+from xsvggt_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ TASKS: Mapping[str, Task] = {
 }
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(ConfigError):
     """An evaluation that cannot run as asked (unknown task, a dataset without the task's ground
     truth, frames the model cannot take); raised before any model work."""
 

@@ -1,6 +1,7 @@
 """Cache settings of an evaluation, written as short strings: `none,xstream:2048,xstream-int4:2048,...`.
 
-Grammar of one setting (whitespace around it is ignored)::
+Grammar of one setting (whitespace around it is ignored), the short form that
+`xsvggt_jax.cache.core.CacheConfig.from_text` (the one parser of cache settings) reads::
 
     <policy>[-<layout><bits>|-int<bits>][:<budget>]
 
@@ -20,21 +21,13 @@ Examples: `none` (plain StreamVGGT), `xstream:2048`, `xstream-int4:2048` (= `xst
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable, Mapping
 
-from xsvggt_jax.cache import quant
-from xsvggt_jax.cache.core import CacheConfig
-from xsvggt_jax.cache.codec import LAYOUTS
-from xsvggt_jax.cache.prune import POLICIES
-
-#: Layout that `int<bits>` stands for (upstream XStreamVGGT's default KV_QUANT_MODE).
-DEFAULT_LAYOUT = "kcvt"
-
-_SUFFIX = re.compile(r"^(?P<policy>.+?)-(?P<layout>int|[a-z]+)(?P<bits>\d+)$")
+from xsvggt_jax.cache.core import DEFAULT_LAYOUT, CacheConfig  # DEFAULT_LAYOUT: importable from here as before
+from xsvggt_jax.errors import ConfigError
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError):
     """A cache setting string that does not follow the grammar (the message is one sentence)."""
 
 
@@ -46,41 +39,17 @@ class Setting:
     cache: CacheConfig
 
 
-def _grammar() -> str:
-    return (f"<policy>[-<layout><bits>|-int<bits>][:<budget>] with policy in {', '.join(POLICIES)}, "
-            f"layout in {', '.join(LAYOUTS)} and bits in {', '.join(map(str, quant.PACK_BITS))}")
-
-
 def parse_setting(text: str, defaults: Mapping[str, object] | None = None) -> Setting:
-    """One setting string -> Setting. `defaults`: CacheConfig fields for everything the string does
-    not set (e.g. {"pool": 8, "scale_dtype": "float16"}). Raises SettingsError."""
+    """One setting string -> Setting (`CacheConfig.from_text`, which reads the grammar). `defaults`:
+    CacheConfig fields for everything the string does not set (e.g. {"pool": 8, "scale_dtype":
+    "float16"}). Raises SettingsError."""
     name = text.strip()
     if not name:
         raise SettingsError("an empty cache setting (two commas in a row, or a trailing comma?)")
-    head, sep, budget_text = name.partition(":")
-    fields: dict[str, object] = dict(defaults or {})
-    if sep:
-        if not re.fullmatch(r"\d+", budget_text) or int(budget_text) < 1:
-            raise SettingsError(f"cache setting {name!r}: the budget after ':' must be a positive integer")
-        fields["budget"] = int(budget_text)
-    policy = head
-    if head not in POLICIES:
-        m = _SUFFIX.match(head)
-        if m is None or m["policy"] not in POLICIES:
-            raise SettingsError(f"cache setting {name!r} does not read as {_grammar()}")
-        policy, layout, bits = m["policy"], m["layout"], int(m["bits"])
-        layout = DEFAULT_LAYOUT if layout == "int" else layout
-        if layout not in LAYOUTS:
-            raise SettingsError(f"cache setting {name!r}: unknown quantization layout {layout!r} "
-                                f"(choose from int, {', '.join(LAYOUTS)})")
-        if bits not in quant.PACK_BITS:
-            raise SettingsError(f"cache setting {name!r}: {bits}-bit codes are not supported "
-                                f"(choose from {', '.join(map(str, quant.PACK_BITS))})")
-        fields.update(quant=layout, bits=bits)
     try:
-        return Setting(name, CacheConfig(prune=policy, **fields))
-    except (TypeError, ValueError) as e:
-        raise SettingsError(f"cache setting {name!r}: {e}") from None
+        return Setting(name, CacheConfig.from_text(name, defaults))
+    except ConfigError as e:
+        raise SettingsError(str(e)) from None
 
 
 def parse_settings(text: str | Iterable[str], defaults: Mapping[str, object] | None = None) -> tuple[Setting, ...]:

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from xsvggt_jax.io.rgb import to_uint8_rgb
+from xsvggt_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", "
 PAD_VALUE = 1.0  # white, as upstream
 
 
-class FrameError(ValueError):
+class FrameError(InputError):
     """An input that cannot be turned into frames; the message is one line naming the file."""
 
 

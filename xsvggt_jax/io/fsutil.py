@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from xsvggt_jax.errors import ResourceError
+
 log = logging.getLogger(__name__)
 
 PRODUCER = "xsvggt-jax"
@@ -33,7 +35,7 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quot
                errno.EPERM: "operation not permitted"}
 
 
-class FsError(ValueError):
+class FsError(ResourceError):
     """A filesystem problem the user must fix: no space, read-only, or a directory xsvggt may not touch."""
 
 

@@ -21,13 +21,14 @@ from xsvggt_jax.io import exports as ex
 from xsvggt_jax.io.colmap import DEFAULT_MAX_POINTS, export_colmap
 from xsvggt_jax.io.frames import FrameInfo, FrameSource
 from xsvggt_jax.io.fsutil import atomic_write
+from xsvggt_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 POINT_SOURCES = ("depth", "pointmap")
 
 
-class ExportError(ValueError):
+class ExportError(ConfigError):
     """An export option out of range; the message names the option."""
 
 

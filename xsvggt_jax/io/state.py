@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from xsvggt_jax.io.fsutil import atomic_write_json, owner_record, owner_status
+from xsvggt_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 META = "meta.json"
@@ -36,7 +37,7 @@ STATE_MARKER = ".xsvggt-state.json"
 CHECKPOINT, OUTPUTS = "checkpoint", "outputs"
 
 
-class StateError(ValueError):
+class StateError(InputError):
     """A state directory that is missing, damaged, foreign or from another configuration."""
 
 

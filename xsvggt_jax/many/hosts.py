@@ -17,10 +17,12 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from xsvggt_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
-class ClusterError(ValueError):
+class ClusterError(ConfigError):
     """Inconsistent --coordinator / --num-processes / --process-id."""
 
 

@@ -15,12 +15,13 @@ from typing import Iterable, Sequence
 
 from xsvggt_jax.io.fsutil import PRODUCER
 from xsvggt_jax.io.outdir import MANIFEST
+from xsvggt_jax.errors import InputError
 
 SUMMARY = "summary.json"
 REPORT = "report.json"
 
 
-class SceneListError(ValueError):
+class SceneListError(InputError):
     """A manifest that cannot be read, or no scenes at all."""
 
 

@@ -20,12 +20,13 @@ from flax.traverse_util import unflatten_dict
 
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.nn.model import param_shapes
+from xsvggt_jax.errors import InputError
 
 #: Shipped models; one entry per `<name>.safetensors` / `<name>.json` pair in this package.
 MODELS: tuple[str, ...] = ("demo",)
 
 
-class PretrainedError(ValueError):
+class PretrainedError(InputError):
     """An unknown model name, or a shipped file that does not match its card."""
 
 

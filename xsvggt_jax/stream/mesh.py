@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from xsvggt_jax.errors import ConfigError
+
 DATA, SEQ = "data", "seq"
 AXES = (DATA, SEQ)
 
@@ -27,7 +29,7 @@ __all__ = ["DATA", "SEQ", "AXES", "MeshError", "make_mesh", "replicated", "batch
            "per_device_bytes"]
 
 
-class MeshError(ValueError):
+class MeshError(ConfigError):
     """A mesh that does not fit the devices, or a batch that does not split over it."""
 
 

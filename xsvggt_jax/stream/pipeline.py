@@ -29,6 +29,7 @@ from xsvggt_jax.io.rgb import to_uint8_rgb
 from xsvggt_jax.io.state import CHECKPOINT, OUTPUTS, FrameDigest, StateError, load_state, read_meta, save_state
 from xsvggt_jax.runtime import device_available_bytes
 from xsvggt_jax.stream.step import make_step
+from xsvggt_jax.errors import ResourceError, XsvggtError
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,11 @@ TRACK_KEYS = ("track", "vis", "track_conf")
 RESUME_KEYS = ("weights", "model", "dtype", "precision", "cache", "frames", "height", "width", "queries")
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(XsvggtError, ValueError):
     """The model produced NaN or Inf (e.g. from NaN weights): the stream stops at that frame."""
 
 
-class CacheMemoryError(ValueError):
+class CacheMemoryError(ResourceError):
     """The cache would not fit in the memory available to the device."""
 
 

@@ -56,6 +56,7 @@ from xsvggt_jax.cache.core import CacheConfig, StreamCache, cache_overflowed
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.stream.mesh import DATA, batch_sharding, check_batch, replicated
 from xsvggt_jax.stream.step import check_frame_values, place_cache, step
+from xsvggt_jax.errors import InputError
 
 Array = jax.Array
 
@@ -65,7 +66,7 @@ __all__ = ["PoolError", "init_pool", "pool_size", "pool_step", "make_pool_step",
 TRACK_KEYS = ("track", "vis", "track_conf")  # outputs with a query-point axis: [B, N, ...]
 
 
-class PoolError(ValueError):
+class PoolError(InputError):
     """A pool used with a cache, frames or query points that do not fit it, or an unknown slot compute."""
 
 

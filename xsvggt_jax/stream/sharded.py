@@ -21,12 +21,13 @@ from xsvggt_jax.attention.kernels import (SEQUENCE_PARALLEL_IMPLS, AttentionConf
                         KEY_BLOCK, QUERY_BLOCK, Mask, blocked_states, unblock)
 from xsvggt_jax.nn.model import StreamVGGT
 from xsvggt_jax.stream.mesh import DATA, SEQ, make_mesh
+from xsvggt_jax.errors import InputError
 
 Array = jax.Array
 Precision = jax.lax.Precision
 
 
-class SequenceShardError(ValueError):
+class SequenceShardError(InputError):
     """Frames or batch not divisible over the mesh, or an input the sharded forward does not support."""
 
 

@@ -28,13 +28,14 @@ import numpy as np
 from xsvggt_jax.cache.core import CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, layer_caches
 from xsvggt_jax.config import ModelConfig, check_frame_size
 from xsvggt_jax.nn.model import StreamVGGT
+from xsvggt_jax.errors import InputError
 
 Array = jax.Array
 
 FRAME_RANGE_TOL = 1e-3  # frames are [0, 1]; resampling may overshoot by rounding, not by more
 
 
-class FrameError(ValueError):
+class FrameError(InputError):
     """A frame that is not float NHWC [B, H, W, 3] in [0, 1]."""
 
 

@@ -1,9 +1,9 @@
 """`xsvggt train`: turn the parsed flags into a `loop.RunConfig` (every flag checked before any
-work) and run it. Bad flags raise the CLI's UsageError (one `xsvggt: error:` line, exit 2)."""
+work) and run it. Bad flags raise `xsvggt_jax.errors` errors (the CLI prints one `xsvggt: error:`
+line, exit 2)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -11,106 +11,93 @@ import jax
 from xsvggt_jax.cache.core import CacheConfig
 from xsvggt_jax.config import ModelConfig, check_frame_size
 from xsvggt_jax.data import DATASETS
-from xsvggt_jax.data.base import DataError
+from xsvggt_jax.errors import ConfigError, InputError, ResourceError
 from xsvggt_jax.io.fsutil import chained_disk_error_message
-from xsvggt_jax.weights.params import ParamsError, load_params
 from xsvggt_jax.nn.model import init_params
-from xsvggt_jax.train.config import DENSE_ALIGNMENTS, LossConfig, LossConfigError
+from xsvggt_jax.train.config import DENSE_ALIGNMENTS, LossConfig
 from xsvggt_jax.train.data import DataSource
-from xsvggt_jax.train.loop import RunConfig, RunError, check_out_dir, train
-from xsvggt_jax.train.state import UPSTREAM_FROZEN, OptimConfig, TrainConfigError
-
-_CACHE_INTS = {"budget", "pool", "seed", "bits", "group", "chunk"}
-
-
-def parse_cache(text: str) -> CacheConfig:
-    """'prune=xstream,budget=64,quant=kcvt' -> CacheConfig (ValueError on a bad key or value)."""
-    fields = {f.name for f in dataclasses.fields(CacheConfig)}
-    kw = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"--student-cache: expected KEY=VALUE with KEY in {sorted(fields)}, got {item!r}")
-        if key == "quant_head_dim":
-            kw[key] = None if value == "none" else int(value)
-        else:
-            kw[key] = int(value) if key in _CACHE_INTS else value
-    return CacheConfig(**kw)
+from xsvggt_jax.train.loop import RunConfig, check_out_dir, train
+from xsvggt_jax.train.state import UPSTREAM_FROZEN, OptimConfig
+from xsvggt_jax.weights.loading import add_dtype_flag, config_from_name, load_model, model_config, with_dtype
 
 
 def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--size must look like HxW, e.g. 28x42, got {text!r}") from None
+        raise ConfigError(f"--size must look like HxW, e.g. 28x42, got {text!r}") from None
     return h, w
 
 
-def _model_config(args) -> tuple[ModelConfig, dict | None]:
-    """(config, initial params or None for random init)."""
+def _model_config(args) -> ModelConfig:
+    """The student's configuration, --init DIR's or --config's, --dtype applied; reads no weights."""
     if args.init != "random":
-        params, cfg = load_params(args.init)
         if args.config:
-            raise ValueError("--config applies to --init random; a params directory carries its own config")
-        return cfg, params
+            raise ConfigError("--config applies to --init random; a params directory carries its own config")
+        return model_config(args, params_dir=args.init)
     if not args.config:
-        raise ValueError("--init random needs --config (a preset or a spec.json)")
-    if args.config.endswith(".json"):
-        return ModelConfig.from_spec(args.config), None
-    return ModelConfig.preset(args.config), None
+        raise ConfigError("--init random needs --config (a preset or a spec.json)")
+    return with_dtype(config_from_name(args.config), args)
 
 
-def run_train_command(args, usage_error: type[Exception]) -> Path:
+def run_config(args) -> RunConfig:
+    """The flags -> RunConfig, every flag checked; reads no weights."""
+    cfg = _model_config(args)
+    h, w = parse_size(args.size)
+    check_frame_size(cfg, h, w)
+    if (args.steps < 1 or args.batch < 1 or args.frames < 1 or args.eval_every < 0 or args.save_every < 0
+            or args.eval_scenes < 0):
+        raise ConfigError("--steps, --batch and --frames must be >= 1; --eval-every, --save-every, "
+                          "--eval-scenes >= 0")
+    if args.data == "procedural":
+        source = DataSource(batch=args.batch, frames=args.frames, height=h, width=w, seed=args.seed)
+    else:
+        name, sep, root = args.data.partition(":")
+        if not sep or name not in DATASETS or not Path(root).is_dir():
+            raise InputError(f"--data must be 'procedural' or READER:ROOT with READER in {sorted(DATASETS)} "
+                             f"and ROOT a folder, got {args.data!r}")
+        source = DataSource(dataset=name, root=root, batch=args.batch, frames=args.frames, height=h,
+                            width=w, seed=args.seed)
+    cache_cfg = None
+    if args.student_cache is not None:
+        cache_cfg = CacheConfig.from_text(args.student_cache, where="--student-cache")
+    student = "stream" if cache_cfg is not None else args.student
+    if student == "stream" and cache_cfg is None:
+        raise ConfigError("--student stream needs --student-cache")
+    freeze = args.freeze or ("none" if args.init == "random" else "upstream")
+    optim = OptimConfig(lr=args.lr, warmup=args.warmup, steps=args.steps,
+                        freeze=UPSTREAM_FROZEN if freeze == "upstream" else ())
+    align = args.align or ("none" if args.init == "random" else "scale&shift")
+    return RunConfig(model=cfg, data=source, optim=optim, loss=LossConfig(dense_alignment=align),
+                     student=student, student_cache=cache_cfg,
+                     teacher_mode=args.teacher_mode if args.teacher else None, remat=args.remat,
+                     init=str(args.init), teacher=args.teacher, eval_every=args.eval_every,
+                     save_every=args.save_every, eval_scenes=args.eval_scenes, seed=args.seed)
+
+
+def run_train_command(args) -> Path:
+    """Run `xsvggt train`: check every flag, the teacher's configuration and --out, then load the
+    weights and train (resuming the run in --out)."""
+    run = run_config(args)
+    if args.teacher:
+        teacher_cfg = model_config(args, params_dir=args.teacher)
+        if teacher_cfg.to_dict() != run.model.replace(dtype=teacher_cfg.dtype).to_dict():
+            raise ConfigError("the teacher's model configuration differs from the student's")
+    out = Path(args.out)
+    check_out_dir(out, run)
+    if args.init != "random":
+        params, _ = load_model(args, params_dir=args.init)
+    else:
+        params = init_params(run.model, jax.random.key(args.seed))
+    teacher_params = load_model(args, params_dir=args.teacher)[0] if args.teacher else None
     try:
-        cfg, params = _model_config(args)
-        if args.dtype:
-            cfg = dataclasses.replace(cfg, dtype=args.dtype)
-        h, w = parse_size(args.size)
-        check_frame_size(cfg, h, w)
-        if (args.steps < 1 or args.batch < 1 or args.frames < 1 or args.eval_every < 0 or args.save_every < 0
-                or args.eval_scenes < 0):
-            raise ValueError("--steps, --batch and --frames must be >= 1; --eval-every, --save-every, "
-                             "--eval-scenes >= 0")
-        if args.data == "procedural":
-            source = DataSource(batch=args.batch, frames=args.frames, height=h, width=w, seed=args.seed)
-        else:
-            name, sep, root = args.data.partition(":")
-            if not sep or name not in DATASETS or not Path(root).is_dir():
-                raise ValueError(f"--data must be 'procedural' or READER:ROOT with READER in {sorted(DATASETS)} "
-                                 f"and ROOT a folder, got {args.data!r}")
-            source = DataSource(dataset=name, root=root, batch=args.batch, frames=args.frames, height=h,
-                                width=w, seed=args.seed)
-        cache_cfg = parse_cache(args.student_cache) if args.student_cache else None
-        student = "stream" if cache_cfg is not None else args.student
-        if student == "stream" and cache_cfg is None:
-            raise ValueError("--student stream needs --student-cache")
-        freeze = args.freeze or ("none" if args.init == "random" else "upstream")
-        optim = OptimConfig(lr=args.lr, warmup=args.warmup, steps=args.steps,
-                            freeze=UPSTREAM_FROZEN if freeze == "upstream" else ())
-        teacher_params = None
-        if args.teacher:
-            teacher_params, teacher_cfg = load_params(args.teacher)
-            if teacher_cfg.to_dict() != dataclasses.replace(cfg, dtype=teacher_cfg.dtype).to_dict():
-                raise ValueError("the teacher's model configuration differs from the student's")
-        align = args.align or ("none" if args.init == "random" else "scale&shift")
-        run = RunConfig(model=cfg, data=source, optim=optim, loss=LossConfig(dense_alignment=align),
-                        student=student, student_cache=cache_cfg,
-                        teacher_mode=args.teacher_mode if args.teacher else None, remat=args.remat,
-                        init=str(args.init), teacher=args.teacher, eval_every=args.eval_every,
-                        save_every=args.save_every, eval_scenes=args.eval_scenes, seed=args.seed)
-        out = Path(args.out)
-        check_out_dir(out, run)
-        if params is None:
-            params = init_params(cfg, jax.random.key(args.seed))
         result = train(run, out, params, teacher_params, quiet=args.quiet)
-    except (ValueError, ParamsError, DataError, RunError, TrainConfigError, LossConfigError) as e:
-        raise usage_error(str(e)) from e
     except Exception as e:  # a full disk inside orbax's checkpointing arrives wrapped
         msg = chained_disk_error_message(e)
         if msg is None:
             raise
-        raise usage_error(f"{msg}; free space and re-run with the same --out to resume from the last "
-                          "checkpoint") from e
+        raise ResourceError(f"{msg}; free space and re-run with the same --out to resume from the last "
+                            "checkpoint") from e
     return Path(result["params"])
 
 
@@ -138,7 +125,7 @@ def add_parser(sub) -> None:
                    help="dense-map alignment in the loss (default: none with random init, upstream's "
                         "scale&shift with --init PARAMS; see train.config.DENSE_ALIGNMENTS)")
     t.add_argument("--remat", action="store_true", help="rematerialise transformer blocks (less memory)")
-    t.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (params stay float32)")
+    add_dtype_flag(t)
     t.add_argument("--eval-every", type=int, default=0, help="evaluate on held-out scenes every K steps")
     t.add_argument("--eval-scenes", type=int, default=2, help="held-out procedural scenes per evaluation")
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")

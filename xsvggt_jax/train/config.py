@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from xsvggt_jax.errors import ConfigError
+
 
 #: How a dense prediction is aligned to its target before the L1 (after `normalize_maps`):
 #: "scale&shift": closed-form per-frame least-squares scale and shift (upstream DistillLoss, made for
@@ -21,7 +23,7 @@ import dataclasses
 DENSE_ALIGNMENTS: tuple[str, ...] = ("scale&shift", "none")
 
 
-class LossConfigError(ValueError):
+class LossConfigError(ConfigError):
     """A loss configuration value is out of range."""
 
 

@@ -39,6 +39,7 @@ from xsvggt_jax.train.config import LossConfig
 from xsvggt_jax.train.data import DataSource, batch_at, eval_clips, make_clip_fn
 from xsvggt_jax.train.state import Checkpoints, OptimConfig, init_state, make_optimizer, param_labels
 from xsvggt_jax.train.step import eval_forward, make_teacher, make_train_step, place_state, shard_batch
+from xsvggt_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ RUN_FORMAT = "xsvggt-train/2"  # 2: optimizer settings are arrays in the checkpo
 PLOT_KEYS = ("loss", "camera", "depth_conf_l1", "point_conf_l1")
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """The output directory holds another run (different settings) or files that are not ours."""
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xsvggt_jax.train.config import LossConfig
+from xsvggt_jax.errors import InputError
 
 Array = jax.Array
 PoseInput = Union[Array, Sequence[Array]]
@@ -34,7 +35,7 @@ NORMAL_EPS = 1e-6  # floor of a normal's length before normalizing (upstream)
 PROB_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] inside the BCE
 
 
-class LossInputError(ValueError):
+class LossInputError(InputError):
     """Predictions and targets do not fit together (missing keys, mismatched shapes)."""
 
 

@@ -25,12 +25,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from xsvggt_jax.errors import ConfigError
+
 Array = jax.Array
 
 UPSTREAM_FROZEN = ("aggregator/patch_embed", "aggregator/camera_token", "aggregator/register_token")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """An optimizer / schedule setting is out of range."""
 
 

@@ -33,13 +33,14 @@ from xsvggt_jax.stream.step import step as stream_step
 from xsvggt_jax.train.config import LossConfig
 from xsvggt_jax.train.losses import multitask_loss
 from xsvggt_jax.train.state import TrainState, hyperparams, learning_rate_at
+from xsvggt_jax.errors import ConfigError
 
 Array = jax.Array
 MODES = ("full", "causal", "stream")
 DISTILL_KEYS = ("camera_pose", "depth", "pts3d_in_other_view")
 
 
-class TrainModeError(ValueError):
+class TrainModeError(ConfigError):
     """An unknown forward mode, or a stream mode without a cache configuration."""
 
 

@@ -13,11 +13,12 @@ from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.nn.model import param_shapes
 
 from xsvggt_jax.weights.keymap import map_key, transformed_shape
+from xsvggt_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """The checkpoint does not match the configuration; the message names the problems (the first
     few of each kind, with counts)."""
 

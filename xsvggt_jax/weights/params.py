@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional
 import jax
 
 from xsvggt_jax.config import ConfigError, ModelConfig
+from xsvggt_jax.errors import InputError
 
 __all__ = ["ParamsError", "save_params", "load_params", "load_config", "staged_dir"]
 
@@ -36,7 +37,7 @@ CONFIG_FILE = "config.json"
 PARAMS_SUBDIR = "params"
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """A directory is not a params directory written by `save_params` (or cannot be written)."""
 
 

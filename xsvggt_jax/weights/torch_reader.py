@@ -29,6 +29,8 @@ from typing import IO, Any
 import ml_dtypes
 import numpy as np
 
+from xsvggt_jax.errors import InputError
+
 __all__ = ["CheckpointError", "read_state_dict"]
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ _WRAPPER_KEYS = ("model", "state_dict")
 _PREFIX = "module."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file is missing, corrupt, unsupported or unsafe."""
 
 

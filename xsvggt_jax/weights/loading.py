@@ -1,0 +1,121 @@
+"""Flags -> (params, model config): the one loader of `xsvggt reconstruct`, `reconstruct-many`, `demo`,
+`eval` and `train`, and the one `--dtype` flag and override (here, below eval/ and train/, so that
+every command can use it).
+
+* `add_weight_flags(group)`: --params | --checkpoint, --spec, --cache-dir and --dtype (`add_dtype_flag`).
+* `model_config(args)`: the configuration those flags name, reading no weights (checks before loading).
+* `load_model(args)`: (params, config): a params directory (--params, or train's --init DIR), else an
+  upstream checkpoint (--checkpoint [--spec], converted once and cached under --cache-dir), else the
+  caller's `default` (the demo model, eval's random tiny model, train's random init).
+* Both apply --dtype (`with_dtype`), the compute dtype; parameters keep theirs.
+
+Errors are typed (`xsvggt_jax.errors`): ParamsError / CheckpointError / ConversionError from the
+weights, ConfigError for a bad --spec or --config, InputError when no weights are named.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from xsvggt_jax.config import DTYPES, ModelConfig
+from xsvggt_jax.errors import ConfigError, InputError
+
+__all__ = ["DTYPE_HELP", "add_dtype_flag", "add_weight_flags", "check_weight_flags", "config_from_name", "load_model",
+           "model_config", "spec_config", "with_dtype"]
+
+DTYPE_HELP = ("compute dtype (default: the model's, float32; bfloat16 is faster on accelerators; parameters "
+              "keep their dtype)")
+
+
+def add_dtype_flag(group) -> None:
+    """The --dtype flag (choices: `config.DTYPES`) on a parser or argument group."""
+    group.add_argument("--dtype", choices=tuple(DTYPES), help=DTYPE_HELP)
+
+
+def add_weight_flags(group, *, params: bool = True, required: bool = True,
+                     checkpoint_help: str = "upstream StreamVGGT .pth / .safetensors (converted on the fly)") -> None:
+    """--params | --checkpoint (one of them `required`; no --params with `params=False`), --spec,
+    --cache-dir and --dtype, on an argument group."""
+    src = group.add_mutually_exclusive_group(required=required) if params else group
+    if params:
+        src.add_argument("--params", help="params directory written by `xsvggt convert`")
+    src.add_argument("--checkpoint", help=checkpoint_help)
+    group.add_argument("--spec", help="spec.json of a non-published configuration (with --checkpoint)")
+    group.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/xsvggt-jax)")
+    add_dtype_flag(group)
+
+
+def check_weight_flags(args: argparse.Namespace) -> None:
+    """Cross-flag checks of the weight flags (argparse checks each one); ConfigError."""
+    spec = getattr(args, "spec", None)
+    if spec and getattr(args, "params", None):
+        raise ConfigError("--spec describes a --checkpoint; a --params directory carries its own configuration")
+    if spec and not getattr(args, "checkpoint", None):
+        raise ConfigError("--spec needs --checkpoint")
+
+
+def with_dtype(cfg: ModelConfig, args: argparse.Namespace) -> ModelConfig:
+    """`cfg` with the --dtype override (unchanged without one): the one place it is applied."""
+    dtype = getattr(args, "dtype", None)
+    return cfg.replace(dtype=dtype) if dtype and dtype != cfg.dtype else cfg
+
+
+def spec_config(spec: Optional[str]) -> ModelConfig:
+    """The configuration of a --checkpoint: its --spec (upstream's spec.json), else the published one."""
+    if not spec:
+        return ModelConfig.published()
+    try:
+        return ModelConfig.from_spec(spec)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"bad spec {spec}: {e}") from e
+
+
+def config_from_name(name: str) -> ModelConfig:
+    """train's --config: a preset name (`config.PRESETS`) or a spec.json."""
+    if name.endswith(".json"):
+        return spec_config(name)
+    return ModelConfig.preset(name)
+
+
+def _params_dir(args: argparse.Namespace, params_dir: Optional[str]) -> Optional[str]:
+    return params_dir or getattr(args, "params", None)
+
+
+def model_config(args: argparse.Namespace, *, params_dir: Optional[str] = None) -> Optional[ModelConfig]:
+    """The configuration the weight flags name, --dtype applied, reading no weights: the params directory
+    `params_dir` (default --params), else --checkpoint's (--spec or published); None when neither is
+    given."""
+    from xsvggt_jax.weights.params import load_config
+
+    check_weight_flags(args)
+    directory = _params_dir(args, params_dir)
+    if directory:
+        return with_dtype(load_config(directory), args)
+    if getattr(args, "checkpoint", None):
+        return with_dtype(spec_config(getattr(args, "spec", None)), args)
+    return None
+
+
+def load_model(args: argparse.Namespace, *, params_dir: Optional[str] = None,
+               default: Optional[Callable[[], tuple[Any, ModelConfig]]] = None) -> tuple[Any, ModelConfig]:
+    """(params, config) from the weight flags, --dtype applied: the params directory `params_dir` (default
+    --params), else --checkpoint [--spec] (converted on the first use, then read from the conversion
+    cache under --cache-dir), else `default()` -> (params, config). InputError when none applies."""
+    from xsvggt_jax.weights.cached import params_from_checkpoint
+    from xsvggt_jax.weights.params import load_params
+
+    check_weight_flags(args)
+    directory, checkpoint = _params_dir(args, params_dir), getattr(args, "checkpoint", None)
+    if directory:
+        params, cfg = load_params(directory)
+    elif checkpoint:
+        cache_dir = getattr(args, "cache_dir", None)
+        params, cfg = params_from_checkpoint(checkpoint, spec_config(getattr(args, "spec", None)),
+                                             Path(cache_dir) if cache_dir else None)
+    elif default is not None:
+        params, cfg = default()
+    else:
+        raise InputError("no weights given: use --params DIR or --checkpoint FILE")
+    return params, with_dtype(cfg, args)
