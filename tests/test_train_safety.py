@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -130,7 +129,8 @@ def test_damaged_latest_checkpoint_resumes_from_previous_with_warning(plan, tmp_
         _truncate(out, 2)
     capsys.readouterr()
     assert main(_argv(out, 2)) == 0
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "resuming from step 1" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "resuming from step 1" in r.getMessage()]
     assert len(warnings) == 1 and str(out / "checkpoints" / "2") in warnings[0], caplog.text
     assert ("non-finite" if damage == "nan" else "cannot be read") in warnings[0]
     assert _steps_logged(out) == [1, 2] and _checkpoint_steps(out) == [1, 2]

@@ -86,7 +86,7 @@ def check_out_dir(out: Path, run, locked: bool = False) -> bool:
     if marker.exists():
         try:
             stored = json.loads(marker.read_text())
-        except (UnicodeDecodeError, ValueError) as e:
+        except (IsADirectoryError, UnicodeDecodeError, ValueError) as e:
             raise RunError(f"{marker} is not an xsvggt training run's ({e}); use another --out") from e
         if not isinstance(stored, dict) or not str(stored.get("format", "")).startswith("xsvggt-train/"):
             raise RunError(f"{out} holds a {RUN_FILE} that is not an xsvggt training run's "
