@@ -65,7 +65,7 @@ def _no_training(monkeypatch) -> dict:
     import xsvggt_jax.train.command as command
     seen = {}
 
-    def fake_train(run, out, params, teacher_params, quiet=False):
+    def fake_train(run, out, params, teacher_params, quiet=False, clip_fn=None):
         seen["run"] = run
         return {"params": str(out / "params")}
     monkeypatch.setattr(command, "train", fake_train)

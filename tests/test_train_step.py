@@ -273,6 +273,20 @@ def test_cli_train_end_to_end_and_resume(tmp_path, capsys):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
+def test_cli_train_diverging_lr_stops_at_the_first_nan(tmp_path, capsys):
+    """--lr 1e30 (the train step of test_cli_train_end_to_end_and_resume: the rate is an array in the
+    state): step 1's update blows the weights up, step 2's loss is NaN; the run stops there in one line
+    and keeps step 1's checkpoint, instead of ending with exit 0 and NaN parameters."""
+    from conftest import run_error
+    out = tmp_path / "run"
+    msg = run_error(["train", "--config", "micro", "--size", "28x42", "--frames", "2", "--steps", "4",
+                     "--lr", "1e30", "--warmup", "0", "--save-every", "1", "--eval-scenes", "0",
+                     "--freeze", "upstream", "--out", str(out), "--quiet"], capsys)
+    assert "diverged at step 2" in msg and f"step 1 in {out / 'checkpoints'}" in msg, msg
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"] and not (out / "params").exists()
+
+
 def test_cli_train_bad_flags(capsys, tmp_path):
     from conftest import run_error
     base = ["train", "--out", str(tmp_path / "o")]

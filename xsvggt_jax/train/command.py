@@ -4,6 +4,7 @@ line, exit 2)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jax
@@ -12,12 +13,12 @@ from xsvggt_jax.cache.core import CacheConfig
 from xsvggt_jax.config import ModelConfig, check_frame_size
 from xsvggt_jax.data import DATASETS
 from xsvggt_jax.errors import ConfigError, InputError, ResourceError
-from xsvggt_jax.io.fsutil import chained_disk_error_message
 from xsvggt_jax.nn.model import init_params
 from xsvggt_jax.train.config import DENSE_ALIGNMENTS, LossConfig
-from xsvggt_jax.train.data import DataSource
-from xsvggt_jax.train.loop import RunConfig, check_out_dir, train
-from xsvggt_jax.train.state import UPSTREAM_FROZEN, OptimConfig
+from xsvggt_jax.train.data import DataSource, make_clip_fn
+from xsvggt_jax.train.loop import RunConfig, train
+from xsvggt_jax.train.rundir import check_out_dir, check_out_path, disk_error_line, normalise_path
+from xsvggt_jax.train.state import INT32_MAX, UPSTREAM_FROZEN, OptimConfig
 from xsvggt_jax.weights.loading import add_dtype_flag, config_from_name, load_model, model_config, with_dtype
 
 
@@ -40,24 +41,38 @@ def _model_config(args) -> ModelConfig:
     return with_dtype(config_from_name(args.config), args)
 
 
-def run_config(args) -> RunConfig:
-    """The flags -> RunConfig, every flag checked; reads no weights."""
-    cfg = _model_config(args)
-    h, w = parse_size(args.size)
-    check_frame_size(cfg, h, w)
+def _check_numbers(args) -> None:
     if (args.steps < 1 or args.batch < 1 or args.frames < 1 or args.eval_every < 0 or args.save_every < 0
             or args.eval_scenes < 0):
         raise ConfigError("--steps, --batch and --frames must be >= 1; --eval-every, --save-every, "
                           "--eval-scenes >= 0")
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup), ("--seed", args.seed)):
+        if not 0 <= value <= INT32_MAX:
+            raise ConfigError(f"{flag} must be between 0 and {INT32_MAX} (a 32-bit integer), got {value}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+
+
+def _data_source(args, h: int, w: int) -> DataSource:
     if args.data == "procedural":
-        source = DataSource(batch=args.batch, frames=args.frames, height=h, width=w, seed=args.seed)
-    else:
-        name, sep, root = args.data.partition(":")
-        if not sep or name not in DATASETS or not Path(root).is_dir():
-            raise InputError(f"--data must be 'procedural' or READER:ROOT with READER in {sorted(DATASETS)} "
-                             f"and ROOT a folder, got {args.data!r}")
-        source = DataSource(dataset=name, root=root, batch=args.batch, frames=args.frames, height=h,
-                            width=w, seed=args.seed)
+        return DataSource(batch=args.batch, frames=args.frames, height=h, width=w, seed=args.seed)
+    name, sep, root = args.data.partition(":")
+    if not sep or name not in DATASETS or not Path(root).is_dir():
+        raise InputError(f"--data must be 'procedural' or READER:ROOT with READER in {sorted(DATASETS)} "
+                         f"and ROOT a folder, got {args.data!r}")
+    return DataSource(dataset=name, root=normalise_path(root), batch=args.batch, frames=args.frames, height=h,
+                      width=w, seed=args.seed)
+
+
+def run_config(args) -> RunConfig:
+    """The flags -> RunConfig, every flag checked; reads no weights."""
+    if args.teacher_mode and not args.teacher:
+        raise ConfigError("--teacher-mode applies to distillation: give --teacher PARAMS too")
+    _check_numbers(args)
+    cfg = _model_config(args)
+    h, w = parse_size(args.size)
+    check_frame_size(cfg, h, w)
+    source = _data_source(args, h, w)
     cache_cfg = None
     if args.student_cache is not None:
         cache_cfg = CacheConfig.from_text(args.student_cache, where="--student-cache")
@@ -70,34 +85,37 @@ def run_config(args) -> RunConfig:
     align = args.align or ("none" if args.init == "random" else "scale&shift")
     return RunConfig(model=cfg, data=source, optim=optim, loss=LossConfig(dense_alignment=align),
                      student=student, student_cache=cache_cfg,
-                     teacher_mode=args.teacher_mode if args.teacher else None, remat=args.remat,
-                     init=str(args.init), teacher=args.teacher, eval_every=args.eval_every,
-                     save_every=args.save_every, eval_scenes=args.eval_scenes, seed=args.seed)
+                     teacher_mode=(args.teacher_mode or "full") if args.teacher else None, remat=args.remat,
+                     init=normalise_path(str(args.init)), teacher=normalise_path(args.teacher),
+                     eval_every=args.eval_every, save_every=args.save_every, eval_scenes=args.eval_scenes,
+                     seed=args.seed)
 
 
 def run_train_command(args) -> Path:
-    """Run `xsvggt train`: check every flag, the teacher's configuration and --out, then load the
-    weights and train (resuming the run in --out)."""
+    """Run `xsvggt train`. Everything is checked (flags, the teacher's configuration, --out, the data)
+    before the run writes its first file; then the weights are loaded and the run trains (resuming the
+    run in --out)."""
     run = run_config(args)
+    out = Path(args.out)
+    check_out_path(out)
     if args.teacher:
         teacher_cfg = model_config(args, params_dir=args.teacher)
         if teacher_cfg.to_dict() != run.model.replace(dtype=teacher_cfg.dtype).to_dict():
             raise ConfigError("the teacher's model configuration differs from the student's")
-    out = Path(args.out)
-    check_out_dir(out, run)
-    if args.init != "random":
-        params, _ = load_model(args, params_dir=args.init)
-    else:
-        params = init_params(run.model, jax.random.key(args.seed))
-    teacher_params = load_model(args, params_dir=args.teacher)[0] if args.teacher else None
     try:
-        result = train(run, out, params, teacher_params, quiet=args.quiet)
-    except Exception as e:  # a full disk inside orbax's checkpointing arrives wrapped
-        msg = chained_disk_error_message(e)
+        check_out_dir(out, run)
+        clip_fn = make_clip_fn(run.data)         # reads the dataset's index: a bad --data stops here
+        if args.init != "random":
+            params, _ = load_model(args, params_dir=args.init)
+        else:
+            params = init_params(run.model, jax.random.key(args.seed))
+        teacher_params = load_model(args, params_dir=args.teacher)[0] if args.teacher else None
+        result = train(run, out, params, teacher_params, quiet=args.quiet, clip_fn=clip_fn)
+    except Exception as e:  # a full disk / read-only / permission error, which orbax and tensorstore wrap
+        msg = disk_error_line(e)
         if msg is None:
             raise
-        raise ResourceError(f"{msg}; free space and re-run with the same --out to resume from the last "
-                            "checkpoint") from e
+        raise ResourceError(msg) from e
     return Path(result["params"])
 
 
@@ -115,7 +133,8 @@ def add_parser(sub) -> None:
     t.add_argument("--warmup", type=int, default=10)
     t.add_argument("--out", required=True, help="run directory (re-run with the same --out to resume)")
     t.add_argument("--teacher", help="teacher params directory (distillation)")
-    t.add_argument("--teacher-mode", choices=("full", "causal", "stream"), default="full")
+    t.add_argument("--teacher-mode", choices=("full", "causal", "stream"),
+                   help="the teacher's forward (with --teacher; default full)")
     t.add_argument("--student", choices=("causal", "full", "stream"), default="causal")
     t.add_argument("--student-cache", help="streaming student's cache: KEY=VALUE,... of CacheConfig "
                                            "(e.g. prune=xstream,budget=64,quant=kcvt); implies --student stream")

@@ -2,22 +2,32 @@
 
 Output directory layout (everything written by the run itself):
   run.json           the run's settings; a re-run with the same OUT must have identical settings
+  .xsvggt-train.lock held (flock) by the live run, with its owner record: a second run is refused
+                     (`rundir`)
   checkpoints/       Orbax CheckpointManager: TrainState (params, optimizer state, step, rng, data
                      position) every `save_every` steps and at the end; a re-run resumes from the
-                     latest one and continues bit-identically
+                     latest intact one and continues bit-identically
+  damaged-checkpoints/  newer checkpoints that could not be restored (truncated, garbled,
+                     non-finite), moved aside when a re-run resumed from an older one
   metrics.jsonl      one JSON object per step: {"step", "loss", loss components, "grad_norm", "lr",
                      "steps_per_s"}
   eval.jsonl         one JSON object per evaluation: {"step", "abs_rel", "delta_1.25", "ate"}
   loss.png           the loss curves
   params/            the final parameters (`io.params.save_params`, loadable by
                      `xsvggt reconstruct --params`)
+
+Everything is checked before the first file is written (settings, the directory, the data). A loss or
+gradient norm that is not finite stops the run (`TrainingDiverged`) with the last (finite) checkpoint
+kept; no checkpoint holding a non-finite number is written or resumed from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -37,18 +47,22 @@ from xsvggt_jax.weights.params import save_params
 from xsvggt_jax.geometry import pose_encoding_to_extri_intri
 from xsvggt_jax.train.config import LossConfig
 from xsvggt_jax.train.data import DataSource, batch_at, eval_clips, make_clip_fn
-from xsvggt_jax.train.state import Checkpoints, OptimConfig, init_state, make_optimizer, param_labels
+from xsvggt_jax.train.rundir import RUN_FILE, RUN_FORMAT, RunError, check_out_dir, claim_run_dir, normalise_path
+from xsvggt_jax.train.state import (CheckpointError, Checkpoints, OptimConfig, all_finite, held_orbax_logs,
+                                    init_state, is_disk_error, make_optimizer, param_labels)
 from xsvggt_jax.train.step import eval_forward, make_teacher, make_train_step, place_state, shard_batch
-from xsvggt_jax.errors import InputError
+from xsvggt_jax.errors import XsvggtError
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = "xsvggt-train/2"  # 2: optimizer settings are arrays in the checkpointed state
 PLOT_KEYS = ("loss", "camera", "depth_conf_l1", "point_conf_l1")
+DAMAGED = "damaged-checkpoints"
+
+__all__ = ["RUN_FORMAT", "RunConfig", "RunError", "TrainingDiverged", "check_out_dir", "train"]
 
 
-class RunError(InputError):
-    """The output directory holds another run (different settings) or files that are not ours."""
+class TrainingDiverged(XsvggtError):
+    """A loss, gradient norm or state that is not finite: the run stopped (its last checkpoint is kept)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,38 +96,10 @@ class RunConfig:
         d = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)
              if f.name not in ("eval_every", "save_every", "eval_scenes")}
         d["model"] = self.model.to_dict()
+        d["init"], d["teacher"] = normalise_path(self.init), normalise_path(self.teacher)
+        if d["data"]["root"] is not None:
+            d["data"]["root"] = normalise_path(d["data"]["root"])
         return {"format": RUN_FORMAT, **d}
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested JSON objects -> {"optim.steps": 3, ...}."""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-    return out
-
-
-def check_out_dir(out: Path, run: RunConfig) -> bool:
-    """True when `out` holds this run to resume; False when it is new or empty. Raises RunError for
-    a different run or a non-empty directory that is not a training run."""
-    marker = out / "run.json"
-    if marker.exists():
-        try:
-            stored = json.loads(marker.read_text())
-        except ValueError as e:
-            raise RunError(f"{marker}: not a training run file ({e})") from e
-        current = _flatten(json.loads(json.dumps(run.to_json())))
-        if _flatten(stored) != current:
-            old = _flatten(stored)
-            diff = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
-            raise RunError(f"{out} holds a training run with other settings ({', '.join(diff)}); "
-                           "use another --out")
-        return True
-    if out.exists() and any(out.iterdir()):
-        raise RunError(f"{out} exists and is not an xsvggt training run; use another --out")
-    return False
 
 
 def _read_jsonl(path: Path, upto_step: int) -> list[dict]:
@@ -192,33 +178,86 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def _resume(ckpt: Checkpoints, state, out: Path):
+    """The newest intact checkpoint (or `state` when there is none); damaged newer ones are moved to
+    OUT/damaged-checkpoints/ with a warning. CheckpointError when checkpoints exist and none is intact."""
+    if ckpt.latest_step() is None:
+        return state
+    restored, damaged = ckpt.restore_intact(state)
+    if restored is None:
+        step, why = damaged[0]
+        raise CheckpointError(
+            f"cannot resume {out}: its checkpoint {ckpt.step_dir(step)} {why}"
+            + (f" (older ones damaged too: {', '.join(str(s) for s, _ in damaged[1:])})" if damaged[1:] else "")
+            + f"; move {ckpt.directory} aside to start this run over, or use another --out")
+    for step, why in damaged:
+        moved = ckpt.set_aside(step, out / DAMAGED)
+        log.warning("checkpoint %s %s; moved it to %s and resuming from step %d instead",
+                    ckpt.step_dir(step), why, moved, int(restored.step))
+    log.info("resumed %s at step %d", out, int(restored.step))
+    return restored
+
+
+def _diverged(step: int, what: str, ckpt: Checkpoints) -> TrainingDiverged:
+    last = ckpt.latest_step()
+    kept = (f"its last checkpoint, step {last} in {ckpt.directory}, is kept" if last is not None
+            else "no checkpoint had been saved")
+    return TrainingDiverged(f"training diverged at step {step} ({what}); stopped: {kept}. Lower --lr (or raise "
+                            "--warmup) and train into a new --out")
+
+
 def train(run: RunConfig, out: str | os.PathLike, params: Optional[dict] = None,
-          teacher_params: Optional[dict] = None, quiet: bool = True, mesh=None) -> dict[str, Any]:
+          teacher_params: Optional[dict] = None, quiet: bool = True, mesh=None,
+          clip_fn: Optional[Callable] = None) -> dict[str, Any]:
     """Run (or resume) training to run.optim.steps steps; returns {"step", "params" (path),
     "eval" (last evaluation or None)}. params: initial parameters (required unless resuming);
-    teacher_params: required when run.teacher_mode is set."""
+    teacher_params: required when run.teacher_mode is set; clip_fn: `make_clip_fn(run.data)` when the
+    caller has made it already. Raises RunError (another run, a directory in use), CheckpointError
+    (nothing intact to resume), TrainingDiverged; nothing is written before the settings, the
+    directory and the data have been checked."""
     out = Path(out)
-    resuming = check_out_dir(out, run)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        atomic_write_text(out / "run.json", json.dumps(run.to_json(), indent=1))
+    check_out_dir(out, run)
     cfg, ocfg = run.model, run.optim
     if params is None:
         raise RunError("initial parameters are required")
+    if run.teacher_mode and teacher_params is None:
+        raise RunError("a distillation run needs the teacher's parameters")
     optimizer = make_optimizer(ocfg, params)
     labels = param_labels(params, ocfg.freeze)
-    state = place_state(init_state(params, optimizer, run.seed), mesh)
-    ckpt = Checkpoints(out / "checkpoints")
-    if resuming and ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-        log.info("resumed %s at step %d", out, int(state.step))
+    clip_fn = make_clip_fn(run.data) if clip_fn is None else clip_fn     # checks the data source
+    held_out = eval_clips(run.data, run.eval_scenes) if run.eval_scenes else []
     train_step = make_train_step(cfg, optimizer, labels, loss_cfg=run.loss, mode=run.student,
                                  cache_cfg=run.student_cache, remat=run.remat, mesh=mesh)
     teacher = make_teacher(cfg, run.teacher_mode) if run.teacher_mode else None
-    clip_fn = make_clip_fn(run.data)
     predict = eval_forward(cfg, run.student, run.student_cache)
-    held_out = eval_clips(run.data, run.eval_scenes) if run.eval_scenes else []
+    state = place_state(init_state(params, optimizer, run.seed), mesh)
 
+    with claim_run_dir(out):
+        if not check_out_dir(out, run, locked=True):    # again under the lock: no other run writes here now
+            atomic_write_text(out / RUN_FILE, json.dumps(run.to_json(), indent=1))
+        ckpt = Checkpoints(out / "checkpoints")
+        try:
+            state = _resume(ckpt, state, out)
+            state, rows, last_eval = _run_steps(run, out, state, ckpt, train_step, clip_fn, held_out, predict,
+                                                teacher, teacher_params, quiet, mesh)
+            if not (out / "loss.png").exists():
+                plot_losses(rows, out / "loss.png")
+        except BaseException:
+            with contextlib.suppress(Exception):   # the error in flight is the one to report
+                ckpt.close()
+            raise
+        ckpt.close()
+        final_params = jax.device_get(state.params)
+        with held_orbax_logs(is_disk_error):
+            path = save_params(final_params, out / "params", cfg, overwrite=True)
+    return {"step": int(state.step), "params": str(path), "eval": last_eval}
+
+
+def _run_steps(run: RunConfig, out: Path, state, ckpt: Checkpoints, train_step, clip_fn, held_out, predict,
+               teacher, teacher_params, quiet: bool, mesh):
+    """The step loop from state.step to run.optim.steps: metrics, evaluations, checkpoints. Returns
+    (state, metrics rows, last evaluation)."""
+    ocfg = run.optim
     start = int(state.step)
     rows = _read_jsonl(out / "metrics.jsonl", start)
     evals = _read_jsonl(out / "eval.jsonl", start)
@@ -228,38 +267,40 @@ def train(run: RunConfig, out: str | os.PathLike, params: Optional[dict] = None,
     last_eval = evals[-1] if evals else None
     t_first, done_here = None, 0   # steps/s counts from the end of the first (compiling) step
     with open(out / "metrics.jsonl", "a") as metrics_file:
-        while int(state.step) < ocfg.steps:
-            batch = batch_at(clip_fn, run.data, int(state.data_pos))
-            if teacher is not None:
-                images = batch["images"]
-                batch = {"images": images, **{k: np.asarray(v) for k, v in
-                                              jax.device_get(teacher(teacher_params, images)).items()}}
-            state, metrics = train_step(state, shard_batch(batch, mesh))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            done_here += 1
-            step = int(state.step)
-            if t_first is None:
-                t_first, rate = time.perf_counter(), 0.0
-            else:
-                rate = (done_here - 1) / (time.perf_counter() - t_first)
-            row = {"step": step, **metrics, "steps_per_s": rate}
-            rows.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            progress.update(step, metrics["loss"], metrics["lr"], rate)
-            final = step >= ocfg.steps
-            if held_out and (final or (run.eval_every and step % run.eval_every == 0)):
-                last_eval = {"step": step, **evaluate(predict, state.params, held_out)}
-                with open(out / "eval.jsonl", "a") as f:
-                    f.write(json.dumps(last_eval) + "\n")
-                log.info("eval at step %d: %s", step, last_eval)
-            if final or (run.save_every and step % run.save_every == 0):
-                ckpt.save(state)
-                plot_losses(rows, out / "loss.png")
-    progress.close()
-    if not (out / "loss.png").exists():
-        plot_losses(rows, out / "loss.png")
-    ckpt.close()
-    final_params = jax.device_get(state.params)
-    path = save_params(final_params, out / "params", cfg, overwrite=True)
-    return {"step": int(state.step), "params": str(path), "eval": last_eval}
+        try:
+            while int(state.step) < ocfg.steps:
+                batch = batch_at(clip_fn, run.data, int(state.data_pos))
+                if teacher is not None:
+                    images = batch["images"]
+                    batch = {"images": images, **{k: np.asarray(v) for k, v in
+                                                  jax.device_get(teacher(teacher_params, images)).items()}}
+                state, metrics = train_step(state, shard_batch(batch, mesh))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                done_here += 1
+                step = int(state.step)
+                if t_first is None:
+                    t_first, rate = time.perf_counter(), 0.0
+                else:
+                    rate = (done_here - 1) / (time.perf_counter() - t_first)
+                row = {"step": step, **metrics, "steps_per_s": rate}
+                rows.append(row)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                bad = [f"{k} {metrics[k]}" for k in ("loss", "grad_norm") if not math.isfinite(metrics.get(k, 0.0))]
+                if bad:
+                    raise _diverged(step, ", ".join(bad), ckpt)
+                progress.update(step, metrics["loss"], metrics["lr"], rate)
+                final = step >= ocfg.steps
+                if held_out and (final or (run.eval_every and step % run.eval_every == 0)):
+                    last_eval = {"step": step, **evaluate(predict, state.params, held_out)}
+                    with open(out / "eval.jsonl", "a") as f:
+                        f.write(json.dumps(last_eval) + "\n")
+                    log.info("eval at step %d: %s", step, last_eval)
+                if final or (run.save_every and step % run.save_every == 0):
+                    if not all_finite(state):
+                        raise _diverged(step, "the updated parameters or optimizer state are not finite", ckpt)
+                    ckpt.save(state)
+                    plot_losses(rows, out / "loss.png")
+        finally:
+            progress.close()
+    return state, rows, last_eval

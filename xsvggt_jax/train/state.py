@@ -14,9 +14,12 @@ given new values with `set_hyperparams`. Only `freeze` (the parameter partition)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax.struct
 import jax
@@ -25,9 +28,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from xsvggt_jax.errors import ConfigError
+from xsvggt_jax.errors import ConfigError, InputError
+from xsvggt_jax.io.fsutil import DISK_ERRNOS
+from xsvggt_jax.train.rundir import os_error_in
 
 Array = jax.Array
+INT32_MAX = 2**31 - 1   # steps and warmup are int32 arrays in the state, as are its step counters
 
 UPSTREAM_FROZEN = ("aggregator/patch_embed", "aggregator/camera_token", "aggregator/register_token")
 
@@ -53,9 +59,11 @@ class OptimConfig:
     freeze: tuple[str, ...] = UPSTREAM_FROZEN
 
     def __post_init__(self):
-        if not self.lr > 0 or self.steps < 1 or self.warmup < 0 or not self.clip_norm > 0:
-            raise TrainConfigError(f"need lr > 0, steps >= 1, warmup >= 0, clip_norm > 0; got lr={self.lr}, "
-                                   f"steps={self.steps}, warmup={self.warmup}, clip_norm={self.clip_norm}")
+        if not (math.isfinite(self.lr) and self.lr > 0 and 1 <= self.steps <= INT32_MAX
+                and 0 <= self.warmup <= INT32_MAX and math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise TrainConfigError(f"need a finite lr > 0, 1 <= steps <= {INT32_MAX}, 0 <= warmup <= {INT32_MAX}, "
+                                   f"a finite clip_norm > 0; got lr={self.lr}, steps={self.steps}, "
+                                   f"warmup={self.warmup}, clip_norm={self.clip_norm}")
 
 
 #: OptimConfig fields held as arrays in the optimizer state (everything but `freeze`)
@@ -141,19 +149,86 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int =
                       rng=jax.random.PRNGKey(seed), data_pos=jnp.zeros((), jnp.int32))
 
 
+class CheckpointError(InputError):
+    """A checkpoint that cannot be restored (damaged, truncated, non-finite) or was not written."""
+
+
+@jax.jit
+def _all_finite(tree: Any) -> Array:
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point number in `tree` is finite (one reduction on the device)."""
+    return bool(_all_finite(tree))
+
+
+@contextlib.contextmanager
+def held_orbax_logs(drop: Callable[[BaseException], bool] = lambda e: True) -> Iterator[None]:
+    """Hold back the records orbax logs (through absl, from its writer threads too) during the block:
+    they are logged when it ends, or dropped when it raises an error for which `drop(error)` is true
+    (one that the caller reports in one line itself: orbax logs every failed thread's traceback)."""
+    logger, held = logging.getLogger("absl"), []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    except BaseException as e:
+        if drop(e):
+            held.clear()
+        raise
+    finally:
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
+
+
+def is_disk_error(e: BaseException) -> bool:
+    """A full disk, quota, read-only or permission error (`rundir.os_error_in`), also as tensorstore text."""
+    return os_error_in(e, set(DISK_ERRNOS)) is not None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
 class Checkpoints:
-    """Orbax `CheckpointManager` over `TrainState`s in `directory` (keeps the newest `keep`)."""
+    """Orbax `CheckpointManager` over `TrainState`s in `directory` (keeps the newest `keep`). Saves
+    are synchronous and refuse a non-finite state; temporaries of an interrupted save are removed
+    when the manager is opened."""
 
     def __init__(self, directory: str | Path, keep: int = 2):
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(),
-                                             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory = Path(directory).absolute()
+        with held_orbax_logs(is_disk_error):
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                                     cleanup_tmp_directories=True))
 
     def save(self, state: TrainState) -> None:
-        self.manager.save(int(state.step), args=ocp.args.StandardSave(state))
-        self.manager.wait_until_finished()
+        """Write `state` as the checkpoint of its step (and wait for it). A full disk raises the
+        writer's error without orbax's per-thread tracebacks in the log."""
+        step = int(state.step)
+        if not all_finite(state):
+            raise CheckpointError(f"not saving step {step}: the state holds non-finite numbers")
+        with held_orbax_logs(is_disk_error):
+            saved = self.manager.save(step, args=ocp.args.StandardSave(state))
+            self.manager.wait_until_finished()
+        if not saved:
+            raise CheckpointError(f"orbax did not save step {step} in {self.directory} (it holds step "
+                                  f"{self.manager.latest_step()})")
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
 
     def restore(self, like: TrainState, step: Optional[int] = None) -> TrainState:
         """The checkpoint at `step` (default: the latest) restored into the structure, dtypes and
@@ -162,5 +237,36 @@ class Checkpoints:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+    def restore_intact(self, like: TrainState) -> tuple[Optional[TrainState], list[tuple[int, str]]]:
+        """(state, damaged): the newest checkpoint that restores into `like` and holds only finite
+        numbers (None when none does), and [(step, reason)] of the newer ones that do not (truncated,
+        garbled, bit-flipped into NaN). Changes nothing on disk."""
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with held_orbax_logs():
+                    state = self.restore(like, step)
+            except Exception as e:  # orbax / tensorstore raise assorted errors for damaged files
+                if is_disk_error(e):  # unreadable (permissions), not damaged
+                    raise
+                damaged.append((step, f"cannot be read: {_first_line(e)}"))
+                continue
+            if not all_finite(state):
+                damaged.append((step, "holds non-finite numbers"))
+                continue
+            return state, damaged
+        return None, damaged
+
+    def set_aside(self, step: int, directory: Path) -> Path:
+        """Move checkpoint `step` out of the manager into `directory` (a new entry); returns its path."""
+        directory.mkdir(parents=True, exist_ok=True)
+        dest, n = directory / str(step), 1
+        while dest.exists():
+            dest, n = directory / f"{step}.{n}", n + 1
+        self.step_dir(step).rename(dest)
+        self.manager.reload()
+        return dest
+
     def close(self) -> None:
-        self.manager.close()
+        with held_orbax_logs(is_disk_error):
+            self.manager.close()
