@@ -187,3 +187,25 @@ def test_device_available_bytes_on_cpu_is_the_hosts(monkeypatch):
     assert device_available_bytes(FakeDevice("cpu", GPU_STATS)) == 7 * GB
     if jax.default_backend() == "cpu":
         assert device_available_bytes() == 7 * GB
+
+
+def test_sigterm_inside_a_finalizer_is_not_lost():
+    """A SIGTERM handled while Python runs a finalizer (as jax's GC callback is) raises Terminated
+    there, where Python ignores it: the signal is delivered again and stops the program."""
+    import signal
+    import time
+
+    from xsvggt_jax.runtime import Terminated, signals_as_interrupt
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs here, inside the finalizer
+                pass
+
+    started = time.monotonic()
+    with pytest.raises(Terminated):
+        with signals_as_interrupt():
+            Finalized()
+            time.sleep(5)
+    assert time.monotonic() - started < 4

@@ -126,10 +126,21 @@ def signals_as_interrupt(signums=(signal.SIGTERM, signal.SIGHUP)) -> Iterator[No
     def handler(signum, frame):
         raise Terminated(signum)
 
+    def unraisable(info):
+        # A signal that lands while Python runs a finalizer or a GC callback (e.g. jax's) raises
+        # Terminated there, where Python prints "Exception ignored in ..." and carries on: deliver the
+        # signal again from a helper thread, so it is raised in the main program.
+        if isinstance(info.exc_value, Terminated):
+            threading.Timer(0.05, os.kill, (os.getpid(), info.exc_value.signum)).start()
+            return
+        previous_hook(info)
+
     previous = {s: signal.signal(s, handler) for s in signums}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
 
