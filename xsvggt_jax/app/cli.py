@@ -337,25 +337,26 @@ def _reconstruct_many(args) -> Path:
     import jax
 
     from xsvggt_jax.io.frames import open_frames
+    from xsvggt_jax.io.fsutil import FsError
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.many import ClusterError, SceneListError, initialize, name_scenes, read_manifest, run_many
+    from xsvggt_jax.many.run import check_root
     from xsvggt_jax.stream.pipeline import CacheMemoryError
 
     args.offline, args.resume, args.save_state, args.keep_state = None, None, None, False
     args.devices, args.attention = None, "auto"
     _validate(args)
+    root = Path(args.out).absolute()
     try:
         initialize(args.coordinator, args.num_processes, args.process_id, auto=args.auto_cluster)
         inputs = list(args.inputs) + (read_manifest(args.manifest) if args.manifest else [])
-        scenes = name_scenes(inputs)
-    except (ClusterError, SceneListError) as e:
+        check_root(root, args.overwrite)
+        scenes = name_scenes(inputs, root)
+    except (ClusterError, SceneListError, FsError) as e:
         raise UsageError(str(e)) from e
     if args.slot_compute == "sequential" and len(jax.local_devices()) > 1:
         raise UsageError(f"--slot-compute sequential steps the slots on one device, this process has "
                          f"{len(jax.local_devices())}: use batched (or auto)")
-    root = Path(args.out).absolute()
-    if root.exists() and not root.is_dir():
-        raise UsageError(f"{root} exists and is not a directory")
     params, cfg = _model(args)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
@@ -373,13 +374,12 @@ def _reconstruct_many(args) -> Path:
         write_scene(tmp, args, source, cfg, "stream", dataclasses.asdict(cache_cfg), nq, preds, rgb, latency,
                     nbytes, cinfo, stream_timing(latency))
 
-    root.mkdir(parents=True, exist_ok=True)
     try:
         summary = run_many(scenes, root, cfg, cache_cfg, params, open_source,
                            lambda d: OutputDir(d, args.overwrite, protect=protect), finish,
                            slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet,
-                           slot_compute=args.slot_compute, query_pools=args.query_pools)
-    except CacheMemoryError as e:
+                           slot_compute=args.slot_compute, query_pools=args.query_pools, overwrite=args.overwrite)
+    except (CacheMemoryError, FsError) as e:
         raise UsageError(str(e)) from e
     if summary["failed"]:
         raise UsageError(f"{summary['failed']} of {len(summary['scenes'])} scenes failed "
