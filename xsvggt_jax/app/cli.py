@@ -586,7 +586,8 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("view", help="serve an interactive 3D view of an OUTDIR in the browser (viser)")
     v.add_argument("outdir", help="output directory written by `xsvggt reconstruct` or `xsvggt demo`")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                                                       "0.0.0.0 or :: every interface, with a warning)")
     v.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080; busy: the next free one)")
     v.add_argument("--max-points", type=int, default=300_000, help="draw at most this many points (default 300000)")
     v.add_argument("--conf-percentile", type=float,
