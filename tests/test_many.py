@@ -196,3 +196,87 @@ def test_two_processes_write_the_same_root_as_one(inputs, tmp_path):
         ours, ref = predictions(root / n), predictions(one / n)
         for k in ref:
             np.testing.assert_array_equal(ours[k], ref[k], err_msg=f"{n}: {k}")
+
+
+# ------------------------------------------------------------------------------- issue 22
+def many(params: Path, root: Path, *inputs: Path) -> list[str]:
+    return ["reconstruct-many", *map(str, inputs), "--params", str(params), "--out", str(root), "--quiet",
+            "--slots", "1"]
+
+
+def summary_of(root: Path) -> dict:
+    return {e["scene"]: e for e in json.loads((root / "summary.json").read_text())["scenes"]}
+
+
+def test_foreign_summary_is_refused_and_an_input_named_summary_json_runs_beside_ours(inputs, tmp_path, capsys):
+    """ROOT/summary.json is an output like any other: a file xsvggt did not write there is refused
+    before any work and kept; an input whose name is summary.json gets a folder of its own."""
+    params, scenes, _ = inputs
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "summary.json").write_text("my own summary")
+    err = run_error(many(params, root, scenes["s2a"]), capsys)
+    assert str(root / "summary.json") in err and "not written by xsvggt" in err, err
+    assert (root / "summary.json").read_text() == "my own summary"
+    assert sorted(p.name for p in root.iterdir()) == ["summary.json"]
+
+    named = tmp_path / "in" / "summary.json.npz"  # a scene called summary.json (the file's stem)
+    named.parent.mkdir()
+    named.write_bytes(scenes["s2a"].read_bytes())
+    root = tmp_path / "root2"
+    assert main(many(params, root, named)) == 0
+    assert (root / "summary.json").is_file() and list(summary_of(root)) == ["summary.json-2"]
+    assert predictions(root / "summary.json-2")["depth"].shape[0] == LENGTHS["s2a"]
+
+
+def test_an_input_folder_named_summary_json_is_not_named_so(tmp_path):
+    folder = tmp_path / "summary.json"
+    folder.mkdir()
+    assert [s.name for s in name_scenes([folder])] == ["summary.json-2"]
+
+
+def test_a_scene_is_its_input_not_its_name(inputs, tiny_frames, tmp_path):
+    """A scene's identity is its input (resolved path + content): adding an input whose name collides
+    keeps the earlier scene's folder (no -2/-3 shift), a completed scene is skipped only while its
+    input is unchanged, and one input reached through `..` or a symlink is one scene."""
+    params, _, _ = inputs
+    images, qp = tiny_frames
+    a, b = tmp_path / "a" / "x.npz", tmp_path / "b" / "x.npz"  # a sorts first
+    for path, frames in ((a, images[:3]), (b, images[3:5])):
+        path.parent.mkdir()
+        np.savez(path, images=frames, query_points=qp)
+    link = tmp_path / "link.npz"
+    link.symlink_to(b)
+    root = tmp_path / "root"
+    assert main(many(params, root, b)) == 0
+    assert {n: e["status"] for n, e in summary_of(root).items()} == {"x": "done"}
+    b_depth = predictions(root / "x")["depth"]
+    mtime = (root / "x" / "predictions.npz").stat().st_mtime_ns
+
+    assert main(many(params, root, a, b, tmp_path / "a" / ".." / "b" / "x.npz", link)) == 0
+    summary = summary_of(root)
+    assert {n: (e["status"], e["input"]) for n, e in summary.items()} == {
+        "x": ("skipped", str(b.resolve())), "x-2": ("done", str(a.resolve()))}
+    assert (root / "x" / "predictions.npz").stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(predictions(root / "x")["depth"], b_depth)
+    assert predictions(root / "x-2")["depth"].shape[0] == 3  # a's three frames, not b's two
+
+    np.savez(b, images=images[5:7], query_points=qp)  # b changes: its scene is run again, in its folder
+    assert main(many(params, root, a, b)) == 0
+    assert {n: e["status"] for n, e in summary_of(root).items()} == {"x": "done", "x-2": "skipped"}
+    assert not np.array_equal(predictions(root / "x")["depth"], b_depth)
+
+
+def test_a_symlink_loop_input_fails_alone(inputs, tmp_path):
+    params, scenes, _ = inputs
+    loop = tmp_path / "loop.npz"
+    loop.symlink_to(tmp_path / "other.npz")
+    (tmp_path / "other.npz").symlink_to(loop)
+    root = tmp_path / "root"
+    with pytest.raises(SystemExit) as e:
+        main(many(params, root, loop, scenes["s2a"]))
+    assert e.value.code == 2
+    summary = summary_of(root)
+    assert summary["s2a"]["status"] == "done"
+    assert summary["loop"]["status"] == "failed" and "symbolic link loop" in summary["loop"]["error"]
+    assert sorted(p.name for p in root.iterdir()) == ["s2a", "summary.json"]

@@ -371,3 +371,73 @@ def test_to_uint8_rgb():
     x = np.array([[[0.0, 1.0]], [[0.5, np.nan]], [[-1.0, 2.0]]], np.float32)  # [3, 1, 2]
     np.testing.assert_array_equal(to_uint8_rgb(x), [[[0, 128, 0], [255, 0, 255]]])
     assert to_uint8_rgb(np.zeros((4, 3, 2, 5))).shape == (4, 2, 5, 3)
+
+
+# ------------------------------------------------ 4. read-only outputs, symlink-loop inputs (issue 22)
+def _read_only(monkeypatch, folder: Path, code: int) -> None:
+    """Make `folder` behave, for this process, as on a read-only file system (EROFS: statvfs shows
+    the read-only flag and no free blocks, as a squashfs or a full read-only mount does) or as a
+    folder without write permission (EACCES): creating anything under it fails with `code` and
+    os.access(W_OK) says no. (The tests run as root, which a chmod would not stop.)"""
+    folder = folder.absolute()
+    real = {name: getattr(os, name) for name in ("mkdir", "open", "statvfs", "access")}
+
+    def inside(path) -> bool:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False  # a file descriptor
+        p = Path(os.fsdecode(path)).absolute()
+        return p == folder or folder in p.parents
+
+    def refuse(path):
+        raise OSError(code, os.strerror(code), os.fsdecode(path))
+
+    def mkdir(path, *a, **k):
+        return refuse(path) if inside(path) else real["mkdir"](path, *a, **k)
+
+    def open_(path, flags, *a, **k):
+        if inside(path) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            refuse(path)
+        return real["open"](path, flags, *a, **k)
+
+    def statvfs(path):
+        st = real["statvfs"](path)
+        if code == errno.EROFS and inside(path):
+            st = os.statvfs_result((st.f_bsize, st.f_frsize, st.f_blocks, 0, 0, st.f_files, 0, 0,
+                                    st.f_flag | os.ST_RDONLY, st.f_namemax))
+        return st
+
+    def access(path, mode, *a, **k):
+        return False if inside(path) and mode & os.W_OK else real["access"](path, mode, *a, **k)
+
+    for name, fn in (("mkdir", mkdir), ("open", open_), ("statvfs", statvfs), ("access", access)):
+        monkeypatch.setattr(os, name, fn)
+
+
+@pytest.mark.parametrize("code, words", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize("command", ["reconstruct", "reconstruct-many", "eval"])
+def test_read_only_output_is_one_line_saying_so(command, code, words, params_dir, npz, tmp_path, capsys,
+                                                monkeypatch):
+    """A read-only (or not writable) OUTDIR / ROOT: one line naming the cause, before any work, for
+    every command that writes one (reconstruct used to blame the free space, eval and reconstruct-many
+    ended in an OSError traceback)."""
+    src, ro = npz(), tmp_path / "ro"
+    ro.mkdir()
+    out = ro / "out"
+    argv = {"reconstruct": reconstruct(src, params_dir, out),
+            "reconstruct-many": ["reconstruct-many", str(src), "--params", str(params_dir), "--out", str(out),
+                                 "--quiet"],
+            "eval": ["eval", "--dataset", "procedural", "--task", "pose", "--out", str(out), "--quiet"]}[command]
+    _read_only(monkeypatch, ro, code)
+    err = run_error(argv, capsys)
+    assert words in err and str(ro) in err and "free disk space" not in err, err
+    monkeypatch.undo()
+    assert list(ro.iterdir()) == []
+
+
+def test_symlink_loop_input_is_one_line(params_dir, tmp_path, capsys):
+    loop = tmp_path / "loop.npz"
+    loop.symlink_to(tmp_path / "other.npz")
+    (tmp_path / "other.npz").symlink_to(loop)
+    err = run_error(reconstruct(loop, params_dir, tmp_path / "out"), capsys)
+    assert str(loop) in err and "symbolic link loop" in err, err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []

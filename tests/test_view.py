@@ -291,3 +291,95 @@ def test_browser_draws_the_points_and_cameras(outdir, browser):
     first_camera = tuple(int(c) for c in frame_colours(S)[0])
     assert _point_pixels(blank, first_camera) < 20
     assert _point_pixels(png, first_camera) > 50
+
+
+# ------------------------------------------------------------------------------- issue 22: addresses, empty clouds
+VIEW_DRIVER = """
+import ipaddress, socket, sys
+real = socket.getaddrinfo
+
+def getaddrinfo(host, *a, **k):  # no DNS query leaves the test: only addresses and localhost resolve
+    name = host.decode() if isinstance(host, bytes) else host
+    try:
+        ipaddress.ip_address(name or "")
+    except ValueError:
+        if name not in (None, "", "localhost"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return real(host, *a, **k)
+socket.getaddrinfo = getaddrinfo
+from xsvggt_jax.app.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_unbindable_host_is_one_error_line_within_seconds(outdir):
+    """An address this machine cannot listen on (another machine's, not an address, a name that does
+    not resolve, the empty string, which used to mean every interface) ends in one error line: no
+    hang, no thread traceback, nothing served. Only bind attempts: no traffic leaves the machine."""
+    hosts = ["8.8.8.8", "256.1.1.1", "bogus.invalid", ""]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", VIEW_DRIVER, "view", str(outdir), "--host", host, "--port", "0"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for host in hosts]
+    try:
+        for host, proc in zip(hosts, procs):
+            try:
+                out, err = proc.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                pytest.fail(f"--host {host!r}: still running after 90 s; stderr: {err[-1000:]}")
+            lines = err.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("xsvggt: error: --host"), \
+                (host, proc.returncode, err[-2000:])
+            assert "http" not in err and out == "", (host, err)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_only_a_wildcard_address_exposes_the_server_and_warns(caplog):
+    """0.0.0.0 (and :: where this machine has IPv6) listen on every interface, with a warning, and the
+    URL announced is one a browser on this machine opens; loopback addresses and names do not warn."""
+    import logging
+    import socket
+
+    from xsvggt_jax.app.listen import listen_address
+
+    with caplog.at_level(logging.WARNING):
+        assert listen_address("127.0.0.1") == "127.0.0.1"
+        assert listen_address("localhost") == "localhost"
+        assert not caplog.records
+        assert listen_address("0.0.0.0") == "127.0.0.1"
+    assert len(caplog.records) == 1 and "every" in caplog.records[0].getMessage()
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+        except OSError:
+            return
+        assert listen_address("::1") == "[::1]"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert listen_address("::") == "[::1]"
+        assert len(caplog.records) == 1 and "every" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("conf_percentile", [None, 50.0])
+def test_all_nan_depth_warns_that_no_point_is_drawn(outdir, server, caplog, conf_percentile):
+    """All-NaN depth (so a points.ply of NaN points): the cameras are still drawn, with a warning that
+    there is no point to draw; with nothing at all to draw it is an error
+    (test_nothing_finite_is_one_error_line)."""
+    import logging
+
+    with np.load(outdir / "predictions.npz") as z:
+        arrays = dict(z)
+    arrays["depth"][:] = np.nan
+    np.savez(outdir / "predictions.npz", **arrays)
+    ex.write_ply(outdir / "points.ply", np.full((4, 3), np.nan, np.float32), np.zeros((4, 3), np.uint8))
+    with caplog.at_level(logging.WARNING):
+        scene = build_scene(server, outdir, conf_percentile=conf_percentile)
+    assert len(scene.points.points) == 0 and len(scene.frustums) == S
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("no finite point" in m for m in warned), warned

@@ -307,23 +307,26 @@ def _reconstruct_many(args) -> Path:
     import jax
 
     from xsvggt_jax.io.frames import open_frames
+    from xsvggt_jax.io.fsutil import FsError
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.many import ClusterError, SceneListError, initialize, name_scenes, read_manifest, run_many
+    from xsvggt_jax.many.run import check_root
     from xsvggt_jax.stream.pipeline import CacheMemoryError
 
     args.offline, args.resume, args.save_state, args.keep_state = None, None, None, False
     args.devices, args.attention = None, "auto"
     _validate(args)
+    root = Path(args.out).absolute()
     try:
         initialize(args.coordinator, args.num_processes, args.process_id, auto=args.auto_cluster)
         inputs = list(args.inputs) + (read_manifest(args.manifest) if args.manifest else [])
-        scenes = name_scenes(inputs)
-    except (ClusterError, SceneListError) as e:
+        check_root(root, args.overwrite)
+        scenes = name_scenes(inputs, root)
+    except (ClusterError, SceneListError, FsError) as e:
         raise InputError(str(e)) from e
     if args.slot_compute == "sequential" and len(jax.local_devices()) > 1:
         raise InputError(f"--slot-compute sequential steps the slots on one device, this process has "
                          f"{len(jax.local_devices())}: use batched (or auto)")
-    root = Path(args.out).absolute()
     if root.exists() and not root.is_dir():
         raise InputError(f"{root} exists and is not a directory")
     params, cfg = load_model(args)
@@ -341,13 +344,12 @@ def _reconstruct_many(args) -> Path:
         write_scene(tmp, args, source, cfg, "stream", dataclasses.asdict(cache_cfg), nq, preds, rgb, latency,
                     nbytes, cinfo, stream_timing(latency))
 
-    root.mkdir(parents=True, exist_ok=True)
     try:
         summary = run_many(scenes, root, cfg, cache_cfg, params, open_source,
                            lambda d: OutputDir(d, args.overwrite, protect=protect), finish,
                            slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet,
-                           slot_compute=args.slot_compute, query_pools=args.query_pools)
-    except CacheMemoryError as e:
+                           slot_compute=args.slot_compute, query_pools=args.query_pools, overwrite=args.overwrite)
+    except (CacheMemoryError, FsError) as e:
         raise InputError(str(e)) from e
     if summary["failed"]:
         raise InputError(f"{summary['failed']} of {len(summary['scenes'])} scenes failed "
@@ -550,7 +552,8 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("view", help="serve an interactive 3D view of an OUTDIR in the browser (viser)")
     v.add_argument("outdir", help="output directory written by `xsvggt reconstruct` or `xsvggt demo`")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                                                       "0.0.0.0 or :: every interface, with a warning)")
     v.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080; busy: the next free one)")
     v.add_argument("--max-points", type=int, default=300_000, help="draw at most this many points (default 300000)")
     v.add_argument("--conf-percentile", type=float,

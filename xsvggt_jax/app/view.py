@@ -11,7 +11,9 @@
 - a frame slider that shows the stream up to a frame, and a point-size slider.
 
 `build_scene` fills a `viser.ViserServer` and returns at once (testable); `serve` blocks until
-Ctrl-C / SIGTERM. A directory that is not a complete xsvggt output raises `ViewError`.
+Ctrl-C / SIGTERM. A directory that is not a complete xsvggt output raises `ViewError`, and so does a
+`--host` this machine cannot listen on (`listen.listen_address`, checked before viser starts). Only
+an explicit wildcard address (0.0.0.0, ::) listens on every interface, with a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xsvggt_jax.app.listen import HostError, listen_address
 from xsvggt_jax.io.exports import invert_extrinsics, mat_to_quat_np, unproject_depth
 from xsvggt_jax.errors import InputError
 
@@ -215,6 +218,10 @@ def load_result(outdir: str | Path, max_points: int = DEFAULT_MAX_POINTS,
                  else _depth_cloud(npz, extr, intr, max_points))
     if len(cloud.xyz) == 0 and not _drawable(extr, intr).any():
         raise ViewError(f"{outdir}: nothing to show (no finite point, no camera with a finite pose and field of view)")
+    if len(cloud.xyz) == 0:
+        log.warning("%s: no finite point to draw (%s): showing the cameras only", outdir,
+                    "points.ply has none" if conf_percentile is None
+                    else "the depth has no finite value with a positive confidence")
     log.info("%s: %d frames of %dx%d, %d points", outdir, len(extr), *hw, len(cloud.xyz))
     return Result(extr, intr, hw, cloud, conf_percentile)
 
@@ -323,20 +330,24 @@ def serve(outdir: str | Path, host: str = "127.0.0.1", port: int = 8080,
           announce: Callable[[str], None] = log.info) -> None:
     """Serve OUTDIR's scene at http://host:port until Ctrl-C or SIGTERM; `announce` gets the URL.
 
-    OUTDIR is read (and ViewError raised) before a port is bound. A busy port makes viser try
-    the next ones: the URL announced is the one bound."""
+    OUTDIR is read and `host` checked (`listen.listen_address`; ViewError raised) before a port is bound. A
+    busy port makes viser try the next ones: the URL announced is the one bound."""
     import viser
 
     if not 0 <= port <= 65535:
         raise ViewError(f"--port must be in 0..65535, got {port}")
     result = load_result(outdir, max_points, conf_percentile)
+    try:
+        url_host = listen_address(host)
+    except HostError as e:
+        raise ViewError(str(e)) from e
     server = viser.ViserServer(host=host, port=port, verbose=False)
     stop = threading.Event()
     in_main = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if in_main else None
     try:
         add_result(server, result)
-        announce(f"serving {outdir} at http://{host}:{server.get_port()} (Ctrl-C to stop)")
+        announce(f"serving {outdir} at http://{url_host}:{server.get_port()} (Ctrl-C to stop)")
         stop.wait()
     except KeyboardInterrupt:
         pass

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from xsvggt_jax.io.fsutil import link_problem
 from xsvggt_jax.io.rgb import to_uint8_rgb
 from xsvggt_jax.errors import InputError
 
@@ -436,7 +437,7 @@ def open_frames(path: str | Path, *, mode: str = "crop", target: int = DEFAULT_T
     if fps is not None and stride != 1:
         raise FrameError("give either fps or stride, not both")
     if not path.exists():
-        raise FrameError(f"{path}: input not found")
+        raise FrameError(f"{path}: {link_problem(path) or 'input not found'}")
     suffix = path.suffix.lower()
     if fps is not None and not (path.is_file() and suffix in VIDEO_EXTENSIONS):
         raise FrameError(f"{path}: fps resampling applies to videos only (use stride)")

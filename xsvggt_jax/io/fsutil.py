@@ -88,13 +88,32 @@ def free_bytes(path: str | os.PathLike) -> int:
     return int(st.f_bavail * st.f_frsize)
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise FsError (`disk_error_message`'s wording) when files cannot be created in `path`, or in its
+    nearest existing parent when it does not exist yet: a read-only file system (EROFS) or no write
+    permission (EACCES). Checked before any work; nothing is written."""
+    where = existing_ancestor(Path(path))
+    code = None
+    try:
+        if os.statvfs(where).f_flag & os.ST_RDONLY:
+            code = errno.EROFS
+    except OSError:
+        pass
+    if code is None and where.is_dir() and not os.access(where, os.W_OK | os.X_OK):
+        code = errno.EACCES
+    if code is not None:
+        raise FsError(disk_error_message(OSError(code, os.strerror(code), str(where))))
+
+
 def check_free_space(needs: Mapping[Path, int], margin: float = 1.1) -> None:
-    """Raise FsError when a filesystem lacks room for what will be written to it.
+    """Raise FsError when a filesystem lacks room for what will be written to it, or cannot be
+    written at all (`check_writable`: a read-only file system reports no free space).
 
     needs: destination path -> estimated bytes; paths on one filesystem are summed.
     """
     by_device: dict[int, tuple[Path, int]] = {}
     for path, nbytes in needs.items():
+        check_writable(path)
         dev = os.stat(existing_ancestor(path)).st_dev
         first, total = by_device.get(dev, (path, 0))
         by_device[dev] = (first, total + int(nbytes))
@@ -114,7 +133,8 @@ def format_bytes(n: float) -> str:
 
 
 def disk_error_message(e: OSError) -> str | None:
-    """One line for an OSError the user can fix (full disk, quota, read-only, permissions); else None."""
+    """One line for an OSError the user can fix (full disk, quota, read-only, permissions); else None.
+    The one place that words these errors (`DISK_ERRNOS`): `check_writable` and every command use it."""
     if e.errno not in DISK_ERRNOS:
         return None
     where = f" ({e.filename})" if e.filename else ""
@@ -131,6 +151,38 @@ def chained_disk_error_message(e: BaseException) -> str | None:
             return msg
         e = e.__cause__ or e.__context__
     return None
+
+
+def write_error(e: OSError) -> FsError | None:
+    """`disk_error_message` of `e` as an FsError to raise from it, else None."""
+    msg = disk_error_message(e)
+    return None if msg is None else FsError(msg)
+
+
+# ------------------------------------------------------------------------------------ symbolic links
+def link_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` does not exist although a symbolic link is there ("a symbolic link loop", "a broken
+    symbolic link to ..."), else None."""
+    path = Path(path)
+    if not path.is_symlink() or path.exists():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop so
+        return "a symbolic link loop"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+    return f"a broken symbolic link to {os.readlink(path)}"
+
+
+def resolved(path: str | os.PathLike) -> Path:
+    """`path` made absolute with its symbolic links and `..` resolved as far as they go (a link loop
+    stays as written; never raises)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
 
 
 def preallocate(path: Path) -> None:

@@ -11,7 +11,9 @@ A run is built in a hidden staging sibling `.NAME.tmp-XXXX` (carrying an ownersh
   only the files whose names the run writes: nothing else is removed.
 
 An OUTDIR that is a symbolic link is followed: the link target is treated exactly as above (its
-foreign files are kept) and the link itself stays. A dangling link is refused.
+foreign files are kept) and the link itself stays. A dangling link (or a link loop) is refused, and so
+is an OUTDIR on a read-only file system or without write permission (`fsutil.check_writable`), before
+any work.
 
 Staging directories left by a killed run are removed by the next run into the same OUTDIR when their
 marker proves the process is dead, and named otherwise.
@@ -27,7 +29,8 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from xsvggt_jax.io.fsutil import OWNER_FILE, PRODUCER, FsError, atomic_write_json, owned_tempdir, sweep_leftovers
+from xsvggt_jax.io.fsutil import (OWNER_FILE, PRODUCER, FsError, atomic_write_json, check_writable, link_problem,
+                                  owned_tempdir, resolved, sweep_leftovers, write_error)
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +59,11 @@ class OutputDir:
     def __init__(self, path: str | os.PathLike, overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()):
         given = Path(path).absolute()
         if given.is_symlink() and not given.exists():
-            raise FsError(f"{given} is a broken symbolic link")
+            raise FsError(f"{given} is {link_problem(given)}")
         self.given = given
         self.final = given.resolve() if given.is_symlink() else given
         self.overwrite = overwrite
-        self.protect = [Path(p).resolve() for p in protect]
+        self.protect = [resolved(p) for p in protect]  # an input that is a link loop protects nothing
         self.check()
 
     # -------------------------------------------------------------------------------- checks
@@ -80,10 +83,14 @@ class OutputDir:
         return None
 
     def check(self) -> None:
-        """Refuse before any work: a file in the way, a foreign non-empty directory, an input at risk."""
+        """Refuse before any work: a file in the way, a read-only or not writable place, a foreign
+        non-empty directory, an input at risk."""
         final = self.final
         if final.exists() and not final.is_dir():
             raise FsError(f"{final} exists and is not a directory")
+        check_writable(final.parent)  # the staging sibling, and the rename that publishes it
+        if final.is_dir():
+            check_writable(final)
         if not final.is_dir() or not any(final.iterdir()):
             return
         previous = self.previous()
@@ -113,7 +120,12 @@ class OutputDir:
         for p in self.leftovers():
             log.warning("%s looks like the leftover of another xsvggt run (still running, from another host, "
                         "or not ours): not removed", p)
-        tmp = owned_tempdir(self.final.parent, f".{self.final.name}.tmp-", "staging")
+        try:
+            tmp = owned_tempdir(self.final.parent, f".{self.final.name}.tmp-", "staging")
+        except OSError as e:
+            if (err := write_error(e)) is None:
+                raise
+            raise err from e
         try:
             yield tmp
             self._publish(tmp)

@@ -1,7 +1,14 @@
-"""`reconstruct-many` end to end: this process's share of the scenes, resume, the pools, the summary."""
+"""`reconstruct-many` end to end: this process's share of the scenes, resume, the pools, the summary.
+
+ROOT/summary.json is an xsvggt output like a scene's files: it replaces only a summary xsvggt wrote
+(its "producer"), and a file of the same name that xsvggt did not write is refused before any work
+(`check_root`; replaced with --overwrite, as OUTDIR's files are).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -9,33 +16,82 @@ from typing import Callable, Sequence
 from xsvggt_jax.cache.core import CacheConfig
 from xsvggt_jax.config import ModelConfig, check_frame_size
 from xsvggt_jax.io.frames import FrameSource
-from xsvggt_jax.io.fsutil import PRODUCER, atomic_write_json
+from xsvggt_jax.io.fsutil import PRODUCER, FsError, atomic_write_json, check_writable, write_error
 from xsvggt_jax.io.outdir import OutputDir
 from xsvggt_jax.many import hosts
 from xsvggt_jax.many.driver import Finish, Job, Stats, group_pools, pool_key, resolve_modes, run_scenes
-from xsvggt_jax.many.scenes import SUMMARY, Scene, completed_report, process_share, summary_entry
+from xsvggt_jax.many.scenes import (REPORT, SUMMARY, Scene, completed_report, input_fingerprint, process_share,
+                                    record_identity, recorded_identity, summary_entry)
 
 log = logging.getLogger(__name__)
+
+
+def check_root(root: Path, overwrite: bool = False) -> None:
+    """Refuse ROOT before any work (FsError): a file in its place, a read-only file system or no write
+    permission, or a summary.json that xsvggt did not write (unless `overwrite`)."""
+    if root.exists() and not root.is_dir():
+        raise FsError(f"{root} exists and is not a directory")
+    check_writable(root)
+    check_summary(root, overwrite)
+
+
+def check_summary(root: Path, overwrite: bool = False) -> None:
+    """FsError unless ROOT/summary.json may be written: absent, a summary xsvggt wrote, or (with
+    `overwrite`) any file; never a directory."""
+    path = root / SUMMARY
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink():
+        raise FsError(f"{path} is a directory where xsvggt writes its summary; move it away")
+    if overwrite or _our_summary(path):
+        return
+    raise FsError(f"{path} already exists and was not written by xsvggt (use --overwrite to replace it, or "
+                  "move it away)")
+
+
+def _our_summary(path: Path) -> bool:
+    if path.is_symlink():
+        return False
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("producer") == PRODUCER
+
+
+def _unchanged(scene: Scene, report: dict) -> bool:
+    """Whether a finished scene's report records this very input, unchanged since."""
+    recorded = recorded_identity(report)
+    if recorded is None or recorded.get("input") != str(scene.path):
+        return False
+    try:
+        return recorded.get("fingerprint") == input_fingerprint(scene.path)
+    except FsError:
+        return False
 
 
 def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, open_source: Callable[[Path], FrameSource],
          open_out: Callable[[Path], OutputDir]) -> tuple[list[Job], list[dict]]:
     """Jobs to run and summary entries of the scenes that are not run: complete from an earlier run
-    ("skipped") or unusable ("failed": unreadable input, wrong frame size, an output directory in
-    the way). `open_source` / `open_out` raise ValueError subclasses on bad inputs / outputs."""
+    of the same, unchanged input ("skipped") or unusable ("failed": unreadable input, wrong frame size,
+    an output directory in the way). A job's scene carries its input's fingerprint. `open_source` /
+    `open_out` raise ValueError subclasses on bad inputs / outputs."""
     jobs, entries = [], []
     for scene in scenes:
         out_dir = root / scene.name
         report = completed_report(out_dir)
-        if report is not None:
+        if report is not None and _unchanged(scene, report):
             entries.append(summary_entry(scene, "skipped", report.get("frames"), report.get("total_seconds"),
                                          report.get("cache_bytes")))
             log.info("%s: complete from an earlier run, skipped", scene.name)
             continue
+        if report is not None:
+            log.info("%s: its input changed since the earlier run (or is not recorded): run again", scene.name)
         try:
             source = open_source(scene.path)
             height, width, points = pool_key(source)
             check_frame_size(cfg, height, width, tracks=points > 0)
+            scene = dataclasses.replace(scene, fingerprint=input_fingerprint(scene.path))
             jobs.append(Job(scene, source, open_out(out_dir)))
         except ValueError as e:
             entries.append(summary_entry(scene, "failed", error=str(e)))
@@ -77,9 +133,11 @@ def stats_entry(stats: Stats, process_id: int, slots: int, prefetch: int) -> dic
 def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: CacheConfig, params: dict,
              open_source: Callable[[Path], FrameSource], open_out: Callable[[Path], OutputDir], finish: Finish, *,
              slots: int = 1, prefetch: int = 4, quiet: bool = True, slot_compute: str = "auto",
-             query_pools: str = "auto") -> dict:
+             query_pools: str = "auto", overwrite: bool = False) -> dict:
     """Run this process's share of `scenes` (all of them in a single-process run) into ROOT/<scene>/
-    and write ROOT/summary.json (process 0, after every process finished). Returns the summary on
+    (each scene's report.json records its input, `scenes.IDENTITY`) and write ROOT/summary.json
+    (process 0, after every process finished; `check_summary`, FsError on a foreign one unless
+    `overwrite`, or when it cannot be written). Returns the summary on
     every process (all read the partial summaries after the barrier): {"scenes": [entry...] sorted
     by name (see `scenes.summary_entry`), "failed": int, "processes": [loop statistics...],
     "device_idle_fraction": frame-wait time / loop time over all processes}. Raises
@@ -89,13 +147,20 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
     import jax
 
     n, i = jax.process_count(), jax.process_index()
+    check_root(root, overwrite)
+    _writing(root.mkdir, parents=True, exist_ok=True)
     mine = process_share(scenes, n, i)
     log.info("process %d of %d: %d of %d scenes", i, n, len(mine), len(scenes))
     jobs, entries = plan(mine, root, cfg, open_source, open_out)
+    scene_of = {id(job.source): job.scene for job in jobs}
+
+    def finish_scene(tmp, source, *rest):
+        finish(tmp, source, *rest)
+        record_identity(tmp / REPORT, scene_of[id(source)])
     check_pool_memory(cfg, cache_cfg, jobs, slots, resolve_modes(slot_compute, query_pools, jax.local_devices())[2])
     bar = _progress(sum(job.source.num_frames for job in jobs), quiet)
     try:
-        results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish, slots=slots, prefetch=prefetch,
+        results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish_scene, slots=slots, prefetch=prefetch,
                                     progress=None if bar is None else bar.update, slot_compute=slot_compute,
                                     query_pools=query_pools)
     finally:
@@ -103,15 +168,22 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
             bar.close()
     part = {"scenes": entries + results, "processes": [stats_entry(stats, i, slots, prefetch)]}
     if n == 1:
-        return _write_summary(root, part["scenes"], part["processes"])
-    atomic_write_json(hosts.partial_path(root, i), part)
+        return _write_summary(root, part["scenes"], part["processes"], overwrite)
+    _writing(atomic_write_json, hosts.partial_path(root, i), part)
     hosts.barrier("xsvggt-reconstruct-many-partials")  # every partial summary is written
     merged = [hosts.read_partial(root, k) for k in range(n)]
     entries, processes = [e for p in merged for e in p["scenes"]], [s for p in merged for s in p["processes"]]
-    summary = _write_summary(root, entries, processes) if i == 0 else _summary(entries, processes)
+    summary, error = _summary(entries, processes), None
+    if i == 0:
+        try:
+            _write_summary(root, entries, processes, overwrite)
+        except FsError as e:  # raised after the barrier: the other processes must not wait for process 0
+            error = e
     hosts.barrier("xsvggt-reconstruct-many-summary")  # every process has read them
     if i == 0:
         hosts.remove_partials(root, n)
+    if error is not None:
+        raise error
     return summary
 
 
@@ -122,7 +194,18 @@ def _summary(entries: list[dict], processes: list[dict]) -> dict:
             "device_idle_fraction": sum(p["frame_wait_seconds"] for p in processes) / total if total else 0.0}
 
 
-def _write_summary(root: Path, entries: list[dict], processes: list[dict]) -> dict:
+def _write_summary(root: Path, entries: list[dict], processes: list[dict], overwrite: bool) -> dict:
     summary = _summary(entries, processes)
-    atomic_write_json(root / SUMMARY, summary)
+    check_summary(root, overwrite)  # again: a file may have appeared during the run
+    _writing(atomic_write_json, root / SUMMARY, summary)
     return summary
+
+
+def _writing(write: Callable, *args, **kwargs):
+    """write(*args, **kwargs), an OSError the user can fix (read-only, full disk, ...) as FsError."""
+    try:
+        return write(*args, **kwargs)
+    except OSError as e:
+        if (err := write_error(e)) is None:
+            raise
+        raise err from e
