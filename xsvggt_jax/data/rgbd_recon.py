@@ -106,7 +106,8 @@ def read_7scenes(root: str | Path, split: str = "test", kf_every: int = SEVEN_SC
     if scenes is not None and not scene_folder.holds(root):
         dirs = tuple(root / s for s in scenes)
     else:
-        dirs = scene_folder.find(root, every=True, also=f", or for {SEVEN_SCENES_FOLDER.pattern} in it (a seq-XX folder)")
+        seq_folder = f", or for {SEVEN_SCENES_FOLDER.pattern} in it (a seq-XX folder)"
+        dirs = scene_folder.find(root, every=True, also=seq_folder)
     seqs = []
     for scene_dir in dirs:
         lines = require_file(scene_dir / split_file, "7-Scenes split").read_text().split()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, SequenceFolder, indexed_loader, invert_pose,
-                   read_png16, read_rgb, require_dir, require_file, scaled_depth)
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, SequenceFolder, indexed_loader,
+                   invert_pose, read_png16, read_rgb, require_dir, require_file, scaled_depth)
 
 SCANNET_FRAMES, SCANNET_STRIDE = 90, 3
 SCANNET_INFO = DatasetInfo(name="scannet", depth_scale=1000.0, max_depth=None, tasks=("pose",),
