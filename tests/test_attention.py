@@ -7,24 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import micro_cfg, rel_err
 from xsvggt_jax.attention import kernels as A
 from xsvggt_jax.attention.kernels import (AttentionConfigError, AttentionSpec, FrameCausal, Full, KeyPrefix, attend,
                                   block_schedule, resolve_attention)
-from xsvggt_jax.config import CameraHeadConfig, DinoConfig, DPTConfig, ModelConfig
 from xsvggt_jax.nn.model import StreamVGGT, param_shapes
 
 HIGHEST = jax.lax.Precision.HIGHEST
 TOKENS = 37                   # tokens per frame: no block size below divides S * TOKENS
 QUERY_BLOCK, KEY_BLOCK = 64, 48
-
-
-def micro_config() -> ModelConfig:
-    """Smaller than tiny (cheap compiles): 2 + 2 blocks, 1-block DINOv2, one camera trunk block."""
-    return ModelConfig.tiny().replace(
-        depth=2, dino=DinoConfig(embed_dim=128, depth=1, num_heads=2),
-        camera=CameraHeadConfig(trunk_depth=1, num_heads=8, iterations=2),
-        dpt=DPTConfig(features=16, out_channels=(8, 8, 16, 16), intermediate_layer_idx=(0, 1, 1, 1)))
 
 
 def qkv(seed: int, n: int, d: int = 16):
@@ -121,7 +112,7 @@ def test_resolve_attention():
 
 def test_offline_has_no_dense_sequence_mask():
     """The offline causal forward no longer builds a [S*P, S*P] bias (traced only, not compiled)."""
-    cfg = micro_config()
+    cfg = micro_cfg()
     s, hw = 64, (28, 28)
     p = cfg.tokens_per_frame(*hw)
     n = s * p

@@ -11,8 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import xsvggt_jax.stream.step as step_mod
+from _refs import ref_quant
 from conftest import micro_cfg, micro_frames as _frames
-from test_quant import ref_quant
 from xsvggt_jax.cache.core import (QUANT_LAYOUTS, CacheConfig, LayerPlan, _empty_layers, cache_bytes, init_cache,
                               plan_layers, tree_bytes, update_layer)
 from xsvggt_jax.config import ModelConfig

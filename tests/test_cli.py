@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from _refs import OFFLINE_TRACK_SCORE_TOL, TOL, assert_ktvt_parity
+from _refs import OUTPUTS as ALL_KEYS
 from conftest import rel_err, run_error
-from test_parity import OFFLINE_TRACK_SCORE_TOL, TOL, assert_ktvt_parity
-from test_parity import OUTPUTS as ALL_KEYS
 from xsvggt_jax.app.cli import main
 from xsvggt_jax.weights.params import ParamsError, load_params
 

@@ -80,6 +80,27 @@ def _expected(raw: np.ndarray, scale: float, bad: np.ndarray) -> np.ndarray:
     return np.where(bad, 0.0, raw / scale).astype(np.float32)
 
 
+def _same(one: Sequence, ref: Sequence) -> None:
+    """`one` holds exactly the sequence `ref`: names, ground truth, every frame and depth map."""
+    assert (one.name, one.frame_ids, one.info) == (ref.name, ref.frame_ids, ref.info)
+    for field in ("intrinsics", "depth_intrinsics", "extrinsics", "pose_valid", "timestamps"):
+        a, b = getattr(one, field), getattr(ref, field)
+        assert (a is None) == (b is None), field
+        if b is not None:
+            np.testing.assert_array_equal(a, b, err_msg=field)
+    for i in range(len(ref)):
+        np.testing.assert_array_equal(one.rgb(i), ref.rgb(i))
+        if ref.load_depth is not None:
+            np.testing.assert_array_equal(one.depth(i), ref.depth(i))
+
+
+def _single(dataset: str, folder: Path, ref: Sequence, **options) -> None:
+    """`xsvggt eval FOLDER --dataset <dataset>` on one sequence folder reads that sequence alone."""
+    ds = load_dataset(dataset, folder, **options)
+    assert len(ds) == 1
+    _same(ds[0], ref)
+
+
 # ------------------------------------------------------------------------------------------ 7-Scenes
 
 def test_7scenes_test_split_keyframes_every_200(tmp_path):
@@ -108,6 +129,8 @@ def test_7scenes_test_split_keyframes_every_200(tmp_path):
     ds = read_7scenes(tmp_path)
     assert [s.name for s in ds] == ["chess/seq-02"]
     seq = ds[0]
+    _single("7scenes", scene, seq)                  # a scene folder: its test split
+    _single("7scenes", scene / "seq-02", seq)       # a sequence folder: that sequence
     assert seq.frame_ids == ("000000", "000200", "000400") and seq.depth_intrinsics is None
     _check(seq, sc, [0, 1, 2], expected, k)
     np.testing.assert_allclose(k, SEVEN_SCENES_K * [[0.1], [0.1], [1]])
@@ -165,6 +188,7 @@ def test_nrgbd_opengl_poses_and_keyframes(tmp_path):
         lines += block
     (d / "poses.txt").write_text("\n".join(lines) + "\n")
     seq = read_nrgbd(tmp_path)[0]
+    _single("nrgbd", d, seq)
     assert seq.frame_ids == ("0", "3", "6")
     np.testing.assert_array_equal(seq.pose_valid, [True, False, True])
     assert not np.isfinite(seq.extrinsics[1]).all()
@@ -211,6 +235,8 @@ def test_tum_raw_layout_association_and_stride(tmp_path):
     np.testing.assert_allclose(seq.timestamps, times, atol=1e-9)
     _check(seq, sc, [0, 1, 2], expected, k)
     assert [s.name for s in DATASETS["tum-dynamics"](tmp_path)] == [d.name]
+    _single("tum", d, seq)
+    _single("tum-dynamics", d, seq)
 
 
 def test_tum_pose_subset_is_the_first_90_at_stride_3(tmp_path):
@@ -227,6 +253,7 @@ def test_tum_pose_subset_is_the_first_90_at_stride_3(tmp_path):
     (d / "depth.txt").write_text("".join(f"{t:.3f} depth/{t:.3f}.png\n" for t in ts))
     (d / "groundtruth.txt").write_text("".join(f"{t:.3f} {t} 0 0 0 0 0 1\n" for t in ts))
     seq = read_tum(tmp_path)[0]
+    _single("tum", d, seq)
     assert len(seq) == 90
     np.testing.assert_allclose(seq.timestamps, ts[::3][:90])
     np.testing.assert_allclose(-seq.extrinsics[:, 0, 3], ts[::3][:90])  # identity rotation: t = -position
@@ -244,7 +271,9 @@ def test_tum_prepared_rgb_90_layout(tmp_path):
         raw = _depth16(d / "depth_90" / f"{f:04d}.png", sc.depth[f], 5000)
         expected.append(_expected(raw, 5000, raw == 0))
     (d / "groundtruth_90.txt").write_text("".join(_tum_line(f, _c2w(sc, f)) + "\n" for f in range(3)))
-    _check(read_tum(tmp_path)[0], sc, [0, 1, 2], expected, k)
+    seq = read_tum(tmp_path)[0]
+    _check(seq, sc, [0, 1, 2], expected, k)
+    _single("tum", d, seq)
 
 
 # -------------------------------------------------------------------------------------------- Bonn
@@ -272,6 +301,7 @@ def test_bonn_frames_30_to_140(tmp_path):
         gt.append(_tum_line(ts, _c2w(sc, f) if f is not None else np.eye(4)))
     (d / "groundtruth.txt").write_text("\n".join(gt) + "\n")
     seq = read_bonn(tmp_path, sequences=["balloon2"])[0]
+    _single("bonn", d, seq)
     assert len(seq) == 110 and seq.frame_ids[0] == f"{1000 + 30 / 30:.6f}"
     sub = [0, 55, 109]
     for n, f in zip(sub, range(3)):
@@ -310,6 +340,7 @@ def test_scannet_exported_layout_first_270_stride_3(tmp_path):
         (d / "pose").mkdir(exist_ok=True)
         np.savetxt(d / "pose" / f"{n}.txt", pose)
     seq = read_scannet(tmp_path)[0]
+    _single("scannet", d, seq)
     assert len(seq) == 90 and seq.frame_ids[:3] == ("0", "3", "6") and seq.frame_ids[-1] == "267"
     np.testing.assert_array_equal(seq.pose_valid[:3], [True, False, True])
     for n, idx, f in [(0, 0, 0), (89, 267, 2)]:
@@ -335,7 +366,9 @@ def test_scannet_prepared_color_90_layout(tmp_path):
         raw = _depth16(d / "depth_90" / f"frame_{f:04d}.png", sc.depth[f], 1000)
         expected.append(_expected(raw, 1000, raw == 0))
     (d / "pose_90.txt").write_text("".join(" ".join(map(str, _c2w(sc, f).reshape(-1))) + "\n" for f in range(3)))
-    _check(read_scannet(tmp_path)[0], sc, [0, 1, 2], expected, k, jpeg=True)
+    seq = read_scannet(tmp_path)[0]
+    _check(seq, sc, [0, 1, 2], expected, k, jpeg=True)
+    _single("scannet", d, seq)
 
 
 # ------------------------------------------------------------------------------------------ Sintel
@@ -353,6 +386,7 @@ def test_sintel_dpt_and_cam(tmp_path):
     raw = (tmp_path / "depth" / "alley_2" / "frame_0001.dpt").read_bytes()
     assert raw[:4] == b"PIEH" and int.from_bytes(raw[4:8], "little") == W and len(raw) == 12 + 4 * W * H
     seq = read_sintel(tmp_path, sequences=["alley_2"])[0]
+    _single("sintel", tmp_path / "final" / "alley_2", seq)  # the sequence's frame folder
     assert seq.frame_ids == ("frame_0001", "frame_0002", "frame_0003")
     _check(seq, sc, [0, 1, 2], list(sc.depth), k, surface_tol=1e-4)
     with pytest.raises(DataError, match="ambush_4"):
@@ -392,6 +426,7 @@ def test_kitti_gathered_layout(tmp_path):
         _kitti_k(tmp_path / "intrinsics" / f"2011_09_26_drive_0002_sync_image_{frame}_image_02.txt", k)
     seq = read_kitti(tmp_path)[0]
     assert seq.name == seq_name and seq.extrinsics is None
+    _single("kitti", tmp_path / "image_gathered" / seq_name, seq)  # the sequence's frame folder
     for n in range(3):
         np.testing.assert_array_equal(seq.rgb(n), _rgb(sc, n))
         np.testing.assert_array_equal(seq.depth(n), expected[n])
@@ -420,6 +455,32 @@ def test_kitti_flat_layout_groups_drives_and_cameras(tmp_path):
     np.testing.assert_array_equal(ds[0].rgb(1), _rgb(sc, 1))
     np.testing.assert_array_equal(ds[1].depth(0), expected[2])
     assert ds.info.depth_scale == 256
+
+
+# what each reader's "nothing found" message must name besides the folder it searched: the sequence
+# folder's marks (and the root layout's names)
+NOT_FOUND = {
+    "tum": ("rgb.txt", "rgb_90/"),
+    "tum-dynamics": ("rgbd_dataset_freiburg3_walking_xyz", "rgb.txt", "rgb_90/"),
+    "bonn": ("rgbd_bonn_balloon2", "groundtruth.txt", "rgb_110/"),
+    "scannet": ("color/", "color_90/"),
+    "sintel": ("final/", "*.png"),
+    "kitti": ("image_gathered/", "*.png", "image/"),
+    "7scenes": ("TestSplit.txt", "frame-*.color.png"),
+    "nrgbd": ("images/",),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(NOT_FOUND))
+def test_nothing_found_names_the_pattern_and_the_folder(tmp_path, dataset):
+    assert set(NOT_FOUND) == set(DATASETS) - {"procedural"}
+    (tmp_path / "notes.txt").write_text("not a dataset\n")
+    with pytest.raises(DataError) as e:
+        load_dataset(dataset, tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path}: "), msg
+    for needle in NOT_FOUND[dataset]:
+        assert needle in msg, (needle, msg)
 
 
 def test_registry_rejects_unknown_names_and_missing_folders(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from _refs import write_video as _write_video
 from conftest import REFERENCE, require_reference
 from xsvggt_jax.io import video as video_mod
 from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, load_and_preprocess_images,
@@ -274,20 +275,6 @@ def test_bad_arguments_and_types(tmp_path):
 
 
 # ---------------------------------------------------------------- video source
-
-def _write_video(path: Path, n=10, fps=10, size=(64, 48), codec="libx264"):
-    import av
-
-    # frame i is filled with grey level 20 * i so the kept indices can be read back
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p" if codec != "ffv1" else "bgr0"
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 20 * i, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
 
 
 def _indices(src):

@@ -10,11 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_error
+from conftest import micro_frames, run_error
 from xsvggt_jax.app.cli import main
+from xsvggt_jax.cache.core import CacheConfig, init_cache
+from xsvggt_jax.stream.pool import init_pool, make_pool_step
+from xsvggt_jax.stream.step import make_step
 from xsvggt_jax.weights.params import save_params
 from xsvggt_jax.many import name_scenes, process_share
 
@@ -92,6 +96,29 @@ def test_many_matches_single_runs_and_reports_bad_scenes(inputs, many_run, tmp_p
         assert files(root / name) == files(single)
         report, ref_report = (json.loads((d / "report.json").read_text()) for d in (root / name, single))
         assert report["cache_bytes"] == ref_report["cache_bytes"] and report["frames"] == ref_report["frames"]
+
+
+def test_a_short_scene_keeps_its_chunks_in_a_pool_sized_for_a_long_one(micro):
+    """The runs above cannot see an attention chunk sized to the cache's capacity: at 56x70 a 2- and a
+    7-frame cache both round up to one 2,048-slot chunk. Here chunk = 9 (one micro frame: 4 patches + 5
+    special tokens) and the 3-frame scene's own cache holds 27 slots, the pool's (sized for 40 frames)
+    360: a capacity-sized chunk would be 27 vs 360, `cache.prefix_chunk` is 9 in both. The scene's pool
+    slot (sequential, as reconstruct-many on CPU) must be bit-identical to its own run. No query
+    points: the chunks are upstream of every head, and the track head would double the compile time."""
+    cfg, params = micro
+    cc = CacheConfig(prune="none", chunk=9)
+    hw = (28, 28)
+    frames = jnp.asarray(micro_frames(3, seed=4))                                   # [3, 1, H, W, 3]
+    own, run = init_cache(cfg, cc, 1, hw, max_frames=3), make_step(cfg, cc)
+    pool = init_pool(init_cache(cfg, cc, 1, hw, max_frames=40), 2)
+    assert (own.global_kv[0].k.shape[2], pool.global_kv[0].k.shape[3]) == (27, 360)
+    pool_run = make_pool_step(cfg, cc, slot_compute="sequential")
+    other = jnp.asarray(micro_frames(3, seed=5))                   # slot 1: another scene, same pool
+    for t in range(3):
+        own, ref = run(params, own, frames[t])
+        pool, out = pool_run(params, pool, jnp.concatenate([frames[t], other[t]]))
+        for k in ref:
+            np.testing.assert_array_equal(np.asarray(out[k][:1]), np.asarray(ref[k]), err_msg=f"frame {t}: {k}")
 
 
 def test_scenes_with_different_query_counts_share_a_pool(inputs, tiny_frames, tmp_path):

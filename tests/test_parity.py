@@ -8,23 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _refs import OFFLINE_TRACK_SCORE_TOL, OUTPUTS, TOL, assert_ktvt_parity
 from conftest import nhwc as _nhwc
 from conftest import rel_err
 from xsvggt_jax.cache.core import CacheConfig, init_cache
 from xsvggt_jax.nn.dino import interpolate_pos_embed
 from xsvggt_jax.nn.model import StreamVGGT
 from xsvggt_jax.stream.step import make_step
-
-OUTPUTS = ("pts3d_in_other_view", "conf", "depth", "depth_conf", "camera_pose", "track", "vis", "track_conf")
-TOL = 1e-5  # relative error, every output and intermediate
-
-# Offline track *scores* (vis, track_conf) sit at upstream's own float32 noise floor: the tracker embeds
-# flows as sin/cos(flow * k * 1000 / C), so a 1e-7 relative change of a coordinate moves the embedding by
-# ~1e-4. Measured with the upstream PyTorch code: its float32 result differs from its own float64 result
-# by 1.1e-5 (vis) / 1.1e-5 (conf), and perturbing its input feature maps by 1e-7 changes vis by 1.3e-5.
-# No float32 implementation can match it tighter than that noise, so these two get 3e-5. Tracks
-# themselves, and every streaming output (S = 1 there, flows are exactly 0), keep 1e-5.
-OFFLINE_TRACK_SCORE_TOL = 3e-5
 
 
 def stream_outputs(cfg, cache_cfg, params, images, queries, return_aggregated: bool = False) -> dict:
@@ -54,39 +44,10 @@ def _errors(out, ref, frames=slice(None)) -> dict:
 
 
 # Quantized runs: a float difference can flip a code by one step (reference README), so they get their
-# own bounds, each <= 2x what this port measures (float32 CPU, max over outputs of the relative error):
-KTVT_TOL = 4e-5              # per-token K and V + xstream pruning, whole stream: see KTVT_NEAR_TIE_FRAME
+# own bounds, each <= 2x what this port measures (float32 CPU, max over outputs of the relative error);
+# per-token KTVT + pruning: KTVT_TOL and KTVT_NEAR_TIE_FRAME in _refs.py.
 QUANT_ONLY_KCVT_TOL = 1e-4   # per-channel K, no pruning: measured 5.0e-5 (camera_pose)
 FP16_SCALE_TOL = 5e-4        # KTVT with float16 group scales (11 significant bits): measured 3.0e-4 (camera_pose)
-
-# Per-token KTVT + pruning: the reference stream sits within float32 noise of a code flip at frame 11.
-# Frames 0-10 match it to <= 1.7e-6 (every output, each frame) on the CPU and on an H200 GPU alike; at
-# frame 11 one rounding of x / scale lands within float32 noise of a code boundary, so which code it
-# gets (and frame 11's outputs) depends on summation order. Measured, max over outputs (2026-11-26):
-#   CPU float32                          frame 11: 3.1e-5, frame 12: 4.3e-6, whole stream 6.65e-6
-#   H200 GPU float32 ("highest" matmuls: frame 11: 7.5e-5, frame 12: 6.7e-5, whole stream 1.98e-5
-#     no TF32)
-#   CPU, input frames * (1 + 1e-7 N(0,1)), 4 seeds: 3 land on the CPU's state (6.6e-6), 1 on the GPU's (1.99e-5).
-# The uncompressed stream is at 1.3e-6 (CPU) / 1.4e-6 (H200) on every frame: the flip is the code's, not
-# the port's. So frames before KTVT_NEAR_TIE_FRAME are held to TOL frame by frame (the flips measured
-# here move their frame by 3.1e-5 to 7.5e-5), and the whole stream to 2x the worst state measured
-# (KTVT_TOL = 4e-5). Before this, a whole-stream 1e-5 failed on the H200 and on a 1e-7 perturbation of
-# the input, while letting frame 11 alone sit at 3.1e-5 on the CPU.
-KTVT_NEAR_TIE_FRAME = 11
-
-
-def ktvt_errors(out, ref) -> tuple[dict, dict]:
-    """(max relative error per frame before KTVT_NEAR_TIE_FRAME, per output over the whole stream), as
-    bounded by TOL and KTVT_TOL."""
-    head = {f: max(rel_err(out[k][f], ref[k][f]) for k in OUTPUTS) for f in range(KTVT_NEAR_TIE_FRAME)}
-    return head, _errors(out, ref)
-
-
-def assert_ktvt_parity(out, ref) -> None:
-    head, whole = ktvt_errors(out, ref)
-    print("KTVT relative errors per frame before the near tie:", head, "whole stream:", whole)
-    assert max(head.values()) <= TOL, head
-    assert max(whole.values()) <= KTVT_TOL, whole
 
 
 # Per-channel groups + pruning (KCVT, KCVC, KTVC) are NOT reproducible to 1e-3 by any implementation whose

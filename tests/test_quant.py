@@ -1,6 +1,6 @@
 """Tests of xsvggt_jax.cache.quant: bit packing and upstream's group-wise fake quantization.
 
-The expected quantizer outputs come from `ref_quant`, a small independent float32 numpy
+The expected quantizer outputs come from `_refs.ref_quant`, a small independent float32 numpy
 transcription of the upstream PyTorch formula (last-axis groups, zero padding counted in min/max).
 """
 
@@ -13,40 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _refs import ref_quant
 from xsvggt_jax.cache.codec import LAYOUTS, SCALE_DTYPES, PerChannel, PerToken
 from xsvggt_jax.cache.quant import PACK_BITS, dequantize, fake_quant, pack, packed_bytes, quantize, unpack
-
-
-# ----------------------------------------------------------------------------- numpy reference
-def ref_quant_lastaxis(x: np.ndarray, bits: int, gs: int, eps: float = 1e-12):
-    """Upstream formula along the last axis, float32 throughout. Returns (dequant, q, scale, zero)
-    with q / dequant cut to x's length and scale / zero of shape [..., G]."""
-    x = np.asarray(x, np.float32)
-    L = x.shape[-1]
-    G = -(-L // gs)
-    xp = np.zeros(x.shape[:-1] + (G * gs,), np.float32)
-    xp[..., :L] = x
-    xp = xp.reshape(x.shape[:-1] + (G, gs))
-    maxq = 2**bits - 1
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        xmax = xp.max(-1, keepdims=True)
-        xmin = xp.min(-1, keepdims=True)
-        scale = np.maximum((xmax - xmin) / np.float32(maxq), np.float32(eps))
-        zero = np.round(-xmin / scale)
-        zero = np.clip(np.nan_to_num(zero, nan=0, posinf=maxq, neginf=0), 0, maxq)
-        q = np.round(xp / scale) + zero
-        q = np.clip(np.nan_to_num(q, nan=0, posinf=maxq, neginf=0), 0, maxq)
-        deq = scale * (q - zero)
-    for a in (scale, zero, q, deq):
-        assert a.dtype == np.float32
-    cut = lambda a: a.reshape(x.shape[:-1] + (G * gs,))[..., :L]
-    return cut(deq), cut(q), scale[..., 0], zero[..., 0]
-
-
-def ref_quant(x, bits, gs, axis=-1, eps=1e-12):
-    """Any axis: move it last (upstream's transpose), quantize, move back."""
-    deq, q, s, z = ref_quant_lastaxis(np.moveaxis(np.asarray(x), axis, -1), bits, gs, eps)
-    return tuple(np.moveaxis(a, -1, axis) for a in (deq, q, s, z))
 
 
 def _rng(seed=0):

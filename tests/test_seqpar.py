@@ -72,7 +72,7 @@ def _main() -> None:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from benchmarks.memory import compile_offline, peak_bytes
-    from test_attention import micro_config
+    from conftest import micro_cfg
     from xsvggt_jax.attention import kernels as A
     from xsvggt_jax.nn.model import init_params
     from xsvggt_jax.stream.sharded import DATA, SEQ, make_seq_mesh
@@ -107,7 +107,7 @@ def _main() -> None:
 
     # the offline forward, compiled once per (devices, mode) at 128 frames: peak bytes per device from
     # memory_analysis, then executed: frames sharded (ring attention) vs one device
-    cfg = micro_config()
+    cfg = micro_cfg()
     s, hw = 128, (28, 28)
     params = init_params(cfg, jax.random.PRNGKey(0))
     images = jax.random.uniform(jax.random.PRNGKey(1), (1, s, *hw, 3))

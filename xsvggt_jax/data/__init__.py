@@ -1,7 +1,9 @@
 """Evaluation / training data behind one interface (`Sequence`, `Dataset`; see `base`).
 
 `DATASETS` maps the `xsvggt eval --dataset` names to readers `reader(root, **options) -> Dataset`;
-"procedural" takes no folder (root is ignored; options: preset, num_sequences, seed, config).
+root is the dataset's folder or ONE sequence folder of it (`base.SequenceFolder`: each reader's marks
+of a sequence folder); "procedural" takes no folder (root is ignored; options: preset, num_sequences,
+seed, config).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from xsvggt_jax.data.procedural import (PRESETS, ProceduralScene, SceneConfig, m
 from xsvggt_jax.data.rgbd_recon import read_7scenes, read_nrgbd
 from xsvggt_jax.data.scannet import read_scannet
 from xsvggt_jax.data.sintel import read_sintel
-from xsvggt_jax.data.tum import TUM_DYNAMICS_SEQUENCES, read_bonn, read_tum
+from xsvggt_jax.data.tum import TUM_DYNAMICS_SEQUENCES, TUM_FOLDER, read_bonn, read_tum
 
 
 def _procedural(root: str | Path | None = None, **options) -> Dataset:
@@ -24,11 +26,13 @@ def _procedural(root: str | Path | None = None, **options) -> Dataset:
 
 
 def _tum_dynamics(root: str | Path, **options) -> Dataset:
-    """The TUM-dynamics sequences (fr3 sitting / walking) found under root."""
-    if "sequences" not in options:
+    """The TUM-dynamics sequences (fr3 sitting / walking) found under root, or root alone when it is
+    one TUM sequence folder."""
+    if "sequences" not in options and not TUM_FOLDER.holds(Path(root)):
         options["sequences"] = [s for s in TUM_DYNAMICS_SEQUENCES if (Path(root) / s).is_dir()]
         if not options["sequences"]:
-            raise DataError(f"{root}: none of the TUM-dynamics sequences {', '.join(TUM_DYNAMICS_SEQUENCES)}")
+            raise DataError(f"{root}: none of the TUM-dynamics sequences {', '.join(TUM_DYNAMICS_SEQUENCES)} "
+                            f"in it, and it is not one TUM sequence folder ({TUM_FOLDER.pattern} in it)")
     return read_tum(root, **options)
 
 

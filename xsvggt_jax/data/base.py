@@ -211,6 +211,66 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read image ({e})") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceFolder:
+    """What makes a folder one sequence of a dataset, so that every reader takes either ONE sequence
+    folder or a root of them (`find`).
+
+    dataset: the name in messages ("TUM"); marks: entries a sequence folder holds, any one suffices:
+    a file name ("rgb.txt"), a folder name with a trailing "/" ("rgb_90/") or a file glob ("*.png");
+    under: where a root keeps its sequence folders when not directly inside it (Sintel training/final/,
+    KITTI val_selection_cropped/image_gathered/; a sequence folder given alone must then sit in a folder
+    of that name, as it does in the dataset)."""
+
+    dataset: str
+    marks: tuple[str, ...]
+    under: str | None = None
+
+    @property
+    def pattern(self) -> str:
+        """The marks as one phrase: "rgb.txt or rgb_90/"."""
+        return " or ".join(self.marks)
+
+    def holds(self, path: Path) -> bool:
+        """Whether `path` is one sequence folder."""
+        if self.under is not None and path.parent.name != self.under:
+            return False
+        return path.is_dir() and any(_holds(path, m) for m in self.marks)
+
+    def inside(self, root: Path) -> Path:
+        """The folder of a root whose subfolders are its sequences."""
+        return root / self.under if self.under else root
+
+    def find(self, path: str | Path, every: bool = False, also: str = "") -> tuple[Path, ...]:
+        """(path,) when `path` is one sequence folder, else the sequence folders in `inside(path)`, sorted
+        by name (every=True: all its subfolders, each then read as a sequence and refused if it is not
+        one); when there are none, `not_found(path, also)`."""
+        path = require_dir(Path(path), self.dataset)
+        if self.holds(path):
+            return (path,)
+        inside = self.inside(path)
+        found = sorted((p for p in inside.iterdir() if p.is_dir() and (every or self.holds(p))),
+                       key=lambda p: p.name) if inside.is_dir() else []
+        if not found:
+            raise self.not_found(path, also)
+        return tuple(found)
+
+    def not_found(self, path: Path, also: str = "") -> DataError:
+        """The error for a folder that neither is a sequence folder nor holds any; `also`: other layouts
+        the reader looked for, as a phrase."""
+        where = f" (as {self.under}/<sequence>)" if self.under else ""
+        return DataError(f"{path}: no {self.dataset} sequences found: looked for {self.pattern} in {path}{where} "
+                         f"and in each folder of {self.inside(path)}{also}")
+
+
+def _holds(folder: Path, mark: str) -> bool:
+    if mark.endswith("/"):
+        return (folder / mark[:-1]).is_dir()
+    if any(c in mark for c in "*?["):
+        return any(p.is_file() for p in folder.glob(mark))
+    return (folder / mark).is_file()
+
+
 def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DataError(f"{path}: {what} folder not found")

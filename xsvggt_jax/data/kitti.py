@@ -9,7 +9,8 @@ under ROOT (= val_selection_cropped):
   intrinsics/<drive>_sync_image_<frame>_image_<cam>.txt (9 numbers, K row-major); frames are grouped
   into one sequence per <drive>_sync_<cam>, sorted by frame number.
 The gathered layout is used when present; its intrinsics are looked up in intrinsics/ (None when
-that folder lacks them). KITTI has no poses here.
+that folder lacks them). KITTI has no poses here. ONE gathered sequence is given by its image folder,
+ROOT/image_gathered/<seq> (`KITTI_FOLDER`); the flat layout has no folder per sequence.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, indexed_loader, read_png16, read_rgb, require_dir,
-                   require_file, scaled_depth)
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, SequenceFolder, indexed_loader, read_png16,
+                   read_rgb, require_dir, require_file, scaled_depth)
 
 KITTI_DEPTH_SCALE = 256.0
 KITTI_INFO = DatasetInfo(name="kitti", depth_scale=KITTI_DEPTH_SCALE, max_depth=None, tasks=("video-depth",),
                          sampling="every frame of each drive (gathered: the first 110)")
+KITTI_FOLDER = SequenceFolder("KITTI", ("*.png",), under="image_gathered")
+_FLAT_PATTERN = "image/<drive>_sync_image_<frame>_image_<cam>.png"
 _FLAT = re.compile(r"(?P<drive>.+_sync)_(?P<kind>image|groundtruth_depth)_(?P<frame>\d+)_image_(?P<cam>\d+)\.png")
 
 
@@ -61,9 +64,9 @@ def _make(seq: str, frames: list[str], rgb: list[Path], depth: list[Path], k_fil
                     load_depth=indexed_loader(depth, _kitti_depth), intrinsics=intr, extrinsics=None, info=KITTI_INFO)
 
 
-def _gathered(root: Path) -> list[Sequence]:
+def _gathered(root: Path, seq_dirs: tuple[Path, ...]) -> list[Sequence]:
     seqs = []
-    for seq_dir in sorted(p for p in (root / "image_gathered").iterdir() if p.is_dir()):
+    for seq_dir in seq_dirs:
         drive, cam = _split_seq(seq_dir.name)
         rgb = sorted(p for p in seq_dir.iterdir() if p.suffix == ".png")
         depth = [require_file(root / "groundtruth_depth_gathered" / seq_dir.name / p.name, "KITTI depth") for p in rgb]
@@ -93,10 +96,15 @@ def _flat(root: Path) -> list[Sequence]:
 
 
 def read_kitti(root: str | Path) -> Dataset:
-    """Every drive under root (gathered layout if image_gathered/ exists, else the flat one)."""
+    """root: one gathered sequence folder (image_gathered/<seq>), read alone; or val_selection_cropped:
+    every drive in it (gathered layout if image_gathered/ exists, else the flat one)."""
     root = require_dir(Path(root), "KITTI val_selection_cropped")
-    seqs = _gathered(root) if (root / "image_gathered").is_dir() else _flat(root)
+    if KITTI_FOLDER.holds(root):
+        seqs = _gathered(root.parent.parent, (root,))
+    elif KITTI_FOLDER.inside(root).is_dir():
+        seqs = _gathered(root, KITTI_FOLDER.find(root))
+    else:
+        seqs = _flat(root) if (root / "image").is_dir() else []
     if not seqs:
-        raise DataError(f"{root}: no KITTI frames (image_gathered/<seq>/*.png or "
-                        "image/<drive>_image_<frame>_image_<cam>.png)")
+        raise KITTI_FOLDER.not_found(root, also=f", or for {_FLAT_PATTERN} (the flat layout)")
     return Dataset(info=KITTI_INFO, sequences=tuple(seqs))

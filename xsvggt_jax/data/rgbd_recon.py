@@ -12,7 +12,9 @@ camera), and a warning: the raw depth is not registered to the colour frames.
 NRGBD layout: ROOT/<scene>/images/img{i}.png, depth/depth{i}.png (uint16 mm), poses.txt (4 lines
 per frame, camera-to-world in OpenGL axes; a line with "nan" marks a missing pose). Intrinsics
 fx = fy = 554.2562584220408, (cx, cy) = (320, 240) for 640x480, scaled to the stored size.
-Both: depth beyond 10 m or below 1 mm is invalid (as upstream).
+Both: depth beyond 10 m or below 1 mm is invalid (as upstream). Either reader also takes ONE sequence
+folder instead of ROOT: a 7-Scenes scene folder (its split's sequences) or seq-XX folder (that
+sequence), an NRGBD scene folder (`SEVEN_SCENES_FOLDER`, `seven_scenes_scene_folder`, `NRGBD_FOLDER`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, image_size, indexed_loader, invert_pose,
-                   read_png16, read_rgb, require_dir, require_file, scaled_depth, scaled_intrinsics)
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, SequenceFolder, image_size, indexed_loader,
+                   invert_pose, read_png16, read_rgb, require_dir, require_file, scaled_depth, scaled_intrinsics)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,14 @@ SEVEN_SCENES_INFO = DatasetInfo(name="7scenes", depth_scale=1000.0, max_depth=_F
                                 sampling=f"test split, every {SEVEN_SCENES_KF_EVERY}th frame")
 NRGBD_INFO = DatasetInfo(name="nrgbd", depth_scale=1000.0, max_depth=_FAR, tasks=("recon",),
                          sampling=f"every min({NRGBD_KF_EVERY}, S // 2)th frame")
+SEVEN_SCENES_SPLITS = {"test": "TestSplit.txt", "train": "TrainSplit.txt"}
+SEVEN_SCENES_FOLDER = SequenceFolder("7-Scenes", ("frame-*.color.png",))  # one seq-XX folder
+NRGBD_FOLDER = SequenceFolder("NRGBD", ("images/",))
+
+
+def seven_scenes_scene_folder(split_file: str) -> SequenceFolder:
+    """A 7-Scenes scene folder: it holds the split file (a root's subfolders are all read as scenes)."""
+    return SequenceFolder("7-Scenes", (split_file,))
 
 
 def _mm_depth(path: Path, invalid: int | None) -> np.ndarray:
@@ -83,22 +93,31 @@ def _read_matrix(path: Path, rows: int) -> np.ndarray:
 def read_7scenes(root: str | Path, split: str = "test", kf_every: int = SEVEN_SCENES_KF_EVERY,
                  scenes: list[str] | None = None) -> Dataset:
     """All sequences of `split` ("test": TestSplit.txt, "train": TrainSplit.txt) of every scene under
-    root (or the named `scenes`), keyframes every `kf_every` frames, in sorted scene order."""
+    root (or the named `scenes`), keyframes every `kf_every` frames, in sorted scene order. root may
+    also be one scene folder (its split's sequences) or one seq-XX folder (that sequence alone)."""
     root = require_dir(Path(root), "7-Scenes")
-    split_file = {"test": "TestSplit.txt", "train": "TrainSplit.txt"}.get(split)
+    split_file = SEVEN_SCENES_SPLITS.get(split)
     if split_file is None:
         raise DataError(f"7-Scenes split must be 'test' or 'train', got {split!r}")
-    names = scenes if scenes is not None else sorted(p.name for p in root.iterdir() if p.is_dir())
+    if SEVEN_SCENES_FOLDER.holds(root):
+        seq = _seven_scenes_sequence(root, f"{root.parent.name}/{root.name}", kf_every)
+        return Dataset(info=SEVEN_SCENES_INFO, sequences=(seq,))
+    scene_folder = seven_scenes_scene_folder(split_file)
+    if scenes is not None and not scene_folder.holds(root):
+        dirs = tuple(root / s for s in scenes)
+    else:
+        seq_folder = f", or for {SEVEN_SCENES_FOLDER.pattern} in it (a seq-XX folder)"
+        dirs = scene_folder.find(root, every=True, also=seq_folder)
     seqs = []
-    for scene in names:
-        lines = require_file(root / scene / split_file, "7-Scenes split").read_text().split()
+    for scene_dir in dirs:
+        lines = require_file(scene_dir / split_file, "7-Scenes split").read_text().split()
         for line in lines:
             digits = "".join(c for c in line if c.isdigit())
             if not digits:
-                raise DataError(f"{root / scene / split_file}: no sequence number in {line!r}")
+                raise DataError(f"{scene_dir / split_file}: no sequence number in {line!r}")
             seq = f"seq-{int(digits):02d}"
-            seqs.append(_seven_scenes_sequence(require_dir(root / scene / seq, "7-Scenes sequence"),
-                                               f"{scene}/{seq}", kf_every))
+            seqs.append(_seven_scenes_sequence(require_dir(scene_dir / seq, "7-Scenes sequence"),
+                                               f"{scene_dir.name}/{seq}", kf_every))
     if not seqs:
         raise DataError(f"{root}: no 7-Scenes sequences found")
     return Dataset(info=SEVEN_SCENES_INFO, sequences=tuple(seqs))
@@ -128,12 +147,16 @@ def gl_to_cv(c2w: np.ndarray) -> np.ndarray:
 
 
 def read_nrgbd(root: str | Path, kf_every: int = NRGBD_KF_EVERY, scenes: list[str] | None = None) -> Dataset:
-    """Every scene folder under root (or the named `scenes`), keyframes every min(kf_every, S // 2)."""
+    """Every scene folder under root (or the named `scenes`), keyframes every min(kf_every, S // 2);
+    root may also be one scene folder (holding images/), read alone."""
     root = require_dir(Path(root), "NRGBD")
-    names = scenes if scenes is not None else sorted(p.name for p in root.iterdir() if p.is_dir())
+    if scenes is not None and not NRGBD_FOLDER.holds(root):
+        dirs = tuple(root / s for s in scenes)
+    else:
+        dirs = NRGBD_FOLDER.find(root, every=True)
     seqs = []
-    for scene in names:
-        d = root / scene
+    for d in dirs:
+        scene = d.name
         num = len(list(require_dir(d / "images", "NRGBD images").iterdir()))  # upstream counts all files
         step = max(1, min(kf_every, num // 2))
         idx = list(range(num))[::step]

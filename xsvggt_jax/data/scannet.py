@@ -5,7 +5,8 @@ Exported layout: ROOT/<scene>/color/<i>.jpg, depth/<i>.png (uint16 mm, 0 invalid
 intrinsic_depth.txt (4x4, the upper-left 3x3 is K). Protocol (MonST3R's prepare_scannet, read by
 upstream's relpose eval): frames sorted by their integer name, [:270:3] (90 frames). A prepared scene
 (color_90/frame_XXXX.jpg, depth_90/, pose_90.txt: one camera-to-world matrix per line, 16 numbers)
-is read as it is; intrinsics always come from intrinsic/.
+is read as it is; intrinsics always come from intrinsic/. ONE scene folder may be given instead of ROOT
+(`SCANNET_FOLDER`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, indexed_loader, invert_pose, read_png16, read_rgb,
-                   require_dir, require_file, scaled_depth)
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, SequenceFolder, indexed_loader,
+                   invert_pose, read_png16, read_rgb, require_dir, require_file, scaled_depth)
 
 SCANNET_FRAMES, SCANNET_STRIDE = 90, 3
 SCANNET_INFO = DatasetInfo(name="scannet", depth_scale=1000.0, max_depth=None, tasks=("pose",),
                            sampling=f"frames sorted by index, [:{SCANNET_FRAMES * SCANNET_STRIDE}:{SCANNET_STRIDE}]")
+SCANNET_FOLDER = SequenceFolder("ScanNet", ("color/", "color_90/"))
 
 
 def _read_k(path: Path) -> np.ndarray:
@@ -87,11 +89,13 @@ def read_scannet_scene(scene_dir: Path, frames: int = SCANNET_FRAMES, stride: in
 
 
 def read_scannet(root: str | Path, scenes: list[str] | None = None) -> Dataset:
-    """Every scene folder under root (or the named `scenes`), sorted."""
+    """root: one scene folder (holding color/ or color_90/), read alone; or a folder of them: every
+    scene folder in it (or the named `scenes`), sorted."""
     root = require_dir(Path(root), "ScanNet")
-    if scenes is None:
-        scenes = sorted(p.name for p in root.iterdir() if (p / "color").is_dir() or (p / "color_90").is_dir())
-    seqs = tuple(read_scannet_scene(require_dir(root / s, "ScanNet scene")) for s in scenes)
-    if not seqs:
-        raise DataError(f"{root}: no ScanNet scenes (folders with color/ or color_90/)")
-    return Dataset(info=SCANNET_INFO, sequences=seqs)
+    if scenes is None or SCANNET_FOLDER.holds(root):
+        dirs = SCANNET_FOLDER.find(root)
+    else:
+        dirs = tuple(require_dir(root / s, "ScanNet scene") for s in scenes)
+    if not dirs:
+        raise DataError(f"{root}: no ScanNet scenes requested")
+    return Dataset(info=SCANNET_INFO, sequences=tuple(read_scannet_scene(d) for d in dirs))

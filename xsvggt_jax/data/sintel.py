@@ -5,6 +5,7 @@ camdata_left/<seq>/frame_0001.cam. `.dpt`: float32 TAG 202021.25, int32 width, i
 float32 depth [H, W] row-major (little endian). `.cam`: float32 TAG, float64 M [3, 3] (intrinsics),
 float64 N [3, 4] (camera-from-world [R | t], OpenCV axes; upstream's pose eval uses it as is).
 Protocol: the 14 sequences of upstream's video-depth eval (all frames, final pass); max depth 70.
+ONE sequence is given by its frame folder, training/final/<seq> (`SINTEL_FOLDER`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from xsvggt_jax.data.base import DataError, Dataset, DatasetInfo, Sequence, indexed_loader, read_rgb, require_dir, require_file
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, SequenceFolder, indexed_loader, read_rgb,
+                                  require_dir, require_file)
 
 TAG_FLOAT = np.float32(202021.25)
 SINTEL_SEQUENCES = ("alley_2", "ambush_4", "ambush_5", "ambush_6", "cave_2", "cave_4", "market_2", "market_5",
                     "market_6", "shaman_3", "sleeping_1", "sleeping_2", "temple_2", "temple_3")
 SINTEL_INFO = DatasetInfo(name="sintel", depth_scale=None, max_depth=70.0, tasks=("video-depth", "pose"),
                           sampling="14 sequences, every frame, final pass")
+SINTEL_FOLDER = SequenceFolder("Sintel", ("*.png",), under="final")
 
 
 def _check_tag(path: Path, data: bytes) -> None:
@@ -89,10 +92,15 @@ def read_sintel_sequence(root: Path, seq: str) -> Sequence:
 
 
 def read_sintel(root: str | Path, sequences: tuple[str, ...] | list[str] | None = SINTEL_SEQUENCES) -> Dataset:
-    """The protocol's 14 sequences of training/ at root (None: every sequence under final/)."""
+    """root: one sequence's frame folder (training/final/<seq>), read alone; or training/: the
+    protocol's 14 `sequences` (None: every sequence under final/)."""
     root = require_dir(Path(root), "Sintel training")
+    if SINTEL_FOLDER.holds(root):
+        return Dataset(info=SINTEL_INFO, sequences=(read_sintel_sequence(root.parent.parent, root.name),))
     if sequences is None:
-        sequences = sorted(p.name for p in require_dir(root / "final", "Sintel final").iterdir() if p.is_dir())
+        sequences = [p.name for p in SINTEL_FOLDER.find(root)]
+    elif not SINTEL_FOLDER.inside(root).is_dir():
+        raise SINTEL_FOLDER.not_found(root)
     seqs = tuple(read_sintel_sequence(root, s) for s in sequences)
     if not seqs:
         raise DataError(f"{root}: no Sintel sequences")

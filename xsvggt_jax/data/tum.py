@@ -11,6 +11,8 @@ Bonn layout: ROOT/rgbd_bonn_<name>/ as TUM. Video-depth protocol (MonST3R's prep
 rgb/ and depth/ file lists and the groundtruth.txt rows [30:140] (by index, no association), or the
 prepared rgb_110/, depth_110/, groundtruth_110.txt. Max depth 70 m.
 
+Either reader also takes ONE sequence folder instead of ROOT (`TUM_FOLDER`, `BONN_FOLDER`).
+
 Intrinsics: the published colour-camera calibration (per freiburg camera for TUM, Bonn's own),
 given for 640x480 and scaled to the stored frame size (identity for the real data).
 """
@@ -22,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from xsvggt_jax.io.exports import quat_to_mat_np
-from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, image_size, indexed_loader,
-                   invert_pose, read_png16, read_rgb, require_dir, require_file, scaled_depth,
+from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, SequenceFolder, image_size,
+                   indexed_loader, invert_pose, read_png16, read_rgb, require_dir, require_file, scaled_depth,
                    scaled_intrinsics)
 
 TUM_DEPTH_SCALE = 5000.0
@@ -42,6 +44,8 @@ TUM_INFO = DatasetInfo(name="tum", depth_scale=TUM_DEPTH_SCALE, max_depth=None, 
                        sampling=f"rgb/groundtruth associated (<{TUM_MAX_DT}s), [::{TUM_STRIDE}][:{TUM_FRAMES}]")
 BONN_INFO = DatasetInfo(name="bonn", depth_scale=TUM_DEPTH_SCALE, max_depth=70.0, tasks=("video-depth", "pose"),
                         sampling="sorted frames [30:140] (rgb_110)")
+TUM_FOLDER = SequenceFolder("TUM", ("rgb.txt", "rgb_90/"))
+BONN_FOLDER = SequenceFolder("Bonn", ("groundtruth.txt", "rgb_110/"))
 
 
 def read_file_list(path: Path) -> dict[float, list[str]]:
@@ -157,16 +161,17 @@ def read_tum_sequence(seq_dir: Path, stride: int = TUM_STRIDE, frames: int = TUM
 
 
 def read_tum(root: str | Path, sequences: list[str] | None = None) -> Dataset:
-    """Every sequence folder under root holding rgb.txt or rgb_90/ (or the named `sequences`; for
-    TUM-dynamics pass `TUM_DYNAMICS_SEQUENCES`), in sorted order."""
+    """root: one sequence folder (holding rgb.txt or rgb_90/), read alone; or a folder of them: every
+    such folder in it (or the named `sequences`; for TUM-dynamics pass `TUM_DYNAMICS_SEQUENCES`), in
+    sorted order (`sequences` applies to a folder of them only)."""
     root = require_dir(Path(root), "TUM")
-    if sequences is None:
-        sequences = sorted(p.name for p in root.iterdir()
-                           if (p / "rgb.txt").is_file() or (p / "rgb_90").is_dir())
-    seqs = tuple(read_tum_sequence(require_dir(root / s, "TUM sequence")) for s in sequences)
-    if not seqs:
-        raise DataError(f"{root}: no TUM sequences (folders with rgb.txt or rgb_90/)")
-    return Dataset(info=TUM_INFO, sequences=seqs)
+    if sequences is None or TUM_FOLDER.holds(root):
+        dirs = TUM_FOLDER.find(root)
+    else:
+        dirs = tuple(require_dir(root / s, "TUM sequence") for s in sequences)
+    if not dirs:
+        raise DataError(f"{root}: no TUM sequences requested")
+    return Dataset(info=TUM_INFO, sequences=tuple(read_tum_sequence(d) for d in dirs))
 
 
 def read_bonn_sequence(seq_dir: Path) -> Sequence:
@@ -184,9 +189,15 @@ def read_bonn_sequence(seq_dir: Path) -> Sequence:
 
 
 def read_bonn(root: str | Path, sequences: tuple[str, ...] | list[str] = BONN_SEQUENCES) -> Dataset:
-    """The protocol's sequences (rgbd_bonn_<name> folders under root)."""
+    """root: one sequence folder (holding groundtruth.txt or rgb_110/), read alone; or a folder of
+    them: the protocol's `sequences` (its rgbd_bonn_<name> folders)."""
     root = require_dir(Path(root), "Bonn")
-    seqs = tuple(read_bonn_sequence(require_dir(root / f"rgbd_bonn_{s}", "Bonn sequence")) for s in sequences)
+    if BONN_FOLDER.holds(root):
+        return Dataset(info=BONN_INFO, sequences=(read_bonn_sequence(root),))
+    dirs = [root / f"rgbd_bonn_{s}" for s in sequences]
+    if dirs and not any(d.is_dir() for d in dirs):
+        raise BONN_FOLDER.not_found(root, also=f" named {', '.join(d.name for d in dirs)}")
+    seqs = tuple(read_bonn_sequence(require_dir(d, "Bonn sequence")) for d in dirs)
     if not seqs:
         raise DataError(f"{root}: no Bonn sequences requested")
     return Dataset(info=BONN_INFO, sequences=seqs)

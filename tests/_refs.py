@@ -1,0 +1,107 @@
+"""What several test files share: independent reference implementations, parity tolerances, test data
+writers. Test files import these from here (fixtures and small helpers from conftest.py), never from
+each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from conftest import rel_err
+
+# ------------------------------------------------------------------- parity with upstream (tiny)
+OUTPUTS = ("pts3d_in_other_view", "conf", "depth", "depth_conf", "camera_pose", "track", "vis", "track_conf")
+TOL = 1e-5  # relative error, every output and intermediate
+
+# Offline track *scores* (vis, track_conf) sit at upstream's own float32 noise floor: the tracker embeds
+# flows as sin/cos(flow * k * 1000 / C), so a 1e-7 relative change of a coordinate moves the embedding by
+# ~1e-4. Measured with the upstream PyTorch code: its float32 result differs from its own float64 result
+# by 1.1e-5 (vis) / 1.1e-5 (conf), and perturbing its input feature maps by 1e-7 changes vis by 1.3e-5.
+# No float32 implementation can match it tighter than that noise, so these two get 3e-5. Tracks
+# themselves, and every streaming output (S = 1 there, flows are exactly 0), keep 1e-5.
+OFFLINE_TRACK_SCORE_TOL = 3e-5
+
+# Quantized runs: a float difference can flip a code by one step (reference README), so they get their
+# own bounds, each <= 2x what this port measures (float32 CPU, max over outputs of the relative error)
+# (the other quantized bounds are in test_parity.py):
+KTVT_TOL = 4e-5              # per-token K and V + xstream pruning, whole stream: see KTVT_NEAR_TIE_FRAME
+
+# Per-token KTVT + pruning: the reference stream sits within float32 noise of a code flip at frame 11.
+# Frames 0-10 match it to <= 1.7e-6 (every output, each frame) on the CPU and on an H200 GPU alike; at
+# frame 11 one rounding of x / scale lands within float32 noise of a code boundary, so which code it
+# gets (and frame 11's outputs) depends on summation order. Measured, max over outputs (2026-11-26):
+#   CPU float32                          frame 11: 3.1e-5, frame 12: 4.3e-6, whole stream 6.65e-6
+#   H200 GPU float32 ("highest" matmuls: frame 11: 7.5e-5, frame 12: 6.7e-5, whole stream 1.98e-5
+#     no TF32)
+#   CPU, input frames * (1 + 1e-7 N(0,1)), 4 seeds: 3 land on the CPU's state (6.6e-6), 1 on the GPU's (1.99e-5).
+# The uncompressed stream is at 1.3e-6 (CPU) / 1.4e-6 (H200) on every frame: the flip is the code's, not
+# the port's. So frames before KTVT_NEAR_TIE_FRAME are held to TOL frame by frame (the flips measured
+# here move their frame by 3.1e-5 to 7.5e-5), and the whole stream to 2x the worst state measured
+# (KTVT_TOL = 4e-5). Before this, a whole-stream 1e-5 failed on the H200 and on a 1e-7 perturbation of
+# the input, while letting frame 11 alone sit at 3.1e-5 on the CPU.
+KTVT_NEAR_TIE_FRAME = 11
+
+
+def ktvt_errors(out, ref) -> tuple[dict, dict]:
+    """(max relative error per frame before KTVT_NEAR_TIE_FRAME, per output over the whole stream), as
+    bounded by TOL and KTVT_TOL."""
+    head = {f: max(rel_err(out[k][f], ref[k][f]) for k in OUTPUTS) for f in range(KTVT_NEAR_TIE_FRAME)}
+    return head, {k: rel_err(out[k], ref[k]) for k in OUTPUTS}
+
+
+def assert_ktvt_parity(out, ref) -> None:
+    head, whole = ktvt_errors(out, ref)
+    print("KTVT relative errors per frame before the near tie:", head, "whole stream:", whole)
+    assert max(head.values()) <= TOL, head
+    assert max(whole.values()) <= KTVT_TOL, whole
+
+
+# -------------------------------------------------------------------- quantizer (numpy reference)
+def ref_quant_lastaxis(x: np.ndarray, bits: int, gs: int, eps: float = 1e-12):
+    """Upstream formula along the last axis, float32 throughout. Returns (dequant, q, scale, zero)
+    with q / dequant cut to x's length and scale / zero of shape [..., G]."""
+    x = np.asarray(x, np.float32)
+    L = x.shape[-1]
+    G = -(-L // gs)
+    xp = np.zeros(x.shape[:-1] + (G * gs,), np.float32)
+    xp[..., :L] = x
+    xp = xp.reshape(x.shape[:-1] + (G, gs))
+    maxq = 2**bits - 1
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        xmax = xp.max(-1, keepdims=True)
+        xmin = xp.min(-1, keepdims=True)
+        scale = np.maximum((xmax - xmin) / np.float32(maxq), np.float32(eps))
+        zero = np.round(-xmin / scale)
+        zero = np.clip(np.nan_to_num(zero, nan=0, posinf=maxq, neginf=0), 0, maxq)
+        q = np.round(xp / scale) + zero
+        q = np.clip(np.nan_to_num(q, nan=0, posinf=maxq, neginf=0), 0, maxq)
+        deq = scale * (q - zero)
+    for a in (scale, zero, q, deq):
+        assert a.dtype == np.float32
+    cut = lambda a: a.reshape(x.shape[:-1] + (G * gs,))[..., :L]
+    return cut(deq), cut(q), scale[..., 0], zero[..., 0]
+
+
+def ref_quant(x, bits, gs, axis=-1, eps=1e-12):
+    """Any axis: move it last (upstream's transpose), quantize, move back."""
+    deq, q, s, z = ref_quant_lastaxis(np.moveaxis(np.asarray(x), axis, -1), bits, gs, eps)
+    return tuple(np.moveaxis(a, -1, axis) for a in (deq, q, s, z))
+
+
+# ------------------------------------------------------------------------------------- test data
+def write_video(path: Path, n=10, fps=10, size=(64, 48), codec="libx264"):
+    """A small clip at `path`: frame i is filled with grey level 20 * i (so the kept indices can be
+    read back). Returns path."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p" if codec != "ffv1" else "bgr0"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 20 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
