@@ -11,7 +11,7 @@ from xsvggt_jax.data import DATASETS, DataError, load_dataset
 from xsvggt_jax.data.procedural import (PRESETS, SceneConfig, make_demo_scene, make_scene, procedural_dataset,
                                         procedural_sequence, render_frame)
 from xsvggt_jax.data.preprocess import preprocess_frame
-from xsvggt_jax.io.exports import unproject_depth
+from xsvggt_jax.geometry import unproject_depth
 
 TINY = PRESETS["tiny"]
 SMALL = SceneConfig(frames=5, height=36, width=48)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xsvggt_jax.io.exports import invert_extrinsics
+from xsvggt_jax.geometry import homogeneous, invert_extrinsics
 
 
 class DataError(ValueError):
@@ -188,11 +188,8 @@ def scaled_depth(raw: np.ndarray, scale: float, invalid: int | None = None, near
 def invert_pose(pose: np.ndarray) -> np.ndarray:
     """Rigid transforms [..., 4, 4] (or [..., 3, 4]) -> their inverses [..., 4, 4] float64;
     a non-finite input (a missing pose) stays non-finite."""
-    out = np.zeros((*pose.shape[:-2], 4, 4))
     with np.errstate(invalid="ignore", over="ignore"):
-        out[..., :3, :] = invert_extrinsics(pose[..., :3, :])
-    out[..., 3, 3] = 1.0
-    return out
+        return homogeneous(invert_extrinsics(pose))
 
 
 def scaled_intrinsics(k: np.ndarray, size: tuple[int, int], ref_size: tuple[int, int]) -> np.ndarray:

@@ -47,7 +47,7 @@ from xsvggt_jax.cache.core import CacheConfig, cache_report, init_cache
 from xsvggt_jax.config import ModelConfig, check_frame_size
 from xsvggt_jax.data.base import Dataset, Sequence
 from xsvggt_jax.data.preprocess import preprocess_frame
-from xsvggt_jax.io.exports import pose_to_extri_intri_np, unproject_depth
+from xsvggt_jax.geometry import pose_encoding_to_extri_intri, unproject_depth
 from xsvggt_jax.io.frames import FrameError, preprocess_image, preprocessed_size, resized_size
 from xsvggt_jax.runtime import peak_rss_bytes
 from xsvggt_jax.stream.step import make_step
@@ -250,7 +250,7 @@ def score(task: str, preds: Mapping[str, np.ndarray], truth: GroundTruth, protoc
         return reconstruction_metrics(preds["pts3d_in_other_view"], gt, valid, crop=crop)
     # pose
     hw = preds["depth"].shape[1:3]
-    pred_extr, _ = pose_to_extri_intri_np(preds["camera_pose"], hw)              # [S, 3, 4]
+    pred_extr, _ = pose_encoding_to_extri_intri(preds["camera_pose"], hw)         # [S, 3, 4]
     keep = truth.pose_valid
     pred_extr, gt_extr = pred_extr[keep], truth.extrinsics[keep]
     metrics = trajectory_metrics(extrinsics_to_c2w(pred_extr), extrinsics_to_c2w(gt_extr))
