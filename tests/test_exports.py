@@ -419,7 +419,7 @@ def test_write_outputs_video_times_and_colmap(tmp_path):
     from PIL import Image
 
     from test_frames import _write_video
-    from xsvggt_jax.io.frames import open_frames
+    from xsvggt_jax.io.sources import open_frames
     from xsvggt_jax.io.rgb import to_uint8_rgb as to_uint8
     from xsvggt_jax.io.outputs import ExportOptions, write_outputs
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import shutil
 import zipfile
@@ -13,8 +14,10 @@ from PIL import Image, ImageFile
 
 from conftest import REFERENCE, require_reference
 from xsvggt_jax.io import video as video_mod
-from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, load_and_preprocess_images,
-                                  open_frames, pad_frame, preprocess_image, preprocess_transform, preprocessed_size)
+from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, pad_frame, preprocess_image,
+                                  preprocess_transform, preprocessed_size)
+from xsvggt_jax.io.image_files import load_and_preprocess_images
+from xsvggt_jax.io.sources import open_frames
 from xsvggt_jax.io.rgb import to_uint8_rgb as to_uint8
 
 T = 56  # small target width for speed
@@ -483,3 +486,29 @@ def test_default_frames_info_and_npz():
                                FrameInfo("frame_000001.png", 42, 28, index=1)]
     with pytest.raises(ValueError):
         FrameSource("x", 2, 28, 42, frames_info=src.frames_info[:1])
+
+
+# ---------------------------------------------------------------- module structure
+
+def test_io_modules_import_each_other_without_a_cycle():
+    """frames (shared) <- image_files, video <- sources (open_frames): no cycle among the io modules,
+    function-level imports included (frames used to import video lazily, video imported frames)."""
+    io_dir = Path(__file__).resolve().parents[1] / "xsvggt_jax" / "io"
+    graph = {}
+    for path in io_dir.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "xsvggt_jax.io":
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("xsvggt_jax.io."):
+                deps.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("xsvggt_jax.io."))
+        graph[path.stem] = deps - {path.stem}
+    assert {"frames", "image_files", "video", "sources"} <= set(graph)
+
+    def reaches(start, target, seen=()):
+        return any(d == target or (d not in seen and reaches(d, target, (*seen, d))) for d in graph.get(start, ()))
+
+    assert [m for m in graph if reaches(m, m)] == []
+

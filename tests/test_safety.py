@@ -305,7 +305,7 @@ def test_flags_validated_before_any_work(flags, expect, params_dir, npz, tmp_pat
     def no_work(*a, **k):
         raise AssertionError("work started before the flags were checked")
     monkeypatch.setattr("xsvggt_jax.app.cli._model", no_work)
-    monkeypatch.setattr("xsvggt_jax.io.frames.open_frames", no_work)
+    monkeypatch.setattr("xsvggt_jax.io.sources.open_frames", no_work)
     out = tmp_path / "out"
     flags = [f.format(out=out) for f in flags]
     err = run_error(reconstruct(npz(), params_dir, out, *flags), capsys)

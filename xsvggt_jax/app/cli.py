@@ -228,9 +228,10 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
     import jax
 
     from xsvggt_jax.config import check_frame_size
-    from xsvggt_jax.io.frames import FrameError, open_frames
+    from xsvggt_jax.io.frames import FrameError
     from xsvggt_jax.io.fsutil import FsError, check_free_space, disk_error_message
     from xsvggt_jax.io.outdir import OutputDir
+    from xsvggt_jax.io.sources import open_frames
     from xsvggt_jax.weights.params import ParamsError
     from xsvggt_jax.io.state import StateError, check_state_dir, claim_state_dir, params_digest, release_state_dir
     from xsvggt_jax.stream.offline import run_offline
@@ -336,7 +337,7 @@ def _reconstruct_many(args) -> Path:
     """Many scenes through pools of --slots streams into ROOT/<scene>/ (see `xsvggt_jax.many`)."""
     import jax
 
-    from xsvggt_jax.io.frames import open_frames
+    from xsvggt_jax.io.sources import open_frames
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.many import ClusterError, SceneListError, initialize, name_scenes, read_manifest, run_many
     from xsvggt_jax.stream.pipeline import CacheMemoryError
