@@ -127,7 +127,7 @@ def _number(value: str) -> Any:
 # -------------------------------------------------------------------------------------------- data
 def held_out_sequences(count: int, frames: int, hw: tuple[int, int], seed: int = HELD_OUT_SEED) -> dict:
     """name -> `eval.runner.GroundTruth` of `count` procedural sequences (seeds seed, seed + 1, ...):
-    frames [S, 3, H, W], depth [S, H, W], intrinsics [S, 3, 3], extrinsics [S, 4, 4] camera-from-world."""
+    frames [S, H, W, 3], depth [S, H, W], intrinsics [S, 3, 3], extrinsics [S, 4, 4] camera-from-world."""
     from xsvggt_jax.data.procedural import SceneConfig, make_scene
     from xsvggt_jax.eval.runner import GroundTruth
 

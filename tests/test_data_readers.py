@@ -35,7 +35,7 @@ def _scene(k: np.ndarray, seed: int):
 
 
 def _rgb(sc, f: int) -> np.ndarray:
-    return np.round(sc.images[f].transpose(1, 2, 0) * 255).astype(np.uint8)
+    return np.round(sc.images[f] * 255).astype(np.uint8)
 
 
 def _c2w(sc, f: int) -> np.ndarray:
@@ -67,7 +67,7 @@ def _check(seq, sc, frames: list[int], expected_depth: list[np.ndarray], k: np.n
             assert np.abs(seq.rgb(n).astype(int) - _rgb(sc, f)).mean() < 1.5
         else:
             np.testing.assert_array_equal(seq.rgb(n), _rgb(sc, f))
-        assert seq.image(n).shape == (3, H, W)
+        assert seq.image(n).shape == (H, W, 3)
         np.testing.assert_array_equal(seq.depth(n), expected_depth[n])
         np.testing.assert_allclose(seq.extrinsics[n], np.vstack([sc.extrinsics[f], [0, 0, 0, 1]]), atol=2e-6)
         np.testing.assert_allclose(seq.intrinsics[n], k, rtol=1e-12)

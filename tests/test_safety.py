@@ -368,6 +368,6 @@ def test_persistent_compile_cache_default_on(flag, params_dir, npz, tmp_path):
 
 # --------------------------------------------------------------------------------- 10. shared helpers
 def test_to_uint8_rgb():
-    x = np.array([[[0.0, 1.0]], [[0.5, np.nan]], [[-1.0, 2.0]]], np.float32)  # [3, 1, 2]
+    x = np.array([[[0.0, 0.5, -1.0], [1.0, np.nan, 2.0]]], np.float32)  # [1, 2, 3]
     np.testing.assert_array_equal(to_uint8_rgb(x), [[[0, 128, 0], [255, 0, 255]]])
-    assert to_uint8_rgb(np.zeros((4, 3, 2, 5))).shape == (4, 2, 5, 3)
+    assert to_uint8_rgb(np.zeros((4, 2, 5, 3))).shape == (4, 2, 5, 3)

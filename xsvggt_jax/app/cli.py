@@ -407,7 +407,7 @@ def _demo(args) -> Path:
     source = SceneSource("procedural demo scene", len(scene.images), *hw, scene.query_points)
     ground_truth = lambda tmp: atomic_savez(tmp / "scene_ground_truth.npz", depth=scene.depth,
                                             extrinsics=scene.extrinsics, intrinsics=scene.intrinsics,
-                                            images=scene.images)
+                                            images=scene.images.transpose(0, 3, 1, 2))  # as an .npz input
     if args.checkpoint:
         return _reconstruct(args, source=source, extra_files=ground_truth)
     _validate(args)  # before loading the model (as _reconstruct does before its own)

@@ -2,7 +2,7 @@
 
 Conventions (all readers convert to these):
 - frames are read lazily, one at a time: `Sequence.rgb(i)` -> uint8 [H, W, 3] as stored on disk,
-  `Sequence.image(i)` -> float32 [3, H, W] in [0, 1] (rgb / 255). Resizing to the model's input
+  `Sequence.image(i)` -> float32 [H, W, 3] in [0, 1] (rgb / 255). Resizing to the model's input
   size is NOT done here: pass `Sequence.pil(i)` to `xsvggt_jax.io.frames.preprocess_image`
   (upstream's `load_and_preprocess_images`), which is what the evaluator feeds the model;
 - `intrinsics` [S, 3, 3] float64 belong to the RGB frames at their stored size, pixel (u, v) is the
@@ -93,8 +93,8 @@ class Sequence:
         return Image.fromarray(self.rgb(i), "RGB")
 
     def image(self, i: int) -> np.ndarray:
-        """Frame i as float32 [3, H, W] in [0, 1] at its stored size."""
-        return (self.rgb(i).astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1)
+        """Frame i as float32 [H, W, 3] in [0, 1] at its stored size."""
+        return self.rgb(i).astype(np.float32) / np.float32(255.0)
 
     def depth(self, i: int) -> np.ndarray:
         """Ground-truth z-depth of frame i: float32 [H', W'] metres, 0 where invalid."""
@@ -103,7 +103,7 @@ class Sequence:
         return self.load_depth(i)
 
     def images(self) -> np.ndarray:
-        """All frames: float32 [S, 3, H, W] in [0, 1] (reads every frame)."""
+        """All frames: float32 [S, H, W, 3] in [0, 1] (reads every frame)."""
         return np.stack([self.image(i) for i in range(len(self))])
 
     def depths(self) -> np.ndarray:

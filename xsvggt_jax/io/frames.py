@@ -122,7 +122,8 @@ def check_size(width: int, height: int, mode: str, target: int, name: str) -> tu
 
 def preprocess_image(pil_image: Image.Image, mode: str = "crop", target: int = DEFAULT_TARGET, *,
                      name: str = "image") -> np.ndarray:
-    """One PIL image -> float32 [3, H, W] in [0, 1], exactly as upstream preprocesses it."""
+    """One PIL image -> float32 [H, W, 3] in [0, 1], the values upstream's preprocessing gives (upstream
+    lays them out [3, H, W])."""
     check_args(mode, target)
     img = to_rgb(pil_image)
     width, height = img.size
@@ -130,24 +131,24 @@ def preprocess_image(pil_image: Image.Image, mode: str = "crop", target: int = D
     new_w, new_h = resized_size(width, height, mode, target)
     img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     # torchvision ToTensor: uint8 -> float32, divided by 255 (IEEE division, same rounding as torch)
-    arr = np.asarray(img, dtype=np.uint8).astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
     if mode == "crop" and new_h > target:
         start_y = (new_h - target) // 2
-        arr = arr[:, start_y:start_y + target, :]
+        arr = arr[start_y:start_y + target]
     if mode == "pad":
         arr = pad_frame(arr, target, target)
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def pad_frame(frame: np.ndarray, height: int, width: int, value: float = PAD_VALUE) -> np.ndarray:
-    """Pad a [3, h, w] frame to [3, height, width] with `value`, centred (extra row/column bottom/right)."""
-    h_pad, w_pad = height - frame.shape[1], width - frame.shape[2]
+    """Pad an [h, w, 3] frame to [height, width, 3] with `value`, centred (extra row/column bottom/right)."""
+    h_pad, w_pad = height - frame.shape[0], width - frame.shape[1]
     if h_pad < 0 or w_pad < 0:
-        raise ValueError(f"cannot pad a {frame.shape[1]}x{frame.shape[2]} frame to {height}x{width}")
+        raise ValueError(f"cannot pad a {frame.shape[0]}x{frame.shape[1]} frame to {height}x{width}")
     if h_pad == 0 and w_pad == 0:
         return frame
     top, left = h_pad // 2, w_pad // 2
-    return np.pad(frame, ((0, 0), (top, h_pad - top), (left, w_pad - left)),
+    return np.pad(frame, ((top, h_pad - top), (left, w_pad - left), (0, 0)),
                   mode="constant", constant_values=np.float32(value))
 
 
@@ -165,7 +166,7 @@ def harmonize_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Upstream's final step: when shapes differ, pad every frame to the max H and max W with white."""
     if not frames:
         return []
-    height, width = common_size([(f.shape[1], f.shape[2]) for f in frames])
+    height, width = common_size([f.shape[:2] for f in frames])
     return [pad_frame(f, height, width) for f in frames]
 
 
@@ -231,7 +232,8 @@ def frame_info_for(name: str, width: int, height: int, mode: str, target: int, f
 class FrameSource:
     """Lazily read frames: `.num_frames`, `.height`, `.width`, `.query_points`, `.name` and
     `.frames_info` (one `FrameInfo` per frame; by default `frame_{i:06d}.png` at the frame size, no
-    transform, no time); iterating yields float32 [3, height, width] frames, decoding one at a time.
+    transform, no time); iterating yields float32 [height, width, 3] frames in [0, 1] (NHWC, the layout the step
+    takes), decoding one at a time.
     `iter_originals()` yields each frame's original picture for exports."""
 
     def __init__(self, name: str, num_frames: int, height: int, width: int,

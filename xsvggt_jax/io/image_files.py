@@ -57,7 +57,7 @@ def _decode_image(path: Path, mode: str, target: int) -> np.ndarray:
 
 def load_and_preprocess_images(paths: Sequence[str | Path], mode: str = "crop",
                                target: int = DEFAULT_TARGET) -> np.ndarray:
-    """Upstream's function, eager: [S, 3, H, W] float32."""
+    """Upstream's function, eager: [S, H, W, 3] float32 (upstream lays it out [S, 3, H, W])."""
     if not paths:
         raise FrameError("at least one image is required")
     return np.stack(harmonize_frames([_decode_image(Path(p), mode, target) for p in paths]))
@@ -87,8 +87,8 @@ class ImageFolderSource(FrameSource):
     def __iter__(self) -> Iterator[np.ndarray]:
         for path, size in zip(self.paths, self.sizes):
             frame = _decode_image(path, self.mode, self.target)
-            if frame.shape[1:] != size:  # header lied (e.g. file changed since open_frames)
-                raise FrameError(f"{path}: decoded to {frame.shape[1]}x{frame.shape[2]}, "
+            if frame.shape[:2] != size:  # header lied (e.g. file changed since open_frames)
+                raise FrameError(f"{path}: decoded to {frame.shape[0]}x{frame.shape[1]}, "
                                  f"header said {size[0]}x{size[1]}")
             yield pad_frame(frame, self.height, self.width)
 
@@ -108,7 +108,8 @@ def _read_npy_header(f, path: Path):
 
 class NpzSource(FrameSource):
     """An `.npz` with `images` [S, 3, H, W] float in [0, 1] (already preprocessed) and optional
-    `query_points` [N, 2]. Frames are streamed out of the zip member one at a time; `open_frames`
+    `query_points` [N, 2]. Frames are streamed out of the zip member one at a time (and yielded
+    [H, W, 3] like every source's); `open_frames`
     makes one streaming pass to check every value is finite (same checks as the CLI's loader)."""
 
     def __init__(self, path: Path, stride: int = 1):
@@ -182,4 +183,4 @@ class NpzSource(FrameSource):
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for _, frame in self._raw_frames(self.stride):
-            yield frame.astype(np.float32)  # copies: frombuffer views are read-only
+            yield np.ascontiguousarray(frame.transpose(1, 2, 0), np.float32)  # a copy: frombuffer is read-only

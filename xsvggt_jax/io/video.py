@@ -141,8 +141,8 @@ class VideoSource(FrameSource):
     def __iter__(self) -> Iterator[np.ndarray]:
         for i, picture in self._decode_kept():
             out = preprocess_image(picture, self.mode, self.target, name=f"{self.path} frame {i}")
-            if out.shape[1:] != (self.height, self.width):
-                raise FrameError(f"{self.path}: frame {i} preprocesses to {out.shape[1]}x{out.shape[2]}, "
+            if out.shape[:2] != (self.height, self.width):
+                raise FrameError(f"{self.path}: frame {i} preprocesses to {out.shape[0]}x{out.shape[1]}, "
                                  f"expected {self.height}x{self.width} (frame size changed mid-video)")
             yield out
 

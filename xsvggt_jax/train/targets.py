@@ -30,13 +30,13 @@ def supervised_targets(images: np.ndarray, depth: np.ndarray, extrinsics: np.nda
                        intrinsics: np.ndarray, valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """One clip's inputs and normalised ground truth.
 
-    images [S, 3, H, W] in [0, 1]; depth [S, H, W] z-depth (<= 0 or non-finite: invalid);
+    images [S, H, W, 3] in [0, 1]; depth [S, H, W] z-depth (<= 0 or non-finite: invalid);
     extrinsics [S, 3, 4] camera-from-world; intrinsics [S, 3, 3]; valid [S, H, W] bool or None.
     Returns float32 arrays (bool for valid): images [S, H, W, 3], camera_pose [S, 9],
     depth [S, H, W, 1], pts3d_in_other_view [S, H, W, 3] (frame 0's camera coordinates), valid
     [S, H, W]; plus "scale" [] the divisor applied to translations, depths and points.
     """
-    s, _, h, w = images.shape
+    s, h, w, _ = images.shape
     depth = np.asarray(depth, np.float64)
     ok = np.isfinite(depth) & (depth > 0)
     if valid is not None:
@@ -53,7 +53,7 @@ def supervised_targets(images: np.ndarray, depth: np.ndarray, extrinsics: np.nda
     rel_scaled = rel.copy()
     rel_scaled[:, :, 3] /= scale
     return {
-        "images": np.asarray(images, np.float32).transpose(0, 2, 3, 1),
+        "images": np.asarray(images, np.float32),
         "camera_pose": extri_intri_to_pose_encoding(rel_scaled, intrinsics, (h, w)).astype(np.float32),
         "depth": (depth / scale)[..., None].astype(np.float32),
         "pts3d_in_other_view": np.where(ok[..., None], pts0 / scale, 0.0).astype(np.float32),
