@@ -117,7 +117,7 @@ def study_setting(text: str) -> Setting:
 # -------------------------------------------------------------------------------------------- data
 def held_out_sequences(count: int, frames: int, hw: tuple[int, int], seed: int = HELD_OUT_SEED) -> dict:
     """name -> `eval.runner.GroundTruth` of `count` procedural sequences (seeds seed, seed + 1, ...):
-    frames [S, 3, H, W], depth [S, H, W], intrinsics [S, 3, 3], extrinsics [S, 4, 4] camera-from-world."""
+    frames [S, H, W, 3], depth [S, H, W], intrinsics [S, 3, 3], extrinsics [S, 4, 4] camera-from-world."""
     from xsvggt_jax.data.procedural import SceneConfig, make_scene
     from xsvggt_jax.eval.runner import GroundTruth
 
@@ -157,7 +157,7 @@ def sequence_metrics(preds: dict, truth, ref: dict, every: int, stride: int) -> 
     from xsvggt_jax.eval.pointcloud import world_to_camera
     from xsvggt_jax.eval.pose import extrinsics_to_c2w, trajectory_metrics
     from xsvggt_jax.eval.runner import score
-    from xsvggt_jax.io.exports import pose_to_extri_intri_np, unproject_depth
+    from xsvggt_jax.geometry import pose_encoding_to_extri_intri, unproject_depth
 
     out = {}
     depth = score("video-depth", preds, truth, DepthProtocol())
@@ -171,7 +171,7 @@ def sequence_metrics(preds: dict, truth, ref: dict, every: int, stride: int) -> 
     d = evaluate_depth(preds["depth"][..., 0], ref["depth"][..., 0], align="scale")
     out["abs_rel_ref"], out["delta_1.25_ref"] = d["abs_rel"], d["delta_1.25"]
     hw = preds["depth"].shape[1:3]
-    c2w = lambda p: extrinsics_to_c2w(pose_to_extri_intri_np(p["camera_pose"], hw)[0])
+    c2w = lambda p: extrinsics_to_c2w(pose_encoding_to_extri_intri(p["camera_pose"], hw)[0])
     out["ate_ref"] = trajectory_metrics(c2w(preds), c2w(ref))["ate"]
     ref_pts = _sampled(ref["pts3d_in_other_view"], every, stride)
     cloud = _cloud_metrics(pts, ref_pts, np.isfinite(ref_pts).all(-1))

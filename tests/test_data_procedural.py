@@ -11,7 +11,7 @@ from xsvggt_jax.data import DATASETS, DataError, load_dataset
 from xsvggt_jax.data.procedural import (PRESETS, SceneConfig, make_demo_scene, make_scene, procedural_dataset,
                                         procedural_sequence, render_frame)
 from xsvggt_jax.data.preprocess import preprocess_frame
-from xsvggt_jax.io.exports import unproject_depth
+from xsvggt_jax.geometry import unproject_depth
 
 TINY = PRESETS["tiny"]
 SMALL = SceneConfig(frames=5, height=36, width=48)
@@ -77,7 +77,7 @@ def test_poses_are_proper_rotations_inside_the_room(small_scene):
 
 def test_demo_preset_shapes_and_dtypes():
     sc = make_demo_scene(frames=2, height=28, width=42, num_queries=5)
-    assert sc.images.shape == (2, 3, 28, 42) and sc.images.dtype == np.float32
+    assert sc.images.shape == (2, 28, 42, 3) and sc.images.dtype == np.float32
     assert sc.depth.shape == (2, 28, 42) and sc.depth.dtype == np.float32
     assert sc.extrinsics.shape == (2, 3, 4) and sc.extrinsics.dtype == np.float32
     assert sc.intrinsics.shape == (2, 3, 3) and sc.intrinsics.dtype == np.float32
@@ -91,7 +91,7 @@ def test_demo_preset_shapes_and_dtypes():
 def test_textures_give_distinct_colours_per_surface(small_scene):
     # every frame shows several surfaces, each textured (not flat): many distinct colours
     for img in small_scene.images:
-        colours = np.unique(np.round(img.reshape(3, -1).T * 255).astype(int), axis=0)
+        colours = np.unique(np.round(img.reshape(-1, 3) * 255).astype(int), axis=0)
         assert len(colours) > 200
     means = [small_scene.world.colours[s].mean(0) for s in range(len(small_scene.world.colours))]
     assert len(np.unique(np.round(np.array(means), 3), axis=0)) == len(means)
@@ -141,13 +141,13 @@ def test_preprocessed_ground_truth_matches_a_render_at_the_new_camera(mode, widt
     world, extr = scene.world, scene.extrinsics.astype(np.float64)
     for i in range(2):
         image, depth, k = preprocess_frame(seq, i, mode, target=42)
-        assert image.shape == (3, 42, 42) and depth.shape == (42, 42)
+        assert image.shape == (42, 42, 3) and depth.shape == (42, 42)
         _, direct = render_frame(world, extr[i], k, 42, 42)
         valid = depth > 0
         np.testing.assert_allclose(depth[valid], direct[valid], rtol=1e-5)
         if mode == "pad":  # 28 columns of picture, 7 padded on each side
             assert not valid[:, :7].any() and not valid[:, -7:].any() and valid[:, 7:-7].all()
-            assert (image[:, :, :7] == 1).all()
+            assert (image[:, :7] == 1).all()
         else:  # 56 rows resized, 7 cropped at the top and the bottom: every pixel valid
             assert valid.all()
             np.testing.assert_allclose(k[1, 2], (scene.intrinsics[i, 1, 2] + 0.5) / 3 - 0.5 - 7, rtol=1e-6)

@@ -20,7 +20,7 @@ from xsvggt_jax.data.rgbd_recon import NRGBD_K, SEVEN_SCENES_K, read_7scenes, re
 from xsvggt_jax.data.scannet import read_scannet
 from xsvggt_jax.data.sintel import read_dpt, read_sintel, write_cam, write_dpt
 from xsvggt_jax.data.tum import BONN_INTRINSICS, TUM_INTRINSICS, associate, read_bonn, read_tum
-from xsvggt_jax.io.exports import mat_to_quat_np, unproject_depth
+from xsvggt_jax.geometry import mat_to_quat, unproject_depth
 
 W, H = 64, 48  # 640x480 cameras scaled by 1/10
 CONFIG = SceneConfig(frames=3, height=H, width=W, num_boxes=2, num_spheres=1)
@@ -35,7 +35,7 @@ def _scene(k: np.ndarray, seed: int):
 
 
 def _rgb(sc, f: int) -> np.ndarray:
-    return np.round(sc.images[f].transpose(1, 2, 0) * 255).astype(np.uint8)
+    return np.round(sc.images[f] * 255).astype(np.uint8)
 
 
 def _c2w(sc, f: int) -> np.ndarray:
@@ -55,7 +55,7 @@ def _depth16(path: Path, depth: np.ndarray, scale: float) -> np.ndarray:
 
 
 def _tum_line(ts: float, c2w: np.ndarray) -> str:
-    q = mat_to_quat_np(c2w[:3, :3])
+    q = mat_to_quat(c2w[:3, :3])
     return f"{ts:.6f} " + " ".join(f"{v:.10f}" for v in (*c2w[:3, 3], *q))
 
 
@@ -67,7 +67,7 @@ def _check(seq, sc, frames: list[int], expected_depth: list[np.ndarray], k: np.n
             assert np.abs(seq.rgb(n).astype(int) - _rgb(sc, f)).mean() < 1.5
         else:
             np.testing.assert_array_equal(seq.rgb(n), _rgb(sc, f))
-        assert seq.image(n).shape == (3, H, W)
+        assert seq.image(n).shape == (H, W, 3)
         np.testing.assert_array_equal(seq.depth(n), expected_depth[n])
         np.testing.assert_allclose(seq.extrinsics[n], np.vstack([sc.extrinsics[f], [0, 0, 0, 1]]), atol=2e-6)
         np.testing.assert_allclose(seq.intrinsics[n], k, rtol=1e-12)

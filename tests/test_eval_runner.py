@@ -42,7 +42,8 @@ def params_dir(tmp_path_factory, tiny_params, tiny_cfg) -> Path:
 def evaluated(tmp_path_factory, dataset, params_dir, tiny_params, tiny_cfg):
     """(recon EvalResults with predictions, reconstruct's predictions.npz of sequence 0)."""
     work = tmp_path_factory.mktemp("reconstruct")
-    np.savez(work / "frames.npz", images=dataset[0].images())  # 56x70: preprocessing at 70 px is the identity
+    # 56x70: preprocessing at 70 px is the identity; an .npz input holds [S, 3, H, W]
+    np.savez(work / "frames.npz", images=dataset[0].images().transpose(0, 3, 1, 2))
     proc = subprocess.Popen([sys.executable, "-m", "xsvggt_jax.app.cli", "reconstruct", str(work / "frames.npz"),
                              "--params", str(params_dir), "--out", str(work / "out"), "--quiet"],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -3,157 +3,26 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pycolmap
 import pytest
 
+from test_geometry import HARD_ROTATIONS, H, W, _extr_from, _random_poses, _rot_axis_angle
+from xsvggt_jax.geometry import pose_encoding_to_extri_intri, quat_to_mat
 from xsvggt_jax.io.fsutil import atomic_write
 from xsvggt_jax.io import colmap as C
 from xsvggt_jax.io import exports as E
 from xsvggt_jax.io import plots as P
 from xsvggt_jax.io.frames import FrameInfo
 
-H, W = 12, 16
-
-
-def _rot_axis_angle(axis, angle) -> np.ndarray:
-    axis = np.asarray(axis, np.float64)
-    axis = axis / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * (k @ k)
-
-
-def _random_poses(rng, s: int) -> np.ndarray:
-    """Pose encodings [s, 9]: translation, un-normalised quaternion xyzw, fov h, w."""
-    t = rng.normal(size=(s, 3))
-    q = rng.normal(size=(s, 4))
-    fov = rng.uniform(0.6, 1.6, size=(s, 2))
-    return np.concatenate([t, q, fov], 1)
-
-
-def _extr_from(rot: np.ndarray, center: np.ndarray) -> np.ndarray:
-    """Camera-from-world [R | -R c] for a camera at world position c."""
-    return np.concatenate([rot, -(rot @ center)[:, None]], 1)
-
-
-# 180-degree rotations (w = 0) and other awkward cases for quaternion extraction
-HARD_ROTATIONS = [
-    np.eye(3),
-    np.diag([1.0, -1.0, -1.0]),
-    np.diag([-1.0, 1.0, -1.0]),
-    np.diag([-1.0, -1.0, 1.0]),
-    _rot_axis_angle([1, 1, 0], math.pi),
-    _rot_axis_angle([0.2, -0.5, 1.0], math.pi),
-    _rot_axis_angle([0.3, 0.4, -0.1], math.pi - 1e-7),
-    _rot_axis_angle([1, 2, 3], 1e-9),
-]
-
 
 def _tmp_leftovers(d: Path) -> list[str]:
     return [p.name for p in d.iterdir() if p.name.endswith(".tmp")]
 
 
-# ---------------------------------------------------------------------------- cameras
-
-
-def test_pose_np_matches_jax():
-    import jax.numpy as jnp
-
-    from xsvggt_jax.geometry import pose_encoding_to_extri_intri
-
-    pose = _random_poses(np.random.default_rng(0), 7).astype(np.float32)
-    extr, intr = E.pose_to_extri_intri_np(pose, (H, W))
-    extr_j, intr_j = pose_encoding_to_extri_intri(jnp.asarray(pose), (H, W))
-    assert extr.shape == (7, 3, 4) and intr.shape == (7, 3, 3)
-    np.testing.assert_allclose(extr, np.asarray(extr_j), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(intr, np.asarray(intr_j), rtol=1e-6, atol=1e-6)
-    # rotations are orthonormal even for an un-normalised quaternion
-    rot = extr[:, :, :3]
-    np.testing.assert_allclose(rot @ np.swapaxes(rot, 1, 2), np.broadcast_to(np.eye(3), rot.shape),
-                               atol=1e-12)
-
-
-def test_intrinsics_from_fov():
-    pose = np.array([[0, 0, 0, 0, 0, 0, 1, math.pi / 2, 2 * math.atan(0.5)]])
-    _, intr = E.pose_to_extri_intri_np(pose, (H, W))
-    np.testing.assert_allclose(intr[0], [[W, 0, W / 2], [0, H / 2, H / 2], [0, 0, 1]], atol=1e-12)
-
-
-@pytest.mark.parametrize("rot", HARD_ROTATIONS + [
-    E.quat_to_mat_np(q) for q in np.random.default_rng(1).normal(size=(20, 4))])
-def test_mat_to_quat_round_trip(rot):
-    q = E.mat_to_quat_np(rot)
-    assert q.shape == (4,)
-    assert abs(np.linalg.norm(q) - 1) < 1e-12
-    assert q[3] >= 0
-    np.testing.assert_allclose(E.quat_to_mat_np(q), rot, atol=1e-9)
-
-
-def test_mat_to_quat_batched():
-    qs = np.random.default_rng(2).normal(size=(3, 5, 4))
-    qs /= np.linalg.norm(qs, axis=-1, keepdims=True)
-    qs *= np.where(qs[..., 3:] < 0, -1, 1)
-    np.testing.assert_allclose(E.mat_to_quat_np(E.quat_to_mat_np(qs)), qs, atol=1e-12)
-
-
 # ---------------------------------------------------------------------------- points
-
-
-def test_unproject_fronto_parallel_plane():
-    """Identity-rotation camera at c, plane z = c_z + 5: every pixel has depth 5."""
-    c = np.array([1.0, 2.0, 3.0])
-    extr = _extr_from(np.eye(3), c)[None]
-    fx, fy = 20.0, 18.0
-    intr = np.array([[[fx, 0, W / 2], [0, fy, H / 2], [0, 0, 1]]])
-    depth = np.full((1, H, W, 1), 5.0, np.float32)
-    pts = E.unproject_depth(depth, extr, intr)
-    assert pts.shape == (1, H, W, 3) and pts.dtype == np.float32
-    y, x = np.mgrid[0:H, 0:W].astype(np.float64)  # pixel index, no +0.5 (as VGGT)
-    want = np.stack([c[0] + 5 * (x - W / 2) / fx, c[1] + 5 * (y - H / 2) / fy,
-                     np.full_like(x, c[2] + 5)], -1)
-    np.testing.assert_allclose(pts[0], want, atol=1e-5)
-    # the principal point pixel lies on the optical axis
-    np.testing.assert_allclose(pts[0, H // 2, W // 2], c + [0, 0, 5], atol=1e-6)
-
-
-def test_unproject_tilted_plane_general_camera():
-    """Rotated cameras looking at the plane n.X = d0: depths by ray casting, points must lie on
-    the plane and reproject to their own pixel."""
-    rng = np.random.default_rng(3)
-    n, d0 = np.array([0.1, -0.2, 1.0]) / np.linalg.norm([0.1, -0.2, 1.0]), 4.0
-    s = 3
-    rots = np.stack([_rot_axis_angle(rng.normal(size=3), 0.3 * rng.uniform()) for _ in range(s)])
-    centers = rng.normal(scale=0.3, size=(s, 3))
-    extr = np.stack([_extr_from(r, c) for r, c in zip(rots, centers)])
-    intr = np.array([[[22.0, 0, W / 2], [0, 21.0, H / 2], [0, 0, 1]]] * s)
-    y, x = np.mgrid[0:H, 0:W].astype(np.float64)
-    pix = np.stack([x, y, np.ones_like(x)], -1)
-    depth = np.empty((s, H, W, 1))
-    for i in range(s):
-        ray_cam = pix @ np.linalg.inv(intr[i]).T  # z = 1 in camera, so lambda is the depth
-        ray_world = ray_cam @ rots[i]  # R^T r as row vectors
-        depth[i, ..., 0] = (d0 - n @ centers[i]) / (ray_world @ n)
-    assert (depth > 0).all()
-    pts = E.unproject_depth(depth, extr, intr).astype(np.float64)
-    np.testing.assert_allclose(pts @ n, d0, atol=1e-5)
-    cam = np.einsum("sij,shwj->shwi", extr[:, :, :3], pts) + extr[:, None, None, :, 3]
-    np.testing.assert_allclose(cam[..., 2], depth[..., 0], rtol=1e-5)
-    proj = np.einsum("sij,shwj->shwi", intr, cam)
-    want_pix = np.broadcast_to(pix[..., :2], (s, H, W, 2))
-    np.testing.assert_allclose(proj[..., :2] / proj[..., 2:], want_pix, atol=1e-4)
-
-
-def test_unproject_accepts_squeezed_depth_and_checks_shapes():
-    extr = np.tile(_extr_from(np.eye(3), np.zeros(3)), (2, 1, 1))
-    intr = np.tile(np.array([[10.0, 0, 8], [0, 10, 6], [0, 0, 1]]), (2, 1, 1))
-    d = np.ones((2, H, W), np.float32)
-    np.testing.assert_array_equal(E.unproject_depth(d, extr, intr),
-                                  E.unproject_depth(d[..., None], extr, intr))
-    with pytest.raises(ValueError):
-        E.unproject_depth(d[:1], extr, intr)
 
 
 def test_select_points_percentile_and_filters():
@@ -228,7 +97,7 @@ def _parse_tum(path: Path):
 
 def test_write_tum_round_trip(tmp_path):
     rng = np.random.default_rng(6)
-    extr_rand, _ = E.pose_to_extri_intri_np(_random_poses(rng, 5), (H, W))
+    extr_rand, _ = pose_encoding_to_extri_intri(_random_poses(rng, 5), (H, W))
     extr_hard = np.stack([_extr_from(r, rng.normal(size=3)) for r in HARD_ROTATIONS])
     extr = np.concatenate([extr_rand, extr_hard])
     out = E.write_tum(tmp_path / "traj.txt", extr)
@@ -236,7 +105,7 @@ def test_write_tum_round_trip(tmp_path):
     np.testing.assert_array_equal(ts, np.arange(len(extr), dtype=np.float64))
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-8)
     assert (q[:, 3] >= 0).all()
-    rot_wc = E.quat_to_mat_np(q)
+    rot_wc = quat_to_mat(q)
     rot_cw = extr[:, :, :3]
     np.testing.assert_allclose(rot_wc, np.swapaxes(rot_cw, 1, 2), atol=1e-5)
     np.testing.assert_allclose(t, -np.einsum("sji,sj->si", rot_cw, extr[:, :, 3]), atol=1e-5)
@@ -259,7 +128,7 @@ SIZES = [(W, H)] * 4
 def _colmap_inputs():
     rng = np.random.default_rng(7)
     s = 4
-    extr, intr = E.pose_to_extri_intri_np(_random_poses(rng, s), (H, W))
+    extr, intr = pose_encoding_to_extri_intri(_random_poses(rng, s), (H, W))
     extr[-1] = _extr_from(np.diag([-1.0, 1.0, -1.0]), rng.normal(size=3))  # 180-degree case
     xyz = rng.normal(size=(30, 3)).astype(np.float32)
     rgb = rng.integers(0, 256, size=(30, 3)).astype(np.uint8)
@@ -328,7 +197,7 @@ def test_write_colmap_text_strict_format(tmp_path):
         q, t, cam_id, name = imgs[i + 1]
         assert cam_id == i + 1 and name == names[i]
         assert q[3] >= 0
-        np.testing.assert_allclose(E.quat_to_mat_np(q), extr[i, :, :3], atol=1e-8)
+        np.testing.assert_allclose(quat_to_mat(q), extr[i, :, :3], atol=1e-8)
         np.testing.assert_allclose(t, extr[i, :, 3], atol=1e-8)
     assert sorted(pts) == list(range(1, len(xyz) + 1))
     got_xyz = np.stack([pts[j + 1][0] for j in range(len(xyz))])
@@ -550,7 +419,7 @@ def test_write_outputs_video_times_and_colmap(tmp_path):
     from PIL import Image
 
     from _refs import write_video as _write_video
-    from xsvggt_jax.io.frames import open_frames
+    from xsvggt_jax.io.sources import open_frames
     from xsvggt_jax.io.rgb import to_uint8_rgb as to_uint8
     from xsvggt_jax.io.outputs import ExportOptions, write_outputs
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import shutil
 import zipfile
@@ -14,8 +15,10 @@ from PIL import Image, ImageFile
 from _refs import write_video as _write_video
 from conftest import REFERENCE, require_reference
 from xsvggt_jax.io import video as video_mod
-from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, load_and_preprocess_images,
-                                  open_frames, pad_frame, preprocess_image, preprocess_transform, preprocessed_size)
+from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, pad_frame, preprocess_image,
+                                  preprocess_transform, preprocessed_size)
+from xsvggt_jax.io.image_files import load_and_preprocess_images
+from xsvggt_jax.io.sources import open_frames
 from xsvggt_jax.io.rgb import to_uint8_rgb as to_uint8
 
 T = 56  # small target width for speed
@@ -36,7 +39,7 @@ def _noise(path: Path, size=(70, 50), seed=0) -> Path:
 
 def test_preprocess_parity_518(tmp_path):
     ref_dir = require_reference(REFERENCE / "preprocess_518.npz").parent
-    ref = np.load(ref_dir / "preprocess_518.npz")["images"]
+    ref = np.load(ref_dir / "preprocess_518.npz")["images"].transpose(0, 2, 3, 1)  # upstream: [S, 3, H, W]
     photos = [ref_dir / "photos" / "0.jpg", ref_dir / "photos" / "4.jpg"]
     np.testing.assert_array_equal(load_and_preprocess_images(photos, mode="crop"), ref)
     for p in photos:  # the lazy folder source gives the same arrays
@@ -54,46 +57,46 @@ def test_crop_resize_and_center_crop():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 80, 3), dtype=np.uint8))
     out = preprocess_image(img, "crop", T)
     new_h = round(200 * (T / 80) / 14) * 14  # 140 -> centre 56 rows kept
-    full = np.asarray(img.resize((T, new_h), Image.Resampling.BICUBIC), np.float32).transpose(2, 0, 1) / 255
+    full = np.asarray(img.resize((T, new_h), Image.Resampling.BICUBIC), np.float32) / 255
     start = (new_h - T) // 2
-    np.testing.assert_array_equal(out, full[:, start:start + T])
+    np.testing.assert_array_equal(out, full[start:start + T])
     assert preprocessed_size(80, 200, "crop", T) == (T, T)
 
 
 def test_pad_mode_portrait_padded_white():
     img = Image.new("RGB", (30, 60), (0, 0, 0))
     out = preprocess_image(img, "pad", T)
-    assert out.shape == (3, T, T)
+    assert out.shape == (T, T, 3)
     new_w = round(30 * (T / 60) / 14) * 14  # 28
     left = (T - new_w) // 2
-    assert np.all(out[:, :, :left] == 1.0) and np.all(out[:, :, left + new_w:] == 1.0)
-    assert np.all(out[:, :, left:left + new_w] == 0.0)
+    assert np.all(out[:, :left] == 1.0) and np.all(out[:, left + new_w:] == 1.0)
+    assert np.all(out[:, left:left + new_w] == 0.0)
 
 
 def test_rgba_composited_on_white():
     img = Image.new("RGBA", (T, T), (255, 0, 0, 0))  # fully transparent red
     img.putpixel((0, 0), (255, 0, 0, 255))
     out = preprocess_image(img, "crop", T)
-    assert out[:, 20:, 20:].min() == 1.0  # transparent red -> white
-    assert out[0, 0, 0] > 0.9 and out[1, 0, 0] < 0.5  # the opaque pixel stays red
+    assert out[20:, 20:].min() == 1.0  # transparent red -> white
+    assert out[0, 0, 0] > 0.9 and out[0, 0, 1] < 0.5  # the opaque pixel stays red
 
 
 def test_grayscale_gives_three_equal_channels(tmp_path):
     p = tmp_path / "g.png"
     Image.fromarray(np.arange(T * T, dtype=np.uint8).reshape(T, T)).save(p)
     (frame,) = list(open_frames(p, target=T))
-    assert frame.shape == (3, T, T)
-    np.testing.assert_array_equal(frame[0], frame[1])
-    np.testing.assert_array_equal(frame[0], frame[2])
+    assert frame.shape == (T, T, 3)
+    np.testing.assert_array_equal(frame[..., 0], frame[..., 1])
+    np.testing.assert_array_equal(frame[..., 0], frame[..., 2])
 
 
 def test_harmonize_pads_to_max_white():
-    a, b = np.zeros((3, 28, 56), np.float32), np.zeros((3, 56, 42), np.float32)
+    a, b = np.zeros((28, 56, 3), np.float32), np.zeros((56, 42, 3), np.float32)
     pa, pb = harmonize_frames([a, b])
-    assert pa.shape == pb.shape == (3, 56, 56)
-    assert np.all(pa[:, :14] == 1) and np.all(pa[:, 42:] == 1) and np.all(pa[:, 14:42] == 0)
-    assert np.all(pb[:, :, :7] == 1) and np.all(pb[:, :, 49:] == 1) and np.all(pb[:, :, 7:49] == 0)
-    np.testing.assert_array_equal(pad_frame(np.zeros((3, 1, 1), np.float32), 4, 3)[0],
+    assert pa.shape == pb.shape == (56, 56, 3)
+    assert np.all(pa[:14] == 1) and np.all(pa[42:] == 1) and np.all(pa[14:42] == 0)
+    assert np.all(pb[:, :7] == 1) and np.all(pb[:, 49:] == 1) and np.all(pb[:, 7:49] == 0)
+    np.testing.assert_array_equal(pad_frame(np.zeros((1, 1, 3), np.float32), 4, 3)[..., 0],
                                   [[1, 1, 1], [1, 0, 1], [1, 1, 1], [1, 1, 1]])
 
 
@@ -107,7 +110,7 @@ def test_natural_order_and_extensions(tmp_path):
     src = open_frames(tmp_path, target=T)
     assert isinstance(src, FrameSource) and src.num_frames == 5 and src.query_points is None
     assert [p.name for p in src.paths] == ["img1.jpeg", "img2.JPG", "IMG3.webp", "img10.png", "img20.PNG"]
-    reds = [round(float(f[0].mean()) * 255 / 40) for f in src]
+    reds = [round(float(f[..., 0].mean()) * 255 / 40) for f in src]
     assert reds == [2, 1, 3, 0, 4]
     assert [p.name for p in open_frames(tmp_path, target=T, stride=2).paths] == [
         "img1.jpeg", "IMG3.webp", "img20.PNG"]
@@ -121,8 +124,8 @@ def test_mixed_sizes_padded_with_warning(tmp_path, caplog):
     assert sum("different sizes" in r.getMessage() for r in caplog.records) == 1
     assert (src.height, src.width) == (56, 56)
     frames = list(src)
-    assert [f.shape for f in frames] == [(3, 56, 56)] * 2
-    assert np.all(frames[1][:, :14] == 1.0) and np.all(frames[1][:, 42:] == 1.0)
+    assert [f.shape for f in frames] == [(56, 56, 3)] * 2
+    assert np.all(frames[1][:14] == 1.0) and np.all(frames[1][42:] == 1.0)
     eager = harmonize_frames([preprocess_image(Image.open(tmp_path / n), "crop", T) for n in ("a.png", "b.png")])
     np.testing.assert_array_equal(np.stack(frames), np.stack(eager))
 
@@ -160,10 +163,12 @@ def test_npz_source_streams_and_validates(tmp_path):
         assert (src.num_frames, src.height, src.width) == (5, 28, 42)
         assert src.query_points.dtype == np.float32
         np.testing.assert_array_equal(src.query_points, qp)
-        np.testing.assert_array_equal(np.stack(list(src)), images)
+        frames = list(src)  # [H, W, 3] each, the layout the step takes
+        assert all(f.shape == (28, 42, 3) and f.flags.c_contiguous for f in frames)
+        np.testing.assert_array_equal(np.stack(frames), images.transpose(0, 2, 3, 1))
         s2 = open_frames(p, stride=2)
         assert s2.num_frames == 3
-        np.testing.assert_array_equal(np.stack(list(s2)), images[::2])
+        np.testing.assert_array_equal(np.stack(list(s2)), images[::2].transpose(0, 2, 3, 1))
     p = tmp_path / "f64.npz"
     np.savez(p, images=images.astype(np.float64))
     assert next(iter(open_frames(p))).dtype == np.float32
@@ -257,7 +262,7 @@ def test_image_too_small_after_preprocessing(tmp_path):
         preprocess_image(Image.new("RGB", (4, 400)), "pad", T)
     # a tiny but well-proportioned image is upsampled, as upstream does
     (frame,) = list(open_frames(_save(tmp_path / "tiny.png", size=(8, 8)), target=T))
-    assert frame.shape == (3, T, T)
+    assert frame.shape == (T, T, 3)
 
 
 def test_bad_arguments_and_types(tmp_path):
@@ -295,7 +300,7 @@ def test_video_stride_and_fps(tmp_path):
     f30 = open_frames(p, target=T, fps=30)  # faster than the source: every frame
     assert f30.num_frames == 10
     frame = next(iter(src))
-    assert frame.dtype == np.float32 and frame.shape == (3, 42, 56)
+    assert frame.dtype == np.float32 and frame.shape == (42, 56, 3)
     np.testing.assert_allclose([fi.time for fi in f3.frames_info], [0.0, 0.4, 0.7], atol=1e-9)
 
 
@@ -348,7 +353,7 @@ def _decode_png(tmp_path: Path, img: Image.Image, **save) -> np.ndarray:
     p = tmp_path / "m.png"
     img.save(p, **save)
     (frame,) = list(open_frames(p, target=T))
-    return frame.transpose(1, 2, 0)
+    return frame
 
 
 def _tile(values: np.ndarray) -> np.ndarray:
@@ -364,13 +369,13 @@ def test_16bit_grey_scaled_not_white(tmp_path):
     np.testing.assert_allclose(got, np.repeat(want[..., None], 3, -1), atol=1e-7)
     for mode, data in (("I", grey.astype("<i4")), ("I;16", grey.astype("<u2"))):  # in-memory modes
         out = preprocess_image(Image.frombytes(mode, (T, T), data.tobytes()), "crop", T)
-        np.testing.assert_allclose(out[1], want, atol=1e-7)
+        np.testing.assert_allclose(out[..., 1], want, atol=1e-7)
 
 
 def test_float_and_1bit_modes(tmp_path):
     f = _tile(np.array([0.0, 0.25, 0.5, 1.0], np.float32))
     out = preprocess_image(Image.fromarray(f, "F"), "crop", T)
-    np.testing.assert_allclose(out[0], np.rint(f * 255) / 255, atol=1e-7)
+    np.testing.assert_allclose(out[..., 0], np.rint(f * 255) / 255, atol=1e-7)
     bits = _tile(np.array([0, 1], bool))
     got = _decode_png(tmp_path, Image.fromarray(bits))
     np.testing.assert_array_equal(got[..., 2], bits.astype(np.float32))
@@ -381,7 +386,7 @@ def test_grey_alpha_composited_like_rgba(tmp_path, alpha):
     la = Image.new("LA", (T, T), (60, alpha))
     rgba = Image.new("RGBA", (T, T), (60, 60, 60, alpha))
     got = _decode_png(tmp_path, la)
-    np.testing.assert_array_equal(got, preprocess_image(rgba, "crop", T).transpose(1, 2, 0))
+    np.testing.assert_array_equal(got, preprocess_image(rgba, "crop", T))
     want = {0: 1.0, 255: 60 / 255}.get(alpha)
     if want is not None:  # fully transparent -> white, opaque -> its grey
         np.testing.assert_allclose(got, want, atol=1e-7)
@@ -414,25 +419,27 @@ def test_cmyk_jpeg(tmp_path):
     p = tmp_path / "c.jpg"
     Image.new("CMYK", (T, T), (255, 0, 0, 0)).save(p, quality=100)  # pure cyan
     (frame,) = list(open_frames(p, target=T))
-    np.testing.assert_allclose(frame[:, T // 2, T // 2], [0.0, 1.0, 1.0], atol=3 / 255)
+    np.testing.assert_allclose(frame[T // 2, T // 2], [0.0, 1.0, 1.0], atol=3 / 255)
 
 
 def test_to_uint8():
-    frames = np.array([0.0, 0.5 / 255, 1.0, 1.5, -0.2, np.nan], np.float32).reshape(1, 1, 6, 1)
-    out = to_uint8(np.repeat(frames, 3, axis=1))
+    frames = np.array([0.0, 0.5 / 255, 1.0, 1.5, -0.2, np.nan], np.float32).reshape(1, 6, 1, 1)
+    out = to_uint8(np.repeat(frames, 3, axis=-1))
     assert out.dtype == np.uint8 and out.shape == (1, 6, 1, 3)
     assert out[0, :, 0, 0].tolist() == [0, 0, 255, 255, 0, 0]
     with pytest.raises(ValueError):
         to_uint8(np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError):  # channels first
+        to_uint8(np.zeros((2, 3, 4, 4)))
 
 
 # ---------------------------------------------------------------- where frames came from
 
 def _marker_centroid(frame: np.ndarray) -> tuple[float, float]:
-    """(x, y) centroid, in continuous pixel coordinates, of the dark pixels of a [3, H, W] frame."""
-    dark = frame.mean(0) < 0.5
+    """(x, y) centroid, in continuous pixel coordinates, of the dark pixels of an [H, W, 3] frame."""
+    dark = frame.mean(-1) < 0.5
     ys, xs = np.nonzero(dark)
-    weights = 1.0 - frame.mean(0)[dark]
+    weights = 1.0 - frame.mean(-1)[dark]
     return float(np.average(xs + 0.5, weights=weights)), float(np.average(ys + 0.5, weights=weights))
 
 
@@ -470,3 +477,29 @@ def test_default_frames_info_and_npz():
                                FrameInfo("frame_000001.png", 42, 28, index=1)]
     with pytest.raises(ValueError):
         FrameSource("x", 2, 28, 42, frames_info=src.frames_info[:1])
+
+
+# ---------------------------------------------------------------- module structure
+
+def test_io_modules_import_each_other_without_a_cycle():
+    """frames (shared) <- image_files, video <- sources (open_frames): no cycle among the io modules,
+    function-level imports included (frames used to import video lazily, video imported frames)."""
+    io_dir = Path(__file__).resolve().parents[1] / "xsvggt_jax" / "io"
+    graph = {}
+    for path in io_dir.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "xsvggt_jax.io":
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("xsvggt_jax.io."):
+                deps.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("xsvggt_jax.io."))
+        graph[path.stem] = deps - {path.stem}
+    assert {"frames", "image_files", "video", "sources"} <= set(graph)
+
+    def reaches(start, target, seen=()):
+        return any(d == target or (d not in seen and reaches(d, target, (*seen, d))) for d in graph.get(start, ()))
+
+    assert [m for m in graph if reaches(m, m)] == []
+

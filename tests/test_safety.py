@@ -305,7 +305,7 @@ def test_flags_validated_before_any_work(flags, expect, params_dir, npz, tmp_pat
     def no_work(*a, **k):
         raise AssertionError("work started before the flags were checked")
     monkeypatch.setattr("xsvggt_jax.app.cli.load_model", no_work)
-    monkeypatch.setattr("xsvggt_jax.io.frames.open_frames", no_work)
+    monkeypatch.setattr("xsvggt_jax.io.sources.open_frames", no_work)
     out = tmp_path / "out"
     flags = [f.format(out=out) for f in flags]
     err = run_error(reconstruct(npz(), params_dir, out, *flags), capsys)
@@ -368,9 +368,9 @@ def test_persistent_compile_cache_default_on(flag, params_dir, npz, tmp_path):
 
 # --------------------------------------------------------------------------------- 10. shared helpers
 def test_to_uint8_rgb():
-    x = np.array([[[0.0, 1.0]], [[0.5, np.nan]], [[-1.0, 2.0]]], np.float32)  # [3, 1, 2]
+    x = np.array([[[0.0, 0.5, -1.0], [1.0, np.nan, 2.0]]], np.float32)  # [1, 2, 3]
     np.testing.assert_array_equal(to_uint8_rgb(x), [[[0, 128, 0], [255, 0, 255]]])
-    assert to_uint8_rgb(np.zeros((4, 3, 2, 5))).shape == (4, 2, 5, 3)
+    assert to_uint8_rgb(np.zeros((4, 2, 5, 3))).shape == (4, 2, 5, 3)
 
 
 # ------------------------------------------------ 4. read-only outputs, symlink-loop inputs (issue 22)

@@ -23,6 +23,7 @@ import viser
 from PIL import Image
 
 from conftest import run_error
+from xsvggt_jax import geometry as G
 from xsvggt_jax.io import exports as ex
 from xsvggt_jax.app.view import ViewError, build_scene, frame_colours, load_result
 
@@ -40,11 +41,11 @@ def write_outdir(out: Path, points_rgb=POINT_RGB) -> Path:
     quat = np.stack([np.zeros(S), np.sin(yaw / 2), np.zeros(S), np.cos(yaw / 2)], -1)  # xyzw about y
     pose = np.concatenate([np.stack([np.linspace(-0.8, 0.8, S), np.zeros(S), np.zeros(S)], -1), quat,
                            np.full((S, 2), 1.2)], -1).astype(np.float32)  # [S,9] t, q, fov h, w
-    extr, intr = ex.pose_to_extri_intri_np(pose, (H, W))
+    extr, intr = G.pose_encoding_to_extri_intri(pose, (H, W))
     yy, xx = np.mgrid[0:H, 0:W]
     depth = (3.0 + 0.2 * np.sin(xx / 3.0) * np.cos(yy / 4.0))[None, :, :, None].repeat(S, 0)  # [S,H,W,1]
     conf = np.broadcast_to(1.0 + xx / W, (S, H, W)).astype(np.float32)  # rises to the right
-    pts = ex.unproject_depth(depth, extr, intr)
+    pts = G.unproject_depth(depth, extr, intr)
     colours = np.broadcast_to(np.asarray(points_rgb, np.uint8), (S, H, W, 3))
     xyz, rgb = ex.select_points(pts, conf, colours, 0.0)
     ex.write_ply(out / "points.ply", xyz, rgb)
@@ -81,7 +82,7 @@ def test_load_result_reads_cameras_and_the_ply(outdir):
 def test_build_scene_adds_a_frustum_per_frame_at_the_camera_centres(outdir, server):
     scene = build_scene(server, outdir, max_points=1000)
     assert scene.frustum_frames == list(range(S)) and len(scene.frustums) == S
-    centres = ex.invert_extrinsics(load_result(outdir).extrinsics)[:, :, 3]
+    centres = G.invert_extrinsics(load_result(outdir).extrinsics)[:, :, 3]
     np.testing.assert_allclose([f.position for f in scene.frustums], centres, atol=1e-5)
     assert scene.points.points.shape == (1000, 3)
     segments = np.asarray(scene.trajectory.points)  # [S-1, 2, 3]

@@ -200,9 +200,10 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
     import jax
 
     from xsvggt_jax.config import check_frame_size
-    from xsvggt_jax.io.frames import FrameError, open_frames
+    from xsvggt_jax.io.frames import FrameError
     from xsvggt_jax.io.fsutil import FsError, check_free_space, disk_error_message
     from xsvggt_jax.io.outdir import OutputDir
+    from xsvggt_jax.io.sources import open_frames
     from xsvggt_jax.weights.params import ParamsError
     from xsvggt_jax.io.state import StateError, check_state_dir, claim_state_dir, params_digest, release_state_dir
     from xsvggt_jax.stream.offline import run_offline
@@ -306,7 +307,7 @@ def _reconstruct_many(args) -> Path:
     """Many scenes through pools of --slots streams into ROOT/<scene>/ (see `xsvggt_jax.many`)."""
     import jax
 
-    from xsvggt_jax.io.frames import open_frames
+    from xsvggt_jax.io.sources import open_frames
     from xsvggt_jax.io.fsutil import FsError
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.many import ClusterError, SceneListError, initialize, name_scenes, read_manifest, run_many
@@ -376,7 +377,7 @@ def _demo(args) -> Path:
     source = SceneSource("procedural demo scene", len(scene.images), *hw, scene.query_points)
     ground_truth = lambda tmp: atomic_savez(tmp / "scene_ground_truth.npz", depth=scene.depth,
                                             extrinsics=scene.extrinsics, intrinsics=scene.intrinsics,
-                                            images=scene.images)
+                                            images=scene.images.transpose(0, 3, 1, 2))  # as an .npz input
     if args.checkpoint:
         return _reconstruct(args, source=source, extra_files=ground_truth)
     _validate(args)  # before loading the model (as _reconstruct does before its own)

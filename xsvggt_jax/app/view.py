@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from xsvggt_jax.app.listen import HostError, listen_address
-from xsvggt_jax.io.exports import invert_extrinsics, mat_to_quat_np, unproject_depth
 from xsvggt_jax.errors import InputError
+from xsvggt_jax.geometry import invert_extrinsics, mat_to_quat, unproject_depth
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def add_result(server, result: Result) -> Scene:
                                           point_shading="flat", precision="float32")
     colours = frame_colours(len(extr))
     frames = [int(i) for i in np.flatnonzero(ok)]
-    quats = mat_to_quat_np(rots)  # [K,4] xyzw
+    quats = mat_to_quat(rots)  # [K,4] xyzw
     frustums = []
     for k, i in enumerate(frames):
         fov = 2.0 * np.arctan2(h / 2.0, intr[i, 1, 1])

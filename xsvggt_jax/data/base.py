@@ -2,7 +2,7 @@
 
 Conventions (all readers convert to these):
 - frames are read lazily, one at a time: `Sequence.rgb(i)` -> uint8 [H, W, 3] as stored on disk,
-  `Sequence.image(i)` -> float32 [3, H, W] in [0, 1] (rgb / 255). Resizing to the model's input
+  `Sequence.image(i)` -> float32 [H, W, 3] in [0, 1] (rgb / 255). Resizing to the model's input
   size is NOT done here: pass `Sequence.pil(i)` to `xsvggt_jax.io.frames.preprocess_image`
   (upstream's `load_and_preprocess_images`), which is what the evaluator feeds the model;
 - `intrinsics` [S, 3, 3] float64 belong to the RGB frames at their stored size, pixel (u, v) is the
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xsvggt_jax.io.exports import invert_extrinsics
 from xsvggt_jax.errors import InputError
+from xsvggt_jax.geometry import homogeneous, invert_extrinsics
 
 
 class DataError(InputError):
@@ -94,8 +94,8 @@ class Sequence:
         return Image.fromarray(self.rgb(i), "RGB")
 
     def image(self, i: int) -> np.ndarray:
-        """Frame i as float32 [3, H, W] in [0, 1] at its stored size."""
-        return (self.rgb(i).astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1)
+        """Frame i as float32 [H, W, 3] in [0, 1] at its stored size."""
+        return self.rgb(i).astype(np.float32) / np.float32(255.0)
 
     def depth(self, i: int) -> np.ndarray:
         """Ground-truth z-depth of frame i: float32 [H', W'] metres, 0 where invalid."""
@@ -104,7 +104,7 @@ class Sequence:
         return self.load_depth(i)
 
     def images(self) -> np.ndarray:
-        """All frames: float32 [S, 3, H, W] in [0, 1] (reads every frame)."""
+        """All frames: float32 [S, H, W, 3] in [0, 1] (reads every frame)."""
         return np.stack([self.image(i) for i in range(len(self))])
 
     def depths(self) -> np.ndarray:
@@ -189,11 +189,8 @@ def scaled_depth(raw: np.ndarray, scale: float, invalid: int | None = None, near
 def invert_pose(pose: np.ndarray) -> np.ndarray:
     """Rigid transforms [..., 4, 4] (or [..., 3, 4]) -> their inverses [..., 4, 4] float64;
     a non-finite input (a missing pose) stays non-finite."""
-    out = np.zeros((*pose.shape[:-2], 4, 4))
     with np.errstate(invalid="ignore", over="ignore"):
-        out[..., :3, :] = invert_extrinsics(pose[..., :3, :])
-    out[..., 3, 3] = 1.0
-    return out
+        return homogeneous(invert_extrinsics(pose))
 
 
 def scaled_intrinsics(k: np.ndarray, size: tuple[int, int], ref_size: tuple[int, int]) -> np.ndarray:

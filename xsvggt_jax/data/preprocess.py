@@ -51,7 +51,7 @@ def preprocess_depth(depth: np.ndarray, mode: str = "crop", target: int = 518) -
 
 def preprocess_frame(seq: Sequence, i: int, mode: str = "crop", target: int = 518
                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Frame i of a sequence as the model sees it: (image [3, H', W'] float32, depth [H', W'] or None,
+    """Frame i of a sequence as the model sees it: (image [H', W', 3] float32, depth [H', W'] or None,
     intrinsics [3, 3] or None). The depth must share the colour frames' camera and size."""
     pil = seq.pil(i)
     image = preprocess_image(pil, mode, target, name=f"{seq.name}/{seq.frame_ids[i]}")

@@ -152,7 +152,7 @@ class World:
 
 @dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: identity equality
 class ProceduralScene:
-    """A rendered sequence. images [S, 3, H, W] float32 in [0, 1] (multiples of 1/255); depth
+    """A rendered sequence. images [S, H, W, 3] float32 in [0, 1] (multiples of 1/255); depth
     [S, H, W] float32 z-depth (every pixel valid); extrinsics [S, 3, 4] float32 camera-from-world
     intrinsics [S, 3, 3] float32; query_points [N, 2] (x, y) pixels of
     frame 0; world: the geometry, for exact checks."""
@@ -166,7 +166,7 @@ class ProceduralScene:
 
     def to_sequence(self, name: str = "procedural") -> Sequence:
         """This scene behind the common `Sequence` interface (extrinsics padded to [S, 4, 4] float64)."""
-        rgb = np.round(self.images.transpose(0, 2, 3, 1) * 255).astype(np.uint8)  # exact: k / 255
+        rgb = np.round(self.images * 255).astype(np.uint8)  # exact: k / 255
         return _as_sequence(name, self.extrinsics, self.intrinsics[0], rgb.__getitem__, self.depth.__getitem__)
 
 
@@ -286,7 +286,7 @@ def default_intrinsics(config: SceneConfig) -> np.ndarray:
 
 def render_frame(world: World, extrinsic: np.ndarray, intrinsic: np.ndarray, height: int,
                  width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One view: extrinsic [3, 4] camera-from-world, intrinsic [3, 3] -> (image [3, H, W] float32
+    """One view: extrinsic [3, 4] camera-from-world, intrinsic [3, 3] -> (image [H, W, 3] float32
     quantised to k / 255, z-depth [H, W] float32)."""
     v, u = np.mgrid[0:height, 0:width].astype(np.float64)
     pix = np.stack([u, v, np.ones_like(u)], -1)
@@ -296,7 +296,7 @@ def render_frame(world: World, extrinsic: np.ndarray, intrinsic: np.ndarray, hei
     depth, surf, normal = world.cast(eye, dirs)
     colour = world.shade(eye + depth[..., None] * dirs, surf, normal)
     image = np.round(colour * 255) / 255
-    return image.transpose(2, 0, 1).astype(np.float32), depth.astype(np.float32)
+    return image.astype(np.float32), depth.astype(np.float32)
 
 
 def make_scene(config: SceneConfig = PRESETS["demo"], seed: int = 0, num_queries: int = 8,
@@ -336,7 +336,7 @@ class _LazyFrames:
         if i != self._index:
             world, extr, k, h, w = self._args
             image, self._depth = render_frame(world, extr[i], k, h, w)
-            self._rgb = np.round(image.transpose(1, 2, 0) * 255).astype(np.uint8)  # exact: k / 255
+            self._rgb = np.round(image * 255).astype(np.uint8)  # exact: k / 255
             self._index = i
 
     def rgb(self, i: int) -> np.ndarray:

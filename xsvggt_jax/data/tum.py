@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from xsvggt_jax.io.exports import quat_to_mat_np
 from xsvggt_jax.data.base import (DataError, Dataset, DatasetInfo, Sequence, SequenceFolder, image_size,
                    indexed_loader, invert_pose, read_png16, read_rgb, require_dir, require_file, scaled_depth,
                    scaled_intrinsics)
+from xsvggt_jax.geometry import quat_to_mat, rigid
 
 TUM_DEPTH_SCALE = 5000.0
 TUM_STRIDE, TUM_FRAMES, TUM_MAX_DT = 3, 90, 0.02
@@ -86,10 +86,7 @@ def associate(first: list[float], second: list[float], max_difference: float = T
 
 def tum_rows_to_extrinsics(rows: np.ndarray) -> np.ndarray:
     """TUM pose rows [N, 7] (tx ty tz qx qy qz qw, camera-to-world) -> camera-from-world [N, 4, 4]."""
-    c2w = np.tile(np.eye(4), (len(rows), 1, 1))
-    c2w[:, :3, :3] = quat_to_mat_np(rows[:, 3:7])
-    c2w[:, :3, 3] = rows[:, :3]
-    return invert_pose(c2w)
+    return invert_pose(rigid(quat_to_mat(rows[:, 3:7]), rows[:, :3]))
 
 
 def _tum_depth(path: Path) -> np.ndarray:

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from xsvggt_jax.io.exports import invert_extrinsics, quat_to_mat_np, write_tum
+from xsvggt_jax.geometry import homogeneous, invert_extrinsics, quat_to_mat, rigid
+from xsvggt_jax.io.exports import write_tum
 from xsvggt_jax.eval.geometry import EvalInputError, Similarity, umeyama
 
 __all__ = [
@@ -45,10 +46,7 @@ def _as_se3(poses: np.ndarray, name: str) -> np.ndarray:
     p = np.asarray(poses, np.float64)
     if p.ndim != 3 or p.shape[1:] not in ((3, 4), (4, 4)):
         raise EvalInputError(f"{name} must have shape [S, 3, 4] or [S, 4, 4], got {p.shape}")
-    out = np.zeros((p.shape[0], 4, 4))
-    out[:, :3, :] = p[:, :3, :]
-    out[:, 3, 3] = 1.0
-    return out
+    return homogeneous(p)
 
 
 def extrinsics_to_c2w(extrinsics: np.ndarray) -> np.ndarray:
@@ -86,10 +84,7 @@ def read_tum(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(rows, np.float64)
     if not np.all(np.isfinite(data)) or np.any(np.linalg.norm(data[:, 4:], axis=-1) == 0):
         raise EvalInputError(f"{path}: non-finite value or zero quaternion in TUM file")
-    c2w = np.tile(np.eye(4), (len(rows), 1, 1))
-    c2w[:, :3, :3] = quat_to_mat_np(data[:, 4:])
-    c2w[:, :3, 3] = data[:, 1:4]
-    return data[:, 0], c2w
+    return data[:, 0], homogeneous(rigid(quat_to_mat(data[:, 4:]), data[:, 1:4]))
 
 
 # --------------------------------------------------------------------------------------------

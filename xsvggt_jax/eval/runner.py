@@ -47,7 +47,7 @@ from xsvggt_jax.cache.core import CacheConfig, cache_report, init_cache
 from xsvggt_jax.config import ModelConfig, check_frame_size
 from xsvggt_jax.data.base import Dataset, Sequence
 from xsvggt_jax.data.preprocess import preprocess_frame
-from xsvggt_jax.io.exports import pose_to_extri_intri_np, unproject_depth
+from xsvggt_jax.geometry import pose_encoding_to_extri_intri, unproject_depth
 from xsvggt_jax.io.frames import FrameError, preprocess_image, preprocessed_size, resized_size
 from xsvggt_jax.runtime import peak_rss_bytes
 from xsvggt_jax.stream.step import make_step
@@ -172,10 +172,10 @@ def _device_peak_bytes() -> Optional[int]:
 
 def stream_sequence(params: dict, cfg: ModelConfig, cache_cfg: CacheConfig,
                     frames: np.ndarray) -> tuple[dict[str, np.ndarray], list[float], dict[str, int]]:
-    """Frames [S, 3, H, W] float32 in [0, 1] through the streaming step as `xsvggt reconstruct`
+    """Frames [S, H, W, 3] float32 in [0, 1] through the streaming step as `xsvggt reconstruct`
     streams them. Returns (predictions: PREDICTION_KEYS -> float32 [S, ...], latency in seconds per
     frame (device-synchronised; the first includes compilation), `cache_report` of the cache)."""
-    s, _, h, w = frames.shape
+    s, h, w, _ = frames.shape
     cache = init_cache(cfg, cache_cfg, 1, (h, w), max_frames=s)
     info = cache_report(cfg, cache_cfg, cache)  # fixed shapes: the bytes never change
     step = _step_fn(cfg, cache_cfg)
@@ -183,7 +183,7 @@ def stream_sequence(params: dict, cfg: ModelConfig, cache_cfg: CacheConfig,
     latency = []
     for frame in frames:
         t0 = time.perf_counter()
-        cache, out = step(params, cache, jnp.asarray(frame.transpose(1, 2, 0))[None])
+        cache, out = step(params, cache, jnp.asarray(frame)[None])
         out = jax.block_until_ready(out)
         latency.append(time.perf_counter() - t0)
         for k in PREDICTION_KEYS:
@@ -194,7 +194,7 @@ def stream_sequence(params: dict, cfg: ModelConfig, cache_cfg: CacheConfig,
 # ----------------------------------------------------------------------------------- ground truth
 @dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: identity equality
 class GroundTruth:
-    """A sequence in the model's pixel grid (`load_ground_truth`): frames [S, 3, H, W]; depth
+    """A sequence in the model's pixel grid (`load_ground_truth`): frames [S, H, W, 3]; depth
     [S, H, W] (0 invalid) or None; intrinsics [S, 3, 3] or None; extrinsics [S, 4, 4]
     camera-from-world or None; pose_valid [S]."""
 
@@ -251,7 +251,7 @@ def score(task: str, preds: Mapping[str, np.ndarray], truth: GroundTruth, protoc
         return reconstruction_metrics(preds["pts3d_in_other_view"], gt, valid, crop=crop)
     # pose
     hw = preds["depth"].shape[1:3]
-    pred_extr, _ = pose_to_extri_intri_np(preds["camera_pose"], hw)              # [S, 3, 4]
+    pred_extr, _ = pose_encoding_to_extri_intri(preds["camera_pose"], hw)         # [S, 3, 4]
     keep = truth.pose_valid
     pred_extr, gt_extr = pred_extr[keep], truth.extrinsics[keep]
     metrics = trajectory_metrics(extrinsics_to_c2w(pred_extr), extrinsics_to_c2w(gt_extr))

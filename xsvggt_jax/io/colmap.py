@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xsvggt_jax.io.exports import PathLike, _check_cameras, _fmt, mat_to_quat_np
+from xsvggt_jax.geometry import check_cameras, mat_to_quat
+from xsvggt_jax.io.exports import PathLike, _fmt
 from xsvggt_jax.io.frames import FrameInfo
 from xsvggt_jax.io.fsutil import atomic_write
 
@@ -61,7 +62,7 @@ def colmap_names(names: Sequence[str]) -> list[str]:
 
 
 def _check_model(extr, intr, sizes, names, xyz, rgb) -> None:
-    _check_cameras(extr, intr)
+    check_cameras(extr, intr)
     s = len(extr)
     if len(sizes) != s or len(names) != s:
         raise ValueError(f"{s} cameras but {len(sizes)} sizes and {len(names)} image names")
@@ -87,7 +88,7 @@ def _text_model(extr, intr, sizes, names, xyz, rgb) -> dict[str, bytes]:
     for n, ((w, h), k) in enumerate(zip(sizes, intr)):
         params = " ".join(_fmt(v) for v in (k[0, 0], k[1, 1], k[0, 2], k[1, 2]))
         cams.append(f"{n + 1} PINHOLE {w} {h} {params}")
-    quat = mat_to_quat_np(extr[:, :3, :3])  # xyzw
+    quat = mat_to_quat(extr[:, :3, :3])  # xyzw
     imgs = ["# Image list with two lines of data per image:",
             "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
             "#   POINTS2D[] as (X, Y, POINT3D_ID)",
@@ -112,7 +113,7 @@ def _binary_model(extr, intr, sizes, names, xyz, rgb) -> dict[str, bytes]:
     cams.write(struct.pack("<Q", s))
     for n, ((w, h), k) in enumerate(zip(sizes, intr)):
         cams.write(struct.pack("<IiQQ4d", n + 1, PINHOLE_ID, w, h, k[0, 0], k[1, 1], k[0, 2], k[1, 2]))
-    quat = mat_to_quat_np(extr[:, :3, :3])
+    quat = mat_to_quat(extr[:, :3, :3])
     imgs = io.BytesIO()
     imgs.write(struct.pack("<Q", s))
     for n in range(s):
@@ -181,7 +182,7 @@ def export_colmap(directory: PathLike, extr: np.ndarray, intr: np.ndarray, frame
     {"colmap_images", "colmap_points", "colmap_dropped_frames" (frame indices)}."""
     directory = Path(directory)
     extr, intr = np.asarray(extr, np.float64), np.asarray(intr, np.float64)
-    _check_cameras(extr, intr)
+    check_cameras(extr, intr)
     if len(frames_info) != len(extr):
         raise ValueError(f"{len(extr)} cameras but {len(frames_info)} frame infos")
     if max_points < 0:

@@ -6,9 +6,8 @@ Pure numpy functions over StreamVGGT predictions with the frame axis first:
 [S,H,W,3] uint8. `io.outputs.write_outputs` writes them all into an output directory; COLMAP is in
 `io.colmap`, plots in `io.plots`.
 
-Camera conventions follow upstream VGGT: extrinsics are camera-from-world [R|t] with OpenCV axes
-(x right, y down, z forward); intrinsics put the principal point at (W/2, H/2) in pixel-index
-coordinates (pixel (x, y) sits at u = x, v = y, no half-pixel offset).
+The camera math (pose encoding -> extrinsics / intrinsics, depth unprojection, quaternions) and its
+conventions live in `xsvggt_jax.geometry`.
 
 Every file is written atomically: to a temporary file in the destination directory, then
 `os.replace`d over the final name, so a reader never sees a partial file.
@@ -25,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xsvggt_jax.geometry import check_cameras, invert_extrinsics, mat_to_quat, squeeze_depth
 from xsvggt_jax.io.fsutil import atomic_write, atomic_write_text
-from xsvggt_jax.geometry import quat_to_mat
 
 log = logging.getLogger(__name__)
 
@@ -36,119 +35,7 @@ TUM_HEADER = "# timestamp tx ty tz qx qy qz qw"
 
 
 # --------------------------------------------------------------------------------------------
-# cameras
-
-
-def quat_to_mat_np(q: np.ndarray) -> np.ndarray:
-    """Quaternions [..., 4] (x, y, z, w scalar-last; need not be unit) -> rotations [..., 3, 3], float64."""
-    return quat_to_mat(np.asarray(q, np.float64))
-
-
-def mat_to_quat_np(rot: np.ndarray) -> np.ndarray:
-    """Rotation matrices [..., 3, 3] -> unit quaternions [..., 4] (x, y, z, w) with w >= 0.
-
-    Shepperd's method: the component with the largest magnitude (picked from the trace and the
-    diagonal) is taken from a square root, the others from off-diagonal sums/differences divided
-    by it, so no division by a small number happens (robust at 180-degree rotations)."""
-    m = np.asarray(rot, np.float64)
-    m00, m01, m02 = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
-    m10, m11, m12 = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
-    m20, m21, m22 = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
-    tr = m00 + m11 + m22
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # candidate when w is largest
-        w0 = 0.5 * np.sqrt(np.maximum(1.0 + tr, 0.0))
-        c0 = np.stack([(m21 - m12) / (4 * w0), (m02 - m20) / (4 * w0), (m10 - m01) / (4 * w0),
-                       w0], -1)
-        # x largest
-        x1 = 0.5 * np.sqrt(np.maximum(1.0 + m00 - m11 - m22, 0.0))
-        c1 = np.stack([x1, (m01 + m10) / (4 * x1), (m02 + m20) / (4 * x1),
-                       (m21 - m12) / (4 * x1)], -1)
-        # y largest
-        y2 = 0.5 * np.sqrt(np.maximum(1.0 - m00 + m11 - m22, 0.0))
-        c2 = np.stack([(m01 + m10) / (4 * y2), y2, (m12 + m21) / (4 * y2),
-                       (m02 - m20) / (4 * y2)], -1)
-        # z largest
-        z3 = 0.5 * np.sqrt(np.maximum(1.0 - m00 - m11 + m22, 0.0))
-        c3 = np.stack([(m02 + m20) / (4 * z3), (m12 + m21) / (4 * z3), z3,
-                       (m10 - m01) / (4 * z3)], -1)
-    pick = np.argmax(np.stack([tr, m00, m11, m22], -1), -1)
-    cands = np.stack([c0, c1, c2, c3], -2)  # [..., 4 candidates, 4]
-    q = np.take_along_axis(cands, pick[..., None, None], -2)[..., 0, :]
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    return np.where(q[..., 3:4] < 0, -q, q)
-
-
-def pose_to_extri_intri_np(pose: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Pose encoding [..., 9] -> (extrinsics [..., 3, 4] camera-from-world, intrinsics [..., 3, 3]).
-
-    numpy twin of `xsvggt_jax.geometry.pose_encoding_to_extri_intri` (float64 arithmetic)."""
-    pose = np.asarray(pose, np.float64)
-    if pose.shape[-1] != 9:
-        raise ValueError(f"pose encoding must end in 9 values, got shape {pose.shape}")
-    h, w = hw
-    rot = quat_to_mat_np(pose[..., 3:7])
-    extr = np.concatenate([rot, pose[..., :3, None]], -1)
-    with np.errstate(divide="ignore"):  # a zero field of view (untrained model) gives an infinite focal
-        fy = (h / 2.0) / np.tan(pose[..., 7] / 2.0)
-        fx = (w / 2.0) / np.tan(pose[..., 8] / 2.0)
-    intr = np.zeros(pose.shape[:-1] + (3, 3), np.float64)
-    intr[..., 0, 0] = fx
-    intr[..., 1, 1] = fy
-    intr[..., 0, 2] = w / 2.0
-    intr[..., 1, 2] = h / 2.0
-    intr[..., 2, 2] = 1.0
-    return extr, intr
-
-
-def invert_extrinsics(extr: np.ndarray) -> np.ndarray:
-    """Camera-from-world [..., 3, 4] -> world-from-camera [..., 3, 4] (R^T, -R^T t)."""
-    extr = np.asarray(extr, np.float64)
-    rot_t = np.swapaxes(extr[..., :3, :3], -1, -2)
-    t = -(rot_t @ extr[..., :3, 3:4])
-    return np.concatenate([rot_t, t], -1)
-
-
-def _check_cameras(extr: np.ndarray, intr: np.ndarray | None = None) -> None:
-    if extr.ndim != 3 or extr.shape[1:] != (3, 4):
-        raise ValueError(f"extrinsics must be [S,3,4], got {extr.shape}")
-    if intr is not None and intr.shape != (extr.shape[0], 3, 3):
-        raise ValueError(f"intrinsics must be [{extr.shape[0]},3,3], got {intr.shape}")
-
-
-# --------------------------------------------------------------------------------------------
 # points
-
-
-def _squeeze_depth(depth: np.ndarray) -> np.ndarray:
-    depth = np.asarray(depth)
-    if depth.ndim == 4 and depth.shape[-1] == 1:
-        depth = depth[..., 0]
-    if depth.ndim != 3:
-        raise ValueError(f"depth must be [S,H,W,1] or [S,H,W], got {depth.shape}")
-    return depth
-
-
-def unproject_depth(depth: np.ndarray, extr: np.ndarray, intr: np.ndarray) -> np.ndarray:
-    """Depth maps [S,H,W,1] -> world points [S,H,W,3] float32.
-
-    camera point = depth * K^-1 [u, v, 1] with u = x, v = y the pixel index (as VGGT's
-    `unproject_depth_map_to_point_map`), world = R^T (camera - t)."""
-    d = _squeeze_depth(depth).astype(np.float64)
-    extr = np.asarray(extr, np.float64)
-    intr = np.asarray(intr, np.float64)
-    s, h, w = d.shape
-    _check_cameras(extr, intr)
-    if extr.shape[0] != s:
-        raise ValueError(f"{s} depth maps but {extr.shape[0]} cameras")
-    v, u = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
-    pix = np.stack([u, v, np.ones_like(u)], -1)  # [H,W,3]
-    rays = np.einsum("sij,hwj->shwi", np.linalg.inv(intr), pix)
-    cam = rays * d[..., None]
-    rot, t = extr[:, :3, :3], extr[:, :3, 3]
-    # R^T (cam - t) as row vectors: (cam - t) @ R
-    world = np.einsum("shwi,sij->shwj", cam - t[:, None, None, :], rot)
-    return world.astype(np.float32)
 
 
 def select_points(points: np.ndarray, conf: np.ndarray, colours: np.ndarray,
@@ -215,7 +102,7 @@ def _fmt(x: float) -> str:
 def write_tum(path: PathLike, extr: np.ndarray, timestamps: Sequence[float] | None = None) -> Path:
     """TUM RGB-D trajectory: `timestamp tx ty tz qx qy qz qw` of each camera-to-world pose."""
     extr = np.asarray(extr, np.float64)
-    _check_cameras(extr)
+    check_cameras(extr)
     s = extr.shape[0]
     if timestamps is None:
         ts = np.arange(s, dtype=np.float64)
@@ -224,7 +111,7 @@ def write_tum(path: PathLike, extr: np.ndarray, timestamps: Sequence[float] | No
     if ts.shape != (s,):
         raise ValueError(f"need {s} timestamps, got shape {ts.shape}")
     c2w = invert_extrinsics(extr)
-    quat = mat_to_quat_np(c2w[:, :3, :3])
+    quat = mat_to_quat(c2w[:, :3, :3])
     lines = [TUM_HEADER]
     for n in range(s):
         vals = [*c2w[n, :, 3], *quat[n]]
@@ -244,7 +131,7 @@ def write_depth(directory: PathLike, depth: np.ndarray, conf: np.ndarray | None 
     65535 (depth = png / scale). Non-finite or negative depths are written as 0. Colour-mapped
     previews with a depth colour bar go to `preview/` (`write_depth_previews`). Returns `directory`."""
     directory = Path(directory)
-    d = _squeeze_depth(depth).astype(np.float32)
+    d = squeeze_depth(depth).astype(np.float32)
     if conf is not None:
         conf = np.asarray(conf, np.float32)
         if conf.shape != d.shape:
@@ -326,7 +213,7 @@ def write_depth_previews(directory: PathLike, depth: np.ndarray) -> Path:
     from PIL import Image
 
     directory = Path(directory)
-    d = _squeeze_depth(depth)
+    d = squeeze_depth(depth)
     near, far = depth_preview_range(d)
     directory.mkdir(parents=True, exist_ok=True)
     for n in range(len(d)):

@@ -1,11 +1,14 @@
-"""Input frames for `xsvggt reconstruct INPUT`: image folders, videos and preprocessed `.npz` files.
+"""Input frames, the parts every source shares: preprocessing, where a frame came from, the
+`FrameSource` interface and `FrameError`.
 
 Preprocessing reproduces upstream StreamVGGT `load_and_preprocess_images(image_path_list, mode)`
 bit for bit (PIL bicubic resize, uint8 / 255 in float32, white padding), with the target width as a
 parameter (default 518, the published model's).
 
-Every source is read lazily: `open_frames` only reads headers / metadata, and iterating decodes one
-frame at a time, so a long video or a large folder is never held in memory as a whole.
+The sources build on this module: image folders and preprocessed `.npz` files in `io.image_files`,
+videos in `io.video`; `io.sources.open_frames` picks one for an input path. Every source is read
+lazily: opening it only reads headers / metadata, and iterating decodes one frame at a time, so a
+long video or a large folder is never held in memory as a whole.
 
 Size rule (decided here, upstream has none): the check is made on the size *after* preprocessing,
 which is what the model sees. Upstream happily upsamples a tiny image, so a 10x10 photo is accepted
@@ -22,16 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import re
-import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from xsvggt_jax.io.fsutil import link_problem
 from xsvggt_jax.io.rgb import to_uint8_rgb
 from xsvggt_jax.errors import InputError
 
@@ -40,9 +39,6 @@ log = logging.getLogger(__name__)
 PATCH = 14
 DEFAULT_TARGET = 518
 MODES = ("crop", "pad")
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".gif", ".mpg", ".mpeg",
-                              ".wmv", ".flv", ".ts"})
 PAD_VALUE = 1.0  # white, as upstream
 
 
@@ -91,7 +87,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # preprocessing (upstream load_and_preprocess_images)
 # ----------------------------------------------------------------------------------------------
 
-def _check_args(mode: str, target: int) -> None:
+def check_args(mode: str, target: int) -> None:
+    """Raise FrameError unless `mode` is one of `MODES` and `target` a positive multiple of `PATCH`."""
     if mode not in MODES:
         raise FrameError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(target, (int, np.integer)) or target < PATCH or target % PATCH:
@@ -100,7 +97,7 @@ def _check_args(mode: str, target: int) -> None:
 
 def resized_size(width: int, height: int, mode: str = "crop", target: int = DEFAULT_TARGET) -> tuple[int, int]:
     """(new_width, new_height) of upstream's bicubic resize, before crop / pad."""
-    _check_args(mode, target)
+    check_args(mode, target)
     if mode == "pad" and width < height:
         return round(width * (target / height) / PATCH) * PATCH, target
     return target, round(height * (target / width) / PATCH) * PATCH
@@ -114,7 +111,9 @@ def preprocessed_size(width: int, height: int, mode: str = "crop", target: int =
     return min(new_h, target), new_w
 
 
-def _check_size(width: int, height: int, mode: str, target: int, name: str) -> tuple[int, int]:
+def check_size(width: int, height: int, mode: str, target: int, name: str) -> tuple[int, int]:
+    """(H, W) of a `width` x `height` image after preprocessing; FrameError naming `name` when a side
+    would be smaller than one patch."""
     new_w, new_h = resized_size(width, height, mode, target)
     if new_w < PATCH or new_h < PATCH:
         raise FrameError(f"{name}: image of {width}x{height} px resizes to {new_w}x{new_h} px "
@@ -124,32 +123,33 @@ def _check_size(width: int, height: int, mode: str, target: int, name: str) -> t
 
 def preprocess_image(pil_image: Image.Image, mode: str = "crop", target: int = DEFAULT_TARGET, *,
                      name: str = "image") -> np.ndarray:
-    """One PIL image -> float32 [3, H, W] in [0, 1], exactly as upstream preprocesses it."""
-    _check_args(mode, target)
+    """One PIL image -> float32 [H, W, 3] in [0, 1], the values upstream's preprocessing gives (upstream
+    lays them out [3, H, W])."""
+    check_args(mode, target)
     img = to_rgb(pil_image)
     width, height = img.size
-    _check_size(width, height, mode, target, name)
+    check_size(width, height, mode, target, name)
     new_w, new_h = resized_size(width, height, mode, target)
     img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     # torchvision ToTensor: uint8 -> float32, divided by 255 (IEEE division, same rounding as torch)
-    arr = np.asarray(img, dtype=np.uint8).astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
     if mode == "crop" and new_h > target:
         start_y = (new_h - target) // 2
-        arr = arr[:, start_y:start_y + target, :]
+        arr = arr[start_y:start_y + target]
     if mode == "pad":
         arr = pad_frame(arr, target, target)
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def pad_frame(frame: np.ndarray, height: int, width: int, value: float = PAD_VALUE) -> np.ndarray:
-    """Pad a [3, h, w] frame to [3, height, width] with `value`, centred (extra row/column bottom/right)."""
-    h_pad, w_pad = height - frame.shape[1], width - frame.shape[2]
+    """Pad an [h, w, 3] frame to [height, width, 3] with `value`, centred (extra row/column bottom/right)."""
+    h_pad, w_pad = height - frame.shape[0], width - frame.shape[1]
     if h_pad < 0 or w_pad < 0:
-        raise ValueError(f"cannot pad a {frame.shape[1]}x{frame.shape[2]} frame to {height}x{width}")
+        raise ValueError(f"cannot pad a {frame.shape[0]}x{frame.shape[1]} frame to {height}x{width}")
     if h_pad == 0 and w_pad == 0:
         return frame
     top, left = h_pad // 2, w_pad // 2
-    return np.pad(frame, ((0, 0), (top, h_pad - top), (left, w_pad - left)),
+    return np.pad(frame, ((top, h_pad - top), (left, w_pad - left), (0, 0)),
                   mode="constant", constant_values=np.float32(value))
 
 
@@ -167,16 +167,8 @@ def harmonize_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Upstream's final step: when shapes differ, pad every frame to the max H and max W with white."""
     if not frames:
         return []
-    height, width = common_size([(f.shape[1], f.shape[2]) for f in frames])
+    height, width = common_size([f.shape[:2] for f in frames])
     return [pad_frame(f, height, width) for f in frames]
-
-
-def load_and_preprocess_images(paths: Sequence[str | Path], mode: str = "crop",
-                               target: int = DEFAULT_TARGET) -> np.ndarray:
-    """Upstream's function, eager: [S, 3, H, W] float32."""
-    if not paths:
-        raise FrameError("at least one image is required")
-    return np.stack(harmonize_frames([_decode_image(Path(p), mode, target) for p in paths]))
 
 
 def preprocess_transform(width: int, height: int, mode: str = "crop",
@@ -241,7 +233,8 @@ def frame_info_for(name: str, width: int, height: int, mode: str, target: int, f
 class FrameSource:
     """Lazily read frames: `.num_frames`, `.height`, `.width`, `.query_points`, `.name` and
     `.frames_info` (one `FrameInfo` per frame; by default `frame_{i:06d}.png` at the frame size, no
-    transform, no time); iterating yields float32 [3, height, width] frames, decoding one at a time.
+    transform, no time); iterating yields float32 [height, width, 3] frames in [0, 1] (NHWC, the layout the step
+    takes), decoding one at a time.
     `iter_originals()` yields each frame's original picture for exports."""
 
     def __init__(self, name: str, num_frames: int, height: int, width: int,
@@ -269,190 +262,3 @@ class FrameSource:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, num_frames={self.num_frames}, "
                 f"{self.height}x{self.width})")
-
-
-def _natural_key(path: Path) -> list:
-    return [(0, int(t), t) if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", path.name) if t]
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Supported images directly in `folder` (not recursive, dotfiles skipped), natural order."""
-    files = [p for p in folder.iterdir()
-             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
-    return sorted(files, key=_natural_key)
-
-
-def _image_header_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:  # reads the header only, no pixel decode
-            return img.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise FrameError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-
-
-def _decode_image(path: Path, mode: str, target: int) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return preprocess_image(img, mode, target, name=str(path))
-    except FrameError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise FrameError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-
-
-class ImageFolderSource(FrameSource):
-    """A folder of images (or a single image file), decoded one by one in natural order.
-
-    A header-only first pass computes every image's preprocessed size, so mixed sizes can be padded
-    to the common (max) size lazily, exactly as upstream pads after loading everything."""
-
-    def __init__(self, paths: Sequence[Path], name: str, mode: str = "crop", target: int = DEFAULT_TARGET):
-        _check_args(mode, target)
-        self.paths = list(paths)
-        self.mode, self.target = mode, target
-        self.sizes = []
-        originals = []
-        for p in self.paths:
-            w, h = _image_header_size(p)
-            originals.append((w, h))
-            self.sizes.append(_check_size(w, h, mode, target, str(p)))
-        height, width = common_size(self.sizes, [p.name for p in self.paths])
-        infos = [frame_info_for(p.name, w, h, mode, target, (height, width), index=i)
-                 for i, (p, (w, h)) in enumerate(zip(self.paths, originals))]
-        super().__init__(name, len(self.paths), height, width, frames_info=infos)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for path, size in zip(self.paths, self.sizes):
-            frame = _decode_image(path, self.mode, self.target)
-            if frame.shape[1:] != size:  # header lied (e.g. file changed since open_frames)
-                raise FrameError(f"{path}: decoded to {frame.shape[1]}x{frame.shape[2]}, "
-                                 f"header said {size[0]}x{size[1]}")
-            yield pad_frame(frame, self.height, self.width)
-
-    def iter_originals(self) -> Iterator[Path]:
-        yield from self.paths
-
-
-def _read_npy_header(f, path: Path):
-    """Read an .npy header from file object `f`, leaving it at the data; (shape, fortran, dtype)."""
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise FrameError(f"{path}: 'images' uses .npy format version {version}, unsupported for streaming")
-
-
-class NpzSource(FrameSource):
-    """An `.npz` with `images` [S, 3, H, W] float in [0, 1] (already preprocessed) and optional
-    `query_points` [N, 2]. Frames are streamed out of the zip member one at a time; `open_frames`
-    makes one streaming pass to check every value is finite (same checks as the CLI's loader)."""
-
-    def __init__(self, path: Path, stride: int = 1):
-        self.path, self.stride = path, stride
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = set(zf.namelist())
-                if "images.npy" not in names:
-                    found = sorted(n.removesuffix(".npy") for n in names)
-                    raise FrameError(f"{path}: no 'images' array (found: {found or 'none'})")
-                with zf.open("images.npy") as f:
-                    shape, fortran, dtype = _read_npy_header(f, path)
-        except FrameError:
-            raise
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise FrameError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
-        if dtype.kind != "f":
-            raise FrameError(f"{path}: 'images' must be float in [0, 1], got dtype {dtype}")
-        if len(shape) != 4 or shape[1] != 3 or shape[0] < 1:
-            raise FrameError(f"{path}: 'images' must have shape [S, 3, H, W] with S >= 1, got {list(shape)}")
-        s, _, h, w = shape
-        if h < PATCH or w < PATCH or h % PATCH or w % PATCH:
-            raise FrameError(f"{path}: 'images' {list(shape)}: frame size {h}x{w} must be positive multiples "
-                             f"of the patch size {PATCH}")
-        if fortran:
-            raise FrameError(f"{path}: 'images' is stored in Fortran order; save it C-contiguous")
-        self._shape, self._dtype = tuple(shape), dtype
-        qp = None
-        if "query_points.npy" in names:
-            try:
-                with np.load(path, allow_pickle=False) as npz:
-                    qp = npz["query_points"]
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-                raise FrameError(f"{path}: unreadable 'query_points' ({type(e).__name__}: {e})") from e
-            if not np.issubdtype(qp.dtype, np.number) or qp.ndim != 2 or qp.shape[1] != 2 or qp.shape[0] < 1:
-                raise FrameError(f"{path}: 'query_points' must have shape [N, 2] with N >= 1, "
-                                 f"got {list(qp.shape)} ({qp.dtype})")
-            if not np.all(np.isfinite(qp)):
-                raise FrameError(f"{path}: 'query_points' contains non-finite values")
-            qp = qp.astype(np.float32)
-        infos = [FrameInfo(f"frame_{i:06d}.png", w, h, index=i) for i in range(0, s, stride)]
-        super().__init__(str(path), len(infos), h, w, qp, infos)
-        self._validate_values()
-
-    def _raw_frames(self, stride: int) -> Iterator[tuple[int, np.ndarray]]:
-        s, c, h, w = self._shape
-        nbytes = c * h * w * self._dtype.itemsize
-        try:
-            with zipfile.ZipFile(self.path) as zf, zf.open("images.npy") as f:
-                _read_npy_header(f, self.path)
-                for i in range(s):
-                    buf = f.read(nbytes)
-                    if len(buf) != nbytes:
-                        raise FrameError(f"{self.path}: 'images' truncated at frame {i} of {s}")
-                    if i % stride == 0:
-                        yield i, np.frombuffer(buf, self._dtype).reshape(c, h, w)
-        except FrameError:
-            raise
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise FrameError(f"{self.path}: cannot read 'images' ({type(e).__name__}: {e})") from e
-
-    def _validate_values(self) -> None:
-        lo, hi = math.inf, -math.inf
-        for i, frame in self._raw_frames(1):
-            bad = ~np.isfinite(frame)
-            if bad.any():
-                raise FrameError(f"{self.path}: 'images' frame {i} contains {int(bad.sum())} non-finite values")
-            lo, hi = min(lo, float(frame.min())), max(hi, float(frame.max()))
-        if lo < 0.0 or hi > 1.0:
-            log.warning("%s: 'images' values span [%g, %g], expected [0, 1]", self.path, lo, hi)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for _, frame in self._raw_frames(self.stride):
-            yield frame.astype(np.float32)  # copies: frombuffer views are read-only
-
-
-def open_frames(path: str | Path, *, mode: str = "crop", target: int = DEFAULT_TARGET,
-                fps: float | None = None, stride: int = 1) -> FrameSource:
-    """Open `path` (a folder of images, one image, a video, or a preprocessed `.npz`) as a lazy
-    `FrameSource`. `mode`/`target` are upstream's preprocessing (ignored for `.npz`, which is already
-    preprocessed); `stride` keeps every stride-th frame; `fps` resamples a video to that frame rate."""
-    path = Path(path)
-    _check_args(mode, target)
-    if not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise FrameError(f"stride must be a positive integer, got {stride!r}")
-    if fps is not None and (not math.isfinite(fps) or fps <= 0):
-        raise FrameError(f"fps must be a positive number, got {fps!r}")
-    if fps is not None and stride != 1:
-        raise FrameError("give either fps or stride, not both")
-    if not path.exists():
-        raise FrameError(f"{path}: {link_problem(path) or 'input not found'}")
-    suffix = path.suffix.lower()
-    if fps is not None and not (path.is_file() and suffix in VIDEO_EXTENSIONS):
-        raise FrameError(f"{path}: fps resampling applies to videos only (use stride)")
-    if path.is_dir():
-        paths = list_images(path)
-        if not paths:
-            raise FrameError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder")
-        return ImageFolderSource(paths[::stride], str(path), mode, target)
-    if suffix == ".npz":
-        return NpzSource(path, stride)
-    if suffix in IMAGE_EXTENSIONS:
-        return ImageFolderSource([path], str(path), mode, target)
-    if suffix in VIDEO_EXTENSIONS:
-        from xsvggt_jax.io.video import VideoSource  # PyAV is imported only for videos
-
-        return VideoSource(path, mode, target, fps, stride)
-    raise FrameError(f"{path}: unsupported input type {suffix or '(no extension)'!r}: expected a folder of "
-                     f"images, an image, a video ({', '.join(sorted(VIDEO_EXTENSIONS))}) or an .npz")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xsvggt_jax.geometry import pose_encoding_to_extri_intri, unproject_depth
 from xsvggt_jax.io import exports as ex
 from xsvggt_jax.io.colmap import DEFAULT_MAX_POINTS, export_colmap
 from xsvggt_jax.io.frames import FrameInfo, FrameSource
@@ -75,7 +76,7 @@ def write_outputs(out_dir: Path, preds: Mapping[str, np.ndarray], rgb: np.ndarra
     colmap_points, colmap_dropped_frames."""
     out_dir = Path(out_dir)
     hw = (source.height, source.width)
-    extr, intr = ex.pose_to_extri_intri_np(np.asarray(preds["camera_pose"]), hw)
+    extr, intr = pose_encoding_to_extri_intri(np.asarray(preds["camera_pose"]), hw)
     s = len(extr)
     if s != source.num_frames or len(rgb) != s:
         raise ValueError(f"{s} predicted frames, {len(rgb)} colour frames, source has {source.num_frames}")
@@ -87,7 +88,7 @@ def write_outputs(out_dir: Path, preds: Mapping[str, np.ndarray], rgb: np.ndarra
     step = max(1, int(np.ceil(s * hw[0] * hw[1] / options.ply_max_pixels)))  # bound the cloud's memory
     idx = np.arange(0, s, step)
     if options.points == "depth":
-        pts = ex.unproject_depth(np.asarray(preds["depth"][idx]), extr[idx], intr[idx])
+        pts = unproject_depth(np.asarray(preds["depth"][idx]), extr[idx], intr[idx])
         conf = np.asarray(preds["depth_conf"][idx])
     else:
         pts, conf = np.asarray(preds["pts3d_in_other_view"][idx]), np.asarray(preds["conf"][idx])

@@ -1,4 +1,5 @@
-"""Video input for `open_frames`: PyAV decoding, frame counting and timing without a container count.
+"""Video input (`io.sources.open_frames`): PyAV decoding, frame counting and timing without a
+container count.
 
 Matroska / WebM (and some other containers) do not store a frame count, but the pipeline allocates
 its outputs per frame up front, so the frames are counted when the video is opened: by demuxing
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xsvggt_jax.io.frames import DEFAULT_TARGET, FrameError, FrameSource, _check_args, _check_size, frame_info_for, \
+from xsvggt_jax.io.frames import DEFAULT_TARGET, FrameError, FrameSource, check_args, check_size, frame_info_for, \
     preprocess_image
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class VideoSource(FrameSource):
 
     def __init__(self, path: Path, mode: str = "crop", target: int = DEFAULT_TARGET,
                  fps: float | None = None, stride: int = 1):
-        _check_args(mode, target)
+        check_args(mode, target)
         av = _av()
         self.path, self.mode, self.target = path, mode, target
         try:
@@ -112,7 +113,7 @@ class VideoSource(FrameSource):
         else:
             self.indices = list(range(0, len(times), stride))
         width, height = first.width, first.height
-        frame_hw = _check_size(width, height, mode, target, str(path))
+        frame_hw = check_size(width, height, mode, target, str(path))
         infos = [frame_info_for(f"frame_{i:06d}.jpg", width, height, mode, target, frame_hw, time=times[i], index=i)
                  for i in self.indices]
         super().__init__(str(path), len(self.indices), *frame_hw, frames_info=infos)
@@ -140,8 +141,8 @@ class VideoSource(FrameSource):
     def __iter__(self) -> Iterator[np.ndarray]:
         for i, picture in self._decode_kept():
             out = preprocess_image(picture, self.mode, self.target, name=f"{self.path} frame {i}")
-            if out.shape[1:] != (self.height, self.width):
-                raise FrameError(f"{self.path}: frame {i} preprocesses to {out.shape[1]}x{out.shape[2]}, "
+            if out.shape[:2] != (self.height, self.width):
+                raise FrameError(f"{self.path}: frame {i} preprocesses to {out.shape[0]}x{out.shape[1]}, "
                                  f"expected {self.height}x{self.width} (frame size changed mid-video)")
             yield out
 

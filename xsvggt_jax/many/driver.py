@@ -117,7 +117,7 @@ def group_pools(jobs: Sequence[Job], query_pools: str) -> dict[tuple[int, int, i
 
 
 class _Reader:
-    """Frames of one scene, [3, H, W] float32 each, value-checked; read ahead by a thread into a
+    """Frames of one scene, [H, W, 3] float32 each, value-checked; read ahead by a thread into a
     queue of `depth` frames (depth 0: read on demand in the caller's thread)."""
 
     def __init__(self, source: FrameSource, depth: int):
@@ -379,7 +379,7 @@ def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, 
     active: list[Optional[_Active]] = [None] * b_slots
     masked = shared and nq > 0  # a shared pool passes each slot's real points: valid [B, N]
     valid = np.zeros((b_slots, nq), bool)
-    blank = np.zeros((3, h, w), np.float32)
+    blank = np.zeros((h, w, 3), np.float32)
     t_start = time.perf_counter()
     try:
         while True:
@@ -425,7 +425,7 @@ def _run_pool(cfg, cache_cfg, params, group: list[Job], key: tuple, slots: int, 
             stats.frame_wait_s += time.perf_counter() - t0
             if not rows:
                 continue
-            batch = jnp.asarray(np.stack(frames).transpose(0, 2, 3, 1))  # [B, H, W, 3]
+            batch = jnp.asarray(np.stack(frames))  # [B, H, W, 3]
             dispatched = time.perf_counter()
             pool, out = step(params, pool, batch, jnp.asarray(valid) if masked else None)
             writer.put(("step", out, rows, dispatched), stats)

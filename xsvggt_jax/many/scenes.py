@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from xsvggt_jax.io.frames import list_images
+from xsvggt_jax.io.image_files import list_images
 from xsvggt_jax.io.fsutil import PRODUCER, FsError, atomic_write_json, resolved
 from xsvggt_jax.io.outdir import MANIFEST
 from xsvggt_jax.errors import InputError
@@ -120,7 +120,7 @@ def _claims(root: Path) -> dict[str, list[str]]:
 
 def input_fingerprint(path: Path) -> str:
     """Content hash of what a scene reads: the input file (video, .npz, image) or a folder's images
-    (`io.frames.list_images`: their names, sizes and bytes). Reads the bytes once, decodes nothing.
+    (`io.image_files.list_images`: their names, sizes and bytes). Reads the bytes once, decodes nothing.
     Raises FsError when the input cannot be read."""
     h = hashlib.blake2b(digest_size=16)
     try:

@@ -34,16 +34,16 @@ class OfflineRun:
 
 def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], query_points: Optional[np.ndarray],
                 causal: bool, attention: str = "auto", devices: int = 1) -> OfflineRun:
-    """All `frames` ([3, H, W] float32 each; the batch forward needs them at once) in one forward pass.
+    """All `frames` ([H, W, 3] float32 each; the batch forward needs them at once) in one forward pass.
 
     query_points: [N, 2] pixels of frame 0 or None. attention: the global attention implementation
     (`attention.ATTENTION_IMPLS`). devices > 1 shards the frames over a "seq" mesh of that many
     devices (`seqpar.offline_sharded`, ring attention unless `attention="gather"`; S must divide
     evenly; no tracks). Raises NonFiniteError on NaN/Inf outputs.
     """
-    frames = np.stack(list(frames))  # [S, 3, H, W]
-    s, _, h, w = frames.shape
-    x = jnp.asarray(frames.transpose(0, 2, 3, 1))[None]  # [1, S, H, W, 3]
+    frames = np.stack(list(frames))  # [S, H, W, 3]
+    s, h, w, _ = frames.shape
+    x = jnp.asarray(frames)[None]  # [1, S, H, W, 3]
     q = None if query_points is None else jnp.asarray(query_points)[None]
     if devices > 1:
         from xsvggt_jax.stream.sharded import make_seq_mesh, offline_sharded

@@ -175,7 +175,7 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
                   num_frames: int, hw: tuple[int, int], query_points: Optional[np.ndarray], work_dir: Path, *,
                   state_dir: Optional[Path] = None, save_every: int = 0, resume: bool = False,
                   quiet: bool = True, meta: Optional[dict] = None) -> StreamRun:
-    """Run `num_frames` frames ([3, H, W] float32 each) through the streaming step.
+    """Run `num_frames` frames ([H, W, 3] float32 each) through the streaming step.
 
     Outputs go to memory maps under `work_dir` (or `state_dir/outputs` when checkpointing, so they
     survive an interruption). `resume=True` continues from `state_dir` after checking that `meta`'s
@@ -223,7 +223,7 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
         if t >= num_frames:
             raise ValueError(f"the source yielded more than the {num_frames} frames it announced")
         t0 = time.perf_counter()
-        cache, out = step_fn(params, cache, jnp.asarray(frame.transpose(1, 2, 0))[None])
+        cache, out = step_fn(params, cache, jnp.asarray(frame)[None])
         out = jax.block_until_ready(out)
         latency.append(time.perf_counter() - t0)
         bad = store.write(t, out, frame)

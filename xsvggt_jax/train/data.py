@@ -92,8 +92,8 @@ class ReaderClips:
         images, depths, ks = [], [], []
         for f in range(start, start + src.frames):
             image, depth, k = preprocess_frame(seq, f, "crop", target=src.width)
-            img, top = _centre_rows(image.transpose(1, 2, 0), src.height, f"{seq.name}/{seq.frame_ids[f]}")
-            images.append(img.transpose(2, 0, 1))
+            img, top = _centre_rows(image, src.height, f"{seq.name}/{seq.frame_ids[f]}")
+            images.append(img)
             depths.append(_centre_rows(depth, src.height, seq.name)[0])
             k = k.copy()
             k[1, 2] -= top

@@ -6,7 +6,7 @@ points are moved into frame 0's camera, and translations, points and depths are 
 scale per sequence: the mean distance of the valid points from frame 0's camera centre. The pose
 encoding is VGGT's absT_quaR_FoV: [t (3), quaternion xyzw of R (4), FoV_h, FoV_w], with
 FoV_h = 2 atan(H / (2 fy)) and FoV_w = 2 atan(W / (2 fx)) (the inverse of
-`xsvggt_jax.geometry.pose_encoding_to_extri_intri`).
+`xsvggt_jax.geometry.pose_encoding_to_extri_intri`, `geometry.extri_intri_to_pose_encoding`).
 """
 
 from __future__ import annotations
@@ -14,59 +14,29 @@ from __future__ import annotations
 import numpy as np
 
 from xsvggt_jax.data.base import DataError
-from xsvggt_jax.io.exports import mat_to_quat_np
+from xsvggt_jax.geometry import camera_points, camera_to_world, extri_intri_to_pose_encoding, homogeneous
 
 SCALE_MIN = 1e-6  # a sequence whose valid points all sit at the camera centre cannot be normalised
-
-
-def _se3(extrinsics: np.ndarray) -> np.ndarray:
-    """[S, 3, 4] -> [S, 4, 4] float64."""
-    out = np.zeros((len(extrinsics), 4, 4))
-    out[:, :3] = extrinsics[:, :3, :4]
-    out[:, 3, 3] = 1.0
-    return out
 
 
 def relative_to_first(extrinsics: np.ndarray) -> np.ndarray:
     """Camera-from-world extrinsics [S, 3, 4] -> the same cameras with frame 0's camera as the world:
     E_i E_0^-1 [S, 3, 4] float64 (frame 0 becomes [I | 0])."""
-    e = _se3(np.asarray(extrinsics, np.float64))
+    e = homogeneous(extrinsics)
     return (e @ np.linalg.inv(e[0]))[:, :3]
-
-
-def extri_intri_to_pose_encoding(extrinsics: np.ndarray, intrinsics: np.ndarray,
-                                 image_hw: tuple[int, int]) -> np.ndarray:
-    """Extrinsics [..., 3, 4] (camera-from-world) and intrinsics [..., 3, 3] -> absT_quaR_FoV [..., 9]
-    float32: translation, quaternion (x, y, z, w; w >= 0), FoV_h, FoV_w in radians."""
-    h, w = image_hw
-    e, k = np.asarray(extrinsics, np.float64), np.asarray(intrinsics, np.float64)
-    fov_h = 2.0 * np.arctan((h / 2.0) / k[..., 1, 1])
-    fov_w = 2.0 * np.arctan((w / 2.0) / k[..., 0, 0])
-    return np.concatenate([e[..., :3, 3], mat_to_quat_np(e[..., :3, :3]), fov_h[..., None], fov_w[..., None]],
-                          -1).astype(np.float32)
-
-
-def camera_points(depth: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
-    """Unproject z-depth [S, H, W] with intrinsics [S, 3, 3] (pixel (u, v) -> K^-1 [u, v, 1] * z) to
-    camera-space points [S, H, W, 3] float64."""
-    s, h, w = depth.shape
-    v, u = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
-    pix = np.stack([u, v, np.ones_like(u)], -1)                           # [H, W, 3]
-    rays = np.einsum("sij,hwj->shwi", np.linalg.inv(np.asarray(intrinsics, np.float64)), pix)
-    return rays * np.asarray(depth, np.float64)[..., None]
 
 
 def supervised_targets(images: np.ndarray, depth: np.ndarray, extrinsics: np.ndarray,
                        intrinsics: np.ndarray, valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """One clip's inputs and normalised ground truth.
 
-    images [S, 3, H, W] in [0, 1]; depth [S, H, W] z-depth (<= 0 or non-finite: invalid);
+    images [S, H, W, 3] in [0, 1]; depth [S, H, W] z-depth (<= 0 or non-finite: invalid);
     extrinsics [S, 3, 4] camera-from-world; intrinsics [S, 3, 3]; valid [S, H, W] bool or None.
     Returns float32 arrays (bool for valid): images [S, H, W, 3], camera_pose [S, 9],
     depth [S, H, W, 1], pts3d_in_other_view [S, H, W, 3] (frame 0's camera coordinates), valid
     [S, H, W]; plus "scale" [] the divisor applied to translations, depths and points.
     """
-    s, _, h, w = images.shape
+    s, h, w, _ = images.shape
     depth = np.asarray(depth, np.float64)
     ok = np.isfinite(depth) & (depth > 0)
     if valid is not None:
@@ -76,17 +46,15 @@ def supervised_targets(images: np.ndarray, depth: np.ndarray, extrinsics: np.nda
     depth = np.where(ok, depth, 0.0)
     rel = relative_to_first(extrinsics)                                    # [S, 3, 4]
     cam = camera_points(depth, intrinsics)                                 # [S, H, W, 3]
-    rot, trans = rel[:, :, :3], rel[:, :, 3]
-    # camera i -> frame 0: X0 = R_i^T (X_i - t_i)
-    pts0 = np.einsum("sji,shwj->shwi", rot, cam - trans[:, None, None, :])
+    pts0 = camera_to_world(cam, rel)                                       # camera i -> frame 0
     scale = float(np.mean(np.linalg.norm(pts0[ok], axis=-1)))
     if not scale > SCALE_MIN:
         raise DataError(f"a training clip's points have mean distance {scale:g} from the first camera")
     rel_scaled = rel.copy()
     rel_scaled[:, :, 3] /= scale
     return {
-        "images": np.asarray(images, np.float32).transpose(0, 2, 3, 1),
-        "camera_pose": extri_intri_to_pose_encoding(rel_scaled, intrinsics, (h, w)),
+        "images": np.asarray(images, np.float32),
+        "camera_pose": extri_intri_to_pose_encoding(rel_scaled, intrinsics, (h, w)).astype(np.float32),
         "depth": (depth / scale)[..., None].astype(np.float32),
         "pts3d_in_other_view": np.where(ok[..., None], pts0 / scale, 0.0).astype(np.float32),
         "valid": ok,
