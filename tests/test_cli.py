@@ -92,7 +92,7 @@ def test_convert_overwrite_replaces_only_our_params_dir(tiny_dir, tmp_path):
     before = (ours / "config.json").stat().st_mtime_ns
     assert main(ours_args + ["--overwrite"]) == 0
     assert (ours / "config.json").stat().st_mtime_ns >= before
-    assert sorted(p.name for p in ours.iterdir()) == ["config.json", "params"]
+    assert sorted(p.name for p in ours.iterdir()) == ["checksum.json", "config.json", "params"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "q"]  # no temporary siblings left
 
 
