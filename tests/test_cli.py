@@ -13,6 +13,7 @@ from conftest import rel_err, run_error
 from test_parity import OFFLINE_TRACK_SCORE_TOL, TOL, assert_ktvt_parity
 from test_parity import OUTPUTS as ALL_KEYS
 from xsvggt_jax.app.cli import main
+from xsvggt_jax.cache.core import BUILT_FOR_BYTES
 from xsvggt_jax.weights.params import ParamsError, load_params
 
 REPORT_FIELDS = ("mode", "frames", "height", "width", "seconds_per_frame", "compile_seconds", "cache_bytes",
@@ -233,5 +234,6 @@ def test_reconstruct_compressed_stream(flags, run, tiny_dir, params_dirs, tmp_pa
     report = json.loads((out / "report.json").read_text())
     for field in ("cache_bytes", "cache_bytes_global", "cache_bytes_camera", "packed_floor_bytes"):
         assert report[field] > 0, field
-    assert report["cache_bytes"] == report["cache_bytes_global"] + report["cache_bytes_camera"] + 8 * 2 * 4 + 12 + 8
+    assert report["cache_bytes"] == (report["cache_bytes_global"] + report["cache_bytes_camera"] + 8 * 2 * 4 + 12 + 8
+                                     + BUILT_FOR_BYTES)  # + tracks, counters, rng key, configuration record
     assert report["cache"]["prune"] == "xstream" and report["cache"]["budget"] == 64
