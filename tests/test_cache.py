@@ -3,6 +3,8 @@ fixed shapes and bytes, one trace per stream, vmap over streams, reproducible ra
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,8 +15,8 @@ import pytest
 import xsvggt_jax.stream.step as step_mod
 from _refs import ref_quant
 from conftest import micro_cfg, micro_frames as _frames
-from xsvggt_jax.cache.core import (QUANT_LAYOUTS, CacheConfig, LayerPlan, _empty_layers, cache_bytes, init_cache,
-                              plan_layers, tree_bytes, update_layer)
+from xsvggt_jax.cache.core import (QUANT_LAYOUTS, CacheConfig, CacheMismatchError, LayerPlan, _empty_layers,
+                                   cache_bytes, init_cache, plan_layers, tree_bytes, update_layer)
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.cache.codec import LAYOUTS as CODECS
 from xsvggt_jax.nn.layers import Prefix
@@ -231,3 +233,28 @@ def test_cache_saves_and_restores_with_plain_orbax(tmp_path, micro, cc, queries)
     _, want = fn(params, cache, jnp.asarray(frames[1]))
     _, got = fn(params, restored, jnp.asarray(frames[1]))
     chex.assert_trees_all_equal(got, want)
+
+
+def test_restored_cache_is_refused_by_another_config_or_without_a_target(tmp_path, micro):
+    """Orbax keeps only the leaves: restored into the tree of another CacheConfig with the same shapes
+    (xstream saved, sliding restored) the cache used to stream on silently under the wrong policy,
+    and restored without a target it reached the step as a dict (an AttributeError)."""
+    cfg, params = micro
+    saved_cc, other_cc = CacheConfig("xstream", 24, 3), CacheConfig("sliding", 24, 3)
+    frames = _frames(2)
+    cache, _ = step_mod.make_step(cfg, saved_cc)(params, init_cache(cfg, saved_cc, 1, (28, 28)), jnp.asarray(frames[0]))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "cache", cache)
+        ckpt.wait_until_finished()
+        other = jax.eval_shape(lambda: init_cache(cfg, other_cc, 1, (28, 28)))
+        shape = lambda t: [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(t)]
+        assert shape(other) == shape(cache)  # only the recorded config tells them apart
+        wrong = ckpt.restore(tmp_path / "cache", other)
+        untargeted = ckpt.restore(tmp_path / "cache")
+    frame = jnp.asarray(frames[1])
+    for run in (step_mod.make_step(cfg, other_cc), functools.partial(step_mod.step, cfg, other_cc)):
+        with pytest.raises(CacheMismatchError, match="prune='xstream' .saved. vs 'sliding'"):
+            run(params, wrong, frame)
+    for run in (step_mod.make_step(cfg, saved_cc), functools.partial(step_mod.step, cfg, saved_cc)):
+        with pytest.raises(CacheMismatchError, match="not a StreamCache .* without a target"):
+            run(params, untargeted, frame)

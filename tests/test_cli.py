@@ -13,6 +13,7 @@ from _refs import OFFLINE_TRACK_SCORE_TOL, TOL, assert_ktvt_parity
 from _refs import OUTPUTS as ALL_KEYS
 from conftest import rel_err, run_error
 from xsvggt_jax.app.cli import main
+from xsvggt_jax.cache.core import BUILT_FOR_BYTES
 from xsvggt_jax.weights.params import ParamsError, load_params
 
 REPORT_FIELDS = ("mode", "frames", "height", "width", "seconds_per_frame", "compile_seconds", "cache_bytes",
@@ -92,7 +93,7 @@ def test_convert_overwrite_replaces_only_our_params_dir(tiny_dir, tmp_path):
     before = (ours / "config.json").stat().st_mtime_ns
     assert main(ours_args + ["--overwrite"]) == 0
     assert (ours / "config.json").stat().st_mtime_ns >= before
-    assert sorted(p.name for p in ours.iterdir()) == ["config.json", "params"]
+    assert sorted(p.name for p in ours.iterdir()) == ["checksum.json", "config.json", "params"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "q"]  # no temporary siblings left
 
 
@@ -234,7 +235,8 @@ def test_reconstruct_compressed_stream(flags, run, tiny_dir, params_dirs, tmp_pa
     report = json.loads((out / "report.json").read_text())
     for field in ("cache_bytes", "cache_bytes_global", "cache_bytes_camera", "packed_floor_bytes"):
         assert report[field] > 0, field
-    assert report["cache_bytes"] == report["cache_bytes_global"] + report["cache_bytes_camera"] + 8 * 2 * 4 + 12 + 8
+    assert report["cache_bytes"] == (report["cache_bytes_global"] + report["cache_bytes_camera"] + 8 * 2 * 4 + 12 + 8
+                                     + BUILT_FOR_BYTES)  # + tracks, counters, rng key, configuration record
     assert report["cache"]["prune"] == "xstream" and report["cache"]["budget"] == 64
 
 

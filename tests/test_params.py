@@ -188,3 +188,58 @@ def test_forgotten_spec_says_so_in_one_line():
                           "tensors missing/mismatched, e.g. aggregator.camera_token is (1, 2, 1, 128), expected "
                           "(1, 2, 1, 1024);")
     assert msg.endswith("): pass --spec") and "\n" not in msg and len(msg) < 500
+
+
+# ------------------------------------------------------------------------------------- checksums
+def _flip_one_bit(params: dict) -> dict:
+    params = jax.tree.map(np.array, params)  # own copies
+    token = params["aggregator"]["camera_token"]
+    token.view(np.uint32).reshape(-1)[3] ^= 1 << 7
+    return params
+
+
+def test_bit_flipped_arrays_are_refused_naming_the_array(micro, tmp_path):
+    """A params/ checkpoint that orbax still reads but whose bytes changed since `save_params` (a bit
+    flipped on disk or in transit; simulated by swapping in the checkpoint of a one-bit-different
+    tree) used to load silently."""
+    import shutil
+    cfg, params = micro
+    d = save_params(params, tmp_path / "p", cfg)
+    other = save_params(_flip_one_bit(params), tmp_path / "q", cfg)
+    shutil.rmtree(d / "params")
+    shutil.copytree(other / "params", d / "params")
+    with pytest.raises(ParamsError) as e:
+        load_params(d)
+    msg = str(e.value)
+    assert "\n" not in msg and str(d) in msg and "checksum.json" in msg
+    assert "aggregator/camera_token" in msg and "register_token" not in msg
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.__setitem__("rope_freq", m["rope_freq"] * 2), "rope_freq"),
+    (lambda m: m["dino"].__setitem__("layer_norm_eps", 1e-3), "dino.layer_norm_eps"),
+])
+def test_config_edits_that_keep_shapes_are_refused(micro, saved, tmp_path, edit, field):
+    """config.json edited after saving in a way that keeps every array's shape (so the shape check
+    passes) used to load the arrays under a configuration they were not trained with."""
+    import shutil
+    d = Path(shutil.copytree(saved, tmp_path / "p"))
+    _edit_config(d, edit)
+    with pytest.raises(ParamsError, match=rf"config.json .*checksum.json.*{field} "):
+        load_params(d)
+
+
+def test_directory_without_checksum_loads_with_a_debug_log(micro, saved, tmp_path, caplog):
+    """Directories written before checksums were stored still load (checksum unchecked, said at debug)."""
+    import logging
+    import shutil
+    cfg, params = micro
+    d = Path(shutil.copytree(saved, tmp_path / "p"))
+    assert (d / "checksum.json").is_file()
+    (d / "checksum.json").unlink()
+    with caplog.at_level(logging.DEBUG, logger="xsvggt_jax.weights.params"):
+        loaded, loaded_cfg = load_params(d)
+    assert loaded_cfg == cfg
+    assert any("checksum" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        assert np.array_equal(np.asarray(a), b)

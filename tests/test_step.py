@@ -190,3 +190,31 @@ def test_step_compiles_once_on_a_two_device_mesh(tmp_path):
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     r = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_make_step_driver_composes_with_jit_and_vmap(micro):
+    """The driver used to read `.committed` off its cache (placement) and so raised a
+    ConcretizationTypeError under jax.jit / jax.vmap. Traced, it is the pure step."""
+    cfg, params = micro
+    cc = CacheConfig("xstream", 24, 3)
+    fn = step_mod.make_step(cfg, cc)
+    streams = [micro_frames(2, seed=s) for s in range(2)]
+    want = []
+    for frames in streams:
+        cache, outs = init_cache(cfg, cc, 1, (28, 28)), []
+        for f in frames:
+            cache, out = fn(params, cache, jnp.asarray(f))
+            outs.append(out)
+        want.append(outs)
+    jitted = jax.jit(fn)
+    cache = init_cache(cfg, cc, 1, (28, 28))
+    for t, f in enumerate(streams[0]):
+        cache, out = jitted(params, cache, jnp.asarray(f))
+        chex.assert_trees_all_close(out, want[0][t], rtol=1e-5, atol=1e-6)
+    assert int(cache.frame_index) == 2
+    vstep = jax.vmap(fn, in_axes=(None, 0, 0))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[init_cache(cfg, cc, 1, (28, 28)) for _ in streams])
+    for t in range(2):
+        stacked, out = vstep(params, stacked, jnp.asarray(np.stack([s[t] for s in streams])))
+        for s in range(2):
+            chex.assert_trees_all_close(jax.tree.map(lambda x: x[s], out), want[s][t], rtol=1e-5, atol=1e-6)

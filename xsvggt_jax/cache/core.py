@@ -28,12 +28,16 @@ Slots past a layer's fill level are masked out of attention.
 Pure threading: `update_layer(kv, length, q, k, v, ...)` is one attention call's update and returns
 the next layer state; `step` wraps each layer's state in a `LayerCache` (keys fold_in(key, layer)),
 the modules pass them down and return the next ones, and nothing is mutated. The cache records what
-it was built for (static fields: CacheConfig, frame size, capacity) so `step` can refuse a mismatch.
+it was built for (static fields: CacheConfig, frame size, capacity) so `step` can refuse a mismatch;
+the same record is also a leaf (`StreamCache.built_for`, JSON bytes) because a checkpoint keeps only
+leaves: a cache restored into the tree of another configuration with the same shapes is refused
+(`check_built_for`) instead of streaming on under the wrong policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from typing import Any, Mapping, Optional
@@ -41,6 +45,7 @@ from typing import Any, Mapping, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xsvggt_jax.cache import quant
 from xsvggt_jax.config import ModelConfig, value_from_text
@@ -56,7 +61,7 @@ QUANT_LAYOUTS = ("none", *LAYOUTS)  # registry keys: "none" or a K/V codec layou
 __all__ = ["QUANT_LAYOUTS", "SCALE_DTYPES", "LAYOUTS", "DEFAULT_LAYOUT", "CacheConfig", "short_form_grammar",
            "LayerKV", "LayerCache", "StreamCache", "update_layer", "prefix_chunk", "layer_caches", "init_cache",
            "cache_overflowed", "cache_bytes", "cache_report", "tree_bytes", "stored_slots", "CacheMismatchError",
-           "CacheOverflowError"]
+           "CacheOverflowError", "BUILT_FOR_BYTES", "check_built_for"]
 
 
 class CacheMismatchError(InputError):
@@ -420,6 +425,8 @@ class StreamCache:
     track_points: float32 [B, N, 2] query points for the next frame (the last frame's tracks), or None
                  without query points (no zero-size leaves: orbax refuses them).
     rng:         uint32 [2] key of the `random` policy (advanced every step).
+    built_for:   uint8 [BUILT_FOR_BYTES] the static fields below as JSON (`encode_built_for`), a leaf
+                 so a checkpoint keeps them; passed through every step unchanged.
     Static (not leaves; checked by `step`): cache_cfg, the configuration it was built for; frame_hw,
     the frame size (H, W); max_frames, the frame capacity of an uncompressed cache (None when pruned).
     """
@@ -431,9 +438,59 @@ class StreamCache:
     frame_index: Array
     track_points: Optional[Array]
     rng: Array
+    built_for: Array
     cache_cfg: CacheConfig = flax.struct.field(pytree_node=False)
     frame_hw: tuple[int, int] = flax.struct.field(pytree_node=False)
     max_frames: Optional[int] = flax.struct.field(pytree_node=False)
+
+
+BUILT_FOR_BYTES = 512  # the JSON of a CacheConfig, frame size and capacity, zero padded
+
+
+def _built_for_json(cache_cfg: CacheConfig, frame_hw, max_frames) -> str:
+    return json.dumps({"cache_cfg": dataclasses.asdict(cache_cfg), "frame_hw": [int(x) for x in frame_hw],
+                       "max_frames": max_frames}, sort_keys=True, separators=(",", ":"))
+
+
+def encode_built_for(cache_cfg: CacheConfig, frame_hw, max_frames: int | None) -> np.ndarray:
+    """uint8 [BUILT_FOR_BYTES]: what a cache was built for, as the `StreamCache.built_for` leaf."""
+    raw = _built_for_json(cache_cfg, frame_hw, max_frames).encode()
+    if len(raw) > BUILT_FOR_BYTES:
+        raise ValueError(f"the cache's configuration record needs {len(raw)} bytes, more than {BUILT_FOR_BYTES}")
+    return np.frombuffer(raw.ljust(BUILT_FOR_BYTES, b"\0"), np.uint8).copy()
+
+
+def _decoded(row: np.ndarray) -> dict | None:
+    try:
+        data = json.loads(row.tobytes().rstrip(b"\0").decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("cache_cfg"), dict):
+        return None
+    flat = {f"{k}=": v for k, v in data["cache_cfg"].items()}
+    flat.update({"frame_hw=": tuple(data.get("frame_hw") or ()), "max_frames=": data.get("max_frames")})
+    return flat
+
+
+def check_built_for(cache: StreamCache) -> None:
+    """A concrete cache's `built_for` leaf (what its arrays were built for, kept by checkpoints) agrees
+    with its static fields (the tree it is in). They differ when a checkpoint was restored into the
+    tree of another CacheConfig / frame size with the same shapes: CacheMismatchError naming the
+    difference. Reads the leaf from the device (waits for the step that produced it)."""
+    want = encode_built_for(cache.cache_cfg, cache.frame_hw, cache.max_frames)
+    rows = np.asarray(jax.device_get(cache.built_for), np.uint8).reshape(-1, BUILT_FOR_BYTES)  # a pool: [B, .]
+    for row in rows:
+        if np.array_equal(row, want):
+            continue
+        saved, tree = _decoded(row), _decoded(want)
+        if saved is None:
+            raise CacheMismatchError("the cache's configuration record (built_for) is unreadable: "
+                                     "not a cache built by init_cache (or a damaged checkpoint)")
+        diff = [f"{k}{saved.get(k)!r} (saved) vs {tree.get(k)!r} (restored into)"
+                for k in tree.keys() | saved.keys() if saved.get(k) != tree.get(k)]
+        raise CacheMismatchError("the cache's arrays were built for another configuration than the tree they "
+                                 "were restored into: " + ", ".join(sorted(diff))
+                                 + "; restore into init_cache(...) of the saved configuration")
 
 
 def cache_overflowed(cache: StreamCache) -> Array:
@@ -518,6 +575,7 @@ def init_cache(cfg: ModelConfig, cache_cfg: CacheConfig, batch: int, frame_hw: t
         frame_index=jnp.zeros((), jnp.int32),
         track_points=query_points,
         rng=jax.random.PRNGKey(cache_cfg.seed),
+        built_for=jnp.asarray(encode_built_for(cache_cfg, frame_hw, None if cache_cfg.pruned else int(max_frames))),
         cache_cfg=cache_cfg,
         frame_hw=tuple(int(x) for x in frame_hw),
         max_frames=None if cache_cfg.pruned else int(max_frames),

@@ -5,7 +5,10 @@ The cache is threaded explicitly: `step` hands each global block and camera-trun
 assembles the next `StreamCache` from them. Nothing is mutated.
 
 Checks (typed `ValueError`s, raised while tracing, so before any compute):
-* the cache was built for this `CacheConfig` and frame size (`CacheMismatchError`);
+* the cache is a `StreamCache` (not the dict orbax restores without a target) built for this
+  `CacheConfig` and frame size (`CacheMismatchError`). Its arrays' record of that (`built_for`, kept by
+  checkpoints) is read where it is concrete: by the `make_step` driver (for a cache it did not just
+  return), `run_stream`, and an eager `step`; under jit the static fields are trusted;
 * frames are float NHWC [B, H, W, 3] (`FrameError`: uint8 frames are told to divide by 255,
   channels-first frames that NHWC is expected). Values can only be seen on concrete arrays: the
   `make_step` driver checks the range [0, 1] there, jitted code cannot;
@@ -13,11 +16,16 @@ Checks (typed `ValueError`s, raised while tracing, so before any compute):
   cannot raise: a step past the capacity returns all-NaN outputs (and every later step does, since
   the index only grows) and `cache.cache_overflowed(cache)` is True. `run_stream` checks the stream
   length statically and raises `CacheOverflowError`; the `make_step` driver checks a concrete index.
+
+`step` is pure: jit it, vmap it over stacked caches, scan it. The `make_step` driver composes too: under
+`jax.jit` / `jax.vmap` (any traced argument) it is the jitted pure step, and its concrete checks
+(frame range, capacity, `built_for`) are skipped as in `step`.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable
 
 import chex
@@ -25,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.cache.core import CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, layer_caches
+from xsvggt_jax.cache.core import (CacheConfig, CacheMismatchError, CacheOverflowError, StreamCache, check_built_for,
+                                   layer_caches)
 from xsvggt_jax.config import ModelConfig, check_frame_size
 from xsvggt_jax.nn.model import StreamVGGT
 from xsvggt_jax.errors import InputError
@@ -74,12 +83,20 @@ def check_frame_values(frame: Any) -> None:
 
 
 def check_cache(cache_cfg: CacheConfig, cache: StreamCache) -> None:
-    """The cache was built (`init_cache`) for this configuration."""
+    """The cache is a `StreamCache` built (`init_cache`) for this configuration; when its `built_for`
+    leaf is concrete, the arrays were built for it too (`check_built_for`: not a checkpoint restored
+    into another configuration's tree)."""
+    if not isinstance(cache, StreamCache):
+        raise CacheMismatchError(f"the cache is not a StreamCache but a {type(cache).__name__} (restored by orbax "
+                                 "without a target?): restore it into its tree, e.g. ckpt.restore(path, "
+                                 "jax.eval_shape(lambda: init_cache(cfg, cache_cfg, ...)))")
     if cache.cache_cfg != cache_cfg:
         diff = {f: (getattr(cache.cache_cfg, f), getattr(cache_cfg, f)) for f in cache_cfg.__dataclass_fields__
                 if getattr(cache.cache_cfg, f) != getattr(cache_cfg, f)}
         raise CacheMismatchError("the cache was built for another CacheConfig: "
                                  + ", ".join(f"{f}={a!r} (cache) vs {b!r} (step)" for f, (a, b) in diff.items()))
+    if not isinstance(cache.built_for, jax.core.Tracer):
+        check_built_for(cache)
 
 
 def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache, frame: Array, *,
@@ -94,7 +111,8 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
     out["aggregated"], the `depth` aggregator outputs [B, P', 2C] the heads read. query_valid: [B, N]
     bool marking the cache's real query points (the others are padding, `batch.pad_queries`: they do
     not change the real points' outputs); None: all real.
-    Pure: jit it (see `make_step`); the counters are arrays, so it traces once per stream shape.
+    Pure: jit it (see `make_step`), vmap it over stacked caches; the counters are arrays, so it
+    traces once per stream shape.
     """
     check_cache(cache_cfg, cache)
     check_frame(cfg, cache, frame)
@@ -150,21 +168,35 @@ def place_cache(cache: StreamCache, params, frame=None) -> StreamCache:
     return jax.device_put(cache, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
+def _traced(*trees) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
+
+
 def make_step(cfg: ModelConfig, cache_cfg: CacheConfig, **step_options) -> Callable[[dict, StreamCache, Array],
                                                                                          tuple[StreamCache, dict]]:
     """`step(params, cache, frame, **step_options)` jitted for the configuration (cache donated), behind
-    a driver that checks concrete frames' values and a concrete frame index against an uncompressed
-    cache's capacity (reading the index waits for the previous step), and places an uncommitted cache
-    like the parameters (one compile per stream). `.jitted` is the bare jitted function."""
+    a driver that checks concrete frames' values, a concrete frame index against an uncompressed
+    cache's capacity (reading the index waits for the previous step) and, for a cache it did not
+    return itself (a fresh or restored one), its arrays' configuration record (`check_built_for`), and
+    places an uncommitted cache like the parameters (one compile per stream). `.jitted` is the bare
+    jitted function.
+    Under `jax.jit` / `jax.vmap` (any argument traced) the driver is `.jitted`, the pure step: the
+    concrete checks above cannot run there (an overflow gives NaN outputs, as in `step`)."""
     jitted = jax.jit(functools.partial(step, cfg, cache_cfg, **step_options), donate_argnums=(1,))
+    returned = weakref.WeakValueDictionary()  # id -> the built_for leaf of a cache this driver returned
 
     def run(params: dict, cache: StreamCache, frame: Array) -> tuple[StreamCache, dict]:
+        if _traced(params, cache, frame):
+            return jitted(params, cache, frame)
         check_frame_values(frame)
-        if cache.max_frames is not None and not isinstance(cache.frame_index, jax.core.Tracer):
-            if int(cache.frame_index) >= cache.max_frames:
-                raise CacheOverflowError(f"the uncompressed cache holds {cache.max_frames} frames and is full: "
-                                         "build it with a larger max_frames, or prune (e.g. prune='xstream')")
-        return jitted(params, place_cache(cache, params, frame), frame)
+        if not isinstance(cache, StreamCache) or returned.get(id(cache.built_for)) is not cache.built_for:
+            check_cache(cache_cfg, cache)  # a cache from elsewhere: its record is read (once)
+        if cache.max_frames is not None and int(cache.frame_index) >= cache.max_frames:
+            raise CacheOverflowError(f"the uncompressed cache holds {cache.max_frames} frames and is full: "
+                                     "build it with a larger max_frames, or prune (e.g. prune='xstream')")
+        new, out = jitted(params, place_cache(cache, params, frame), frame)
+        returned[id(new.built_for)] = new.built_for
+        return new, out
 
     run.jitted = jitted
     return run
@@ -175,6 +207,7 @@ def run_stream(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: St
     """All frames [S, B, H, W, 3] through `step` inside one `lax.scan` (one compile). Outputs are
     stacked on a leading frame axis: [S, B, ...]. An uncompressed cache must have room for S more
     frames (checked here when its frame index is concrete, else against S alone)."""
+    check_cache(cache_cfg, cache)
     if cache.max_frames is not None:
         done = 0 if isinstance(cache.frame_index, jax.core.Tracer) else int(cache.frame_index)
         if done + frames.shape[0] > cache.max_frames:

@@ -5,6 +5,11 @@ Layout of a params directory::
     DIR/config.json   {"format": "xsvggt-params/2", "model": ModelConfig.to_dict()}
                       (format 1, ModelConfig.to_spec() + "dtype" and "precision", is still read)
     DIR/params/       orbax StandardCheckpointer checkpoint of the `params` tree
+    DIR/checksum.json {"format": "xsvggt-checksum/1", "arrays": {name: sha256 of its bytes},
+                      "model": ModelConfig.architecture()} written by `save_params`; `load_params`
+                      refuses arrays whose bytes changed (a bit flip) and a config.json edited to
+                      another architecture that keeps every shape. A directory without it (older
+                      versions) loads unchecked.
 
 Writes are atomic: everything is built in a hidden temporary sibling of DIR and renamed into place
 at the end, so a failure never leaves a half-written DIR (`staged_dir` does the same for any output
@@ -14,15 +19,18 @@ directory, e.g. the CLI's reconstruction results).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional
 
 import jax
+import numpy as np
 
 from xsvggt_jax.config import ConfigError, ModelConfig
 from xsvggt_jax.errors import InputError
@@ -35,6 +43,8 @@ FORMAT = "xsvggt-params/2"
 FORMAT_V1 = "xsvggt-params/1"
 CONFIG_FILE = "config.json"
 PARAMS_SUBDIR = "params"
+CHECKSUM_FILE = "checksum.json"
+CHECKSUM_FORMAT = "xsvggt-checksum/1"
 
 
 class ParamsError(InputError):
@@ -49,7 +59,7 @@ def _is_params_dir(final: Path) -> bool:
         fmt = json.loads((final / CONFIG_FILE).read_text()).get("format")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return False
-    return names == {CONFIG_FILE, PARAMS_SUBDIR} and fmt in (FORMAT, FORMAT_V1)
+    return names - {CHECKSUM_FILE} == {CONFIG_FILE, PARAMS_SUBDIR} and fmt in (FORMAT, FORMAT_V1)
 
 
 def _check_target(final: Path, overwrite: bool) -> None:
@@ -109,6 +119,75 @@ def staged_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
+# ---------------------------------------------------------------------------------------- checksum
+def _array_digests(params: dict) -> dict[str, str]:
+    """{"a/b/c": sha256 hex of the leaf's dtype, shape and bytes}: one pass over each array's bytes,
+    the arrays hashed in parallel threads (hashlib releases the GIL on large buffers)."""
+    from flax.traverse_util import flatten_dict
+
+    flat = {"/".join(k): v for k, v in flatten_dict(params).items()}
+
+    def digest(leaf) -> str:
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h = hashlib.sha256(f"{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+        return h.hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(flat, pool.map(digest, flat.values())))
+
+
+def _flat_dict(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _read_checksum(directory: Path) -> Optional[dict]:
+    """The checksum record, or None for a directory written before checksums (logged at debug)."""
+    path = directory / CHECKSUM_FILE
+    if not path.exists():
+        log.debug("%s has no %s (written by an older xsvggt): array checksums not verified", directory, CHECKSUM_FILE)
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ParamsError(f"{path}: unreadable checksum record ({e})") from e
+    if (not isinstance(record, dict) or record.get("format") != CHECKSUM_FORMAT
+            or not isinstance(record.get("arrays"), dict) or not isinstance(record.get("model"), dict)):
+        raise ParamsError(f"{path}: not a checksum record (expected \"format\": \"{CHECKSUM_FORMAT}\", "
+                          "\"arrays\" and \"model\")")
+    return record
+
+
+def _check_config_checksum(record: dict, cfg: ModelConfig, directory: Path) -> None:
+    """config.json describes the architecture the arrays were saved with (cheap: before any array is read)."""
+    saved, now = _flat_dict(record["model"]), _flat_dict(cfg.architecture())
+    diff = [f"{k} {saved.get(k, '(absent)')!r} (saved) vs {now.get(k, '(absent)')!r} ({CONFIG_FILE})"
+            for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+    if diff:
+        raise ParamsError(f"{directory}: {CONFIG_FILE} differs from the configuration the arrays were saved with "
+                          f"(recorded in {CHECKSUM_FILE}; edited after saving?): " + "; ".join(diff))
+
+
+def _check_array_checksums(record: dict, params: dict, directory: Path) -> None:
+    """Every array's bytes are those `save_params` hashed (a flipped bit names its array)."""
+    leaves = jax.tree.leaves(params)
+    if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        log.debug("%s: arrays span other processes; checksums not verified here", directory)
+        return
+    have, want = _array_digests(params), record["arrays"]
+    for name in sorted(want.keys() | have.keys()):
+        if want.get(name) != have.get(name):
+            problem = ("is not in the record" if name not in want else "is missing" if name not in have
+                       else "has other bytes than when it was saved (corrupted or modified)")
+            raise ParamsError(f"{directory}: {PARAMS_SUBDIR}/ does not match {CHECKSUM_FILE}: array {name} {problem}")
+
+
 # ------------------------------------------------------------------------------------ save / load
 def save_params(params: dict, directory: str | os.PathLike, cfg: ModelConfig, overwrite: bool = False) -> Path:
     """Write `params` (the Flax `params` collection of `cfg`; numpy or jax arrays) and `cfg` to
@@ -124,6 +203,9 @@ def save_params(params: dict, directory: str | os.PathLike, cfg: ModelConfig, ov
             ckptr.save(tmp / PARAMS_SUBDIR, params)
             ckptr.wait_until_finished()
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+        checksum = {"format": CHECKSUM_FORMAT, "algorithm": "sha256", "model": cfg.architecture(),
+                    "arrays": _array_digests(params)}
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(checksum, indent=1) + "\n")
     log.info("saved params to %s", directory)
     return directory
 
@@ -191,7 +273,9 @@ def load_params(directory: str | os.PathLike, *,
     The leaves are device arrays (`jax.Array`) placed with `sharding` (default: the first local device),
     so a jitted function may close over them or take them as arguments without a copy per call.
     Raises ParamsError if the directory is not a params directory or if its arrays do not match its
-    configuration (checked from the metadata, before any array is read).
+    configuration (checked from the metadata, before any array is read), and, when the directory has
+    a `CHECKSUM_FILE`, if config.json's architecture differs from the one saved (before any array is
+    read) or an array's bytes differ from those saved (hashed once after reading).
     """
     import orbax.checkpoint as ocp
 
@@ -200,6 +284,7 @@ def load_params(directory: str | os.PathLike, *,
     ckpt = directory / PARAMS_SUBDIR
     if not ckpt.is_dir():
         raise ParamsError(f"{directory}: not a params directory ({PARAMS_SUBDIR}/ checkpoint is missing)")
+    record = _read_checksum(directory)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     # every process of a multi-process run reads the params on its own (no cross-process sync)
     local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
@@ -208,11 +293,15 @@ def load_params(directory: str | os.PathLike, *,
         with ocp.StandardCheckpointer(multiprocessing_options=local) as ckptr:
             stored = ckptr.metadata(ckpt).item_metadata.tree
             _check_arrays(stored, cfg, directory)
+            if record is not None:
+                _check_config_checksum(record, cfg, directory)
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), stored)
             params = ckptr.restore(ckpt, target)
     except ParamsError:
         raise
     except Exception as e:  # orbax raises a variety of types for a damaged checkpoint
         raise ParamsError(f"{directory}: cannot restore {PARAMS_SUBDIR}/ ({type(e).__name__}: {e})") from e
+    if record is not None:
+        _check_array_checksums(record, params, directory)
     log.info("loaded params from %s", directory)
     return params, cfg
