@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.attention.kernels import FrameCausal, Full, resolve_attention
+from xsvggt_jax.attention.dispatch import resolve_attention
+from xsvggt_jax.attention.masks import FrameCausal, Full
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.io.rgb import to_uint8_rgb
 from xsvggt_jax.nn.model import StreamVGGT
@@ -38,7 +39,7 @@ def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], qu
 
     query_points: [N, 2] pixels of frame 0 or None. attention: the global attention implementation
     (`attention.ATTENTION_IMPLS`). devices > 1 shards the frames over a "seq" mesh of that many
-    devices (`seqpar.offline_sharded`, ring attention unless `attention="gather"`; S must divide
+    devices (`stream.sharded.offline_sharded`, ring attention unless `attention="gather"`; S must divide
     evenly; no tracks). Raises NonFiniteError on NaN/Inf outputs.
     """
     frames = np.stack(list(frames))  # [S, 3, H, W]
