@@ -69,14 +69,14 @@ def _rel(a, b) -> float:
 def _main() -> None:
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import PartitionSpec as P
 
     from benchmarks.memory import compile_offline, peak_bytes
     from test_attention import micro_config
     from xsvggt_jax import attention as A
     from xsvggt_jax.attention.kernels import _attend_dense
     from xsvggt_jax.nn.model import init_params
-    from xsvggt_jax.stream.sharded import DATA, SEQ, make_seq_mesh
+    from xsvggt_jax.stream.sharded import SEQ, make_seq_mesh, place_on_mesh
 
     assert jax.device_count() == DEVICES
     mesh = make_seq_mesh(DEVICES)
@@ -122,8 +122,7 @@ def _main() -> None:
             if d == 1:
                 outs[d] = compiled(params, images)
             else:
-                shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-                outs[d] = compiled(jax.tree.map(lambda x: shard(x, P()), params), shard(images, P(DATA, SEQ)))
+                outs[d] = compiled(*place_on_mesh(params, images, mesh))
         result["offline"][mode] = {name: _rel(outs[DEVICES][name], outs[1][name]) for name in outs[1]}
     print(json.dumps(result))
 

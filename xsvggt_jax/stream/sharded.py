@@ -5,6 +5,9 @@ attention of the aggregator and of the camera trunk crosses frames: it runs sequ
 (`attention.ring`: ring attention, K/V blocks travelling the ring, or the all-gathered `gather`
 variant). `offline_sharded` runs the model's own `StreamVGGT.offline` under `jax.shard_map`, told the
 mesh axis and each device's first frame. A `data` axis shards the batch of sequences alongside.
+
+What runs on a mesh must be placed on it: `place_on_mesh` replicates the parameters (loaded ones sit on
+one device) and shards the frames; whoever builds the mesh calls it (`stream.offline.run_offline`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xsvggt_jax.attention.dispatch import SEQUENCE_PARALLEL_IMPLS, AttentionConfigError, AttentionSpec
 from xsvggt_jax.attention.kernels import KEY_BLOCK, QUERY_BLOCK
@@ -36,12 +39,21 @@ def make_seq_mesh(seq: Optional[int] = None, data: int = 1) -> Mesh:
     return make_mesh(data, seq, jax.devices()[:data * seq])
 
 
+def place_on_mesh(params: Any, images: Array, mesh: Mesh) -> tuple[Any, Array]:
+    """(params replicated over `mesh`, images [B, S, H, W, 3] sharded as `FRAMES`): the placement
+    `offline_sharded` runs on. A jitted forward over the mesh refuses arguments committed elsewhere
+    (e.g. `load_params`' parameters, on the first device)."""
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    return params, jax.device_put(images, NamedSharding(mesh, FRAMES))
+
+
 def offline_sharded(params: Any, images: Array, mesh: Mesh, causal: bool = True, *, model: StreamVGGT,
                     impl: str = "ring", query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK) -> dict:
     """`StreamVGGT.offline` with the frames sharded over mesh axis "seq" (and the batch over "data").
 
-    images: [B, S, H, W, 3] with S divisible by the seq axis size and B by the data axis size.
-    impl: "ring" or "gather". Returns the offline outputs (no tracks), sharded the same way. Jit it with `model`, `causal`, `impl`, `mesh` static (e.g. via
+    images: [B, S, H, W, 3] with S divisible by the seq axis size and B by the data axis size; params
+    and images on `mesh` (`place_on_mesh`). impl: "ring" or "gather". Returns the offline outputs (no
+    tracks), sharded the same way. Jit it with `model`, `causal`, `impl`, `mesh` static (e.g. via
     functools.partial).
     """
     if impl not in SEQUENCE_PARALLEL_IMPLS:
