@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.attention import kernels as attention
+from xsvggt_jax import attention
 from xsvggt_jax.cache import quant
 from xsvggt_jax.stream import step as step_mod
 from xsvggt_jax.cache.core import CacheConfig, StreamCache, cache_report, init_cache

@@ -9,8 +9,10 @@ import pytest
 
 from conftest import micro_cfg, rel_err
 from xsvggt_jax.attention import kernels as A
-from xsvggt_jax.attention.kernels import (AttentionConfigError, AttentionSpec, FrameCausal, Full, KeyPrefix, attend,
-                                  block_schedule, resolve_attention)
+from xsvggt_jax.attention.dispatch import (AUTO_DENSE_KEYS, AttentionConfigError, AttentionSpec, attend,
+                                           resolve_attention)
+from xsvggt_jax.attention.kernels import block_schedule
+from xsvggt_jax.attention.masks import Additive, FrameCausal, Full, KeyPrefix
 from xsvggt_jax.nn.model import StreamVGGT, param_shapes
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -38,7 +40,7 @@ def reference_bias(kind: str, n: int, length: int = 0):
 
 def mask_object(kind: str, n: int, length: int):
     return {"full": Full(), "causal": FrameCausal(TOKENS), "prefix": KeyPrefix(length),
-            "additive": A.Additive(jnp.asarray(reference_bias("additive", n)))}[kind]
+            "additive": Additive(jnp.asarray(reference_bias("additive", n)))}[kind]
 
 
 @pytest.mark.parametrize("kind", ["full", "causal", "prefix", "additive"])
@@ -49,7 +51,7 @@ def test_every_implementation_equals_dense(impl, kind):
     q, k, v = qkv(1, n)
     ref = A._attend_dense(q, k, v, reference_bias(kind, n, length), HIGHEST)
     fn = jax.jit(lambda q, k, v, length: attend(
-        q, k, v, bias=AttentionSpec(mask_object(kind, n, length), impl, query_block=QUERY_BLOCK,
+        q, k, v, mask=AttentionSpec(mask_object(kind, n, length), impl, query_block=QUERY_BLOCK,
                                     key_block=KEY_BLOCK)))
     assert rel_err(fn(q, k, v, jnp.int32(length)), ref) <= 1e-6
 
@@ -96,7 +98,7 @@ def test_resolve_attention():
     bf16 = jnp.bfloat16
     assert resolve_attention("auto", "cpu", FrameCausal(9)) == "blocked"
     assert resolve_attention("auto", "cpu", None, keys=100) == "xla"
-    assert resolve_attention("auto", "cpu", None, keys=A.AUTO_DENSE_KEYS + 1) == "blocked"
+    assert resolve_attention("auto", "cpu", None, keys=AUTO_DENSE_KEYS + 1) == "blocked"
     assert resolve_attention("auto", "gpu", Full(), bf16) == "cudnn"
     assert resolve_attention("auto", "gpu", FrameCausal(1), bf16) == "cudnn"
     assert resolve_attention("auto", "gpu", FrameCausal(9), bf16) == "blocked"   # not a cuDNN mask
@@ -137,3 +139,84 @@ def test_options_unblock_cpu_queries_for_cost_analysis():
     blocked = flops(lambda q, k, v: attend(q, k, v))        # the default: a lax.map of 3 blocks
     assert unblocked == one
     assert blocked < 0.5 * one
+
+
+# ------------------------------------------------------------------------------------------ layering
+def _import_graph() -> dict:
+    """module -> the package's modules it imports anywhere in its text (function-level and
+    TYPE_CHECKING imports included), from the source (nothing imported)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {}
+    for f in (root / "xsvggt_jax").rglob("*.py"):
+        parts = f.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for name, f in files.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join([package.rsplit(".", node.level - 1)[0]] + ([base] if base else []))
+                found |= {base} | {f"{base}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def _cycles(graph: dict) -> list[set]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while not comp or v not in comp:
+                comp.add(stack.pop())
+            on.difference_update(comp)
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_attention_imports_only_itself_and_no_cycle_runs_through_the_model():
+    """The attention package is the bottom layer (masks <- kernels <- ring <- dispatch): it imports
+    none of the package's other modules, and no import cycle (function-level imports included) runs
+    through attention, nn, the cache core or the sharded forward."""
+    graph = _import_graph()
+    attention = {m for m in graph if m == "xsvggt_jax.attention" or m.startswith("xsvggt_jax.attention.")}
+    for m in attention:
+        assert graph[m] <= attention, (m, graph[m] - attention)
+    assert "xsvggt_jax.attention.ring" in attention and "xsvggt_jax.attention.masks" in attention
+    layered = ("xsvggt_jax.attention", "xsvggt_jax.nn", "xsvggt_jax.cache.core", "xsvggt_jax.stream.sharded")
+    bad = [c for c in _cycles(graph) if any(m.startswith(layered) for m in c)]
+    assert not bad, bad
+
+
+def test_one_home_for_the_mask_types():
+    """The layers, the cache and the heads use the attention package's mask types, not copies."""
+    from xsvggt_jax.attention import masks
+    from xsvggt_jax.cache import core
+    from xsvggt_jax.nn import layers
+    from xsvggt_jax.nn.heads import track
+    assert core.Mask is masks.Mask and core.KeyPrefix is masks.KeyPrefix and layers.Mask is masks.Mask
+    assert track.Additive is masks.Additive
+    assert not hasattr(layers, "Prefix") and not hasattr(masks, "Prefix")

@@ -19,7 +19,7 @@ from xsvggt_jax.cache.core import (QUANT_LAYOUTS, CacheConfig, CacheMismatchErro
                                    cache_bytes, init_cache, plan_layers, tree_bytes, update_layer)
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.cache.codec import LAYOUTS as CODECS
-from xsvggt_jax.nn.layers import Prefix
+from xsvggt_jax.attention.masks import KeyPrefix
 
 LAYOUTS = tuple(q for q in QUANT_LAYOUTS if q != "none")
 
@@ -51,7 +51,7 @@ def test_quantized_storage_equals_upstream_fake_quant_then_prune(layout, prune):
         np.testing.assert_array_equal(np.asarray(att_k)[:, :, :t], cat_k)
         np.testing.assert_array_equal(np.asarray(att_v)[:, :, :t], cat_v)
         if prune == "none":  # static capacity: attention walks the filled prefix
-            assert isinstance(mask, Prefix) and int(mask.length) == t
+            assert isinstance(mask, KeyPrefix) and int(mask.length) == t
         else:
             assert np.all(np.isfinite(np.asarray(mask)[:t])) and np.all(np.isneginf(np.asarray(mask)[t:]))
         ref_k, ref_v = ref_quant(cat_k, 4, group, k_axis)[0], ref_quant(cat_v, 4, group, v_axis)[0]

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import rel_err
 from xsvggt_jax.attention import kernels as attention
+from xsvggt_jax.attention.dispatch import attend
+from xsvggt_jax.attention.masks import KeyPrefix, as_mask
 from xsvggt_jax.nn import layers
-from xsvggt_jax.nn.layers import Prefix, attend
 
 CHUNK = 16
 
@@ -30,15 +31,15 @@ def test_prefix_attention_equals_dense_masked(length):
     garbage = jnp.arange(k.shape[2]) >= length
     k = jnp.where(garbage[:, None], 1e3, k)
     v = jnp.where(garbage[:, None], -1e3, v)
-    dense = attend(q, k, v, bias=jnp.where(garbage, -jnp.inf, 0.0))
-    ours = jax.jit(lambda q, k, v, n: attend(q, k, v, bias=Prefix(n, CHUNK)))(q, k, v, jnp.int32(length))
+    dense = attend(q, k, v, mask=jnp.where(garbage, -jnp.inf, 0.0))
+    ours = jax.jit(lambda q, k, v, n: attend(q, k, v, mask=KeyPrefix(n, CHUNK)))(q, k, v, jnp.int32(length))
     assert ours.shape == dense.shape
     assert rel_err(ours, dense) <= 1e-6
 
 
 def test_prefix_length_is_traced_not_static():
     q, k, v = _qkv(0)
-    fn = jax.jit(lambda q, k, v, n: attend(q, k, v, bias=Prefix(n, CHUNK)))
+    fn = jax.jit(lambda q, k, v, n: attend(q, k, v, mask=KeyPrefix(n, CHUNK)))
     outs = [fn(q, k, v, jnp.int32(n)) for n in (3, 20, 64)]
     assert fn._cache_size() == 1
     np.testing.assert_allclose(outs[-1], attend(q, k, v), rtol=1e-5, atol=1e-6)
@@ -47,7 +48,7 @@ def test_prefix_length_is_traced_not_static():
 def test_prefix_capacity_must_be_whole_chunks():
     q, k, v = _qkv(0, cap=4 * CHUNK + 1)
     with pytest.raises(ValueError, match="multiple of the chunk"):
-        attend(q, k, v, bias=Prefix(jnp.int32(3), CHUNK))
+        attend(q, k, v, mask=KeyPrefix(jnp.int32(3), CHUNK))
 
 
 @pytest.mark.parametrize("query_block", [attention.CPU_QUERY_BLOCK, 16])  # unrolled; lax.map
@@ -64,7 +65,7 @@ def test_query_blocked_attention_equals_dense(bias_kind, query_block):
     else:
         bias = None
     dense = attention._attend_dense(q, k, v, bias, layers.Precision.HIGHEST)
-    blocked = attention.attend_xla(q, k, v, attention.as_mask(bias), layers.Precision.HIGHEST,
+    blocked = attention.attend_xla(q, k, v, as_mask(bias), layers.Precision.HIGHEST,
                                           query_block=query_block)
     assert blocked.shape == dense.shape
     assert rel_err(blocked, dense) <= 1e-6

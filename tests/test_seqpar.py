@@ -69,13 +69,14 @@ def _rel(a, b) -> float:
 def _main() -> None:
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import PartitionSpec as P
 
     from benchmarks.memory import compile_offline, peak_bytes
     from conftest import micro_cfg
-    from xsvggt_jax.attention import kernels as A
+    from xsvggt_jax import attention as A
+    from xsvggt_jax.attention.kernels import _attend_dense
     from xsvggt_jax.nn.model import init_params
-    from xsvggt_jax.stream.sharded import DATA, SEQ, make_seq_mesh
+    from xsvggt_jax.stream.sharded import SEQ, make_seq_mesh, place_on_mesh
 
     assert jax.device_count() == DEVICES
     mesh = make_seq_mesh(DEVICES)
@@ -90,15 +91,15 @@ def _main() -> None:
 
     def sharded(impl, mask, q, k, v):
         spec = A.AttentionSpec(mask, impl, axis=SEQ, query_block=8, key_block=6)
-        fn = jax.shard_map(lambda q, k, v: A.attend(q, k, v, bias=spec), mesh=mesh, in_specs=(seq, seq, seq),
+        fn = jax.shard_map(lambda q, k, v: A.attend(q, k, v, mask=spec), mesh=mesh, in_specs=(seq, seq, seq),
                            out_specs=seq, check_vma=False)
         return jax.jit(fn)(q, k, v)
 
     for impl in ("ring", "gather"):
         for mode, mask, bias in (("causal", A.FrameCausal(tokens), causal_bias), ("full", A.Full(), None)):
-            ref = A._attend_dense(q, k, v, bias, jax.lax.Precision.HIGHEST)
+            ref = _attend_dense(q, k, v, bias, jax.lax.Precision.HIGHEST)
             result["attention"][f"{impl}-{mode}"] = _rel(sharded(impl, mask, q, k, v), ref)
-    ref = A._attend_dense(q, k, v, causal_bias, jax.lax.Precision.HIGHEST)
+    ref = _attend_dense(q, k, v, causal_bias, jax.lax.Precision.HIGHEST)
     last = jnp.arange(n) >= (DEVICES - 1) * n // DEVICES
     out = sharded("ring", A.FrameCausal(tokens), q, *(jnp.where(last[:, None], jnp.nan, x) for x in (k, v)))
     cut = (DEVICES - 1) * n // DEVICES
@@ -121,8 +122,7 @@ def _main() -> None:
             if d == 1:
                 outs[d] = compiled(params, images)
             else:
-                shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-                outs[d] = compiled(jax.tree.map(lambda x: shard(x, P()), params), shard(images, P(DATA, SEQ)))
+                outs[d] = compiled(*place_on_mesh(params, images, mesh))
         result["offline"][mode] = {name: _rel(outs[DEVICES][name], outs[1][name]) for name in outs[1]}
     print(json.dumps(result))
 

@@ -509,7 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--offline", choices=("causal", "full"),
                    help="batch forward over all frames instead of streaming (causal or full attention)")
-    from xsvggt_jax.attention.kernels import ATTENTION_IMPLS
+    from xsvggt_jax.attention.dispatch import ATTENTION_IMPLS
     r.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
                    help="offline global attention: auto (cudnn on GPU, else blocked/xla), xla (dense), blocked "
                         "(online softmax over key blocks, causal blocks skipped), cudnn, ring/gather (with --devices)")

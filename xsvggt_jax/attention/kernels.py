@@ -1,22 +1,13 @@
-"""Scaled dot-product attention: mask objects, implementations and the one dispatcher that picks them.
+"""Attention kernels (scaled dot-product, softmax in float32) under a `masks.Mask` with global indices.
 
-Masks are small objects evaluated from iota inside each block, never dense [Nq, Nk] constants:
-  `Full()`                   every query sees every key;
-  `KeyPrefix(length, chunk)` keys [0, length) exist (a streaming cache's filled slots; length traced);
-  `FrameCausal(tokens)`      query frame >= key frame, frames of `tokens` consecutive tokens (offline causal);
-an additive array broadcastable to [B, H, Nq, Nk] is still accepted.
-
-Implementations (`ATTENTION_IMPLS`), named by a run option (`StreamVGGT(cfg, attention=...)`):
-  xla      dense logits per call (on CPU in query blocks of `CPU_QUERY_BLOCK`);
+  xla      dense logits per call (on CPU in query blocks of `CPU_QUERY_BLOCK`, scoped by `options`);
   blocked  keys walked in blocks with an online softmax; per query block the loop runs only over the key
            blocks the mask leaves non-empty (a dynamic trip count), so memory is O(Nq * block) and a
-           frame-causal forward costs about half a full one;
-  cudnn    `jax.nn.dot_product_attention(implementation="cudnn")` where the backend, dtype and mask fit,
-           otherwise `blocked` (structured masks) or `xla`, with the reason logged once;
-  ring     sequence parallel inside `jax.shard_map`: queries stay, K/V blocks travel the ring
-           (`lax.ppermute`), each visit folded into the online softmax; blocks the mask empties skipped;
-  gather   sequence parallel, the simpler variant: K/V all-gathered, then `blocked`;
-  auto     `resolve_attention` picks one by backend and mask.
+           frame-causal forward costs about half a full one. Its pieces (`blocked_states`, `unblock`)
+           also fold the K/V blocks of the sequence-parallel kernels (`attention.ring`);
+  cudnn    `jax.nn.dot_product_attention(implementation="cudnn")` (the dispatcher checks that it fits).
+
+Shapes: q [B, H, Nq, D]; k, v [B, H, Nk, D]; outputs [B, H, Nq, D]. Which one runs: `attention.dispatch`.
 """
 
 from __future__ import annotations
@@ -24,23 +15,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
-import logging
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.errors import ConfigError
+from xsvggt_jax.attention.masks import NEG_INF, Additive, FrameCausal, KeyPrefix, Mask, as_mask
 
 Array = jax.Array
 Precision = jax.lax.Precision
-log = logging.getLogger(__name__)
-
-NEG_INF = -jnp.inf
-ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "ring", "gather")
-SEQUENCE_PARALLEL_IMPLS = ("ring", "gather")
 
 # On CPU one fused attention over all queries materialises the whole [B, H, Nq, Nk] logits (208 MB for a
 # published global layer: 1041 queries x 3123 keys x 16 heads) and runs memory-bound. Walking the queries
@@ -49,12 +33,11 @@ SEQUENCE_PARALLEL_IMPLS = ("ring", "gather")
 CPU_QUERY_BLOCK = 128
 QUERY_BLOCK = 256           # `blocked`: queries per block
 KEY_BLOCK = 512             # `blocked`: keys per online-softmax step
-AUTO_DENSE_KEYS = 8192      # `auto` on CPU/TPU: unmasked attention over more keys than this is blocked
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
-    """Trace-time options of the dispatcher, scoped by `options(...)` (a context variable, not a module
+    """Trace-time options of the kernels, scoped by `options(...)` (a context variable, not a module
     global). cpu_query_block: `xla`'s query block on CPU; None attends in one fusion (what XLA's cost
     analysis needs to count every block: it counts a loop body once)."""
 
@@ -73,174 +56,6 @@ def options(**changes) -> Iterator[AttentionOptions]:
         yield _OPTIONS.get()
     finally:
         _OPTIONS.reset(token)
-
-
-class AttentionConfigError(ConfigError):
-    """An unknown attention implementation, or one that cannot run here (ring outside a mesh axis)."""
-
-
-# ------------------------------------------------------------------------------------------------ masks
-@dataclasses.dataclass(frozen=True)
-class Full:
-    """No mask: every query sees every key."""
-
-    def bias(self, qi: Array, ki: Array) -> Optional[Array]:
-        return None
-
-    def key_end(self, q_last: Any) -> Optional[Any]:
-        """Exclusive end of the keys any query <= q_last may see (None: all)."""
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyPrefix:
-    """Keys [0, length) exist. length: int32 [] (may be traced). chunk: the key block of the loop
-    (static; must divide the key capacity), or None for `KEY_BLOCK` with padding."""
-
-    length: Any
-    chunk: Optional[int] = None
-
-    def bias(self, qi: Array, ki: Array) -> Array:
-        return jnp.where(ki < self.length, 0.0, NEG_INF)[None, :]                    # [1, bk]
-
-    def key_end(self, q_last: Any) -> Any:
-        return self.length
-
-
-@dataclasses.dataclass(frozen=True)
-class FrameCausal:
-    """Query token i sees key token j iff frame(i) >= frame(j), frame(t) = t // tokens_per_frame."""
-
-    tokens_per_frame: int
-
-    def bias(self, qi: Array, ki: Array) -> Array:
-        t = self.tokens_per_frame
-        return jnp.where(qi[:, None] // t >= ki[None, :] // t, 0.0, NEG_INF)        # [bq, bk]
-
-    def key_end(self, q_last: Any) -> Any:
-        return (q_last // self.tokens_per_frame + 1) * self.tokens_per_frame
-
-
-@dataclasses.dataclass(frozen=True)
-class Additive:
-    """An additive bias array broadcastable to [B, H, Nq, Nk], read at the block's query/key indices."""
-
-    array: Array
-
-    def bias(self, qi: Array, ki: Array) -> Array:
-        a = jnp.asarray(self.array, jnp.float32)
-        if a.ndim >= 2 and a.shape[-2] > 1:
-            a = jnp.take(a, jnp.minimum(qi, a.shape[-2] - 1), axis=-2)                # [..., bq, Nk]
-        if a.ndim >= 1 and a.shape[-1] > 1:
-            a = jnp.take(a, jnp.minimum(ki, a.shape[-1] - 1), axis=-1)                # [..., bk]
-        return a
-
-    def key_end(self, q_last: Any) -> None:
-        return None
-
-
-Mask = Union[Full, KeyPrefix, FrameCausal, Additive]
-Prefix = KeyPrefix  # the streaming cache's name for it
-
-
-def as_mask(bias: Any) -> Mask:
-    """None -> Full(); an array -> Additive; a mask object as is."""
-    if bias is None:
-        return Full()
-    if isinstance(bias, (Full, KeyPrefix, FrameCausal, Additive)):
-        return bias
-    return Additive(bias)
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionSpec:
-    """A mask plus how to attend under it: what a module passes as `bias` to pick the implementation.
-
-    impl: one of `ATTENTION_IMPLS`. axis: the mesh axis the token sequence is sharded over (ring,
-    gather: q/k/v are then this device's contiguous slice of the sequence). Blocks: see `blocked`.
-    """
-
-    mask: Any = None
-    impl: str = "auto"
-    axis: Optional[str] = None
-    query_block: int = QUERY_BLOCK
-    key_block: int = KEY_BLOCK
-
-    def __post_init__(self):
-        check_impl(self.impl)
-        if self.impl in SEQUENCE_PARALLEL_IMPLS and self.axis is None:
-            raise AttentionConfigError(f"attention {self.impl!r} needs the mesh axis the sequence is sharded over")
-
-
-def check_impl(impl: str) -> str:
-    if impl not in ATTENTION_IMPLS:
-        raise AttentionConfigError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
-    return impl
-
-
-# ---------------------------------------------------------------------------------------------- dispatch
-def resolve_attention(impl: str, backend: Optional[str] = None, mask: Any = None,
-                      dtype: Any = jnp.float32, keys: int = 0) -> str:
-    """The implementation that runs for `impl` on `backend` (default: jax's) for attention under `mask`
-    (None: unmasked) over `keys` keys with inputs of `dtype`: what goes in `report.json`. The offline
-    global layers ask with `FrameCausal(tokens_per_frame)` or `Full()` and S*P keys."""
-    check_impl(impl)
-    if impl in SEQUENCE_PARALLEL_IMPLS:
-        return impl
-    backend = backend or jax.default_backend()
-    mask = as_mask(mask)
-    structured = isinstance(mask, (FrameCausal, KeyPrefix)) or keys > AUTO_DENSE_KEYS
-    if impl == "auto":
-        impl = "cudnn" if backend == "gpu" else "blocked" if structured else "xla"
-    if impl == "cudnn":
-        reason = _cudnn_unfit(backend, mask, dtype)
-        if reason:
-            impl = "blocked" if structured else "xla"
-            _log_once(f"cudnn attention not used ({reason}); running {impl}")
-    return impl
-
-
-def _cudnn_unfit(backend: str, mask: Mask, dtype: Any) -> Optional[str]:
-    """Why cuDNN's fused attention cannot take this call, or None if it can."""
-    if backend != "gpu":
-        return f"backend {backend!r} is not a GPU"
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"cuDNN flash attention needs float16/bfloat16 inputs, got {jnp.dtype(dtype).name}"
-    if isinstance(mask, FrameCausal) and mask.tokens_per_frame != 1:
-        return "a frame-causal mask with several tokens per frame is not a cuDNN mask"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _log_once(message: str) -> None:
-    log.info(message)
-
-
-def attend(q: Array, k: Array, v: Array, *, bias: Any = None,
-           precision: Precision = Precision.HIGHEST) -> Array:
-    """Scaled dot-product attention, softmax in float32.
-
-    q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; bias: None, an additive array broadcastable to
-    [B, H, Nq, Nk] (-inf masks), a mask object, or an `AttentionSpec` naming mask and implementation.
-    Returns [B, H, Nq, D].
-    """
-    spec = bias if isinstance(bias, AttentionSpec) else AttentionSpec(bias)
-    mask = as_mask(spec.mask)
-    if isinstance(mask, KeyPrefix) and mask.chunk is not None and k.shape[2] % mask.chunk:
-        raise AttentionConfigError(f"key capacity {k.shape[2]} is not a multiple of the chunk {mask.chunk}")
-    impl = resolve_attention(spec.impl, None, mask, q.dtype, k.shape[2])
-    if impl == "xla":
-        return attend_xla(q, k, v, mask, precision)
-    if impl == "cudnn":
-        return attend_cudnn(q, k, v, mask)
-    key_block, query_block = spec.key_block, spec.query_block
-    if isinstance(mask, KeyPrefix):           # the same keys for every query: one query block
-        key_block, query_block = mask.chunk or key_block, q.shape[2]
-    if impl == "blocked":
-        return attend_blocked(q, k, v, mask, precision, query_block=query_block, key_block=key_block)
-    from xsvggt_jax.stream.sharded import attend_sequence_parallel
-    return attend_sequence_parallel(q, k, v, mask, precision, spec.axis, ring=impl == "ring",
-                                    query_block=query_block, key_block=key_block)
 
 
 # --------------------------------------------------------------------------------------------------- xla

@@ -51,7 +51,7 @@ from xsvggt_jax.cache import quant
 from xsvggt_jax.config import ModelConfig, value_from_text
 from xsvggt_jax.errors import ConfigError, InputError
 from xsvggt_jax.cache.codec import LAYOUTS, SCALE_DTYPES, Codec, Packed, take_rows
-from xsvggt_jax.nn.layers import Mask, Prefix
+from xsvggt_jax.attention.masks import KeyPrefix, Mask
 from xsvggt_jax.cache.prune import MASS_POLICIES, POLICIES, PROTECT, PruneContext, attention_mass
 
 Array = jax.Array
@@ -327,14 +327,14 @@ def _stage(stored: Array | Packed, start: Array, new: Array, work: int) -> Array
 
 
 def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, cache_cfg: CacheConfig,
-                 num_special: int, key: Array) -> tuple[Array, Array, Mask, LayerKV, Array]:
+                 num_special: int, key: Array) -> tuple[Array, Array, Mask | Array, LayerKV, Array]:
     """One attention call's cache update, pure.
 
     kv: this layer's stored keys/values ([B, H, T, D] float, or `Packed`); length: int32 [] filled
     slots; q, k, v: [B, H, N, D] this call's queries/keys/values (after norm + RoPE).
     Returns (k_att, v_att, mask, new_kv, new_length): the keys/values to attend over ([stored; current],
     [B, H, W, D] with W = stored slots, plus N when a pruned quantized layer stages the current tokens
-    outside its storage), their mask (an additive [W] bias, or a `Prefix` for the uncompressed cache),
+    outside its storage), their mask (an additive [W] bias, or a `KeyPrefix` for the uncompressed cache),
     and the layer's next state: [stored; current] re-quantized when the layer is quantized (upstream
     fake-quantizes the whole cache every step) and pruned back to the budget by the policy.
     `key`: this call's random key (the `random` policy). A layer carrying `mass` (cumulative) adds
@@ -348,7 +348,7 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
     k_att, v_att = _stage(kv.k, length, k, work), _stage(kv.v, length, v, work)
     end = length + n
     if policy is None:  # static capacity: attend over the filled chunks only
-        mask = Prefix(end, prefix_chunk(cache_cfg, n))  # the capacity is whole chunks (plan_layers)
+        mask = KeyPrefix(end, prefix_chunk(cache_cfg, n))  # the capacity is whole chunks (plan_layers)
     else:               # a pruned buffer is (nearly) full: one masked pass
         mask = jnp.where(jnp.arange(work) < end, 0.0, -jnp.inf).astype(jnp.float32)
 
@@ -400,7 +400,7 @@ class LayerCache:
     cache_cfg: CacheConfig = flax.struct.field(pytree_node=False)
     num_special: int = flax.struct.field(pytree_node=False)
 
-    def update(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Mask, "LayerCache"]:
+    def update(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Mask | Array, "LayerCache"]:
         """`update_layer` on this layer: (k_att, v_att, mask, next LayerCache)."""
         k_att, v_att, mask, kv, length = update_layer(self.kv, self.length, q, k, v, cache_cfg=self.cache_cfg,
                                                       num_special=self.num_special, key=self.key)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xsvggt_jax.attention.dispatch import MaskArg
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.nn.dino import Dinov2
 from xsvggt_jax.nn.layers import Block, KVCache
@@ -26,12 +27,12 @@ RESNET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class PositionalBlock(Block):
-    """`Block` taking (x, rope, bias, cache) positionally, so that `nn.remat` can mark the `rope`
-    callable and the `bias` (a mask / `AttentionSpec` object, not an array) static (argnums 2, 3;
+    """`Block` taking (x, rope, mask, cache) positionally, so that `nn.remat` can mark the `rope`
+    callable and the `mask` (a mask / `AttentionSpec` object, not an array) static (argnums 2, 3;
     0 is the module); same parameters as Block."""
 
-    def __call__(self, x: Array, rope=None, bias=None, cache=None):
-        return super().__call__(x, rope=rope, bias=bias, cache=cache)
+    def __call__(self, x: Array, rope=None, mask=None, cache=None):
+        return super().__call__(x, rope=rope, mask=mask, cache=cache)
 
 
 class Aggregator(nn.Module):
@@ -53,13 +54,14 @@ class Aggregator(nn.Module):
         self.register_token = self.param("register_token", nn.initializers.normal(1e-6),
                                          (1, 2, cfg.num_register_tokens, c))
 
-    def __call__(self, images: Array, slot: Array, *, global_bias: Optional[Array] = None,
+    def __call__(self, images: Array, slot: Array, *, mask: MaskArg = None,
                  caches: Optional[Sequence[KVCache]] = None) -> tuple[list[Array], Optional[tuple]]:
         """Run the aggregator on a clip.
 
         images: [B, S, H, W, 3] in [0, 1]. slot: [S] int32, special-token slot per frame (0 or 1).
-        global_bias: the global attention's mask (offline): an `attention.AttentionSpec` (e.g. a
-            `FrameCausal` mask evaluated per block, and the implementation), an additive array, or None.
+        mask: the global attention's mask (offline; the frame attention has none): an
+            `attention.AttentionSpec` (e.g. a `FrameCausal` mask evaluated per block, and the
+            implementation), a mask object, an additive array, or None.
         caches: one streaming KV cache per global block (`cache.LayerCache`), or None (offline).
         Returns (list of `depth` arrays [B, S, P', 2C], the global blocks' caches after this call or None).
         """
@@ -83,7 +85,7 @@ class Aggregator(nn.Module):
         for i in range(cfg.depth):
             t, _ = self.frame_blocks[i](tokens.reshape(b * s, p, -1), rope_frame, None, None)
             frame_out = t.reshape(b, s, p, -1)
-            t, c = self.global_blocks[i](frame_out.reshape(b, s * p, -1), rope_global, global_bias,
+            t, c = self.global_blocks[i](frame_out.reshape(b, s * p, -1), rope_global, mask,
                                          None if caches is None else caches[i])
             tokens = t.reshape(b, s, p, -1)
             new_caches.append(c)

@@ -6,13 +6,14 @@ Parameter names follow the upstream module names so the checkpoint key map stays
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, Union
+from typing import Any, Callable, Optional, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xsvggt_jax.attention.kernels import AttentionSpec, FrameCausal, Full, Prefix, attend
+from xsvggt_jax.attention.dispatch import MaskArg, attend
+from xsvggt_jax.attention.masks import Mask
 
 Array = jax.Array
 Precision = jax.lax.Precision
@@ -83,17 +84,13 @@ class Mlp(nn.Module):
         return Dense(self.out or x.shape[-1], dtype=self.dtype, precision=self.precision, name="fc2")(h)
 
 
-# Attention kernels, masks and the implementation dispatcher live in `attention`; re-exported here.
-Mask = Union[Array, Prefix, FrameCausal, Full, AttentionSpec]
-
-
 class KVCache(Protocol):
     """A layer's streaming cache as attention uses it (`xsvggt_jax.cache.core.LayerCache`): pure, it returns
     its next state instead of mutating itself."""
 
-    def update(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Optional[Mask], "KVCache"]:
+    def update(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Mask | Array, "KVCache"]:
         """q, k, v [B, H, N, D] after norm + RoPE -> (keys, values to attend over [B, H, W, D], their mask
-        (an additive bias or a `Prefix`), the cache after this call)."""
+        (an additive bias or a `KeyPrefix`), the cache after this call)."""
         ...
 
 
@@ -101,7 +98,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with optional q/k LayerNorm and 2D RoPE.
 
     `rope` is a callable (x [B,H,N,D]) -> x applying rotary embedding with positions bound in.
-    `cache` (streaming) supplies the attended keys/values and mask; its next state is returned.
+    `mask`: the attention's mask (`attention.attend`'s; e.g. an `AttentionSpec` naming the implementation).
+    `cache` (streaming) supplies the attended keys/values and their mask; its next state is returned.
     """
 
     num_heads: int
@@ -111,7 +109,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, rope: Optional[Callable[[Array], Array]] = None,
-                 bias: Optional[Mask] = None, cache: Optional[KVCache] = None) -> tuple[Array, Optional[KVCache]]:
+                 mask: MaskArg = None, cache: Optional[KVCache] = None) -> tuple[Array, Optional[KVCache]]:
         """x [B, N, C] -> (out [B, N, C], the cache after this call, or None without a cache)."""
         b, n, c = x.shape
         hd = c // self.num_heads
@@ -124,8 +122,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = rope(q), rope(k)
         if cache is not None:
-            k, v, bias, cache = cache.update(q, k, v)
-        o = attend(q, k, v, bias=bias, precision=self.precision)  # [B, H, N, D]
+            k, v, mask, cache = cache.update(q, k, v)
+        o = attend(q, k, v, mask=mask, precision=self.precision)  # [B, H, N, D]
         o = o.transpose(0, 2, 1, 3).reshape(b, n, c)
         o = Dense(c, dtype=self.dtype, precision=self.precision, name="proj")(o)
         return o, cache
@@ -143,12 +141,12 @@ class Block(nn.Module):
     precision: Precision = Precision.HIGHEST
 
     @nn.compact
-    def __call__(self, x: Array, *, rope=None, bias: Optional[Mask] = None,
+    def __call__(self, x: Array, *, rope=None, mask: MaskArg = None,
                  cache: Optional[KVCache] = None) -> tuple[Array, Optional[KVCache]]:
         """x [B, N, C] -> (x' [B, N, C], the attention cache after this block, or None)."""
         c = x.shape[-1]
         h, cache = Attention(self.num_heads, qk_norm=self.qk_norm, dtype=self.dtype, precision=self.precision,
-                             name="attn")(LayerNorm(self.layer_norm_eps, name="norm1")(x), rope=rope, bias=bias,
+                             name="attn")(LayerNorm(self.layer_norm_eps, name="norm1")(x), rope=rope, mask=mask,
                                           cache=cache)
         if self.layer_scale:
             h = LayerScale(name="ls1")(h)
@@ -168,9 +166,9 @@ class MultiheadAttention(nn.Module):
     precision: Precision = Precision.HIGHEST
 
     @nn.compact
-    def __call__(self, x: Array, context: Array, mask: Any = None) -> Array:
-        """x [B, Nq, C] attends to context [B, Nk, C]; mask: `attention.attend`'s bias (e.g. an
-        `Additive` key mask [B, 1, 1, Nk]), None for none."""
+    def __call__(self, x: Array, context: Array, mask: MaskArg = None) -> Array:
+        """x [B, Nq, C] attends to context [B, Nk, C]; mask: `attention.attend`'s (e.g. an `Additive`
+        key mask [B, 1, 1, Nk]), None for none."""
         c = x.shape[-1]
         hd = c // self.num_heads
         w = self.param("in_proj_kernel", nn.initializers.lecun_normal(), (c, 3 * c))
@@ -182,7 +180,7 @@ class MultiheadAttention(nn.Module):
             y = jnp.einsum("bnc,co->bno", t, wt, precision=self.precision) + bt
             return y.reshape(*y.shape[:2], self.num_heads, hd).transpose(0, 2, 1, 3)
 
-        o = attend(heads(x, wq, bq), heads(context, wk, bk), heads(context, wv, bv), bias=mask,
+        o = attend(heads(x, wq, bq), heads(context, wk, bk), heads(context, wv, bv), mask=mask,
                    precision=self.precision)
         o = o.transpose(0, 2, 1, 3).reshape(x.shape)
         return Dense(c, dtype=self.dtype, precision=self.precision, name="out_proj")(o)

@@ -10,7 +10,8 @@ change the valid points' outputs (`heads.track`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+import dataclasses
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xsvggt_jax.nn.aggregator import Aggregator
-from xsvggt_jax.attention.kernels import AttentionSpec, FrameCausal, Full, check_impl
+from xsvggt_jax.attention.dispatch import AttentionConfigError, AttentionSpec, check_impl
+from xsvggt_jax.attention.masks import FrameCausal, Full
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.nn.heads.camera import CameraHead
 from xsvggt_jax.nn.heads.dpt import DPTHead
@@ -32,8 +34,8 @@ Array = jax.Array
 
 class StreamVGGT(nn.Module):
     """attention: the offline global attention implementation, one of `attention.ATTENTION_IMPLS`
-    ("ring"/"gather" only through `seqpar.offline_sharded`). remat: rematerialise the aggregator's
-    transformer blocks in the backward pass (training)."""
+    ("ring"/"gather" only under a mesh axis: `stream.sharded.offline_sharded`). remat: rematerialise
+    the aggregator's transformer blocks in the backward pass (training)."""
 
     cfg: ModelConfig
     attention: str = "auto"
@@ -69,15 +71,26 @@ class StreamVGGT(nn.Module):
         return out
 
     def offline(self, images: Array, query_points: Optional[Array] = None, causal: bool = True,
-                return_aggregated: bool = False) -> dict:
+                return_aggregated: bool = False, *, spec: Optional[AttentionSpec] = None,
+                frame_offset: Any = 0) -> dict:
         """Batch forward over all S frames. causal: frame t sees frames <= t (StreamVGGT); otherwise
-        every frame sees every frame (VGGT-style, upstream XStreamVGGT's batch path)."""
+        every frame sees every frame (VGGT-style, upstream XStreamVGGT's batch path).
+
+        spec: how the global attention (aggregator and camera trunk) runs, its mask set here from
+        `causal`; default `AttentionSpec(impl=self.attention)`. With a mesh `axis` (ring, gather; inside
+        `jax.shard_map`, see `stream.sharded.offline_sharded`) `images` are this device's contiguous
+        slice of the clip, which starts at global frame `frame_offset` (int, may be traced): it picks
+        the frames' special-token slots. No tracks then (the track head attends along the whole clip).
+        """
         b, s, h, w, _ = images.shape
+        spec = AttentionSpec(impl=self.attention) if spec is None else spec
+        if spec.axis is not None and query_points is not None:
+            raise AttentionConfigError("tracks are not available from the frame-sharded forward")
         p = self.cfg.tokens_per_frame(h, w)
-        slot = jnp.minimum(jnp.arange(s), 1)
+        slot = jnp.minimum(frame_offset + jnp.arange(s), 1)
         mask = FrameCausal if causal else (lambda tokens_per_frame: Full())
-        aggregated, _ = self.aggregator(images, slot, global_bias=AttentionSpec(mask(p), self.attention))
-        pose = self.camera_head(aggregated[-1], bias=AttentionSpec(mask(1), self.attention))[0][-1]
+        aggregated, _ = self.aggregator(images, slot, mask=dataclasses.replace(spec, mask=mask(p)))
+        pose = self.camera_head(aggregated[-1], mask=dataclasses.replace(spec, mask=mask(1)))[0][-1]
         out = self._heads(aggregated, pose, h, w, query_points)
         if return_aggregated:
             out["aggregated"] = aggregated

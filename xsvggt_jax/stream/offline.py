@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.attention.kernels import FrameCausal, Full, resolve_attention
+from xsvggt_jax.attention.dispatch import resolve_attention
+from xsvggt_jax.attention.masks import FrameCausal, Full
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.io.rgb import to_uint8_rgb
 from xsvggt_jax.nn.model import StreamVGGT
@@ -38,18 +39,20 @@ def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], qu
 
     query_points: [N, 2] pixels of frame 0 or None. attention: the global attention implementation
     (`attention.ATTENTION_IMPLS`). devices > 1 shards the frames over a "seq" mesh of that many
-    devices (`seqpar.offline_sharded`, ring attention unless `attention="gather"`; S must divide
-    evenly; no tracks). Raises NonFiniteError on NaN/Inf outputs.
+    devices (`stream.sharded.offline_sharded`, ring attention unless `attention="gather"`; S must divide
+    evenly; no tracks), the parameters replicated onto them wherever they were. Raises NonFiniteError
+    on NaN/Inf outputs.
     """
     frames = np.stack(list(frames))  # [S, H, W, 3]
     s, h, w, _ = frames.shape
     x = jnp.asarray(frames)[None]  # [1, S, H, W, 3]
     q = None if query_points is None else jnp.asarray(query_points)[None]
     if devices > 1:
-        from xsvggt_jax.stream.sharded import make_seq_mesh, offline_sharded
+        from xsvggt_jax.stream.sharded import make_seq_mesh, offline_sharded, place_on_mesh
 
         impl = attention if attention in ("ring", "gather") else "ring"
         mesh = make_seq_mesh(devices)
+        params, x = place_on_mesh(params, x, mesh)   # the mesh built here: its placement too
         model = StreamVGGT(cfg)
         fwd = jax.jit(lambda p, x, q: offline_sharded(p, x, mesh, causal, model=model, impl=impl))
     else:

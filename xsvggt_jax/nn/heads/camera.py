@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xsvggt_jax.attention.dispatch import MaskArg
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.nn.layers import Block, Dense, LayerNorm, Mlp
 from xsvggt_jax.nn.heads.activations import activate_pose
@@ -35,13 +36,14 @@ class CameraHead(nn.Module):
         self.adaln_norm = LayerNorm(1e-6, use_affine=False)
         self.pose_branch = Mlp(dim // 2, POSE_DIM, **kw)
 
-    def __call__(self, tokens: Array, *, bias: Optional[Array] = None,
+    def __call__(self, tokens: Array, *, mask: MaskArg = None,
                  caches: Optional[Sequence[LayerCache]] = None) -> tuple[list[Array], Optional[tuple]]:
         """tokens: last aggregator output [B, S, P', 2C]. Returns (the pose encoding [B, S, 9] of each
-        refinement iteration, the trunk caches after this call or None). `bias` [S, S] masks the trunk
-        attention across frames (offline). `caches`: one streaming cache per trunk block; every
-        iteration appends the frame's token to each. The random key of the call (iteration it, block i)
-        is fold_in(caches[i].key, it): distinct per call, deterministic.
+        refinement iteration, the trunk caches after this call or None). `mask` masks the trunk
+        attention across frames (offline; `attention.attend`'s, over the S camera tokens). `caches`:
+        one streaming cache per trunk block; every iteration appends the frame's token to each. The
+        random key of the call (iteration it, block i) is fold_in(caches[i].key, it): distinct per
+        call, deterministic.
 
         The iterations are one `nn.scan` over the shared trunk (XLA compiles the trunk once, not
         `iterations` times). As upstream, each iteration reads the previous prediction through a
@@ -62,9 +64,9 @@ class CameraHead(nn.Module):
             new_caches = []
             for i, blk in enumerate(head.trunk):
                 if caches is None:
-                    h, _ = blk(h, bias=bias)
+                    h, _ = blk(h, mask=mask)
                 else:
-                    h, c = blk(h, bias=bias, cache=caches[i].replace(key=jax.random.fold_in(keys[i], it)))
+                    h, c = blk(h, mask=mask, cache=caches[i].replace(key=jax.random.fold_in(keys[i], it)))
                     new_caches.append(c.replace(key=keys[i]))
             pred = pred + head.pose_branch(head.trunk_norm(h))  # the first: 0 + delta == delta exactly
             return (pred, None if caches is None else tuple(new_caches)), activate_pose(pred)

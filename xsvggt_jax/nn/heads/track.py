@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.attention.kernels import NEG_INF, Additive
+from xsvggt_jax.attention.masks import NEG_INF, Additive
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.nn.layers import Dense, LayerNorm, MultiheadAttention, Mlp
 from xsvggt_jax.nn.resample import sample_bilinear
@@ -65,7 +65,7 @@ def key_mask(valid: Array | None, frames: int) -> Additive | None:
 
 class AttnBlock(nn.Module):
     """x = norm1(x); x += attn(x, ctx); x += mlp(norm2(x)) (residual taken after norm1, as upstream).
-    mask: the attention's mask (`attention.attend`'s bias), None for none."""
+    mask: the attention's mask (`attention.attend`'s), None for none."""
 
     num_heads: int
     mlp_ratio: float

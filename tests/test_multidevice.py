@@ -1,0 +1,154 @@
+"""Every entry point on 4 forced CPU devices, with parameters loaded from disk as users load them.
+
+`load_params` commits the parameters to device 0; whatever builds a mesh must place them (and its
+inputs) on it. One subprocess (XLA_FLAGS must be set before jax starts; this file is its script) saves
+a micro model with `save_params`, then runs `xsvggt_jax.app.cli.main` in-process for: `reconstruct`
+streaming, `--offline causal` and `full` (default --devices: all 4), `--attention ring` and `gather`,
+`--offline causal --devices 1` (the reference of the sharded runs), `reconstruct-many` (slots on the
+4 devices), `eval` (procedural), `train` (from the params dir) and `view`'s scene building. Each entry
+point's outcome ("ok" or the exception) goes into one JSON line that the tests below read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES = 4
+FRAMES = 4                      # divisible by DEVICES: the offline default shards over all of them
+HW = (28, 28)                   # micro: 2 x 2 patches
+TOL = 1e-6                      # relative error of the sharded runs vs one device (as tests/test_seqpar.py)
+
+ENTRY_POINTS = ("save-params", "stream", "offline-causal", "offline-full", "offline-ring", "offline-gather",
+                "offline-one-device", "reconstruct-many", "eval", "train", "view")
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory) -> dict:
+    from conftest import child_xla_flags
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(f"--xla_force_host_platform_device_count={DEVICES}"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), JAX_PLATFORMS="cpu")
+    work = tmp_path_factory.mktemp("multidevice")
+    done = subprocess.run([sys.executable, __file__, str(work)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["devices"] == DEVICES
+    return report
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_entry_point_runs_on_several_devices(child, entry):
+    assert child["runs"][entry] == "ok", child["runs"][entry]
+
+
+@pytest.mark.parametrize("mode", ["offline-causal", "offline-full", "offline-ring", "offline-gather"])
+def test_offline_default_shards_over_every_device(child, mode):
+    """The default --devices is every device dividing the frame count: the runs did shard."""
+    assert child["offline_devices"][mode] == DEVICES
+
+
+@pytest.mark.parametrize("mode", ["offline-causal", "offline-ring", "offline-gather"])
+def test_sharded_offline_equals_one_device(child, mode):
+    errs = child["vs_one_device"][mode]
+    assert {"depth", "camera_pose", "pts3d_in_other_view"} <= set(errs)
+    assert max(errs.values()) <= TOL, errs
+
+
+# ------------------------------------------------------------------------------------------- the child
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _run(name: str, runs: dict, fn) -> None:
+    try:
+        fn()
+        runs[name] = "ok"
+    except BaseException as e:  # noqa: BLE001 - a SystemExit from the CLI, or a crash: recorded
+        runs[name] = f"{type(e).__name__}: {e}"[:1500]
+        traceback.print_exc()
+
+
+def _main(work: Path) -> None:
+    import jax
+
+    from xsvggt_jax.app.cli import main
+    from xsvggt_jax.app.view import build_scene
+    from xsvggt_jax.config import ModelConfig
+    from xsvggt_jax.nn.model import init_params
+    from xsvggt_jax.weights.params import save_params
+
+    assert jax.device_count() == DEVICES
+    cfg = ModelConfig.preset("micro")
+    params_dir = work / "params"
+    runs: dict = {}
+    _run("save-params", runs, lambda: save_params(init_params(cfg, jax.random.key(0)), params_dir, cfg))
+    rng = np.random.default_rng(0)
+    scenes = []
+    for i, n in enumerate((FRAMES, FRAMES + 2)):
+        scenes.append(work / f"scene{i}.npz")
+        np.savez(scenes[-1], images=rng.uniform(size=(n, 3, *HW)).astype(np.float32))
+    weights = ["--params", str(params_dir), "--quiet"]
+    outs = {}
+
+    def reconstruct(name: str, *flags: str):
+        outs[name] = work / name
+        _run(name, runs, lambda: main(["reconstruct", str(scenes[0]), *weights, "--out", str(outs[name]), *flags]))
+
+    reconstruct("stream")
+    reconstruct("offline-causal", "--offline", "causal")
+    reconstruct("offline-full", "--offline", "full")
+    reconstruct("offline-ring", "--offline", "causal", "--attention", "ring")
+    reconstruct("offline-gather", "--offline", "causal", "--attention", "gather")
+    reconstruct("offline-one-device", "--offline", "causal", "--devices", "1")
+    _run("reconstruct-many", runs, lambda: main(["reconstruct-many", *map(str, scenes), *weights,
+                                                 "--out", str(work / "many")]))
+    _run("eval", runs, lambda: main(["eval", "--dataset", "procedural", "--task", "pose", "--settings", "none",
+                                     "--sequences", "1", "--frames-per-sequence", str(FRAMES), *weights,
+                                     "--out", str(work / "eval")]))
+    _run("train", runs, lambda: main(["train", "--init", str(params_dir), "--steps", "2", "--size", "28x28",
+                                      "--frames", "2", "--eval-scenes", "0", "--out", str(work / "train"),
+                                      "--quiet"]))
+
+    def view():
+        import viser
+        server = viser.ViserServer(host="127.0.0.1", port=0, verbose=False)
+        try:
+            build_scene(server, outs["stream"])
+        finally:
+            server.stop()
+
+    _run("view", runs, view)
+
+    def report(name: str) -> dict:
+        path = outs[name] / "report.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def predictions(name: str) -> dict:
+        path = outs[name] / "predictions.npz"
+        return dict(np.load(path)) if path.exists() else {}
+
+    ref = predictions("offline-one-device")
+    result = {"devices": jax.device_count(), "runs": runs,
+              "offline_devices": {m: report(m).get("devices") for m in
+                                  ("offline-causal", "offline-full", "offline-ring", "offline-gather")},
+              "vs_one_device": {}}
+    for mode in ("offline-causal", "offline-ring", "offline-gather"):
+        got = predictions(mode)
+        result["vs_one_device"][mode] = {k: _rel(got[k], ref[k]) for k in
+                                         ("depth", "depth_conf", "pts3d_in_other_view", "conf", "camera_pose")
+                                         if k in got and k in ref}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _main(Path(sys.argv[1]))
