@@ -159,8 +159,8 @@ def test_bfloat16_still_computes_the_heads_in_bfloat16(on):
     for head in HEADS:  # (the DPT heads activate their last output in float32, as before)
         assert "bfloat16" in {str(x.dtype) for x in jax.tree.leaves(inter["intermediates"][head])}, head
     tokens = jax.ShapeDtypeStruct((1, 2, 9, 2 * cfg.embed_dim), jnp.bfloat16)
-    camera = matmul_dtypes(jax.make_jaxpr(lambda p, t: model.apply({"params": p}, t,
-                                                                   method=lambda m, t: m.camera_head(t)))(p, tokens).jaxpr)
+    camera_head = lambda p, t: model.apply({"params": p}, t, method=lambda m, t: m.camera_head(t))
+    camera = matmul_dtypes(jax.make_jaxpr(camera_head)(p, tokens).jaxpr)
     assert camera and all(set(d) == {"bfloat16"} for d in camera), camera  # the trunk (in its scan) too
     cache = init_cache(cfg, CacheConfig("xstream", 16, 4), 1, (28, 28))
     assert {x.dtype for x in jax.tree.leaves(cache.camera_kv) if x.ndim > 3} == {jnp.dtype(jnp.bfloat16)}

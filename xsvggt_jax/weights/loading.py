@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional
 from xsvggt_jax.config import AUTO_DTYPE, DTYPES, ModelConfig
 from xsvggt_jax.errors import ConfigError, InputError
 
-__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "add_dtype_flag", "add_weight_flags", "check_weight_flags", "config_from_name", "load_model",
-           "model_config", "spec_config", "with_dtype"]
+__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "add_dtype_flag", "add_weight_flags", "check_weight_flags",
+           "config_from_name", "load_model", "model_config", "spec_config", "with_dtype"]
 
 DTYPE_CHOICES = (AUTO_DTYPE, *DTYPES)
 DTYPE_HELP = ("compute dtype (default auto: float32 on CPU; on GPU/TPU bfloat16 in the aggregator and float32 in "
