@@ -124,7 +124,7 @@ def tiny_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_cfg(tiny_dir):
     from xsvggt_jax.config import ModelConfig
-    return ModelConfig.from_spec(tiny_dir / "spec.json")
+    return ModelConfig.from_spec(tiny_dir / "spec.json", dtype="float32")  # parity: float32 on every backend
 
 
 @pytest.fixture(scope="session")

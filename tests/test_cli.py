@@ -16,6 +16,7 @@ from xsvggt_jax.app.cli import main
 from xsvggt_jax.cache.core import BUILT_FOR_BYTES
 from xsvggt_jax.weights.params import ParamsError, load_params
 
+F32 = ("--dtype", "float32")  # parity with upstream: float32 on every backend (the default "auto" is bf16 on GPU)
 REPORT_FIELDS = ("mode", "frames", "height", "width", "seconds_per_frame", "compile_seconds", "cache_bytes",
                  "peak_memory_bytes", "backend", "device", "device_kind", "device_peak_bytes")
 
@@ -42,7 +43,7 @@ def params_dirs(tiny_dir, tmp_path_factory):
 def stream_run(tiny_dir, params_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("stream") / "out"
     assert main(["reconstruct", str(tiny_dir / "frames.npz"), "--params", str(params_dirs["pth"]),
-                 "--out", str(out)]) == 0
+                 "--out", str(out), *F32]) == 0
     return out
 
 
@@ -63,7 +64,8 @@ def small_input(tiny_frames, tmp_path):
 def test_convert_roundtrip_bit_identical(params_dirs, tiny_params, tiny_cfg):
     p_pth, cfg_pth = load_params(params_dirs["pth"])
     p_st, cfg_st = load_params(params_dirs["safetensors"])
-    assert cfg_pth == tiny_cfg and cfg_st == tiny_cfg
+    auto = tiny_cfg.replace(dtype="auto")  # a converted model computes by the default precision policy
+    assert cfg_pth == auto and cfg_st == auto
     ref = flatten_dict(tiny_params)
     for loaded in (flatten_dict(p_pth), flatten_dict(p_st)):
         assert loaded.keys() == ref.keys()
@@ -158,12 +160,23 @@ def test_reconstruct_stream_matches_upstream(stream_run, tiny_dir):
     assert report["cache_bytes"] > 0 and report["peak_memory_bytes"] > 0
     assert (report["device_peak_bytes"] is None) == (report["backend"] == "cpu")  # no allocator stats on CPU
     assert report["seconds_per_frame"] > 0 and report["compile_seconds"] > 0
+    assert report["dtype"] == "float32" and report["compute_dtype"] == {"trunk": "float32", "heads": "float32"}
+
+
+def test_report_records_the_precision_policy(params_dirs, small_input, tmp_path):
+    """Without --dtype: the policy "auto" and what it resolved to on this backend (upstream's autocast on
+    an accelerator: a bfloat16 aggregator, float32 heads)."""
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(small_input()), "--params", str(params_dirs["pth"]), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    trunk = "float32" if report["backend"] == "cpu" else "bfloat16"
+    assert report["dtype"] == "auto" and report["compute_dtype"] == {"trunk": trunk, "heads": "float32"}
 
 
 def test_reconstruct_offline_causal_matches_upstream(tiny_dir, params_dirs, tmp_path):
     out = tmp_path / "out"
     assert main(["reconstruct", str(tiny_dir / "frames.npz"), "--params", str(params_dirs["safetensors"]),
-                 "--out", str(out), "--offline", "causal"]) == 0
+                 "--out", str(out), "--offline", "causal", *F32]) == 0
     preds = np.load(out / "predictions.npz")
     ref = np.load(tiny_dir / "offline_causal.npz")
     errs = {k: rel_err(preds[k], ref[k]) for k in ALL_KEYS}
@@ -224,7 +237,7 @@ def test_reconstruct_bad_params_dir(small_input, tmp_path, capsys):
 def test_reconstruct_compressed_stream(flags, run, tiny_dir, params_dirs, tmp_path):
     out = tmp_path / "out"
     assert main(["reconstruct", str(tiny_dir / "frames.npz"), "--params", str(params_dirs["pth"]),
-                 "--out", str(out), *flags]) == 0
+                 "--out", str(out), *flags, *F32]) == 0
     preds, ref = np.load(out / "predictions.npz"), np.load(tiny_dir / f"{run}.npz")
     if "ktvt" in flags:
         assert_ktvt_parity(preds, ref)
@@ -300,7 +313,8 @@ def test_dtype_is_one_flag_on_every_command():
     commands = _parser()._subparsers._group_actions[0].choices
     for name in ("demo", "reconstruct", "reconstruct-many", "eval", "train"):
         (flag,) = [a for a in commands[name]._actions if "--dtype" in a.option_strings]
-        assert tuple(flag.choices) == tuple(DTYPES) and flag.help == DTYPE_HELP, name
+        assert tuple(flag.choices) == ("auto", *DTYPES) and flag.help == DTYPE_HELP, name
+        assert flag.default == "auto", name  # the precision policy is every command's default
 
 
 def test_one_loader_applies_dtype(params_dirs, tmp_path):

@@ -106,7 +106,7 @@ def test_to_dict_is_plain_json_with_format():
     (lambda d: d.__setitem__("num_heads", True), "num_heads must be an integer, got True"),
     (lambda d: d.__setitem__("qk_norm", 1), "qk_norm must be true or false, got 1"),
     (lambda d: d.__setitem__("rope_freq", "x"), "rope_freq must be a number, got 'x'"),
-    (lambda d: d.__setitem__("dtype", "int8"), "dtype must be one of ['bfloat16', 'float16', 'float32']"),
+    (lambda d: d.__setitem__("dtype", "int8"), "dtype must be one of ['auto', 'bfloat16', 'float16', 'float32']"),
     (lambda d: d.__setitem__("precision", "max"), "precision must be one of"),
     (lambda d: d.__setitem__("dino", [1, 2]), "dino must be an object, got [1, 2]"),
     (lambda d: d.__setitem__("track", None), "track must be an object, got null"),

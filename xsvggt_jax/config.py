@@ -35,13 +35,17 @@ import jax.numpy as jnp
 
 from xsvggt_jax.errors import ConfigError, InputError  # ConfigError: importable from here as before
 
-__all__ = ["CONFIG_FORMAT", "DTYPES", "PRECISIONS", "RUNTIME_FIELDS", "PRESETS", "ConfigError", "DinoConfig",
-           "CameraHeadConfig", "DPTConfig", "TrackHeadConfig", "ModelConfig", "check_frame_size",
-           "value_from_text"]
+__all__ = ["AUTO_DTYPE", "CONFIG_FORMAT", "DTYPES", "PRECISIONS", "RUNTIME_FIELDS", "PRESETS", "ConfigError",
+           "DinoConfig", "CameraHeadConfig", "DPTConfig", "TrackHeadConfig", "ModelConfig", "check_frame_size",
+           "compute_backend", "value_from_text"]
 
 CONFIG_FORMAT = "xsvggt-config/1"
 DTYPES: Mapping[str, Any] = MappingProxyType(
     {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16})
+# the precision policy: "auto" resolves by the default backend (`compute_backend`): float32 everywhere on
+# CPU; on accelerators what upstream StreamVGGT evaluates with, its aggregator (DINOv2 + alternating
+# attention) under bfloat16 autocast and every head under `autocast(enabled=False)`, i.e. float32
+AUTO_DTYPE = "auto"
 PRECISIONS: Mapping[str, jax.lax.Precision] = MappingProxyType(
     {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST})
 # fields that choose how the network is computed, not what it is: they do not change the parameters
@@ -256,8 +260,10 @@ class ModelConfig(_Validated):
 
     `img_size` only fixes the DINOv2 position-embedding grid (img_size // patch_size squared); any
     frame whose sides are multiples of `patch_size` is accepted at run time.
-    `dtype` is the compute dtype (a `DTYPES` key); `precision` the matmul precision (a `PRECISIONS`
-    key; parity needs float32 + highest).
+    `dtype` is the compute dtype: a `DTYPES` key (the whole network in it) or "auto" (`AUTO_DTYPE`, the
+    default): float32 on CPU; on accelerators bfloat16 in the aggregator and float32 in the heads, as
+    upstream's autocast. `trunk_jnp_dtype` / `head_jnp_dtype` are the resolved dtypes. `precision` is
+    the matmul precision (a `PRECISIONS` key; parity needs float32 + highest).
     """
 
     img_size: int = 518
@@ -273,11 +279,11 @@ class ModelConfig(_Validated):
     camera: CameraHeadConfig = CameraHeadConfig()
     dpt: DPTConfig = DPTConfig()
     track: TrackHeadConfig = TrackHeadConfig()
-    dtype: str = "float32"
+    dtype: str = AUTO_DTYPE
     precision: str = "highest"
 
     def _check(self) -> None:
-        for field, registry in (("dtype", DTYPES), ("precision", PRECISIONS)):
+        for field, registry in (("dtype", (AUTO_DTYPE, *DTYPES)), ("precision", PRECISIONS)):
             if getattr(self, field) not in registry:
                 raise ConfigError(field, f"must be one of {sorted(registry)}, got {_show(getattr(self, field))}")
         self._positive("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
@@ -311,9 +317,29 @@ class ModelConfig(_Validated):
     def pos_grid(self) -> int:
         return self.img_size // self.patch_size
 
+    def compute_dtypes(self) -> dict[str, str]:
+        """The resolved compute dtypes {"trunk": aggregator and DINOv2, "heads": camera (trunk and
+        K/V cache included), DPT and track heads}: `dtype` itself for both unless it is "auto"."""
+        if self.dtype != AUTO_DTYPE:
+            return {"trunk": self.dtype, "heads": self.dtype}
+        if compute_backend() == "cpu":
+            return {"trunk": "float32", "heads": "float32"}
+        return {"trunk": "bfloat16", "heads": "float32"}
+
+    @property
+    def trunk_jnp_dtype(self):
+        """The aggregator's (and DINOv2's, and the global K/V cache's) compute dtype."""
+        return DTYPES[self.compute_dtypes()["trunk"]]
+
+    @property
+    def head_jnp_dtype(self):
+        """The heads' compute dtype (and the camera K/V cache's)."""
+        return DTYPES[self.compute_dtypes()["heads"]]
+
     @property
     def jnp_dtype(self):
-        return DTYPES[self.dtype]
+        """The trunk's compute dtype (`trunk_jnp_dtype`), as attention kernels are chosen for it."""
+        return self.trunk_jnp_dtype
 
     @property
     def jax_precision(self) -> jax.lax.Precision:
@@ -512,6 +538,11 @@ PRESETS: Mapping[str, ModelConfig] = MappingProxyType({
         track=TrackHeadConfig(features=8, corr_levels=2, corr_radius=1, hidden_size=16, depth=1,
                               max_scale=28.0, iters=1, num_heads=2, num_virtual_tracks=4)),
 })
+
+
+def compute_backend() -> str:
+    """The backend that resolves dtype "auto": `jax.default_backend()` ("cpu", "gpu", "tpu")."""
+    return jax.default_backend()
 
 
 def check_frame_size(cfg: ModelConfig, height: int, width: int, *, tracks: bool = False) -> None:

@@ -184,7 +184,8 @@ def write_scene(tmp: Path, args, source, cfg, mode: str, cache_meta: dict | None
         "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": peak_rss_bytes(),
         "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
         "device_kind": jax.devices()[0].device_kind, "device_peak_bytes": device_peak_bytes(),
-        "dtype": cfg.dtype, "precision": cfg.precision, **extra, **(details or {}),
+        "dtype": cfg.dtype, "compute_dtype": cfg.compute_dtypes(), "precision": cfg.precision,
+        **extra, **(details or {}),
         **({"note": note} if note else {}),
     }
     if extra_files is not None:

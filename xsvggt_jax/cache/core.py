@@ -568,8 +568,8 @@ def init_cache(cfg: ModelConfig, cache_cfg: CacheConfig, batch: int, frame_hw: t
         if query_points.shape[1] == 0:
             query_points = None
     cache = StreamCache(
-        global_kv=_empty_layers(g_plan, cache_cfg, batch, cfg.jnp_dtype),
-        camera_kv=_empty_layers(c_plan, cache_cfg.camera(), batch, cfg.jnp_dtype),
+        global_kv=_empty_layers(g_plan, cache_cfg, batch, cfg.trunk_jnp_dtype),
+        camera_kv=_empty_layers(c_plan, cache_cfg.camera(), batch, cfg.head_jnp_dtype),
         global_len=jnp.zeros((), jnp.int32),
         camera_len=jnp.zeros((), jnp.int32),
         frame_index=jnp.zeros((), jnp.int32),
@@ -596,7 +596,7 @@ def cache_bytes(cache: StreamCache) -> int:
 def cache_report(cfg: ModelConfig, cache_cfg: CacheConfig, cache: StreamCache) -> dict:
     """Byte accounting: all arrays; global K/V with their scales, zero points and indices; camera;
     and the packed floor (budget x layers x 2 x dims x bits/8) of the quantized global cache."""
-    bits = cache_cfg.bits if cache_cfg.quant != "none" else jnp.dtype(cfg.jnp_dtype).itemsize * 8
+    bits = cache_cfg.bits if cache_cfg.quant != "none" else jnp.dtype(cfg.trunk_jnp_dtype).itemsize * 8
     return {
         "cache_bytes": cache_bytes(cache),
         "cache_bytes_global": tree_bytes(cache.global_kv),

@@ -46,7 +46,7 @@ class Aggregator(nn.Module):
         c = cfg.embed_dim
         self.patch_embed = Dinov2(cfg)
         block_cls = nn.remat(PositionalBlock, static_argnums=(2, 3)) if self.remat else PositionalBlock
-        block = lambda name: block_cls(cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm, dtype=cfg.jnp_dtype,
+        block = lambda name: block_cls(cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm, dtype=cfg.trunk_jnp_dtype,
                                    precision=cfg.jax_precision, name=name)
         self.frame_blocks = [block(f"frame_blocks_{i}") for i in range(cfg.depth)]
         self.global_blocks = [block(f"global_blocks_{i}") for i in range(cfg.depth)]

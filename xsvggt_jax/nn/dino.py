@@ -58,7 +58,7 @@ class Dinov2(nn.Module):
         n, h, w, _ = x.shape
         ph, pw = h // cfg.patch_size, w // cfg.patch_size
         m = cfg.pos_grid
-        tokens = PatchEmbed(cfg.patch_size, d.embed_dim, cfg.jnp_dtype, cfg.jax_precision,
+        tokens = PatchEmbed(cfg.patch_size, d.embed_dim, cfg.trunk_jnp_dtype, cfg.jax_precision,
                             name="patch_embed")(x)
         cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, d.embed_dim))
         pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, 1 + m * m, d.embed_dim))
@@ -73,6 +73,6 @@ class Dinov2(nn.Module):
         x = jnp.concatenate([cls, regs, tokens], axis=1)
         for i in range(d.depth):
             x, _ = Block(d.num_heads, d.mlp_ratio, qk_norm=False, layer_norm_eps=d.layer_norm_eps,
-                         dtype=cfg.jnp_dtype, precision=cfg.jax_precision, name=f"blocks_{i}")(x)
+                         dtype=cfg.trunk_jnp_dtype, precision=cfg.jax_precision, name=f"blocks_{i}")(x)
         x = LayerNorm(d.layer_norm_eps, name="norm")(x)
         return x[:, 1 + cfg.num_register_tokens:]

@@ -7,7 +7,8 @@ every command can use it).
 * `load_model(args)`: (params, config): a params directory (--params, or train's --init DIR), else an
   upstream checkpoint (--checkpoint [--spec], converted once and cached under --cache-dir), else the
   caller's `default` (the demo model, eval's random tiny model, train's random init).
-* Both apply --dtype (`with_dtype`), the compute dtype; parameters keep theirs.
+* Both apply --dtype (`with_dtype`), the compute dtype (default "auto": float32 on CPU; on accelerators
+  bfloat16 aggregator + float32 heads, upstream's autocast); parameters keep theirs.
 
 Errors are typed (`xsvggt_jax.errors`): ParamsError / CheckpointError / ConversionError from the
 weights, ConfigError for a bad --spec or --config, InputError when no weights are named.
@@ -19,19 +20,21 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from xsvggt_jax.config import DTYPES, ModelConfig
+from xsvggt_jax.config import AUTO_DTYPE, DTYPES, ModelConfig
 from xsvggt_jax.errors import ConfigError, InputError
 
-__all__ = ["DTYPE_HELP", "add_dtype_flag", "add_weight_flags", "check_weight_flags", "config_from_name", "load_model",
-           "model_config", "spec_config", "with_dtype"]
+__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "add_dtype_flag", "add_weight_flags", "check_weight_flags",
+           "config_from_name", "load_model", "model_config", "spec_config", "with_dtype"]
 
-DTYPE_HELP = ("compute dtype (default: the model's, float32; bfloat16 is faster on accelerators; parameters "
+DTYPE_CHOICES = (AUTO_DTYPE, *DTYPES)
+DTYPE_HELP = ("compute dtype (default auto: float32 on CPU; on GPU/TPU bfloat16 in the aggregator and float32 in "
+              "the heads, as upstream's autocast; float32 / bfloat16 / float16: the whole network; parameters "
               "keep their dtype)")
 
 
 def add_dtype_flag(group) -> None:
-    """The --dtype flag (choices: `config.DTYPES`) on a parser or argument group."""
-    group.add_argument("--dtype", choices=tuple(DTYPES), help=DTYPE_HELP)
+    """The --dtype flag (choices: "auto" and `config.DTYPES`, default "auto") on a parser or argument group."""
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO_DTYPE, help=DTYPE_HELP)
 
 
 def add_weight_flags(group, *, params: bool = True, required: bool = True,

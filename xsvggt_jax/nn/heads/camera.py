@@ -26,7 +26,7 @@ class CameraHead(nn.Module):
     def setup(self):
         cfg, cam = self.cfg, self.cfg.camera
         dim = 2 * cfg.embed_dim
-        kw = dict(dtype=cfg.jnp_dtype, precision=cfg.jax_precision)
+        kw = dict(dtype=cfg.head_jnp_dtype, precision=cfg.jax_precision)
         self.trunk = [Block(cam.num_heads, cam.mlp_ratio, name=f"trunk_{i}", **kw) for i in range(cam.trunk_depth)]
         self.token_norm = LayerNorm()
         self.trunk_norm = LayerNorm()
@@ -50,7 +50,8 @@ class CameraHead(nn.Module):
         stop-gradient (no backpropagation through the refinement), so the gradient of iteration k's
         pose reaches the parameters through its own update only.
         """
-        x = self.token_norm(tokens[:, :, 0])  # camera tokens [B, S, 2C]
+        # camera tokens [B, S, 2C], in the head dtype ("auto": bfloat16 trunk tokens -> float32)
+        x = self.token_norm(tokens[:, :, 0].astype(self.cfg.head_jnp_dtype))
         b, s, _ = x.shape
         empty = jnp.broadcast_to(self.empty_pose_tokens, (b, s, POSE_DIM)).astype(x.dtype)
         keys = None if caches is None else tuple(c.key for c in caches)

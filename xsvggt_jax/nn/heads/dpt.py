@@ -159,7 +159,7 @@ class DPTHead(nn.Module):
     @nn.compact
     def __call__(self, aggregated: Sequence[Array], height: int, width: int):
         cfg = self.cfg
-        kw = dict(dtype=cfg.jnp_dtype, precision=cfg.jax_precision)
+        kw = dict(dtype=cfg.head_jnp_dtype, precision=cfg.jax_precision)
         ph, pw = height // cfg.patch_size, width // cfg.patch_size
         oc = cfg.dpt.out_channels
         norm = LayerNorm(name="norm")
@@ -169,7 +169,7 @@ class DPTHead(nn.Module):
                   Conv(oc[3], 3, stride=2, padding=1, name="resize_layers_3", **kw)]
         layers = []
         for j, layer_idx in enumerate(cfg.dpt.intermediate_layer_idx):
-            x = aggregated[layer_idx]
+            x = aggregated[layer_idx].astype(cfg.head_jnp_dtype)  # "auto": bfloat16 trunk tokens -> float32
             x = x[..., cfg.num_special_tokens:, :].reshape(-1, ph, pw, x.shape[-1])  # [N, Hp, Wp, 2C]
             x = Conv(oc[j], 1, name=f"projects_{j}", **kw)(norm(x))
             if self.pos_embed:

@@ -94,7 +94,7 @@ class UpdateFormer(nn.Module):
     def __call__(self, x: Array, valid: Array | None = None) -> Array:
         """x: [B, N, T, D_in] -> [B, N, T, out_dim]; valid: [B, N] bool or None (all valid)."""
         t = self.cfg.track
-        kw = dict(dtype=self.cfg.jnp_dtype, precision=self.cfg.jax_precision)
+        kw = dict(dtype=self.cfg.head_jnp_dtype, precision=self.cfg.jax_precision)
         hs, nv = t.hidden_size, t.num_virtual_tracks
         tokens = Dense(hs, name="input_transform", **kw)(LayerNorm(name="input_norm")(x))
         init = tokens
@@ -127,7 +127,7 @@ class Tracker(nn.Module):
 
     def setup(self):
         t, cfg = self.cfg.track, self.cfg
-        kw = dict(dtype=cfg.jnp_dtype, precision=cfg.jax_precision)
+        kw = dict(dtype=cfg.head_jnp_dtype, precision=cfg.jax_precision)
         c = t.features
         self.fmap_norm = LayerNorm()
         self.query_ref_token = self.param("query_ref_token", nn.initializers.normal(1.0), (1, 2, 3 * c + 4))
