@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from xsvggt_jax.io.frames import FrameSource
 from xsvggt_jax.io.fsutil import PRODUCER
-from xsvggt_jax.io.outdir import MANIFEST
+from xsvggt_jax.io.outdir import MANIFEST, OutputDir
 
 SUMMARY = "summary.json"
 REPORT = "report.json"
@@ -29,6 +30,20 @@ class Scene:
     """One input (folder of images, video or .npz) and the name of its output directory ROOT/<name>."""
     name: str
     path: Path
+
+
+@dataclasses.dataclass
+class Job:
+    """A scene ready to run: its opened source and its output directory (checked, not yet written)."""
+    scene: Scene
+    source: FrameSource
+    out: OutputDir
+
+
+def pool_key(source: FrameSource) -> tuple[int, int, int]:
+    """(H, W, number of query points) of one scene."""
+    qp = source.query_points
+    return source.height, source.width, 0 if qp is None else len(qp)
 
 
 def read_manifest(path: str | Path) -> list[Path]:
