@@ -7,7 +7,7 @@ Scenes: procedural (`xsvggt_jax.data.procedural`, seeds 0.., lengths drawn unifo
 [min, max] frames with a fixed seed) at 56x70, each frame rendered when the driver reads it (the
 host work a video decoder would do), 8 query points. Model: `ModelConfig.tiny()` with random weights
 (`init_params(cfg, PRNGKey(0))`), cache xstream + int4 KCVT (budget 64). Every scene writes what
-`xsvggt reconstruct` writes (the CLI's `write_scene`: predictions.npz, points.ply, COLMAP, depth
+`xsvggt reconstruct` writes (`io.scene.write_scene`: predictions.npz, points.ply, COLMAP, depth
 maps, stream.png, report.json), published per scene, so scenes/hour includes output writing.
 Runs (each its own output root, compile included, as a user sees it):
 * `continuous`: a pool of `--slots` slots, prefetch `--prefetch` frames per scene;
@@ -67,21 +67,14 @@ def scenes(count: int, lo: int, hi: int, seed: int = 0):
 
 def run(label: str, sources, cfg, cache_cfg, params, slots: int, prefetch: int, root: Path,
         slot_compute: str = "auto") -> dict:
-    from xsvggt_jax.app.cli import _parser, stream_timing, write_scene
     from xsvggt_jax.io.outdir import OutputDir
+    from xsvggt_jax.io.outputs import ExportOptions
     from xsvggt_jax.many import Job, Scene, run_scenes
-
-    args = _parser().parse_args(["reconstruct-many", "--params", "-", "--out", str(root)])
-    args.offline = None  # streaming, as `_reconstruct_many` sets it
-    cache_meta = dataclasses.asdict(cache_cfg)
-
-    def finish(tmp, source, preds, rgb, latency, nbytes, cinfo, nq):
-        write_scene(tmp, args, source, cfg, "stream", cache_meta, nq, preds, rgb, latency, nbytes, cinfo,
-                    stream_timing(latency))
 
     jobs = [Job(Scene(s.name, Path(s.name)), s, OutputDir(root / s.name)) for s in sources]
     t0 = time.perf_counter()
-    results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish, slots=slots, prefetch=prefetch,
+    # the exports `reconstruct-many` writes with its default flags
+    results, stats = run_scenes(cfg, cache_cfg, params, jobs, ExportOptions(), slots=slots, prefetch=prefetch,
                                 slot_compute=slot_compute)
     wall = time.perf_counter() - t0
     done = sum(r["status"] == "done" for r in results)

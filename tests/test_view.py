@@ -35,7 +35,7 @@ MIN_POINT_PIXELS = 2000  # the cloud has S*H*W = 3840 points of a few pixels eac
 
 def write_outdir(out: Path, points_rgb=POINT_RGB) -> Path:
     """A tiny OUTDIR in reconstruct's format: cameras on an arc looking at a wavy wall 3 units
-    ahead, predictions.npz (as cli._exports writes it) and points.ply (unprojected depth)."""
+    ahead, predictions.npz (as io.scene.write_scene writes it) and points.ply (unprojected depth)."""
     out.mkdir(parents=True, exist_ok=True)
     yaw = np.linspace(-0.25, 0.25, S)
     quat = np.stack([np.zeros(S), np.sin(yaw / 2), np.zeros(S), np.cos(yaw / 2)], -1)  # xyzw about y

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from xsvggt_jax.errors import ConfigError, InputError, XsvggtError
-from xsvggt_jax.io.fsutil import PRODUCER, atomic_savez, atomic_write_json
+from xsvggt_jax.io.fsutil import atomic_savez
 from xsvggt_jax.weights.loading import add_weight_flags, check_weight_flags, load_model, spec_config
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,13 @@ def _query_points(text: str | None):
     return pts
 
 
-def _exports(tmp: Path, preds: dict, rgb: np.ndarray, source, args) -> dict:
-    """predictions.npz, points.ply, trajectory.txt, colmap/, depth/ into `tmp` (see io/outputs.py)."""
-    from xsvggt_jax.io.outputs import ExportOptions, write_outputs
+def _export_options(args):
+    """The exports' options (see io/outputs.py) from the output flags."""
+    from xsvggt_jax.io.outputs import ExportOptions
 
-    options = ExportOptions(points=args.points, conf_percentile=args.conf_percentile,
-                            ply_max_pixels=args.ply_max_pixels, colmap_max_points=args.colmap_max_points,
-                            colmap_binary=args.colmap_binary)
-    return write_outputs(tmp, preds, rgb, source, options)
+    return ExportOptions(points=args.points, conf_percentile=args.conf_percentile,
+                         ply_max_pixels=args.ply_max_pixels, colmap_max_points=args.colmap_max_points,
+                         colmap_binary=args.colmap_binary)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -149,61 +148,17 @@ def _export_bytes(frames: int, hw: tuple[int, int], queries: int, ply_max_pixels
     return prediction_bytes(frames, hw, queries) + frames * 96 + pixels * (8 + 2) + cloud * (15 + 64) + (1 << 20)
 
 
-def stream_timing(latency: Sequence[float]) -> dict:
-    """report.json's timing of a stream from its per-frame latencies (the first includes compilation)."""
-    return {"compile_seconds": float(latency[0]),
-            "seconds_per_frame": float(np.median(latency[1:])) if len(latency) > 1 else float(latency[0]),
-            "total_seconds": float(sum(latency))}
-
-
-def write_scene(tmp: Path, args, source, cfg, mode: str, cache_meta: dict | None, num_queries: int, preds: dict,
-                rgb: np.ndarray, latency: Sequence[float], nbytes: Sequence[int], cinfo: dict, timing: dict,
-                note: str | None = None, extra_files=None, filled: Sequence[int] | None = None,
-                details: dict | None = None) -> dict:
-    """Everything `reconstruct` writes for one scene into the staging directory `tmp`: the exports
-    (`_exports`), stream.png and report.json. preds: name -> [S, ...]; rgb [S, H, W, 3] uint8;
-    latency / nbytes (allocated) / filled (in use, optional): per frame; details: more report fields.
-    Returns the report."""
-    import jax
-
-    from xsvggt_jax.io.plots import plot_offline, plot_stream
-    from xsvggt_jax.runtime import device_peak_bytes, peak_rss_bytes
-
-    s, hw = source.num_frames, (source.height, source.width)
-    extra = _exports(tmp, preds, rgb, source, args)
-    if args.offline:
-        plot_offline(tmp / "stream.png", timing["compile_seconds"], timing["total_seconds"], s, peak_rss_bytes())
-    else:
-        plot_stream(tmp / "stream.png", np.asarray(latency), allocated_bytes=np.asarray(nbytes),
-                    filled_bytes=None if filled is None else np.asarray(filled))
-    report = {
-        "producer": PRODUCER, "mode": mode, "input": source.name, "frames": s,
-        "height": hw[0], "width": hw[1], "num_queries": num_queries,
-        **{k: float(v) for k, v in timing.items()}, **cinfo,
-        "cache": cache_meta, "latency_s": [float(x) for x in latency],
-        "cache_bytes_per_frame": [int(x) for x in nbytes], "peak_memory_bytes": peak_rss_bytes(),
-        "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
-        "device_kind": jax.devices()[0].device_kind, "device_peak_bytes": device_peak_bytes(),
-        "dtype": cfg.dtype, "compute_dtype": cfg.compute_dtypes(), "precision": cfg.precision,
-        **extra, **(details or {}),
-        **({"note": note} if note else {}),
-    }
-    if extra_files is not None:
-        extra_files(tmp)
-    atomic_write_json(tmp / "report.json", report)
-    return report
-
-
-def _reconstruct(args, source=None, note: str | None = None, extra_files=None, model=None) -> Path:
+def _reconstruct(args, source=None, note: str | None = None, extra_npz: dict | None = None, model=None) -> Path:
     """Run a reconstruction and write OUTDIR. `source` (a FrameSource) overrides args.input;
-    `extra_files(tmp)` adds files to the staged outputs; `model` (params, cfg) overrides
-    --params / --checkpoint."""
+    `extra_npz` ({file name: {array name: array}}) adds .npz files to the outputs; `model` (params,
+    cfg) overrides --params / --checkpoint."""
     import jax
 
     from xsvggt_jax.config import check_frame_size
     from xsvggt_jax.io.frames import FrameError
     from xsvggt_jax.io.fsutil import FsError, check_free_space, disk_error_message
     from xsvggt_jax.io.outdir import OutputDir
+    from xsvggt_jax.io.scene import write_scene
     from xsvggt_jax.io.sources import open_frames
     from xsvggt_jax.weights.params import ParamsError
     from xsvggt_jax.io.state import StateError, check_state_dir, claim_state_dir, params_digest, release_state_dir
@@ -257,21 +212,13 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
         with out.staged() as tmp:
             if args.offline:
                 run = run_offline(cfg, params, source, qp, args.offline == "causal", args.attention, devices)
-                preds, rgb, cinfo = run.predictions, run.rgb, {"cache_bytes": 0}
-                latency, nbytes = [run.seconds_per_frame] * s, [0] * s
-                timing = {"compile_seconds": run.compile_seconds, "seconds_per_frame": run.seconds_per_frame,
-                          "total_seconds": run.total_seconds}
             else:
                 run = stream_frames(cfg, cache_cfg, params, source, s, hw, qp, tmp / ".work", state_dir=state_dir,
                                     save_every=args.save_every, resume=bool(args.resume), quiet=args.quiet,
                                     meta=meta)
-                preds, rgb, latency, nbytes, cinfo = run.predictions, run.rgb, run.latency_s, run.cache_bytes, \
-                    run.cache_info
-                timing = stream_timing(latency)
-            details = ({"attention": run.attention, "devices": run.devices} if args.offline else
-                       {"cache_filled_bytes_per_frame": [int(x) for x in run.filled_bytes]})
-            write_scene(tmp, args, source, cfg, mode, meta["cache"], nq, preds, rgb, latency, nbytes, cinfo, timing,
-                        note, extra_files, filled=None if args.offline else run.filled_bytes, details=details)
+            for name, arrays in (extra_npz or {}).items():
+                atomic_savez(tmp / name, **arrays)
+            write_scene(tmp, run, source, _export_options(args), cfg, note)
             shutil.rmtree(tmp / ".work", ignore_errors=True)
     except (FrameError, StateError, ParamsError, NonFiniteError, FsError) as e:
         _drop_unused_state(state_dir, args)
@@ -288,7 +235,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_files=None, m
     if state_dir is not None and not args.keep_state:
         release_state_dir(state_dir)  # the run completed: the checkpoint is spent
     log.info("%.4f s/frame after compile (%.2f s compile), cache %d bytes, peak RSS %d bytes",
-             timing["seconds_per_frame"], timing["compile_seconds"], cinfo["cache_bytes"], peak_rss_bytes())
+             run.seconds_per_frame, run.compile_seconds, run.cache_info["cache_bytes"], peak_rss_bytes())
     return out.given
 
 
@@ -308,10 +255,9 @@ def _reconstruct_many(args) -> Path:
     """Many scenes through pools of --slots streams into ROOT/<scene>/ (see `xsvggt_jax.many`)."""
     import jax
 
-    from xsvggt_jax.io.sources import open_frames
     from xsvggt_jax.io.fsutil import FsError
-    from xsvggt_jax.io.outdir import OutputDir
-    from xsvggt_jax.many import ClusterError, SceneListError, initialize, name_scenes, read_manifest, run_many
+    from xsvggt_jax.many import (ClusterError, SceneListError, SceneOptions, initialize, name_scenes, read_manifest,
+                                 run_many)
     from xsvggt_jax.many.run import check_root
     from xsvggt_jax.stream.pipeline import CacheMemoryError
 
@@ -333,24 +279,14 @@ def _reconstruct_many(args) -> Path:
         raise InputError(f"{root} exists and is not a directory")
     params, cfg = load_model(args)
     cache_cfg = _cache_config(args)
-    qp = _query_points(args.query_points)
     protect = [s.path for s in scenes] + [p for p in (args.params, args.checkpoint) if p]
-
-    def open_source(path: Path):
-        source = open_frames(path, mode=args.resize, stride=args.stride)
-        if qp is not None:
-            source.query_points = qp
-        return source
-
-    def finish(tmp, source, preds, rgb, latency, nbytes, cinfo, nq):
-        write_scene(tmp, args, source, cfg, "stream", dataclasses.asdict(cache_cfg), nq, preds, rgb, latency,
-                    nbytes, cinfo, stream_timing(latency))
-
+    options = SceneOptions(exports=_export_options(args), resize=args.resize, stride=args.stride,
+                           query_points=_query_points(args.query_points), overwrite=args.overwrite,
+                           protect=tuple(protect))
     try:
-        summary = run_many(scenes, root, cfg, cache_cfg, params, open_source,
-                           lambda d: OutputDir(d, args.overwrite, protect=protect), finish,
-                           slots=args.slots or len(jax.local_devices()), prefetch=args.prefetch, quiet=args.quiet,
-                           slot_compute=args.slot_compute, query_pools=args.query_pools, overwrite=args.overwrite)
+        summary = run_many(scenes, root, cfg, cache_cfg, params, options, slots=args.slots or len(jax.local_devices()),
+                           prefetch=args.prefetch, quiet=args.quiet, slot_compute=args.slot_compute,
+                           query_pools=args.query_pools)
     except (CacheMemoryError, FsError) as e:
         raise InputError(str(e)) from e
     if summary["failed"]:
@@ -376,15 +312,15 @@ def _demo(args) -> Path:
             yield from scene.images
 
     source = SceneSource("procedural demo scene", len(scene.images), *hw, scene.query_points)
-    ground_truth = lambda tmp: atomic_savez(tmp / "scene_ground_truth.npz", depth=scene.depth,
-                                            extrinsics=scene.extrinsics, intrinsics=scene.intrinsics,
-                                            images=scene.images.transpose(0, 3, 1, 2))  # as an .npz input
+    ground_truth = {"scene_ground_truth.npz": dict(depth=scene.depth, extrinsics=scene.extrinsics,
+                                                   intrinsics=scene.intrinsics,
+                                                   images=scene.images.transpose(0, 3, 1, 2))}  # as an .npz input
     if args.checkpoint:
-        return _reconstruct(args, source=source, extra_files=ground_truth)
+        return _reconstruct(args, source=source, extra_npz=ground_truth)
     _validate(args)  # before loading the model (as _reconstruct does before its own)
     note = ("demo: the shipped `demo` model (tiny, trained in this repository on procedural scenes only; "
             "model card: xsvggt_jax/pretrained/demo.md)")
-    out = _reconstruct(args, source=source, note=note, extra_files=ground_truth, model=pretrained.load("demo"))
+    out = _reconstruct(args, source=source, note=note, extra_npz=ground_truth, model=pretrained.load("demo"))
     print(note)
     return out
 

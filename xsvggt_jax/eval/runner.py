@@ -35,12 +35,10 @@ import dataclasses
 import functools
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from xsvggt_jax.cache.core import CacheConfig, cache_report, init_cache
@@ -50,6 +48,7 @@ from xsvggt_jax.data.preprocess import preprocess_frame
 from xsvggt_jax.geometry import pose_encoding_to_extri_intri, unproject_depth
 from xsvggt_jax.io.frames import FrameError, preprocess_image, preprocessed_size, resized_size
 from xsvggt_jax.runtime import peak_rss_bytes
+from xsvggt_jax.stream.loop import SingleStream, stream_steps
 from xsvggt_jax.stream.step import make_step
 from xsvggt_jax.eval.depth import DEPTH_PROTOCOLS, DepthProtocol, average_depth_metrics, evaluate_depth, resize_depth
 from xsvggt_jax.eval.geometry import EvalInputError
@@ -178,16 +177,12 @@ def stream_sequence(params: dict, cfg: ModelConfig, cache_cfg: CacheConfig,
     s, h, w, _ = frames.shape
     cache = init_cache(cfg, cache_cfg, 1, (h, w), max_frames=s)
     info = cache_report(cfg, cache_cfg, cache)  # fixed shapes: the bytes never change
-    step = _step_fn(cfg, cache_cfg)
     outs: dict[str, list] = {k: [] for k in PREDICTION_KEYS}
     latency = []
-    for frame in frames:
-        t0 = time.perf_counter()
-        cache, out = step(params, cache, jnp.asarray(frame)[None])
-        out = jax.block_until_ready(out)
-        latency.append(time.perf_counter() - t0)
+    for stepped in stream_steps(SingleStream(_step_fn(cfg, cache_cfg), params, cache), frames):
+        latency.append(stepped.seconds)
         for k in PREDICTION_KEYS:
-            outs[k].append(np.asarray(out[k][0], np.float32))
+            outs[k].append(np.asarray(stepped.out[k][0], np.float32))
     return {k: np.stack(v) for k, v in outs.items()}, latency, info
 
 

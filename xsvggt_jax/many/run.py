@@ -11,19 +11,37 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
+
+import numpy as np
 
 from xsvggt_jax.cache.core import CacheConfig
 from xsvggt_jax.config import ModelConfig, check_frame_size
-from xsvggt_jax.io.frames import FrameSource
 from xsvggt_jax.io.fsutil import PRODUCER, FsError, atomic_write_json, check_writable, write_error
+from xsvggt_jax.io.sources import open_frames
 from xsvggt_jax.io.outdir import OutputDir
+from xsvggt_jax.io.outputs import ExportOptions
 from xsvggt_jax.many import hosts
-from xsvggt_jax.many.driver import Finish, Job, Stats, group_pools, pool_key, resolve_modes, run_scenes
-from xsvggt_jax.many.scenes import (REPORT, SUMMARY, Scene, completed_report, input_fingerprint, process_share,
-                                    record_identity, recorded_identity, summary_entry)
+from xsvggt_jax.many.driver import Stats, group_pools, resolve_modes, run_scenes
+from xsvggt_jax.many.scenes import (SUMMARY, Job, Scene, completed_report, input_fingerprint, pool_key,
+                                    process_share, recorded_identity, summary_entry)
+from xsvggt_jax.stream.loop import Progress
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SceneOptions:
+    """How `run_many` opens each scene and writes it. resize / stride: the frames' preprocessing
+    (`io.frames.open_frames`); query_points: [N, 2] pixels tracked in every scene instead of its own
+    (None: each scene's own); overwrite / protect: each ROOT/<scene>'s `io.outdir.OutputDir` (protect:
+    paths its outputs must not touch: the inputs, the weights); exports: what is written."""
+    exports: ExportOptions = dataclasses.field(default_factory=ExportOptions)
+    resize: str = "crop"
+    stride: int = 1
+    query_points: Optional[np.ndarray] = None
+    overwrite: bool = False
+    protect: tuple = ()
 
 
 def check_root(root: Path, overwrite: bool = False) -> None:
@@ -70,12 +88,12 @@ def _unchanged(scene: Scene, report: dict) -> bool:
         return False
 
 
-def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, open_source: Callable[[Path], FrameSource],
-         open_out: Callable[[Path], OutputDir]) -> tuple[list[Job], list[dict]]:
+def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig,
+         options: SceneOptions) -> tuple[list[Job], list[dict]]:
     """Jobs to run and summary entries of the scenes that are not run: complete from an earlier run
     of the same, unchanged input ("skipped") or unusable ("failed": unreadable input, wrong frame size,
-    an output directory in the way). A job's scene carries its input's fingerprint. `open_source` /
-    `open_out` raise ValueError subclasses on bad inputs / outputs."""
+    an output directory in the way: the ValueError subclasses `open_frames`, `check_frame_size` and
+    `OutputDir` raise). A job's scene carries its input's fingerprint."""
     jobs, entries = [], []
     for scene in scenes:
         out_dir = root / scene.name
@@ -88,11 +106,13 @@ def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, open_source: Cal
         if report is not None:
             log.info("%s: its input changed since the earlier run (or is not recorded): run again", scene.name)
         try:
-            source = open_source(scene.path)
+            source = open_frames(scene.path, mode=options.resize, stride=options.stride)
+            if options.query_points is not None:
+                source.query_points = options.query_points
             height, width, points = pool_key(source)
             check_frame_size(cfg, height, width, tracks=points > 0)
             scene = dataclasses.replace(scene, fingerprint=input_fingerprint(scene.path))
-            jobs.append(Job(scene, source, open_out(out_dir)))
+            jobs.append(Job(scene, source, OutputDir(out_dir, options.overwrite, protect=options.protect)))
         except ValueError as e:
             entries.append(summary_entry(scene, "failed", error=str(e)))
             log.warning("%s: failed: %s", scene.name, e)
@@ -116,13 +136,6 @@ def check_pool_memory(cfg: ModelConfig, cache_cfg: CacheConfig, jobs: Sequence[J
                                    f"cache, {available} are available: use fewer --slots or prune the cache")
 
 
-def _progress(total: int, quiet: bool):
-    if quiet:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, unit="frame", dynamic_ncols=True, leave=True)
-
-
 def stats_entry(stats: Stats, process_id: int, slots: int, prefetch: int) -> dict:
     return {"process": process_id, "slots": slots, "prefetch": prefetch, "steps": stats.steps,
             "frames": stats.frames, "pools": stats.pools, "total_seconds": stats.total_s,
@@ -131,13 +144,13 @@ def stats_entry(stats: Stats, process_id: int, slots: int, prefetch: int) -> dic
 
 
 def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: CacheConfig, params: dict,
-             open_source: Callable[[Path], FrameSource], open_out: Callable[[Path], OutputDir], finish: Finish, *,
-             slots: int = 1, prefetch: int = 4, quiet: bool = True, slot_compute: str = "auto",
-             query_pools: str = "auto", overwrite: bool = False) -> dict:
+             options: SceneOptions, *, slots: int = 1, prefetch: int = 4, quiet: bool = True,
+             slot_compute: str = "auto", query_pools: str = "auto") -> dict:
     """Run this process's share of `scenes` (all of them in a single-process run) into ROOT/<scene>/
-    (each scene's report.json records its input, `scenes.IDENTITY`) and write ROOT/summary.json
-    (process 0, after every process finished; `check_summary`, FsError on a foreign one unless
-    `overwrite`, or when it cannot be written). Returns the summary on
+    (opened and written as `options` says; each scene's report.json records its input,
+    `scenes.IDENTITY`) and write ROOT/summary.json (process 0, after every process finished;
+    `check_summary`, FsError on a foreign one unless `options.overwrite`, or when it cannot be
+    written). Returns the summary on
     every process (all read the partial summaries after the barrier): {"scenes": [entry...] sorted
     by name (see `scenes.summary_entry`), "failed": int, "processes": [loop statistics...],
     "device_idle_fraction": frame-wait time / loop time over all processes}. Raises
@@ -147,28 +160,21 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
     import jax
 
     n, i = jax.process_count(), jax.process_index()
-    check_root(root, overwrite)
+    check_root(root, options.overwrite)
     _writing(root.mkdir, parents=True, exist_ok=True)
     mine = process_share(scenes, n, i)
     log.info("process %d of %d: %d of %d scenes", i, n, len(mine), len(scenes))
-    jobs, entries = plan(mine, root, cfg, open_source, open_out)
-    scene_of = {id(job.source): job.scene for job in jobs}
-
-    def finish_scene(tmp, source, *rest):
-        finish(tmp, source, *rest)
-        record_identity(tmp / REPORT, scene_of[id(source)])
+    jobs, entries = plan(mine, root, cfg, options)
     check_pool_memory(cfg, cache_cfg, jobs, slots, resolve_modes(slot_compute, query_pools, jax.local_devices())[2])
-    bar = _progress(sum(job.source.num_frames for job in jobs), quiet)
+    progress = Progress(sum(job.source.num_frames for job in jobs), quiet)
     try:
-        results, stats = run_scenes(cfg, cache_cfg, params, jobs, finish_scene, slots=slots, prefetch=prefetch,
-                                    progress=None if bar is None else bar.update, slot_compute=slot_compute,
-                                    query_pools=query_pools)
+        results, stats = run_scenes(cfg, cache_cfg, params, jobs, options.exports, slots=slots, prefetch=prefetch,
+                                    progress=progress, slot_compute=slot_compute, query_pools=query_pools)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     part = {"scenes": entries + results, "processes": [stats_entry(stats, i, slots, prefetch)]}
     if n == 1:
-        return _write_summary(root, part["scenes"], part["processes"], overwrite)
+        return _write_summary(root, part["scenes"], part["processes"], options.overwrite)
     _writing(atomic_write_json, hosts.partial_path(root, i), part)
     hosts.barrier("xsvggt-reconstruct-many-partials")  # every partial summary is written
     merged = [hosts.read_partial(root, k) for k in range(n)]
@@ -176,7 +182,7 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
     summary, error = _summary(entries, processes), None
     if i == 0:
         try:
-            _write_summary(root, entries, processes, overwrite)
+            _write_summary(root, entries, processes, options.overwrite)
         except FsError as e:  # raised after the barrier: the other processes must not wait for process 0
             error = e
     hosts.barrier("xsvggt-reconstruct-many-summary")  # every process has read them

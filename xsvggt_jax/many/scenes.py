@@ -21,10 +21,11 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from xsvggt_jax.io.image_files import list_images
-from xsvggt_jax.io.fsutil import PRODUCER, FsError, atomic_write_json, resolved
-from xsvggt_jax.io.outdir import MANIFEST
 from xsvggt_jax.errors import InputError
+from xsvggt_jax.io.frames import FrameSource
+from xsvggt_jax.io.fsutil import PRODUCER, FsError, atomic_write_json, resolved
+from xsvggt_jax.io.image_files import list_images
+from xsvggt_jax.io.outdir import MANIFEST, OutputDir
 
 SUMMARY = "summary.json"
 REPORT = "report.json"
@@ -47,6 +48,20 @@ class Scene:
     def identity(self) -> dict:
         """What report.json records of the input (`IDENTITY`)."""
         return {"input": str(self.path), "fingerprint": self.fingerprint}
+
+
+@dataclasses.dataclass
+class Job:
+    """A scene ready to run: its opened source and its output directory (checked, not yet written)."""
+    scene: Scene
+    source: FrameSource
+    out: OutputDir
+
+
+def pool_key(source: FrameSource) -> tuple[int, int, int]:
+    """(H, W, number of query points) of one scene."""
+    qp = source.query_points
+    return source.height, source.width, 0 if qp is None else len(qp)
 
 
 def read_manifest(path: str | Path) -> list[Path]:

@@ -3,7 +3,6 @@ forward pass, with causal or full attention across frames."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Iterable, Optional
 
@@ -17,31 +16,18 @@ from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.io.rgb import to_uint8_rgb
 from xsvggt_jax.nn.model import StreamVGGT
 from xsvggt_jax.stream.pipeline import NonFiniteError
-
-
-@dataclasses.dataclass
-class OfflineRun:
-    predictions: dict     # name -> [S, ...] float32
-    rgb: np.ndarray       # [S, H, W, 3] uint8 frame colours
-    compile_seconds: float
-    total_seconds: float  # the forward pass, after compilation
-    attention: str        # the global attention implementation that ran (attention.resolve_attention)
-    devices: int          # devices the frames were sharded over ("seq" axis)
-
-    @property
-    def seconds_per_frame(self) -> float:
-        return self.total_seconds / len(self.rgb)
+from xsvggt_jax.stream.result import Reconstruction
 
 
 def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], query_points: Optional[np.ndarray],
-                causal: bool, attention: str = "auto", devices: int = 1) -> OfflineRun:
+                causal: bool, attention: str = "auto", devices: int = 1) -> Reconstruction:
     """All `frames` ([H, W, 3] float32 each; the batch forward needs them at once) in one forward pass.
 
     query_points: [N, 2] pixels of frame 0 or None. attention: the global attention implementation
     (`attention.ATTENTION_IMPLS`). devices > 1 shards the frames over a "seq" mesh of that many
     devices (`stream.sharded.offline_sharded`, ring attention unless `attention="gather"`; S must divide
-    evenly; no tracks), the parameters replicated onto them wherever they were. Raises NonFiniteError
-    on NaN/Inf outputs.
+    evenly; no tracks), the parameters replicated onto them wherever they were. Returns the `Reconstruction` (mode "offline_causal" / "offline_full").
+    Raises NonFiniteError on NaN/Inf outputs.
     """
     frames = np.stack(list(frames))  # [S, H, W, 3]
     s, h, w, _ = frames.shape
@@ -72,4 +58,7 @@ def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], qu
         first = min(int(np.argmax(~np.isfinite(preds[k]).reshape(len(frames), -1).all(1))) for k in bad)
         raise NonFiniteError(f"the model produced NaN/Inf (in {', '.join(bad)}; first at frame {first}): "
                              "check the weights (and the input); no outputs were written")
-    return OfflineRun(preds, to_uint8_rgb(frames), compile_s, total, impl, devices)
+    per_frame = total / s
+    return Reconstruction(f"offline_{'causal' if causal else 'full'}", preds, to_uint8_rgb(frames),
+                          0 if query_points is None else len(query_points), (per_frame,) * s, (0,) * s,
+                          {"cache_bytes": 0}, compile_s, per_frame, total, attention=impl, devices=devices)

@@ -1,7 +1,8 @@
 """The streaming reconstruction driver behind `xsvggt reconstruct` / `xsvggt demo`.
 
-Frames come from a lazy `FrameSource`; every frame goes through the jitted `step`; per-frame outputs
-are written into memory-mapped `.npy` files (a 10,000-frame stream never sits in memory; their blocks are
+Frames come from a lazy `FrameSource`; every frame goes through the jitted `step` (in
+`loop.stream_steps`, the loop `eval` and `reconstruct-many` share); per-frame outputs are written
+into memory-mapped `.npy` files (a 10,000-frame stream never sits in memory; their blocks are
 reserved up front, so a full disk is an OSError, not a SIGBUS). Every frame's outputs are checked to be
 finite (`NonFiniteError` at the first frame that is not). With a state directory the stream is
 checkpointed every K frames and can be resumed: the resumed outputs are bit-identical to an
@@ -12,11 +13,9 @@ uninterrupted run, and a resume with another input, weights or configuration is 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,8 @@ from xsvggt_jax.io.fsutil import format_bytes, preallocate
 from xsvggt_jax.io.rgb import to_uint8_rgb
 from xsvggt_jax.io.state import CHECKPOINT, OUTPUTS, FrameDigest, StateError, load_state, read_meta, save_state
 from xsvggt_jax.runtime import device_available_bytes
+from xsvggt_jax.stream.loop import Progress, SingleStream, stream_steps
+from xsvggt_jax.stream.result import Reconstruction
 from xsvggt_jax.stream.step import make_step
 from xsvggt_jax.errors import ResourceError, XsvggtError
 
@@ -135,17 +136,6 @@ class PredictionStore:
             arr.flush()
 
 
-@dataclasses.dataclass
-class StreamRun:
-    predictions: dict          # name -> [S, ...] float32 (memory maps)
-    rgb: np.ndarray            # [S, H, W, 3] uint8 frame colours (memory map)
-    latency_s: list            # per frame, device-synchronised (the first includes compilation)
-    cache_bytes: list          # per frame: allocated (fixed shapes: the same every frame)
-    cache_info: dict           # cache_report of the final cache
-    frames: int
-    filled_bytes: list = dataclasses.field(default_factory=list)  # per frame: the share of the slots in use
-
-
 def filled_bytes(cache) -> int:
     """Bytes of the cache's layer slots holding tokens (each layer group's bytes x fill level / slots),
     plus its other arrays: what an uncompressed cache has used so far out of its allocation."""
@@ -155,13 +145,6 @@ def filled_bytes(cache) -> int:
             b, slots = tree_bytes(layers), stored_slots(layers[0])
             total -= b - b * min(int(length), slots) // slots
     return total
-
-
-def _progress(total: Optional[int], quiet: bool):
-    if quiet:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, unit="frame", dynamic_ncols=True, leave=True)
 
 
 def _check_resumable(state_dir: Path, saved: dict, meta: dict) -> None:
@@ -174,13 +157,15 @@ def _check_resumable(state_dir: Path, saved: dict, meta: dict) -> None:
 def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames: Iterable[np.ndarray],
                   num_frames: int, hw: tuple[int, int], query_points: Optional[np.ndarray], work_dir: Path, *,
                   state_dir: Optional[Path] = None, save_every: int = 0, resume: bool = False,
-                  quiet: bool = True, meta: Optional[dict] = None) -> StreamRun:
+                  quiet: bool = True, meta: Optional[dict] = None) -> Reconstruction:
     """Run `num_frames` frames ([H, W, 3] float32 each) through the streaming step.
 
     Outputs go to memory maps under `work_dir` (or `state_dir/outputs` when checkpointing, so they
     survive an interruption). `resume=True` continues from `state_dir` after checking that `meta`'s
-    RESUME_KEYS and the content of the frames it skips match the checkpoint's. Raises StateError
-    (resume refused / damaged state) and NonFiniteError (NaN/Inf outputs).
+    RESUME_KEYS and the content of the frames it skips match the checkpoint's. Returns the
+    `Reconstruction` (mode "stream"; latency, allocated and filled cache bytes per frame, the resumed
+    frames' from the checkpoint). Raises StateError (resume refused / damaged state) and
+    NonFiniteError (NaN/Inf outputs).
     """
     h, w = hw
     nq = 0 if query_points is None else len(query_points)
@@ -213,39 +198,37 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
     else:
         store = PredictionStore(out_dir, num_frames, h, w, nq)
         cache = fresh()
-    step_fn = make_step(cfg, cache_cfg)
+    stream = SingleStream(make_step(cfg, cache_cfg), params, cache)
     info = cache_report(cfg, cache_cfg, cache)  # every array has a fixed shape: the bytes never change
-    bar = _progress(num_frames, quiet)
-    if bar is not None:
-        bar.update(start)
+    progress = Progress(num_frames, quiet, done=start, postfix=lambda: {
+        "fill": f"{int(stream.cache.global_len)} tok", "cache": f"{info['cache_bytes'] / 2**20:.1f} MB"})
     t = start
-    for frame in frames:
-        if t >= num_frames:
-            raise ValueError(f"the source yielded more than the {num_frames} frames it announced")
-        t0 = time.perf_counter()
-        cache, out = step_fn(params, cache, jnp.asarray(frame)[None])
-        out = jax.block_until_ready(out)
-        latency.append(time.perf_counter() - t0)
-        bad = store.write(t, out, frame)
+    for s in stream_steps(stream, _announced(frames, start, num_frames), progress=progress):
+        latency.append(s.seconds)
+        bad = store.write(t, s.out, s.input)
         if bad:
             raise NonFiniteError(f"the model produced NaN/Inf at frame {t} of {num_frames} (in {', '.join(bad)}): "
                                  "check the weights (and the input); no outputs were written")
-        digest.update(frame)
+        digest.update(s.input)
         nbytes.append(info["cache_bytes"])
-        filled.append(filled_bytes(cache))
+        filled.append(filled_bytes(stream.cache))
         t += 1
-        if bar is not None:
-            bar.set_postfix(fill=f"{int(cache.global_len)} tok", cache=f"{info['cache_bytes'] / 2**20:.1f} MB",
-                            refresh=False)
-            bar.update(1)
         if state_dir is not None and save_every and (t % save_every == 0) and t < num_frames:
             store.flush()
-            save_state(state_dir / CHECKPOINT, cache, {**meta, "frames_done": t, "latency_s": latency,
-                                                       "cache_bytes": nbytes, "filled_bytes": filled,
-                                                       "input_digest": digest.hexdigest()})
-    if bar is not None:
-        bar.close()
+            save_state(state_dir / CHECKPOINT, stream.cache, {**meta, "frames_done": t, "latency_s": latency,
+                                                              "cache_bytes": nbytes, "filled_bytes": filled,
+                                                              "input_digest": digest.hexdigest()})
+    progress.close()
     if t != num_frames:
         raise ValueError(f"the source ended after {t} of the {num_frames} frames it announced")
     store.flush()
-    return StreamRun(store.arrays, store.rgb, latency, nbytes, info, t, filled)
+    return Reconstruction.streamed(store.arrays, store.rgb, nq, latency, info, cache_cfg, filled_bytes=filled,
+                                   cache_bytes=nbytes)
+
+
+def _announced(frames: Iterator[np.ndarray], start: int, num_frames: int) -> Iterator[np.ndarray]:
+    """`frames` (frame `start` on), refusing one more than the `num_frames` the source announced."""
+    for t, frame in enumerate(frames, start):
+        if t >= num_frames:
+            raise ValueError(f"the source yielded more than the {num_frames} frames it announced")
+        yield frame
