@@ -508,3 +508,79 @@ def test_bad_files_and_shapes_are_data_errors(tmp_path):
                  extrinsics=None, info=info)
     with pytest.raises(DataError, match="none of the TUM-dynamics"):
         load_dataset("tum-dynamics", tmp_path)
+
+
+# ------------------------------------------------------------------------- malformed dataset files
+
+def _tiny_tum(d: Path, n: int = 3, gt_lines: list[str] | None = None) -> None:
+    """A raw-layout TUM sequence of n 4x4 frames; gt_lines replaces groundtruth.txt's lines."""
+    (d / "rgb").mkdir(parents=True)
+    ts = [10.0 + 0.05 * i for i in range(n)]
+    for t in ts:
+        _save(d / "rgb" / f"{t:.3f}.png", np.zeros((4, 4, 3), np.uint8))
+    (d / "rgb.txt").write_text("".join(f"{t:.3f} rgb/{t:.3f}.png\n" for t in ts))
+    lines = gt_lines if gt_lines is not None else [f"{t:.3f} 0 0 0 0 0 0 1" for t in ts]
+    (d / "groundtruth.txt").write_text("# timestamp tx ty tz qx qy qz qw\n" + "".join(ln + "\n" for ln in lines))
+
+
+def _one_line_error(fn, where: str) -> str:
+    with pytest.raises(DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(where), msg
+    return msg
+
+
+def test_tum_malformed_lines_name_the_file_and_line(tmp_path):
+    d = tmp_path / "seq"
+    _tiny_tum(d)
+    (d / "rgb.txt").write_text("# colour\n10.000 rgb/10.000.png\n10.050\n")  # a timestamp alone
+    assert "timestamp" in _one_line_error(lambda: read_tum(d), f"{d / 'rgb.txt'}:3: ")
+    for bad, needle in (("10.050 0 0 zero 0 0 0 1", "not a number"), ("10.050 0 0 0 1", "got 5"),
+                        ("10.050 0 0 0 0 0 0 0", "zero quaternion")):
+        shutil.rmtree(d)
+        _tiny_tum(d, gt_lines=["10.000 0 0 0 0 0 0 1", bad, "10.100 0 0 0 0 0 0 1"])
+        assert needle in _one_line_error(lambda: read_tum(d), f"{d / 'groundtruth.txt'}:3: ")
+    # the prepared layout reads its groundtruth_90.txt the same way
+    p = tmp_path / "prep"
+    _save(p / "rgb_90" / "0000.png", np.zeros((4, 4, 3), np.uint8))
+    (p / "groundtruth_90.txt").write_text("0 0 0 0 0 0 0 0\n")
+    assert "zero quaternion" in _one_line_error(lambda: read_tum(p), f"{p / 'groundtruth_90.txt'}:1: ")
+    # a NaN pose is still a missing pose, not an error
+    shutil.rmtree(d)
+    _tiny_tum(d, n=4, gt_lines=["10.000 0 0 0 0 0 0 1", "10.050 0 0 0 0 0 0 1", "10.100 0 0 0 0 0 0 1",
+                                "10.150 nan nan nan nan nan nan nan"])  # stride 3: rows 0 and 3
+    np.testing.assert_array_equal(read_tum(d)[0].pose_valid, [True, False])
+
+
+def test_empty_frame_folders_and_short_bonn_sequences_are_one_line_errors(tmp_path):
+    p = tmp_path / "prep"
+    (p / "rgb_90").mkdir(parents=True)
+    (p / "groundtruth_90.txt").write_text("0 0 0 0 0 0 0 1\n")
+    assert "no .png" in _one_line_error(lambda: read_tum(p), f"{p / 'rgb_90'}: ")
+    b = tmp_path / "rgbd_bonn_balloon2"
+    _tiny_tum(b, n=40)  # the protocol takes frames [30:140]
+    (b / "depth").mkdir()
+    for f in (b / "rgb").iterdir():
+        write_png16(b / "depth" / f.name, np.full((4, 4), 5000, np.uint16))
+    msg = _one_line_error(lambda: read_bonn(b), f"{b / 'rgb'}: 40 frames")
+    assert "[30:140]" in msg and "140" in msg
+    b2 = tmp_path / "rgbd_bonn_crowd2"
+    (b2 / "rgb_110").mkdir(parents=True)
+    (b2 / "depth_110").mkdir()
+    (b2 / "groundtruth_110.txt").write_text("")
+    _one_line_error(lambda: read_bonn(b2), f"{b2 / 'rgb_110'}: no .png")
+
+
+def test_nrgbd_short_pose_line_names_the_file_and_line(tmp_path):
+    d = tmp_path / "scene"
+    (d / "images").mkdir(parents=True)
+    for i in range(2):
+        _save(d / "images" / f"img{i}.png", np.zeros((4, 4, 3), np.uint8))
+        _depth16(d / "depth" / f"depth{i}.png", np.ones((4, 4)), 1000)
+    rows = ["1 0 0 0", "0 1 0 0", "0 0 1 0", "0 0 0 1"]
+    (d / "poses.txt").write_text("\n".join(rows + ["1 0 0 0", "0 1 0", "0 0 1 0 0", "0 0 0 1"]) + "\n")
+    msg = _one_line_error(lambda: read_nrgbd(d), f"{d / 'poses.txt'}:6: ")
+    assert "expected 4 numbers, got 3" in msg
+    (d / "poses.txt").write_text("\n".join(rows + ["1 0 0 0", "0 1 0 x", "0 0 1 0", "0 0 0 1"]) + "\n")
+    assert "not a number" in _one_line_error(lambda: read_nrgbd(d), f"{d / 'poses.txt'}:6: ")

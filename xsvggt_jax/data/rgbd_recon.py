@@ -125,19 +125,23 @@ def read_7scenes(root: str | Path, split: str = "test", kf_every: int = SEVEN_SC
 
 def read_nrgbd_poses(path: Path) -> np.ndarray:
     """poses.txt -> camera-to-world [N, 4, 4] in OpenGL axes; NaN for a missing pose."""
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
     if len(lines) % 4:
         raise DataError(f"{path}: {len(lines)} lines, not a multiple of 4")
     out = np.empty((len(lines) // 4, 4, 4))
-    for n in range(len(out)):
-        block = lines[4 * n:4 * n + 4]
-        if any("nan" in ln.lower() for ln in block):
-            out[n] = np.nan
+    for k in range(len(out)):
+        block = lines[4 * k:4 * k + 4]
+        if any("nan" in ln.lower() for _, ln in block):
+            out[k] = np.nan
             continue
-        try:
-            out[n] = [[float(x) for x in ln.split()] for ln in block]
-        except ValueError as e:
-            raise DataError(f"{path}: pose {n}: {e}") from None
+        for r, (n, ln) in enumerate(block):
+            fields = ln.split()
+            if len(fields) != 4:
+                raise DataError(f"{path}:{n}: pose {k} row {r}: expected 4 numbers, got {len(fields)}")
+            try:
+                out[k, r] = [float(x) for x in fields]
+            except ValueError:
+                raise DataError(f"{path}:{n}: pose {k} row {r}: not a number in {ln.strip()!r}") from None
     return out
 
 

@@ -48,18 +48,54 @@ TUM_FOLDER = SequenceFolder("TUM", ("rgb.txt", "rgb_90/"))
 BONN_FOLDER = SequenceFolder("Bonn", ("groundtruth.txt", "rgb_110/"))
 
 
+def _lines(path: Path, what: str):
+    """(line number, fields) of each non-comment line of a TUM text file (',' or ' ' separated)."""
+    for n, line in enumerate(require_file(path, what).read_text().splitlines(), 1):
+        line = line.replace(",", " ").strip()
+        if line and not line.startswith("#"):
+            yield n, line.split()
+
+
+def _number(path: Path, n: int, text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(f"{path}:{n}: bad {what} {text!r} (not a number)") from None
+
+
 def read_file_list(path: Path) -> dict[float, list[str]]:
     """A TUM list file ("timestamp value..." lines, '#' comments, ',' or ' ' separated) -> {t: values}."""
     out = {}
-    for n, line in enumerate(require_file(path, "TUM list").read_text().splitlines()):
-        line = line.replace(",", " ").strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        try:
-            out[float(parts[0])] = parts[1:]
-        except ValueError:
-            raise DataError(f"{path}:{n + 1}: bad timestamp {parts[0]!r}") from None
+    for n, parts in _lines(path, "TUM list"):
+        t = _number(path, n, parts[0], "timestamp")
+        if len(parts) < 2:
+            raise DataError(f"{path}:{n}: timestamp {parts[0]!r} with nothing after it (expected 'timestamp file')")
+        out[t] = parts[1:]
+    return out
+
+
+POSE_COLUMNS = ("timestamp", "tx", "ty", "tz", "qx", "qy", "qz", "qw")
+
+
+def _pose_row(path: Path, n: int, parts: list[str]) -> list[float]:
+    """One groundtruth line's fields -> [timestamp, tx ty tz qx qy qz qw]; NaN / inf mark a missing pose,
+    a finite quaternion of (near) zero length is refused."""
+    if len(parts) != len(POSE_COLUMNS):
+        raise DataError(f"{path}:{n}: expected {len(POSE_COLUMNS)} columns ({' '.join(POSE_COLUMNS)}), "
+                        f"got {len(parts)}")
+    row = [_number(path, n, x, c) for x, c in zip(parts, POSE_COLUMNS)]
+    q = np.asarray(row[4:])
+    if np.isfinite(q).all() and np.linalg.norm(q) < 1e-6:
+        raise DataError(f"{path}:{n}: zero quaternion (qx qy qz qw = {' '.join(parts[4:])}) is not a rotation")
+    return row
+
+
+def read_pose_list(path: Path) -> dict[float, list[float]]:
+    """A TUM groundtruth file -> {timestamp: [tx ty tz qx qy qz qw]} (each line checked, see `_pose_row`)."""
+    out = {}
+    for n, parts in _lines(path, "TUM groundtruth"):
+        row = _pose_row(path, n, parts)
+        out[row[0]] = row[1:]
     return out
 
 
@@ -105,17 +141,16 @@ def _intrinsics(name: str, first_rgb: Path, n: int, table: tuple[float, float, f
 
 def _read_pose_rows(path: Path) -> np.ndarray:
     """groundtruth*.txt -> [N, 8] (timestamp, tx ty tz qx qy qz qw)."""
-    try:
-        rows = np.loadtxt(require_file(path, "TUM groundtruth"), dtype=np.float64, comments="#", ndmin=2)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from None
-    if rows.shape[1] != 8:
-        raise DataError(f"{path}: expected 8 columns (timestamp tx ty tz qx qy qz qw), got {rows.shape[1]}")
-    return rows
+    rows = [_pose_row(path, n, parts) for n, parts in _lines(path, "TUM groundtruth")]
+    return np.array(rows, np.float64).reshape(-1, len(POSE_COLUMNS))
 
 
 def _sorted_pngs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    """The .png files of a frame folder, sorted by name; an empty folder is refused."""
+    out = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    if not out:
+        raise DataError(f"{folder}: no .png frames in this folder")
+    return out
 
 
 def _sequence(name: str, rgb: list[Path], depth: list[Path] | None, rows: np.ndarray, info: DatasetInfo,
@@ -138,12 +173,12 @@ def read_tum_sequence(seq_dir: Path, stride: int = TUM_STRIDE, frames: int = TUM
         rows = _read_pose_rows(seq_dir / "groundtruth_90.txt")
         return _sequence(k_name, rgb, depth, rows, TUM_INFO, _intrinsics(k_name, rgb[0], len(rgb)))
     rgb_list = read_file_list(seq_dir / "rgb.txt")
-    gt_list = read_file_list(seq_dir / "groundtruth.txt")
+    gt_list = read_pose_list(seq_dir / "groundtruth.txt")
     matches = associate(list(rgb_list), list(gt_list))[::stride][:frames]
     if not matches:
         raise DataError(f"{seq_dir}: no rgb / groundtruth timestamps within {TUM_MAX_DT}s")
     rgb = [seq_dir / rgb_list[a][0] for a, _ in matches]
-    rows = np.array([[b] + [float(x) for x in gt_list[b]] for _, b in matches])
+    rows = np.array([[b] + gt_list[b] for _, b in matches], np.float64)
     depth = None
     if (seq_dir / "depth.txt").is_file():
         depth_list = read_file_list(seq_dir / "depth.txt")
@@ -171,6 +206,14 @@ def read_tum(root: str | Path, sequences: list[str] | None = None) -> Dataset:
     return Dataset(info=TUM_INFO, sequences=tuple(read_tum_sequence(d) for d in dirs))
 
 
+def _bonn_window(path: Path, items, what: str):
+    """items[30:140], refused when the sequence is shorter than the protocol's window."""
+    if len(items) < BONN_SLICE.stop:
+        raise DataError(f"{path}: {len(items)} {what}, the Bonn protocol takes [{BONN_SLICE.start}:{BONN_SLICE.stop}] "
+                        f"and needs at least {BONN_SLICE.stop}")
+    return items[BONN_SLICE]
+
+
 def read_bonn_sequence(seq_dir: Path) -> Sequence:
     """One Bonn sequence, frames [30:140] (prepared rgb_110/ when present)."""
     if (seq_dir / "rgb_110").is_dir():
@@ -178,9 +221,11 @@ def read_bonn_sequence(seq_dir: Path) -> Sequence:
         depth = _sorted_pngs(require_dir(seq_dir / "depth_110", "Bonn depth_110"))
         rows = _read_pose_rows(seq_dir / "groundtruth_110.txt")
     else:
-        rgb = _sorted_pngs(require_dir(seq_dir / "rgb", "Bonn rgb"))[BONN_SLICE]
-        depth = _sorted_pngs(require_dir(seq_dir / "depth", "Bonn depth"))[BONN_SLICE]
-        rows = _read_pose_rows(seq_dir / "groundtruth.txt")[BONN_SLICE]
+        rgb = _bonn_window(seq_dir / "rgb", _sorted_pngs(require_dir(seq_dir / "rgb", "Bonn rgb")), "frames")
+        depth = _bonn_window(seq_dir / "depth", _sorted_pngs(require_dir(seq_dir / "depth", "Bonn depth")),
+                             "depth maps")
+        gt = seq_dir / "groundtruth.txt"
+        rows = _bonn_window(gt, _read_pose_rows(gt), "poses")
     k = _intrinsics(seq_dir.name, rgb[0], len(rgb), BONN_INTRINSICS)
     return _sequence(seq_dir.name, rgb, depth, rows, BONN_INFO, k)
 
