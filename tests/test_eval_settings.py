@@ -50,6 +50,7 @@ def test_a_registered_user_policy_with_a_hyphen(monkeypatch):
     ("xstream:2k", "budget"), ("bogus", "does not read as"), ("xstream-int3", "3-bit"),
     ("xstream-kxvx4", "layout 'kxvx'"), ("xstream-kcvt", "does not read as"), ("none,none", "twice"),
     ("xstream-int4:64:64", "budget"),
+    ("xstream:4294967296", "budget must be at most 2147483647"), ("xstream-int4:2147483648", "32-bit"),
 ])
 def test_bad_settings_are_one_sentence(text, words):
     with pytest.raises(SettingsError) as e:
@@ -67,3 +68,16 @@ def test_as_settings_takes_strings_settings_and_cache_configs():
         as_settings([])
     with pytest.raises(SettingsError):
         as_settings([42])
+
+
+def test_token_counts_are_bounded_by_int32_in_cache_config():
+    """Every entry point (eval --settings, reconstruct --cache-size, train --student-cache) builds a
+    CacheConfig: the int32 bound is its own check."""
+    from xsvggt_jax.errors import ConfigError
+
+    assert CacheConfig(budget=2**31 - 1, camera_budget=2**31 - 1).budget == 2**31 - 1
+    for field in ("budget", "pool", "group", "chunk", "camera_budget"):
+        with pytest.raises(ConfigError, match=f"{field} must be at most 2147483647"):
+            CacheConfig(**{field: 2**31})
+    with pytest.raises(ConfigError, match="pool must be at most"):
+        CacheConfig.from_text("xstream:64", {"pool": 2**32})

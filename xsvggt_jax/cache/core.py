@@ -57,6 +57,7 @@ from xsvggt_jax.cache.prune import MASS_POLICIES, POLICIES, PROTECT, PruneContex
 Array = jax.Array
 
 QUANT_LAYOUTS = ("none", *LAYOUTS)  # registry keys: "none" or a K/V codec layout of `kvcodec.LAYOUTS`
+INT32_MAX = 2**31 - 1  # token counts (budget, pool, group, chunk) are int32 on device
 
 __all__ = ["QUANT_LAYOUTS", "SCALE_DTYPES", "LAYOUTS", "DEFAULT_LAYOUT", "CacheConfig", "short_form_grammar",
            "LayerKV", "LayerCache", "StreamCache", "update_layer", "prefix_chunk", "layer_caches", "init_cache",
@@ -137,6 +138,9 @@ class CacheConfig:
         if min(self.budget, self.pool, self.group, self.chunk) < 1:
             raise ConfigError(f"budget, pool, group and chunk must be positive "
                               f"({self.budget}, {self.pool}, {self.group}, {self.chunk})")
+        for name in ("budget", "pool", "group", "chunk", "camera_budget"):  # token counts are int32 on device
+            if (value := getattr(self, name)) is not None and value > INT32_MAX:
+                raise ConfigError(name, f"must be at most {INT32_MAX} (a 32-bit integer), got {value}")
         if self.protect not in PROTECT:
             raise ConfigError("protect", f"must be one of {PROTECT}, got {self.protect!r}")
         if self.protect == "budget" and self.prune == "frame":
