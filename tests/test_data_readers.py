@@ -546,6 +546,9 @@ def test_tum_malformed_lines_name_the_file_and_line(tmp_path):
     _save(p / "rgb_90" / "0000.png", np.zeros((4, 4, 3), np.uint8))
     (p / "groundtruth_90.txt").write_text("0 0 0 0 0 0 0 0\n")
     assert "zero quaternion" in _one_line_error(lambda: read_tum(p), f"{p / 'groundtruth_90.txt'}:1: ")
+    (p / "groundtruth_90.txt").unlink()
+    msg = _one_line_error(lambda: read_tum(p), f"{p / 'groundtruth_90.txt'}: ")
+    assert msg.count("groundtruth_90.txt") == 1 and "not found" in msg, msg
     # a NaN pose is still a missing pose, not an error
     shutil.rmtree(d)
     _tiny_tum(d, n=4, gt_lines=["10.000 0 0 0 0 0 0 1", "10.050 0 0 0 0 0 0 1", "10.100 0 0 0 0 0 0 1",

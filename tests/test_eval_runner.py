@@ -169,10 +169,72 @@ def test_cli_errors_are_one_line(argv, words, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "ev").exists() and not list(tmp_path.glob(".ev*"))
 
 
-def test_cli_refuses_a_user_directory(tmp_path, capsys):
+def test_cli_refuses_a_user_directory(params_dir, tmp_path, capsys):
+    from xsvggt_jax.app.cli import main
+
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    err = run_error(["eval", "--dataset", "procedural", "--task", "pose", "--out", str(out), "--quiet"], capsys)
-    assert "was not written by xsvggt" in err
+    argv = ["eval", "--dataset", "procedural", "--task", "pose", "--out", str(out), "--quiet"]
+    err = run_error(argv, capsys)
+    assert "was not written by xsvggt" in err and "--overwrite" in err
     assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+    # the flag the message names is one eval has: it writes eval's files and keeps the user's
+    main([*argv, "--overwrite", "--params", str(params_dir), "--settings", "none", "--sequences", "1",
+          "--frames-per-sequence", "3"])
+    assert sorted(p.name for p in out.iterdir()) == [".xsvggt-manifest.json", "accuracy_vs_bytes.png", "notes.txt",
+                                                     "results.json", "results.md"]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_video_depth_without_valid_ground_truth_is_na(dataset, tiny_params, tiny_cfg, tmp_path, caplog):
+    """A sequence with no valid ground-truth depth pixel: a warning and n/a, as recon's too few points;
+    the other sequences are still scored."""
+    import dataclasses
+
+    from xsvggt_jax.data import Dataset
+
+    empty = dataclasses.replace(dataset[1], load_depth=_no_depth)
+    ds = Dataset(info=dataset.info, sequences=(dataset[0], empty))
+    with caplog.at_level("WARNING"):
+        results = evaluate(tiny_params, tiny_cfg, ds, "none", "video-depth")
+    r = results.settings[0]
+    assert "no valid ground-truth depth pixel" in r.sequences["eval-small-0001"]["error"]
+    assert "no valid ground-truth depth pixel" in caplog.text
+    assert r.aggregate["sequences_scored"] == 1 and r.aggregate["valid_pixels"] == 3 * 56 * 70
+    only = Dataset(info=dataset.info, sequences=(empty,))
+    r = evaluate(tiny_params, tiny_cfg, only, "none", "video-depth").settings[0]
+    assert r.aggregate == {"sequences_scored": 0}
+    row = [line for line in write_report(evaluate(tiny_params, tiny_cfg, only, "none", "video-depth"), tmp_path)
+           ["markdown"].read_text().splitlines() if line.startswith("| `none`")][0]
+    assert row.split(" | ")[1:3] == ["n/a", "n/a"], row
+
+
+def _no_depth(i: int) -> np.ndarray:
+    return np.zeros((56, 70), np.float32)
+
+
+def test_one_frame_sequences_report_no_ms_per_frame(dataset, tiny_cfg, tmp_path, monkeypatch):
+    """The first frame of a sequence includes compilation: it is never timed as ms/frame, so a setting
+    whose sequences all have one frame reports n/a (null in results.json)."""
+    from xsvggt_jax.data import Dataset
+    from xsvggt_jax.eval import runner
+    from xsvggt_jax.eval.command import take_frames
+
+    def fake_stream(params, cfg, cache_cfg, frames):  # first frame: "compile"; then 10 ms, 30 ms
+        preds = {k: np.ones((len(frames), 56, 70, 1), np.float32) for k in ("depth",)}
+        return preds, [5.0, 0.01, 0.03][:len(frames)], {"cache_bytes": 1}
+
+    monkeypatch.setattr(runner, "stream_sequence", fake_stream)
+    one = Dataset(info=dataset.info, sequences=(take_frames(dataset[0], 1),))
+    results = evaluate({}, tiny_cfg, one, "none", "video-depth")
+    r = results.settings[0]
+    assert math.isnan(r.ms_per_frame) and math.isnan(r.sequences["eval-small-0000"]["ms_per_frame"])
+    paths = write_report(results, tmp_path)
+    assert json.loads(paths["json"].read_text())["settings"][0]["ms_per_frame"] is None
+    row = [line for line in paths["markdown"].read_text().splitlines() if line.startswith("| `none`")][0]
+    assert row.split(" | ")[-2] == "n/a", row
+    mixed = Dataset(info=dataset.info, sequences=(take_frames(dataset[0], 1), dataset[1]))
+    r = evaluate({}, tiny_cfg, mixed, "none", "video-depth").settings[0]
+    assert r.ms_per_frame == pytest.approx(20.0)
+    assert r.sequences["eval-small-0001"]["ms_per_frame"] == pytest.approx(20.0)

@@ -3,7 +3,7 @@ accuracy_vs_bytes.png into OUTDIR.
 
     xsvggt eval [DATA] --dataset 7scenes|nrgbd|tum|tum-dynamics|scannet|bonn|sintel|kitti|procedural
                 --task recon|video-depth|pose (--params DIR | --checkpoint FILE [--spec spec.json])
-                --settings none,xstream:2048,xstream-int4:2048 --out OUTDIR
+                --settings none,xstream:2048,xstream-int4:2048 --out OUTDIR [--overwrite]
                 [--sequences N] [--frames-per-sequence N] [--resize crop|pad] [--frame-size W] [--dtype D]
                 [--quiet]
 
@@ -12,7 +12,8 @@ procedural data and no weights a small randomly initialised model is used (its n
 meaningless: the run checks the pipeline). Every input problem (unknown dataset or task, bad DATA,
 bad settings, frames the model cannot take, an existing OUTDIR that xsvggt did not write) is one
 `xsvggt: error: ...` line before any model work. OUTDIR is built in a temporary sibling and renamed
-when complete; an existing OUTDIR is replaced only if it holds a previous `xsvggt eval` result.
+when complete; an existing OUTDIR is replaced only if it holds a previous xsvggt result, or with
+--overwrite, which replaces only the files named as eval's outputs and keeps the others.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="comma-separated cache settings <policy>[-<layout><bits>|-int<bits>][:<budget>] "
                         "(default none,xstream:2048,xstream-int4:2048)")
     e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--overwrite", action="store_true",
+                   help="write into an existing --out that xsvggt did not write: files with eval's output names "
+                        "are replaced, the others are kept")
     e.add_argument("--sequences", type=int, help="evaluate only the first N sequences")
     e.add_argument("--frames-per-sequence", type=int, help="only the first N frames of each sequence "
                                                            "(procedural: render N frames)")
@@ -132,7 +136,7 @@ def run(args) -> Path:
     settings = parse_settings(args.settings, {"pool": args.pool, "group": args.group,
                                               "scale_dtype": args.scale_dtype, "seed": args.seed})
     # replaces only what an earlier xsvggt run wrote there; never the user's files or the data
-    out = OutputDir(args.out, protect=[args.data] if args.data else [])
+    out = OutputDir(args.out, args.overwrite, protect=[args.data] if args.data else [])
     cfg, random_model = _model_config(args)
     dataset = _dataset(args, cfg)
     check_evaluation(cfg, dataset, args.task, args.resize, args.frame_size)

@@ -65,13 +65,17 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if np.isfinite(value) else "n/a"
+
+
 def results_markdown(results: EvalResults, note: Optional[str] = None) -> str:
     """A Markdown table: one row per setting with the task's metrics, cache MB (1e6 bytes), ms/frame
     and the process's peak RSS."""
     task = TASKS[results.task]
     head = ["setting", *task.columns, "cache MB", "ms/frame", "peak RSS MB"]
     rows = [[f"`{r.setting.name}`", *(_cell(r.aggregate.get(c)) for c in task.columns),
-             f"{r.cache.get('cache_bytes', 0) / MB:.3f}", f"{r.ms_per_frame:.1f}", f"{r.peak_rss_bytes / MB:.0f}"]
+             f"{r.cache.get('cache_bytes', 0) / MB:.3f}", _ms(r.ms_per_frame), f"{r.peak_rss_bytes / MB:.0f}"]
             for r in results.settings]
     seqs = len(results.frames)
     lines = [
@@ -80,7 +84,8 @@ def results_markdown(results: EvalResults, note: Optional[str] = None) -> str:
         f"{seqs} sequence{'s' * (seqs != 1)}, {sum(results.frames.values())} frames, resize {results.resize} "
         f"to {results.frame_size} px wide. Metrics: aggregate over sequences "
         f"({'lower' if task.lower_is_better else 'higher'} {task.primary} is better). ms/frame: median after "
-        "each sequence's first frame. Peak RSS: the process's high-water mark after the setting ran.",
+        "each sequence's first frame (n/a: no sequence has a second frame). Peak RSS: the process's "
+        "high-water mark after the setting ran.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",

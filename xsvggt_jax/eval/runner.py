@@ -18,11 +18,13 @@
      When the model frames are the whole images resized (landscape frames in crop mode: Sintel,
      Bonn, KITTI, ...) the prediction is resized to the ground truth's resolution with OpenCV's
      bicubic (`resize_depth`) as upstream does; when rows were cropped or padding added, the ground
-     truth is carried onto the model grid instead (nearest, `data.preprocess`);
+     truth is carried onto the model grid instead (nearest, `data.preprocess`). A sequence without a
+     valid ground-truth pixel is not scored (a warning; n/a when no sequence is);
    * `pose`: ATE, RPE-trans, RPE-rot (Sim(3), delta 1) of the cameras decoded from `camera_pose`,
      plus RRA@30, RTA@30 and AUC@30 over all frame pairs; mean over sequences.
    Per setting it also records the cache bytes (`cache_report`, the largest over sequences), the
-   median latency per frame after each sequence's first frame (which includes compilation), and the
+   median latency per frame after each sequence's first frame (which includes compilation; NaN, n/a in
+   the report, when every sequence has one frame), and the
    process's peak RSS (a process-wide high-water mark: a later setting never reports less).
 
 Any `CacheConfig` works, including one whose `prune` names a policy the user registered in
@@ -90,7 +92,8 @@ class SettingResult:
     """One setting's outcome. sequences: sequence name -> its metrics plus "frames", "cache_bytes",
     "ms_per_frame" (and "error" when the metrics could not be computed); aggregate: the task's
     aggregate over the scored sequences plus "sequences_scored"; cache: `cache_report` of the largest
-    cache; ms_per_frame: median latency after each sequence's first frame; peak_rss_bytes: the
+    cache; ms_per_frame: median latency after each sequence's first frame (NaN when every sequence has
+    one frame: a first frame's time includes compilation); peak_rss_bytes: the
     process's peak RSS after this setting; device_peak_bytes: the accelerator's peak bytes in use
     (None where the backend does not report it)."""
 
@@ -235,7 +238,11 @@ def score(task: str, preds: Mapping[str, np.ndarray], truth: GroundTruth, protoc
         pred = preds["depth"][..., 0]                                            # [S, H, W]
         if pred.shape != truth.depth.shape:  # ground truth at the dataset's resolution: upstream's bicubic
             pred = resize_depth(pred, truth.depth.shape[1:])
-        return evaluate_depth(pred, truth.depth, align="scale", dataset=protocol)
+        metrics = evaluate_depth(pred, truth.depth, align="scale", dataset=protocol)
+        if metrics["valid_pixels"] == 0:  # as recon's too few valid points: recorded, reported as n/a
+            cap = "" if protocol.max_depth is None else f" below the {protocol.max_depth:g} m cap"
+            raise EvalInputError(f"no valid ground-truth depth pixel (finite, > 0{cap}) in any frame")
+        return metrics
     if task == "recon":
         extr = truth.extrinsics[:, :3]
         gt_world = unproject_depth(truth.depth, extr, truth.intrinsics)          # [S, H, W, 3]
@@ -261,7 +268,8 @@ _BOOKKEEPING = ("frames", "cache_bytes", "ms_per_frame")
 
 
 def _aggregate(task: str, per_seq: list[dict[str, Any]]) -> dict[str, float]:
-    scored = [{k: v for k, v in m.items() if k not in _BOOKKEEPING} for m in per_seq if "error" not in m]
+    scored = [{k: v for k, v in m.items() if k not in _BOOKKEEPING} for m in per_seq
+              if "error" not in m and m.get("valid_pixels", 1) > 0]
     if not scored:
         return {"sequences_scored": 0}
     if task == "video-depth":
@@ -304,9 +312,9 @@ def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | I
             except EvalInputError as e:  # e.g. too few valid points: recorded, the other sequences go on
                 log.warning("%s / %s: %s", setting.name, seq.name, e)
                 metrics = {"error": str(e)}
-            after_first = lat[1:] or lat
+            after_first = lat[1:]  # the first frame may include compilation: a 1-frame sequence has no timing
             per_seq[setting.name][seq.name] = {**metrics, "frames": len(seq), "cache_bytes": info["cache_bytes"],
-                                               "ms_per_frame": 1e3 * float(np.median(after_first))}
+                                               "ms_per_frame": _median_ms(after_first)}
             latency[setting.name].extend(after_first)
             if info["cache_bytes"] >= caches[setting.name].get("cache_bytes", -1):
                 caches[setting.name] = info
@@ -319,11 +327,16 @@ def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | I
             progress(seq)
     results = tuple(
         SettingResult(s, per_seq[s.name], _aggregate(task, list(per_seq[s.name].values())), caches[s.name],
-                      1e3 * float(np.median(latency[s.name])), *peaks[s.name])
+                      _median_ms(latency[s.name]), *peaks[s.name])
         for s in chosen)
     return EvalResults(task=task, dataset=dataset.info.name, settings=results, model=cfg.to_dict(), resize=resize,
                        frame_size=target, frame_hw=sizes, frames={s.name: len(s) for s in dataset},
                        predictions=kept if keep_predictions else None)
+
+
+def _median_ms(seconds: list[float]) -> float:
+    """Median latency in ms; NaN (reported as n/a) when no frame was timed after a first one."""
+    return 1e3 * float(np.median(seconds)) if seconds else float("nan")
 
 
 def finite_or_none(value: Any) -> Any:
