@@ -248,9 +248,14 @@ def attend_xla_lse(q: Array, k: Array, v: Array, mask: Mask, precision: Precisio
     bias = as_mask(mask).bias(jnp.arange(q.shape[2]), jnp.arange(k.shape[2]))
     if bias is not None:
         logits = logits + bias
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    weights = jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, precision=precision).astype(jnp.float32)
+    m = logits.max(-1)
+    m_safe = jnp.where(m == NEG_INF, 0.0, m)             # a row with no key: exp(-inf) = 0
+    p = jnp.exp(logits - m_safe[..., None])
+    l = p.sum(-1)
+    acc = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, precision=precision).astype(jnp.float32)
+    # normalised as the online softmax's `finish` (m + log l, acc / l): the same rounding as `blocked`
+    lse = jnp.where(l > 0, m_safe + jnp.log(jnp.where(l > 0, l, 1.0)), NEG_INF)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
     return out, lse
 
 
