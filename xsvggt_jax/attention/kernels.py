@@ -248,7 +248,7 @@ def attend_xla_lse(q: Array, k: Array, v: Array, mask: Mask, precision: Precisio
     bias = as_mask(mask).bias(jnp.arange(q.shape[2]), jnp.arange(k.shape[2]))
     if bias is not None:
         logits = logits + bias
-    m = logits.max(-1)
+    m = logits.max(-1, initial=NEG_INF)
     m_safe = jnp.where(m == NEG_INF, 0.0, m)             # a row with no key: exp(-inf) = 0
     p = jnp.exp(logits - m_safe[..., None])
     l = p.sum(-1)
