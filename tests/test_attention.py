@@ -202,8 +202,7 @@ def _cycles(graph: dict) -> list[set]:
 def test_attention_imports_only_itself_and_no_cycle_runs_through_the_model():
     """The attention package is the bottom layer (masks <- kernels <- ring <- dispatch): it imports
     none of the package's other modules but the root's typed errors, and no import cycle (function-level
-    imports included) runs
-    through attention, nn, the cache core or the sharded forward."""
+    imports included) runs through attention, nn, the cache core or the sharded forward."""
     graph = _import_graph()
     attention = {m for m in graph if m == "xsvggt_jax.attention" or m.startswith("xsvggt_jax.attention.")}
     for m in attention:
