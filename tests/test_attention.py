@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from conftest import micro_cfg, rel_err
 from xsvggt_jax.attention import kernels as A
 from xsvggt_jax.attention.dispatch import (AUTO_DENSE_KEYS, AttentionConfigError, AttentionSpec, attend,
-                                           resolve_attention)
+                                           attend_lse, attend_split, resolve_attention, split_selected)
 from xsvggt_jax.attention.kernels import block_schedule
 from xsvggt_jax.attention.masks import Additive, FrameCausal, Full, KeyPrefix
 from xsvggt_jax.nn.model import StreamVGGT, param_shapes
@@ -199,12 +201,13 @@ def _cycles(graph: dict) -> list[set]:
 
 def test_attention_imports_only_itself_and_no_cycle_runs_through_the_model():
     """The attention package is the bottom layer (masks <- kernels <- ring <- dispatch): it imports
-    none of the package's other modules, and no import cycle (function-level imports included) runs
-    through attention, nn, the cache core or the sharded forward."""
+    none of the package's other modules but the root's typed errors, and no import cycle (function-level
+    imports included) runs through attention, nn, the cache core or the sharded forward."""
     graph = _import_graph()
     attention = {m for m in graph if m == "xsvggt_jax.attention" or m.startswith("xsvggt_jax.attention.")}
     for m in attention:
-        assert graph[m] <= attention, (m, graph[m] - attention)
+        allowed = attention | {"xsvggt_jax.errors"}
+        assert graph[m] <= allowed, (m, graph[m] - allowed)
     assert "xsvggt_jax.attention.ring" in attention and "xsvggt_jax.attention.masks" in attention
     layered = ("xsvggt_jax.attention", "xsvggt_jax.nn", "xsvggt_jax.cache.core", "xsvggt_jax.stream.sharded")
     bad = [c for c in _cycles(graph) if any(m.startswith(layered) for m in c)]
@@ -220,3 +223,111 @@ def test_one_home_for_the_mask_types():
     assert core.Mask is masks.Mask and core.KeyPrefix is masks.KeyPrefix and layers.Mask is masks.Mask
     assert track.Additive is masks.Additive
     assert not hasattr(layers, "Prefix") and not hasattr(masks, "Prefix")
+
+
+# ------------------------------------------------------------------ partial softmax, split cache attention
+CAP, NEW = 3 * 16, 7          # cache capacity (3 chunks of 16) and current-frame tokens
+
+
+def split_inputs(seed: int, length: int):
+    """q [1, 2, NEW, 16]; a cache [1, 2, CAP, 16] filled to `length` (large garbage past it); current k/v."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q, k, v = (jax.random.normal(kk, (1, 2, NEW, 16)) for kk in ks[:3])
+    pk, pv = (jax.random.normal(kk, (1, 2, CAP, 16)) for kk in ks[3:])
+    garbage = (jnp.arange(CAP) >= length)[:, None]
+    return q, jnp.where(garbage, 1e3, pk), jnp.where(garbage, -1e3, pv), k, v
+
+
+@pytest.mark.parametrize("length", [0, 1, 16, 23, CAP])
+@pytest.mark.parametrize("impl", ["xla", "blocked", "cudnn", "auto"])
+def test_split_cache_attention_equals_dense(impl, length):
+    """The cache (KeyPrefix of `length`) and the current frame attended separately and merged by
+    log-sum-exp == dense attention over [filled prefix; current] (cudnn falls back on CPU)."""
+    q, pk, pv, k, v = split_inputs(length, length)
+    ref = A._attend_dense(q, jnp.concatenate([pk[:, :, :length], k], 2),
+                          jnp.concatenate([pv[:, :, :length], v], 2), None, HIGHEST)
+    fn = jax.jit(lambda q, pk, pv, k, v, n: attend_split(q, pk, pv, KeyPrefix(n, 16), k, v, impl=impl))
+    ours = fn(q, pk, pv, k, v, jnp.int32(length))
+    assert ours.dtype == q.dtype
+    assert rel_err(ours, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("length", [0, 1, 23, CAP])
+@pytest.mark.parametrize("impl", ["xla", "blocked", "cudnn"])
+def test_prefix_partial_softmax_alone(impl, length):
+    """Without the current frame: the prefix piece's out is the prefix attention, its lse the
+    log-sum-exp of the filled logits; an empty prefix gives lse -inf and out 0 (weight 0 in a merge)."""
+    q, pk, pv, _, _ = split_inputs(7, length)
+    out, lse = jax.jit(lambda q, k, v, n: attend_lse(q, k, v, mask=AttentionSpec(KeyPrefix(n, 16), impl)))(
+        q, pk, pv, jnp.int32(length))
+    assert out.dtype == lse.dtype == jnp.float32 and lse.shape == q.shape[:3]
+    logits = np.einsum("bhqd,bhkd->bhqk", np.float64(q), np.float64(pk[:, :, :length])) / 4.0
+    if length == 0:
+        assert np.all(np.asarray(lse) == -np.inf) and not np.asarray(out).any()
+        return
+    ref_lse = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-6, atol=1e-6)
+    ref = A._attend_dense(q, pk[:, :, :length], pv[:, :, :length], None, HIGHEST)
+    assert rel_err(out, ref) <= 1e-6
+    assert rel_err(A.merge_lse([(out, lse)], jnp.float32), ref) <= 1e-6
+
+
+@pytest.mark.parametrize("cut", [0, 1, 60, 185])
+def test_merge_of_disjoint_key_sets_equals_dense(cut):
+    """merge_lse of xla pieces over keys [0, cut) and [cut, n), an empty side included, == dense."""
+    q, k, v = qkv(5, 185)
+    ref = A._attend_dense(q, k, v, None, HIGHEST)
+    part = lambda a, b: A.attend_xla_lse(q, k[:, :, a:b], v[:, :, a:b], Full(), HIGHEST)
+    assert rel_err(A.merge_lse([part(0, cut), part(cut, 185)], q.dtype), ref) <= 1e-6
+
+
+def test_streaming_step_split_path_equals_the_single_pass(monkeypatch, micro):
+    """The whole streaming step with the split cache/current attention (forced on CPU by
+    `options(cache_split=True)`) == the default single pass over [past; current], 4 frames."""
+    import xsvggt_jax.stream.step as step_mod
+    from conftest import micro_frames
+    from xsvggt_jax.cache.core import CacheConfig, init_cache
+    from xsvggt_jax.nn import layers
+
+    cfg, params = micro
+    cc = CacheConfig.uncompressed()
+    frames = jnp.asarray(micro_frames(4, seed=3))
+    calls = []
+    monkeypatch.setattr(layers, "attend_split", lambda *a, **kw: calls.append(1) or attend_split(*a, **kw))
+
+    def run():
+        fn = jax.jit(lambda c, f: step_mod.step(cfg, cc, params, c, f))
+        cache, outs = init_cache(cfg, cc, 1, (28, 28), max_frames=4), []
+        for t in range(4):
+            cache, out = fn(cache, frames[t])
+            outs.append(out)
+        return cache, outs
+
+    base_cache, base = run()
+    assert not calls                                      # the CPU default: one pass, unchanged
+    with A.options(cache_split=True):
+        cache, split = run()
+    assert calls                                          # every cached layer took the split path
+    for a, b in zip(base, split):
+        for name in ("depth", "pts3d_in_other_view", "camera_pose", "conf"):
+            assert rel_err(b[name], a[name]) <= 1e-6, name
+    for x, y in zip(jax.tree.leaves(base_cache), jax.tree.leaves(cache)):   # the next state: same keys
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            assert rel_err(y, x) <= 1e-6
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_cudnn_fit_checks_head_dim_and_logs_the_fallback_once(caplog):
+    bf16 = jnp.bfloat16
+    assert resolve_attention("auto", "gpu", Full(), bf16, head_dim=64) == "cudnn"
+    assert resolve_attention("auto", "gpu", KeyPrefix(3), bf16, head_dim=128) == "cudnn"
+    assert resolve_attention("auto", "gpu", Full(), bf16, head_dim=60) == "xla"
+    with caplog.at_level(logging.INFO, logger="xsvggt_jax.attention.dispatch"):
+        for _ in range(3):
+            assert resolve_attention("cudnn", "gpu", KeyPrefix(3), bf16, head_dim=256) == "blocked"
+    notes = [r.getMessage() for r in caplog.records if "head dim 256" in r.getMessage()]
+    assert len(notes) <= 1                                # once per process (an earlier test may have)
+    assert not split_selected("auto", jnp.float32, 64)    # CPU: the single pass stays the default
+    with A.options(cache_split=True):
+        assert split_selected("auto", jnp.float32, 64)

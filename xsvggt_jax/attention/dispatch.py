@@ -4,8 +4,13 @@ Implementations (`ATTENTION_IMPLS`), named by a run option (`StreamVGGT(cfg, att
   xla, blocked, cudnn  one device (`attention.kernels`);
   ring, gather         sequence parallel inside `jax.shard_map` (`attention.ring`);
   auto                 `resolve_attention` picks one by backend and mask.
-cudnn falls back to `blocked` (structured masks) or `xla` where the backend, dtype or mask do not fit,
-with the reason logged once.
+cudnn falls back to `blocked` (structured masks) or `xla` where the backend, dtype, head dim or mask do
+not fit, with the reason logged once.
+
+`attend_split` attends queries to two disjoint key sets (a streaming layer's cache under a `KeyPrefix`,
+and the current frame's own keys, unmasked) separately and merges the partial softmaxes by their
+log-sum-exp: exactly the attention over [past; current], without building that concatenation. On a GPU
+both halves run cuDNN flash attention (the prefix as `key_value_seq_lengths`).
 
 A `mask=` argument (`attend`, the layers, the model's modules) takes a `masks.Mask`, an additive array,
 None (no mask), or an `AttentionSpec`: a mask plus how to attend under it.
@@ -21,9 +26,10 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from xsvggt_jax.attention.kernels import (KEY_BLOCK, QUERY_BLOCK, attend_blocked, attend_cudnn,
-                                          attend_xla)
-from xsvggt_jax.attention.masks import FrameCausal, KeyPrefix, Mask, as_mask
+from xsvggt_jax.attention.kernels import (KEY_BLOCK, QUERY_BLOCK, attend_blocked, attend_blocked_lse,
+                                          attend_cudnn, attend_cudnn_lse, attend_xla, attend_xla_lse, current_options,
+                                          merge_lse)
+from xsvggt_jax.attention.masks import Full, FrameCausal, KeyPrefix, Mask, as_mask
 from xsvggt_jax.attention.ring import attend_sequence_parallel
 from xsvggt_jax.errors import ConfigError
 
@@ -71,10 +77,11 @@ MaskArg = Union[Mask, AttentionSpec, Array, None]   # what a `mask=` argument ta
 
 
 def resolve_attention(impl: str, backend: Optional[str] = None, mask: Any = None,
-                      dtype: Any = jnp.float32, keys: int = 0) -> str:
+                      dtype: Any = jnp.float32, keys: int = 0, head_dim: Optional[int] = None) -> str:
     """The implementation that runs for `impl` on `backend` (default: jax's) for attention under `mask`
-    (None: unmasked) over `keys` keys with inputs of `dtype`: what goes in `report.json`. The offline
-    global layers ask with `FrameCausal(tokens_per_frame)` or `Full()` and S*P keys."""
+    (None: unmasked) over `keys` keys with inputs of `dtype` and heads of `head_dim` (None: unchecked):
+    what goes in `report.json`. The offline global layers ask with `FrameCausal(tokens_per_frame)` or
+    `Full()` and S*P keys."""
     check_impl(impl)
     if impl in SEQUENCE_PARALLEL_IMPLS:
         return impl
@@ -84,14 +91,17 @@ def resolve_attention(impl: str, backend: Optional[str] = None, mask: Any = None
     if impl == "auto":
         impl = "cudnn" if backend == "gpu" else "blocked" if structured else "xla"
     if impl == "cudnn":
-        reason = _cudnn_unfit(backend, mask, dtype)
+        reason = _cudnn_unfit(backend, mask, dtype, head_dim)
         if reason:
             impl = "blocked" if structured else "xla"
             _log_once(f"cudnn attention not used ({reason}); running {impl}")
     return impl
 
 
-def _cudnn_unfit(backend: str, mask: Mask, dtype: Any) -> Optional[str]:
+CUDNN_MAX_HEAD_DIM = 128   # cuDNN flash attention: head dims up to 128, multiples of 8
+
+
+def _cudnn_unfit(backend: str, mask: Mask, dtype: Any, head_dim: Optional[int] = None) -> Optional[str]:
     """Why cuDNN's fused attention cannot take this call, or None if it can."""
     if backend != "gpu":
         return f"backend {backend!r} is not a GPU"
@@ -99,6 +109,8 @@ def _cudnn_unfit(backend: str, mask: Mask, dtype: Any) -> Optional[str]:
         return f"cuDNN flash attention needs float16/bfloat16 inputs, got {jnp.dtype(dtype).name}"
     if isinstance(mask, FrameCausal) and mask.tokens_per_frame != 1:
         return "a frame-causal mask with several tokens per frame is not a cuDNN mask"
+    if head_dim is not None and (head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM):
+        return f"head dim {head_dim} is not a multiple of 8 up to {CUDNN_MAX_HEAD_DIM}"
     return None
 
 
@@ -119,7 +131,7 @@ def attend(q: Array, k: Array, v: Array, *, mask: MaskArg = None,
     mask = as_mask(spec.mask)
     if isinstance(mask, KeyPrefix) and mask.chunk is not None and k.shape[2] % mask.chunk:
         raise AttentionConfigError(f"key capacity {k.shape[2]} is not a multiple of the chunk {mask.chunk}")
-    impl = resolve_attention(spec.impl, None, mask, q.dtype, k.shape[2])
+    impl = resolve_attention(spec.impl, None, mask, q.dtype, k.shape[2], q.shape[-1])
     if impl == "xla":
         return attend_xla(q, k, v, mask, precision)
     if impl == "cudnn":
@@ -131,3 +143,48 @@ def attend(q: Array, k: Array, v: Array, *, mask: MaskArg = None,
         return attend_blocked(q, k, v, mask, precision, query_block=query_block, key_block=key_block)
     return attend_sequence_parallel(q, k, v, mask, precision, spec.axis, ring=impl == "ring",
                                     query_block=query_block, key_block=key_block)
+
+
+def _single_device(spec: AttentionSpec) -> AttentionSpec:
+    if spec.impl in SEQUENCE_PARALLEL_IMPLS:
+        raise AttentionConfigError(f"attention {spec.impl!r} has no partial-softmax form (one device only)")
+    return spec
+
+
+def attend_lse(q: Array, k: Array, v: Array, *, mask: MaskArg = None,
+               precision: Precision = Precision.HIGHEST) -> tuple[Array, Array]:
+    """`attend`'s partial softmax: (out float32 [B, H, Nq, D], lse float32 [B, H, Nq]), lse the
+    log-sum-exp of the row's scaled, masked logits (-inf, out 0, for a row with no key). Implementations
+    as `attend` (xla, blocked, cudnn; not the sequence-parallel ones)."""
+    spec = _single_device(mask if isinstance(mask, AttentionSpec) else AttentionSpec(mask))
+    mask = as_mask(spec.mask)
+    impl = resolve_attention(spec.impl, None, mask, q.dtype, k.shape[2], q.shape[-1])
+    if impl == "xla":
+        return attend_xla_lse(q, k, v, mask, precision)
+    if impl == "cudnn":
+        return attend_cudnn_lse(q, k, v, mask)
+    key_block, query_block = spec.key_block, spec.query_block
+    if isinstance(mask, KeyPrefix):           # the same keys for every query: one query block
+        key_block, query_block = mask.chunk or key_block, q.shape[2]
+    return attend_blocked_lse(q, k, v, mask, precision, query_block=query_block, key_block=key_block)
+
+
+def split_selected(impl: str, dtype: Any, head_dim: Optional[int] = None) -> bool:
+    """Whether a streaming layer attends to its cache and its current frame separately
+    (`attend_split`): the `options(cache_split=...)` choice, by default only where cuDNN runs (it reads
+    the cache in place); elsewhere the single pass over [past; current] (the CPU default, unchanged)."""
+    forced = current_options().cache_split
+    if forced is not None:
+        return forced
+    return impl not in SEQUENCE_PARALLEL_IMPLS and resolve_attention(impl, None, KeyPrefix(0), dtype, 0,
+                                                                     head_dim) == "cudnn"
+
+
+def attend_split(q: Array, past_k: Array, past_v: Array, past_mask: Any, k: Array, v: Array, *,
+                 impl: str = "auto", precision: Precision = Precision.HIGHEST) -> Array:
+    """Attention of q [B, H, Nq, D] over the union of the keys past_k/past_v [B, H, T, D] (under
+    `past_mask`, e.g. a cache's `KeyPrefix(length, chunk)`) and k/v [B, H, N, D] (all seen), computed
+    as two partial softmaxes merged by log-sum-exp. Returns [B, H, Nq, D] in q's dtype."""
+    a = attend_lse(q, past_k, past_v, mask=AttentionSpec(past_mask, impl), precision=precision)
+    b = attend_lse(q, k, v, mask=AttentionSpec(Full(), impl), precision=precision)
+    return merge_lse([a, b], q.dtype)

@@ -7,6 +7,11 @@
            also fold the K/V blocks of the sequence-parallel kernels (`attention.ring`);
   cudnn    `jax.nn.dot_product_attention(implementation="cudnn")` (the dispatcher checks that it fits).
 
+Each also comes as `*_lse`: the unnormalised pieces of a partial softmax, (out float32, lse float32
+[B, H, Nq]) with lse = logsumexp of the row's scaled, masked logits (-inf and out 0 for a row with no
+key), so that attention over disjoint key sets merges exactly (`merge_lse`): the streaming step attends
+to its cache and to the current frame separately instead of over their concatenation.
+
 Shapes: q [B, H, Nq, D]; k, v [B, H, Nk, D]; outputs [B, H, Nq, D]. Which one runs: `attention.dispatch`.
 """
 
@@ -15,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import logging
 from typing import Any, Iterator, Optional
 
 import jax
@@ -39,13 +46,21 @@ KEY_BLOCK = 512             # `blocked`: keys per online-softmax step
 class AttentionOptions:
     """Trace-time options of the kernels, scoped by `options(...)` (a context variable, not a module
     global). cpu_query_block: `xla`'s query block on CPU; None attends in one fusion (what XLA's cost
-    analysis needs to count every block: it counts a loop body once)."""
+    analysis needs to count every block: it counts a loop body once). cache_split: whether a streaming
+    layer attends to its cache and its current frame separately and merges them by log-sum-exp
+    (`dispatch.attend_split`); None: where cuDNN runs."""
 
     cpu_query_block: Optional[int] = CPU_QUERY_BLOCK
+    cache_split: Optional[bool] = None
 
 
 _OPTIONS: contextvars.ContextVar[AttentionOptions] = contextvars.ContextVar("attention_options",
                                                                             default=AttentionOptions())
+
+
+def current_options() -> AttentionOptions:
+    """The `AttentionOptions` in force (while tracing)."""
+    return _OPTIONS.get()
 
 
 @contextlib.contextmanager
@@ -209,9 +224,53 @@ def attend_blocked(q: Array, k: Array, v: Array, mask: Any, precision: Precision
     return unblock(states, q.shape[2], v.dtype)
 
 
+def attend_blocked_lse(q: Array, k: Array, v: Array, mask: Any, precision: Precision = Precision.HIGHEST, *,
+                       query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK) -> tuple[Array, Array]:
+    """`attend_blocked`'s partial softmax: (out float32 [B, H, Nq, D], lse float32 [B, H, Nq])."""
+    mask = as_mask(mask)
+    states = blocked_states(q, k, v, mask, precision, None, query_block=query_block, key_block=key_block)
+    m, l, acc = states
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG_INF)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    nq = q.shape[2]
+    nqb, b, h, qb, d = out.shape
+    out = jnp.moveaxis(out, 0, 2).reshape(b, h, nqb * qb, d)[:, :, :nq]
+    lse = jnp.moveaxis(lse, 0, 2).reshape(b, h, nqb * qb)[:, :, :nq]
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------- partial softmax
+def attend_xla_lse(q: Array, k: Array, v: Array, mask: Mask, precision: Precision) -> tuple[Array, Array]:
+    """Dense attention's partial softmax: (out float32 [B, H, Nq, D], lse float32 [B, H, Nq]); a row
+    whose keys are all masked gets lse -inf and out 0."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision).astype(jnp.float32) * scale
+    bias = as_mask(mask).bias(jnp.arange(q.shape[2]), jnp.arange(k.shape[2]))
+    if bias is not None:
+        logits = logits + bias
+    m = logits.max(-1, initial=NEG_INF)
+    m_safe = jnp.where(m == NEG_INF, 0.0, m)             # a row with no key: exp(-inf) = 0
+    p = jnp.exp(logits - m_safe[..., None])
+    l = p.sum(-1)
+    acc = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, precision=precision).astype(jnp.float32)
+    # normalised as the online softmax's `finish` (m + log l, acc / l): the same rounding as `blocked`
+    lse = jnp.where(l > 0, m_safe + jnp.log(jnp.where(l > 0, l, 1.0)), NEG_INF)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out, lse
+
+
+def merge_lse(parts, dtype: Any) -> Array:
+    """Exact softmax attention over the union of disjoint key sets from their partial results
+    [(out_i float32 [B, H, Nq, D], lse_i float32 [B, H, Nq])]: sum_i exp(lse_i - lse) out_i with
+    lse = logaddexp_i lse_i. A part with lse -inf (no key) weighs 0."""
+    lse = functools.reduce(jnp.logaddexp, [p[1] for p in parts])
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    out = sum(jnp.exp(l - safe)[..., None] * o for o, l in parts)
+    return out.astype(dtype)
+
+
 # ------------------------------------------------------------------------------------------------- cudnn
-def attend_cudnn(q: Array, k: Array, v: Array, mask: Mask) -> Array:
-    """`jax.nn.dot_product_attention(implementation="cudnn")` (the caller checked that it fits)."""
+def _cudnn_kwargs(q: Array, k: Array, mask: Mask) -> dict:
     kw: dict = {}
     if isinstance(mask, FrameCausal):
         kw["is_causal"] = True                               # one token per frame (checked)
@@ -219,5 +278,51 @@ def attend_cudnn(q: Array, k: Array, v: Array, mask: Mask) -> Array:
         kw["key_value_seq_lengths"] = jnp.broadcast_to(jnp.asarray(mask.length, jnp.int32), (q.shape[0],))
     elif isinstance(mask, Additive):
         kw["bias"] = jnp.broadcast_to(mask.array, (q.shape[0], q.shape[1], q.shape[2], k.shape[2])).astype(q.dtype)
-    t = lambda x: x.transpose(0, 2, 1, 3)                    # [B, H, N, D] <-> [B, N, H, D]
-    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), implementation="cudnn", **kw))
+    return kw
+
+
+def _t(x: Array) -> Array:
+    return x.transpose(0, 2, 1, 3)                           # [B, H, N, D] <-> [B, N, H, D]
+
+
+def attend_cudnn(q: Array, k: Array, v: Array, mask: Mask) -> Array:
+    """`jax.nn.dot_product_attention(implementation="cudnn")` (the caller checked that it fits)."""
+    return _t(jax.nn.dot_product_attention(_t(q), _t(k), _t(v), implementation="cudnn",
+                                           **_cudnn_kwargs(q, k, mask)))
+
+
+def attend_cudnn_lse(q: Array, k: Array, v: Array, mask: Mask) -> tuple[Array, Array]:
+    """cuDNN flash attention's partial softmax (`return_residual=True`: the softmax's logsumexp).
+    jax's wrapper hands the residual back in the inputs' dtype (bfloat16 would blur the merge
+    weights); cuDNN's own float32 statistic is taken from the lower-level call where jax has it.
+    A `KeyPrefix` of length 0 (an empty cache) gives lse -inf, out 0, whatever cuDNN leaves there."""
+    kw = _cudnn_kwargs(q, k, mask)
+    out, lse = None, None
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa   # float32 residual, [B, H, T]
+        seqlens = kw.get("key_value_seq_lengths")
+        mask_type = fa.MaskType.PADDING if seqlens is not None else fa.MaskType.NO_MASK
+        if kw.get("is_causal"):
+            mask_type = fa.MaskType.CAUSAL
+        q_len = None if seqlens is None else jnp.full((q.shape[0],), q.shape[2], jnp.int32)
+        out, lse = fa.dot_product_attention(_t(q), _t(k), _t(v), kw.get("bias"), None, q_len, seqlens,
+                                            scale=q.shape[-1] ** -0.5, mask_type=mask_type,
+                                            qkv_layout="BTNH", return_residual=True)
+        out, lse = _t(out), lse.astype(jnp.float32)
+    except Exception as e:  # noqa: BLE001 - a private API: fall back to the public one
+        _log_once(f"cuDNN float32 softmax statistic unavailable ({type(e).__name__}: {e}); "
+                  "using jax.nn.dot_product_attention's residual")
+        out, res = jax.nn.dot_product_attention(_t(q), _t(k), _t(v), implementation="cudnn",
+                                                return_residual=True, **kw)
+        out, lse = _t(out), res.transpose(0, 2, 1).astype(jnp.float32)       # [B, T, N] -> [B, N, T]
+    out = out.astype(jnp.float32)
+    if isinstance(mask, KeyPrefix):
+        empty = jnp.asarray(mask.length) <= 0
+        lse = jnp.where(empty, NEG_INF, lse)
+        out = jnp.where(empty, 0.0, out)
+    return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logging.getLogger(__name__).info(message)

@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xsvggt_jax.attention.dispatch import MaskArg, attend
-from xsvggt_jax.attention.masks import Mask
+from xsvggt_jax.attention.dispatch import AttentionSpec, MaskArg, attend, attend_split, split_selected
+from xsvggt_jax.attention.masks import KeyPrefix, Mask
 
 Array = jax.Array
 Precision = jax.lax.Precision
@@ -100,6 +100,10 @@ class Attention(nn.Module):
     `rope` is a callable (x [B,H,N,D]) -> x applying rotary embedding with positions bound in.
     `mask`: the attention's mask (`attention.attend`'s; e.g. an `AttentionSpec` naming the implementation).
     `cache` (streaming) supplies the attended keys/values and their mask; its next state is returned.
+    An uncompressed cache (a `KeyPrefix` over stored float keys `cache.kv.k`, filled to `cache.length`)
+    is attended in place where `attention.split_selected` says so (on a GPU with cuDNN): the stored
+    prefix and the current frame separately, merged by log-sum-exp (`attention.attend_split`), the
+    implementation named by an `AttentionSpec` passed as `mask` (default "auto").
     """
 
     num_heads: int
@@ -122,8 +126,19 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = rope(q), rope(k)
         if cache is not None:
-            k, v, mask, cache = cache.update(q, k, v)
-        o = attend(q, k, v, mask=mask, precision=self.precision)  # [B, H, N, D]
+            impl = mask.impl if isinstance(mask, AttentionSpec) else "auto"
+            past = cache
+            k_att, v_att, mask, cache = cache.update(q, k, v)
+            stored_k = getattr(getattr(past, "kv", None), "k", None)
+            if (isinstance(mask, KeyPrefix) and isinstance(stored_k, jax.Array)
+                    and stored_k.shape[2] == k_att.shape[2] and split_selected(impl, q.dtype, hd)):
+                # [past; current] = the stored prefix, then this call's keys (cast as the cache stores them)
+                o = attend_split(q, stored_k, past.kv.v, KeyPrefix(past.length, mask.chunk),
+                                 k.astype(k_att.dtype), v.astype(v_att.dtype), impl=impl, precision=self.precision)
+            else:
+                o = attend(q, k_att, v_att, mask=AttentionSpec(mask, impl), precision=self.precision)
+        else:
+            o = attend(q, k, v, mask=mask, precision=self.precision)  # [B, H, N, D]
         o = o.transpose(0, 2, 1, 3).reshape(b, n, c)
         o = Dense(c, dtype=self.dtype, precision=self.precision, name="proj")(o)
         return o, cache
