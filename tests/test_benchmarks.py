@@ -149,3 +149,47 @@ def test_published_benchmark_rejects_bad_input_before_work(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("xsvggt: error: ") and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+FAKE_TORCH_PYTHON = r'''#!{python}
+"""Stands in for a torch interpreter running benchmarks/upstream_stream.py: answers `-c "import torch"`
+and writes a result whose latencies encode the frame number and the cache setting it was given."""
+import json, os, sys
+if sys.argv[1] == "-c":
+    sys.exit(0)
+a = sys.argv[2:]
+opt = dict(zip(a[::2], a[1::2]))
+assert "--heads" in a and opt["--autocast"] == "bfloat16", a
+n = int(opt["--frames"])
+mode = os.environ["KV_PRUNE_MODE"] + "/" + os.environ["KV_QUANT_MODE"] + "/" + os.environ["KV_CACHE_SIZE"]
+json.dump({{"latency_s": [(i + 1) / 1000 for i in range(n)], "device_peak_bytes": 7 * n, "peak_rss_bytes": 1,
+           "quant_supported": True, "device": "fake-gpu", "heads": True, "torch_version": mode}},
+          open(opt["--out"], "w"))
+'''
+
+
+def test_published_benchmark_runs_upstream_per_setting(tmp_path):
+    """The upstream part: one process per upstream setting with its cache environment, rows at the
+    recorded frames (the long rerun of XStreamVGGT adds only the long frames), device peak reported."""
+    import sys
+
+    from benchmarks import published
+
+    src = tmp_path / "up"
+    (src / "src" / "streamvggt").mkdir(parents=True)
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_TORCH_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / "res" / "pub.jsonl"
+    rows = published.main(["--config", "tiny", "--height", "56", "--width", "70", "--frames", "3",
+                           "--record", "1,2", "--record-long", "3", "--settings", "none,xstream-int4",
+                           "--dtypes", "bfloat16", "--budget", "64", "--upstream-src", str(src),
+                           "--upstream-python", str(fake), "--out", str(out), "--no-plot"])
+    assert rows[0]["skipped"] == []
+    up = sorted((r["setting"], r["frame"], r["ms"], r["peak_bytes"], r["torch_version"])
+                for r in rows[1:] if r["impl"] == "upstream")
+    assert up == [("none", 1, 1.0, 14, "none//64"), ("none", 2, 2.0, 14, "none//64"),
+                  ("xstream-int4", 1, 1.0, 14, "XStreamVGGT/KCVT/64"), ("xstream-int4", 2, 2.0, 14, "XStreamVGGT/KCVT/64"),
+                  ("xstream-int4", 3, 3.0, 21, "XStreamVGGT/KCVT/64")]
+    assert all(r["dtype"] == "autocast-bf16" and r["peak_kind"] == "device" and r["device"] == "fake-gpu"
+               for r in rows[1:] if r["impl"] == "upstream")
