@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from xsvggt_jax import config as config_mod
