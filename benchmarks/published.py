@@ -23,7 +23,8 @@ Output: JSON Lines (`--out`, default benchmarks/results/published_gpu_vs_upstrea
 per (impl, setting, dtype, frame): impl "ours"|"upstream", setting, dtype, frame (1-based), ms (that
 frame's step, device-synchronised; frame 1 also pays the first dispatch), peak_bytes (device peak so
 far in the process; host peak RSS where the device does not report it, `peak_kind` says which), device,
-compile_s (ours), and a PNG beside it (ms/frame and GiB vs frames). Runs that do not fit `--time-limit`
+compile_s, cache_bytes_used (the run's filled cache) and bytes_in_use (device bytes live now; None
+on CPU) for ours, and a PNG beside it (ms/frame and GiB vs frames). Runs that do not fit `--time-limit`
 are skipped or cut short with a logged reason; a header line (impl "meta") records them.
 """
 
@@ -52,6 +53,7 @@ from xsvggt_jax.io.fsutil import atomic_write, atomic_write_text
 from xsvggt_jax.nn.model import init_params
 from xsvggt_jax.runtime import device_peak_bytes, peak_rss_bytes
 from xsvggt_jax.stream import step as step_mod
+from xsvggt_jax.stream.pipeline import filled_bytes
 
 log = logging.getLogger("benchmarks.published")
 
@@ -124,6 +126,15 @@ def build(run: Run, base: ModelConfig, params, hw, capacity: int) -> Run:
     return run
 
 
+def live_bytes() -> int | None:
+    """Device bytes in use now (every live run's cache and the parameters), None where unreported."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    return int(stats["bytes_in_use"]) if stats and "bytes_in_use" in stats else None
+
+
 def peak() -> tuple[int, str]:
     d = device_peak_bytes()
     return (int(d), "device") if d is not None else (int(peak_rss_bytes()), "host_rss")
@@ -144,7 +155,8 @@ def stream(run: Run, params, hw, until: int, record: set[int], deadline: float, 
         if run.done in record:
             pb, kind = peak()
             emit({"impl": "ours", "setting": run.setting, "dtype": run.dtype, "frame": run.done, "ms": ms,
-                  "peak_bytes": pb, "peak_kind": kind, "device": device, "compile_s": run.compile_s})
+                  "peak_bytes": pb, "peak_kind": kind, "device": device, "compile_s": run.compile_s,
+                  "cache_bytes_used": int(filled_bytes(run.cache)), "bytes_in_use": live_bytes()})
 
 
 def upstream(setting: str, frames: int, record: set[int], args, spec: dict, hw, deadline: float, emit,
@@ -313,7 +325,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     futures = {key: pool.submit(build, runs[key], cfg, params, hw, long_until) for key in order}
 
     def run_ours(key, until, rec):
-        r = futures[key].result()
+        try:  # waits for the compile, but not past the time limit
+            r = futures[key].result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            skipped.append(f"ours {key[0]} {key[1]}: still compiling at the time limit")
+            return
         if r.error:
             skipped.append(f"ours {key[0]} {key[1]}: {r.error}")
         elif time.monotonic() > deadline:

@@ -135,6 +135,9 @@ def test_published_benchmark_dry_run_writes_jsonl_and_png(tmp_path, caplog):
         assert PUBLISHED_KEYS <= set(r), r
         assert r["ms"] > 0 and r["peak_bytes"] > 0 and r["device"] == meta["device"] and r["compile_s"] > 0
         assert r["peak_kind"] == ("device" if published.device_peak_bytes() is not None else "host_rss")
+        assert r["cache_bytes_used"] > 0
+    none = sorted((r["frame"], r["cache_bytes_used"]) for r in data if r["setting"] == "none")
+    assert 0 < none[0][1] < none[1][1]  # the uncompressed cache fills frame by frame
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
