@@ -47,6 +47,13 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, required=True)
     p.add_argument("--frames", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; cuda for the GPU benchmark)")
+    p.add_argument("--autocast", choices=("none", "bfloat16"), default="none",
+                   help="run the aggregator under torch.autocast(dtype=bfloat16), heads in float32, as upstream "
+                        "evaluates (default none: float32)")
+    p.add_argument("--heads", action="store_true",
+                   help="also run the depth and point DPT heads (upstream StreamVGGT's heads, float32), "
+                        "as our step does; without: aggregator + camera head only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -73,8 +80,20 @@ def main(argv=None) -> dict:
         interpolate_antialias=True, interpolate_offset=0.0, block_chunks=0, init_values=1.0)
     cam = CameraHead(dim_in=2 * spec["embed_dim"], trunk_depth=cam_spec["trunk_depth"],
                      num_heads=cam_spec["num_heads"])
-    agg.eval()
-    cam.eval()
+    heads = []
+    if args.heads:
+        from streamvggt.heads.dpt_head import DPTHead
+        dpt = spec["dpt"]
+        kw = dict(dim_in=2 * spec["embed_dim"], features=dpt["features"], out_channels=dpt["out_channels"],
+                  intermediate_layer_idx=dpt["intermediate_layer_idx"])
+        heads = [DPTHead(output_dim=4, activation="inv_log", conf_activation="expp1", **kw),
+                 DPTHead(output_dim=2, activation="exp", conf_activation="expp1", **kw)]
+    device = torch.device(args.device)
+    for m in (agg, cam, *heads):
+        m.to(device).eval()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     build_s = time.perf_counter() - t0
     attn_src = src / "streamvggt" / "layers" / "attention.py"
     quant_supported = "KV_QUANT_MODE" in attn_src.read_text()
@@ -85,10 +104,21 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         for i in range(args.frames):
             img = torch.from_numpy(rng.random((1, args.height, args.width, 3), dtype=np.float32)[0].transpose(2, 0, 1).copy())
+            img = img.to(device)
+            if cuda:
+                torch.cuda.synchronize(device)
             t = time.perf_counter()
-            tokens, _, pkv = agg(img[None, None], past_key_values=pkv, use_cache=True, past_frame_idx=i)
-            pose, pkc = cam(tokens, past_key_values_camera=pkc, use_cache=True)
-            pose[-1].sum().item()  # CPU is synchronous; this also forces the result on other devices
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast == "bfloat16"):
+                tokens, patch_start, pkv = agg(img[None, None], past_key_values=pkv, use_cache=True,
+                                               past_frame_idx=i)
+            with torch.autocast(device.type, enabled=False):
+                tokens = [x.float() for x in tokens]
+                pose, pkc = cam(tokens, past_key_values_camera=pkc, use_cache=True)
+                last = pose[-1].sum()
+                for h in heads:
+                    pred, conf = h(tokens, images=img[None, None], patch_start_idx=patch_start)
+                    last = last + pred.sum() + conf.sum()
+            last.item()  # forces the whole frame (CPU is synchronous anyway)
             latency.append(time.perf_counter() - t)
             cache_bytes.append(tensor_bytes(pkv) + tensor_bytes(pkc))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -97,6 +127,9 @@ def main(argv=None) -> dict:
         "params": sum(x.numel() for m in (agg, cam) for x in m.parameters()),
         "quant_supported": quant_supported, "latency_s": latency, "cache_bytes": cache_bytes,
         "peak_rss_bytes": int(rss if sys.platform == "darwin" else rss * 1024),
+        "device_peak_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "autocast": args.autocast,
+        "heads": bool(heads),
         "env": {k: os.environ.get(k) for k in ("KV_PRUNE_MODE", "KV_QUANT_MODE", "KV_CACHE_SIZE", "KV_POOL_SIZE")},
     }
     tmp = args.out.with_name(args.out.name + ".tmp")

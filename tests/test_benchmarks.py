@@ -106,3 +106,93 @@ def test_many_benchmark_writes_its_plot_and_readme_table(tmp_path, monkeypatch):
     text = (tmp_path / "README.md").read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("after\n")
     assert all(f"| {r['run']} |" in text for r in result["runs"])
+
+
+PUBLISHED_KEYS = {"impl", "setting", "dtype", "frame", "ms", "peak_bytes", "device"}
+
+
+def test_published_benchmark_dry_run_writes_jsonl_and_png(tmp_path, caplog):
+    """benchmarks.published (the GPU Figure-1 benchmark) end to end on CPU with the tiny model: one row per
+    (impl, setting, dtype, recorded frame), the compressed run continued to its long frame, the upstream
+    part skipped with a logged reason (no --upstream-src), host RSS standing in for the device peak."""
+    from benchmarks import published
+
+    out = tmp_path / "pub.jsonl"
+    rows = published.main(["--config", "tiny", "--height", "56", "--width", "70", "--frames", "3",
+                           "--record", "1,2", "--record-long", "3", "--settings", "none,xstream-int4",
+                           "--dtypes", "bfloat16", "--compile-workers", "2", "--out", str(out)])
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines == json.loads(json.dumps(rows))
+    meta, data = lines[0], lines[1:]
+    assert meta["impl"] == "meta" and meta["frame_hw"] == [56, 70]
+    assert any("upstream" in s and "--upstream-src" in s for s in meta["skipped"])
+    assert "upstream" in caplog.text and "skipped" in caplog.text
+    got = sorted((r["impl"], r["setting"], r["dtype"], r["frame"]) for r in data)
+    assert got == [("ours", "none", "bfloat16", 1), ("ours", "none", "bfloat16", 2),
+                   ("ours", "xstream-int4", "bfloat16", 1), ("ours", "xstream-int4", "bfloat16", 2),
+                   ("ours", "xstream-int4", "bfloat16", 3)]
+    for r in data:
+        assert PUBLISHED_KEYS <= set(r), r
+        assert r["ms"] > 0 and r["peak_bytes"] > 0 and r["device"] == meta["device"] and r["compile_s"] > 0
+        assert r["peak_kind"] == ("device" if published.device_peak_bytes() is not None else "host_rss")
+        assert r["cache_bytes_used"] > 0
+    none = sorted((r["frame"], r["cache_bytes_used"]) for r in data if r["setting"] == "none")
+    assert 0 < none[0][1] < none[1][1]  # the uncompressed cache fills frame by frame
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_published_benchmark_rejects_bad_input_before_work(tmp_path, capsys):
+    from benchmarks import published
+
+    for argv in (["--settings", "none,bogus"], ["--dtypes", "float64"], ["--record", "0,5"], ["--frames", "0"]):
+        with pytest.raises(SystemExit) as e:
+            published.main([*argv, "--out", str(tmp_path / "x.jsonl")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("xsvggt: error: ") and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+FAKE_TORCH_PYTHON = r'''#!{python}
+"""Stands in for a torch interpreter running benchmarks/upstream_stream.py: answers `-c "import torch"`
+and writes a result whose latencies encode the frame number and the cache setting it was given."""
+import json, os, sys
+if sys.argv[1] == "-c":
+    sys.exit(0)
+a = sys.argv[2:]
+opt = dict(zip(a[::2], a[1::2]))
+assert "--heads" in a and opt["--autocast"] == "bfloat16", a
+n = int(opt["--frames"])
+mode = os.environ["KV_PRUNE_MODE"] + "/" + os.environ["KV_QUANT_MODE"] + "/" + os.environ["KV_CACHE_SIZE"]
+json.dump({{"latency_s": [(i + 1) / 1000 for i in range(n)], "device_peak_bytes": 7 * n, "peak_rss_bytes": 1,
+           "quant_supported": True, "device": "fake-gpu", "heads": True, "torch_version": mode}},
+          open(opt["--out"], "w"))
+'''
+
+
+def test_published_benchmark_runs_upstream_per_setting(tmp_path):
+    """The upstream part: one process per upstream setting with its cache environment, rows at the
+    recorded frames (the long rerun of XStreamVGGT adds only the long frames), device peak reported."""
+    import sys
+
+    from benchmarks import published
+
+    src = tmp_path / "up"
+    (src / "src" / "streamvggt").mkdir(parents=True)
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_TORCH_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / "res" / "pub.jsonl"
+    rows = published.main(["--config", "tiny", "--height", "56", "--width", "70", "--frames", "3",
+                           "--record", "1,2", "--record-long", "3", "--settings", "none,xstream-int4",
+                           "--dtypes", "bfloat16", "--budget", "64", "--upstream-src", str(src),
+                           "--upstream-python", str(fake), "--out", str(out), "--no-plot"])
+    assert rows[0]["skipped"] == []
+    up = sorted((r["setting"], r["frame"], r["ms"], r["peak_bytes"], r["torch_version"])
+                for r in rows[1:] if r["impl"] == "upstream")
+    assert up == [("none", 1, 1.0, 14, "none//64"), ("none", 2, 2.0, 14, "none//64"),
+                  ("xstream-int4", 1, 1.0, 14, "XStreamVGGT/KCVT/64"), ("xstream-int4", 2, 2.0, 14, "XStreamVGGT/KCVT/64"),
+                  ("xstream-int4", 3, 3.0, 21, "XStreamVGGT/KCVT/64")]
+    assert all(r["dtype"] == "autocast-bf16" and r["peak_kind"] == "device" and r["device"] == "fake-gpu"
+               for r in rows[1:] if r["impl"] == "upstream")
