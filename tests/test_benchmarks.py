@@ -50,7 +50,10 @@ def test_json_has_every_field(run):
     # the uncompressed cache fills up linearly, frame by frame, within its allocation (whole attention
     # chunks); the quantized one is smaller
     used = res["settings"]["none"]["cache_bytes_used"]
-    assert used[1] == pytest.approx(2 * used[0], rel=1e-4) and used[2] == pytest.approx(3 * used[0], rel=1e-4)
+    per_frame = used[1] - used[0]
+    assert per_frame > 0 and used[2] - used[1] == pytest.approx(per_frame, rel=1e-4)
+    # besides the filled slots: the counters and the config record (`StreamCache.built_for`), constant
+    assert 0 <= used[0] - per_frame <= 4096
     assert used[2] <= res["settings"]["none"]["cache_bytes"][-1]
     assert int4["cache_bytes"][-1] < res["settings"]["none"]["cache_bytes"][-1]
 
