@@ -65,7 +65,7 @@ def test_single_stream_carries_its_cache_and_feeds_nhwc_frames():
         return cache + 1, {"n": cache}
 
     stream = SingleStream(step, "p", 0)
-    frames = np.zeros((2, 3, 4, 5), np.float32)  # [S, 3, H, W]
+    frames = np.zeros((2, 4, 5, 3), np.float32)  # [S, H, W, 3], as every source yields them
     outs = [stream(f) for f in frames]
     assert outs == [{"n": 0}, {"n": 1}] and stream.cache == 2
     assert calls == [("p", 0, (1, 4, 5, 3)), ("p", 1, (1, 4, 5, 3))]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import micro_frames, run_error
+from xsvggt_jax.many.scenes import IDENTITY
 from xsvggt_jax.app.cli import main
 from xsvggt_jax.cache.core import CacheConfig, init_cache
 from xsvggt_jax.stream.pool import init_pool, make_pool_step
@@ -97,10 +98,11 @@ def test_many_matches_single_runs_and_reports_bad_scenes(inputs, many_run, tmp_p
         report, ref_report = (json.loads((d / "report.json").read_text()) for d in (root / name, single))
         assert report["cache_bytes"] == ref_report["cache_bytes"] and report["frames"] == ref_report["frames"]
         # the same writer (io.scene.write_scene): the single run's keys in its order, less the cache's
-        # fill per frame (a pool does not measure it), and its values but the timings
-        assert list(report) == [k for k in ref_report if k != "cache_filled_bytes_per_frame"]
+        # fill per frame (a pool does not measure it), then the scene's identity (its input); and its
+        # values but the timings
+        assert list(report) == [k for k in ref_report if k != "cache_filled_bytes_per_frame"] + [IDENTITY]
         timed = {"compile_seconds", "seconds_per_frame", "total_seconds", "latency_s", "peak_memory_bytes"}
-        assert {k: v for k, v in report.items() if k not in timed} == \
+        assert {k: v for k, v in report.items() if k not in timed | {IDENTITY}} == \
             {k: v for k, v in ref_report.items() if k in report and k not in timed}
 
 

@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from xsvggt_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +81,7 @@ MEM_FRACTION = "XLA_CLIENT_MEM_FRACTION"  # XLA_PYTHON_CLIENT_MEM_FRACTION is it
 JAX_MEMORY_VARIABLES = (PREALLOCATE, MEM_FRACTION, "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
 
 
-class MemoryConfigError(ValueError):
+class MemoryConfigError(ConfigError):
     """A memory fraction out of (0, 1], or one given while JAX's memory variables are set."""
 
 

@@ -17,12 +17,14 @@ import re
 import socket
 import threading
 
+from xsvggt_jax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_S = 10.0  # a --host name the resolver does not answer for: an error after this long
 
 
-class HostError(ValueError):
+class HostError(InputError):
     """A --host that is empty, not an address, does not resolve, or cannot be listened on here."""
 
 

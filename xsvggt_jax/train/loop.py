@@ -51,7 +51,7 @@ from xsvggt_jax.train.rundir import RUN_FILE, RUN_FORMAT, RunError, check_out_di
 from xsvggt_jax.train.state import (CheckpointError, Checkpoints, OptimConfig, all_finite, held_orbax_logs,
                                     init_state, is_disk_error, make_optimizer, param_labels)
 from xsvggt_jax.train.step import eval_forward, make_teacher, make_train_step, place_state, shard_batch
-from xsvggt_jax.errors import XsvggtError
+from xsvggt_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ DAMAGED = "damaged-checkpoints"
 __all__ = ["RUN_FORMAT", "RunConfig", "RunError", "TrainingDiverged", "check_out_dir", "train"]
 
 
-class TrainingDiverged(XsvggtError):
+class TrainingDiverged(InputError):
     """A loss, gradient norm or state that is not finite: the run stopped (its last checkpoint is kept)."""
 
 
