@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _imports import cycles, import_graph
 from conftest import micro_cfg, rel_err
 from xsvggt_jax.attention import kernels as A
 from xsvggt_jax.attention.dispatch import (AUTO_DENSE_KEYS, AttentionConfigError, AttentionSpec, attend,
@@ -144,73 +145,18 @@ def test_options_unblock_cpu_queries_for_cost_analysis():
 
 
 # ------------------------------------------------------------------------------------------ layering
-def _import_graph() -> dict:
-    """module -> the package's modules it imports anywhere in its text (function-level and
-    TYPE_CHECKING imports included), from the source (nothing imported)."""
-    import ast
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    files = {}
-    for f in (root / "xsvggt_jax").rglob("*.py"):
-        parts = f.relative_to(root).with_suffix("").parts
-        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
-    graph = {}
-    for name, f in files.items():
-        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
-        found = set()
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join([package.rsplit(".", node.level - 1)[0]] + ([base] if base else []))
-                found |= {base} | {f"{base}.{a.name}" for a in node.names}
-            elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-        graph[name] = {m for m in found if m in files and m != name}
-    return graph
-
-
-def _cycles(graph: dict) -> list[set]:
-    """The strongly connected components of more than one module (Tarjan)."""
-    index, low, stack, on, out = {}, {}, [], set(), []
-
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = set()
-            while not comp or v not in comp:
-                comp.add(stack.pop())
-            on.difference_update(comp)
-            if len(comp) > 1:
-                out.append(comp)
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
-
-
 def test_attention_imports_only_itself_and_no_cycle_runs_through_the_model():
     """The attention package is the bottom layer (masks <- kernels <- ring <- dispatch): it imports
     none of the package's other modules but the root's typed errors, and no import cycle (function-level
     imports included) runs through attention, nn, the cache core or the sharded forward."""
-    graph = _import_graph()
+    graph = import_graph()
     attention = {m for m in graph if m == "xsvggt_jax.attention" or m.startswith("xsvggt_jax.attention.")}
     for m in attention:
         allowed = attention | {"xsvggt_jax.errors"}
         assert graph[m] <= allowed, (m, graph[m] - allowed)
     assert "xsvggt_jax.attention.ring" in attention and "xsvggt_jax.attention.masks" in attention
     layered = ("xsvggt_jax.attention", "xsvggt_jax.nn", "xsvggt_jax.cache.core", "xsvggt_jax.stream.sharded")
-    bad = [c for c in _cycles(graph) if any(m.startswith(layered) for m in c)]
+    bad = [c for c in cycles(graph) if any(m.startswith(layered) for m in c)]
     assert not bad, bad
 
 
