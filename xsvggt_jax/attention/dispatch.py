@@ -136,13 +136,19 @@ def attend(q: Array, k: Array, v: Array, *, mask: MaskArg = None,
         return attend_xla(q, k, v, mask, precision)
     if impl == "cudnn":
         return attend_cudnn(q, k, v, mask)
-    key_block, query_block = spec.key_block, spec.query_block
-    if isinstance(mask, KeyPrefix):           # the same keys for every query: one query block
-        key_block, query_block = mask.chunk or key_block, q.shape[2]
+    key_block, query_block = _block_sizes(spec, mask, q.shape[2])
     if impl == "blocked":
         return attend_blocked(q, k, v, mask, precision, query_block=query_block, key_block=key_block)
     return attend_sequence_parallel(q, k, v, mask, precision, spec.axis, ring=impl == "ring",
                                     query_block=query_block, key_block=key_block)
+
+
+def _block_sizes(spec: AttentionSpec, mask: Mask, queries: int) -> tuple[int, int]:
+    """(key block, query block) of the blocked kernels: a key prefix is the same keys for every query,
+    so one query block and the prefix's chunk."""
+    if isinstance(mask, KeyPrefix):
+        return mask.chunk or spec.key_block, queries
+    return spec.key_block, spec.query_block
 
 
 def _single_device(spec: AttentionSpec) -> AttentionSpec:
@@ -163,9 +169,7 @@ def attend_lse(q: Array, k: Array, v: Array, *, mask: MaskArg = None,
         return attend_xla_lse(q, k, v, mask, precision)
     if impl == "cudnn":
         return attend_cudnn_lse(q, k, v, mask)
-    key_block, query_block = spec.key_block, spec.query_block
-    if isinstance(mask, KeyPrefix):           # the same keys for every query: one query block
-        key_block, query_block = mask.chunk or key_block, q.shape[2]
+    key_block, query_block = _block_sizes(spec, mask, q.shape[2])
     return attend_blocked_lse(q, k, v, mask, precision, query_block=query_block, key_block=key_block)
 
 
