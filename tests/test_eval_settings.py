@@ -28,8 +28,10 @@ def test_every_registry_combination_parses():
     for policy in POLICIES:
         for layout in LAYOUTS:
             for bits in quant.PACK_BITS:
-                cfg = parse_setting(f"{policy}-{layout}{bits}:96").cache
-                assert (cfg.prune, cfg.quant, cfg.bits, cfg.budget) == (policy, layout, bits, 96)
+                budget = "" if policy == "none" else ":96"   # none keeps every token: no budget
+                cfg = parse_setting(f"{policy}-{layout}{bits}{budget}").cache
+                assert (cfg.prune, cfg.quant, cfg.bits) == (policy, layout, bits)
+                assert cfg.budget == (CacheConfig().budget if policy == "none" else 96)
     assert parse_setting("random-int2").cache == CacheConfig(prune="random", quant="kcvt", bits=2)
 
 
@@ -81,3 +83,11 @@ def test_token_counts_are_bounded_by_int32_in_cache_config():
             CacheConfig(**{field: 2**31})
     with pytest.raises(ConfigError, match="pool must be at most"):
         CacheConfig.from_text("xstream:64", {"pool": 2**32})
+
+
+@pytest.mark.parametrize("text", ["none:64", "none-int4:64"])
+def test_a_budget_on_the_none_policy_is_refused(text):
+    """`none` keeps every token: a budget would be silently ignored (issue 22)."""
+    with pytest.raises(SettingsError, match="policy 'none' keeps every token"):
+        parse_setting(text)
+    assert parse_setting("none").cache.prune == "none"

@@ -384,3 +384,19 @@ def test_all_nan_depth_warns_that_no_point_is_drawn(outdir, server, caplog, conf
     assert len(scene.points.points) == 0 and len(scene.frustums) == S
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("no finite point" in m for m in warned), warned
+
+
+def test_sigterm_on_view_does_not_claim_removed_outputs(tmp_path, monkeypatch, capsys):
+    """`view` writes nothing: SIGTERM's line says the viewer stopped, not that outputs were removed."""
+    import signal
+
+    from xsvggt_jax.app import cli
+    from xsvggt_jax.runtime import Terminated
+
+    def terminated(args):
+        raise Terminated(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_view", terminated)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["view", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 128 + signal.SIGTERM and "the viewer stopped" in err and "removed" not in err

@@ -557,8 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except XsvggtError as e:  # the library's typed errors (xsvggt_jax.errors): one line, exit 2
         _fail(str(e))
     except Terminated as e:
-        done = ("checkpoints already saved are kept: re-run the same command to resume" if args.command == "train"
-                else "partial outputs were removed")
+        done = {"train": "checkpoints already saved are kept: re-run the same command to resume",
+                "view": "the viewer stopped (it writes nothing)"}.get(args.command, "partial outputs were removed")
         _fail(f"stopped by {e}; {done}", 128 + e.signum)
     print(out)
     return 0

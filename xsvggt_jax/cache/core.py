@@ -272,11 +272,13 @@ def _short_form(text: str, fail) -> dict[str, Any]:
         if not re.fullmatch(r"\d+", budget) or int(budget) < 1:
             raise fail("the budget after ':' must be a positive integer")
         fields["budget"] = int(budget)
-    if head in POLICIES:
-        return {"prune": head, **fields}
-    m = _SUFFIX.match(head)
-    if m is None or m["policy"] not in POLICIES:
+    m = None if head in POLICIES else _SUFFIX.match(head)
+    if m is not None and m["policy"] not in POLICIES or head not in POLICIES and m is None:
         raise fail(f"does not read as {short_form_grammar()}")
+    if colon and (head if m is None else m["policy"]) == "none":
+        raise fail("policy 'none' keeps every token: it takes no ':<budget>'")
+    if m is None:
+        return {"prune": head, **fields}
     layout, bits = (DEFAULT_LAYOUT if m["layout"] == "int" else m["layout"]), int(m["bits"])
     if layout not in LAYOUTS:
         raise fail(f"unknown quantization layout {layout!r} (choose from int, {', '.join(LAYOUTS)})")
