@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xsvggt_jax.cache.prune import (POLICIES, PruneContext, cumulative, diversity, frame, pool_queries, random, sliding,
-                              xstream)
+from xsvggt_jax.cache.prune import (POLICIES, PruneContext, cumulative, diversity, ffn, frame, keyframes, merge,
+                                    pool_queries, random, sliding, xstream)
 
 
 def _ctx(keys, queries, length, n_new, keep, pool=1, num_special=0, key=0) -> PruneContext:
@@ -21,7 +21,8 @@ def _ctx(keys, queries, length, n_new, keep, pool=1, num_special=0, key=0) -> Pr
 
 def test_registry_names_every_policy():
     assert POLICIES == {"none": None, "xstream": xstream, "sliding": sliding, "random": random,
-                        "diversity": diversity, "cumulative": cumulative, "frame": frame}
+                        "diversity": diversity, "cumulative": cumulative, "frame": frame, "ffn": ffn,
+                        "keyframes": keyframes, "merge": merge}
 
 
 def test_xstream_keeps_first_and_current_frame_and_the_best_middle_tokens():

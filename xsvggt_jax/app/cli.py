@@ -61,7 +61,7 @@ def _cache_config(args):
     return CacheConfig(prune=args.prune, budget=args.cache_size, pool=args.pool, seed=args.seed,
                        quant=args.quant, bits=args.bits, group=args.group, scale_dtype=args.scale_dtype,
                        protect=args.protect, protect_share=args.protect_share, mass_decay=args.mass_decay,
-                       camera_budget=args.camera_budget, camera_quant=args.camera_quant,
+                       merge_share=args.merge_share, camera_budget=args.camera_budget, camera_quant=args.camera_quant,
                        camera_bits=args.camera_bits)
 
 
@@ -395,6 +395,8 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_stat
     g.add_argument("--protect-share", type=float, default=0.5,
                    help="--protect budget: share of the budget reserved for the first + current frame")
     g.add_argument("--mass-decay", type=float, default=0.9, help="cumulative policy: attention-mass decay per call")
+    g.add_argument("--merge-share", type=float, default=0.5,
+                   help="merge policy: share of a frame's tokens merged into their nearest kept key when evicted")
     g.add_argument("--camera-budget", type=POSITIVE_INT,
                    help="tokens kept per camera-trunk layer when pruning (default: --cache-size, as upstream)")
     g.add_argument("--camera-quant", choices=tuple(QUANT_LAYOUTS),

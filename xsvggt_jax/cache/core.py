@@ -8,11 +8,13 @@ Every array has a shape fixed by the configuration, so `step` compiles once for 
   chunk depends on the layer, never on the capacity, so a stream's numbers do not depend on the
   `max_frames` it was given (a short scene in a pool sized for a long one is bit-identical to its own
   run).
-* a pruning policy (`xstream`, `sliding`, `random`, `diversity`, `cumulative`, `frame`, see
-  `xsvggt_jax.cache.prune`): at most `keep` tokens per layer. Each step appends the frame, attends over
-  [past; current], then prunes back to the budget (XStreamVGGT's order). `cumulative` layers also carry
-  a running attention mass per slot (`LayerKV.mass`), decayed and increased every call, pruned with
-  the tokens.
+* a pruning policy (`xstream`, `sliding`, `random`, `diversity`, `cumulative`, `frame`, `ffn`,
+  `keyframes`, `merge`, see `xsvggt_jax.cache.prune`): at most `keep` tokens per layer. Each step
+  appends the frame, attends over [past; current], then prunes back to the budget (XStreamVGGT's
+  order). `cumulative`, `ffn` and `merge` layers also carry a float per slot (`LayerKV.mass`: the
+  decayed attention mass, the FFN residual norm the block hands over after its FFN, the merge count),
+  pruned with the tokens; `keyframes` layers carry one feature per whole frame (`LayerKV.feat`, the
+  feature handed over by the model as `LayerCache.frame_feature`) and prune once a whole frame.
 * the camera-trunk cache may have its own budget and quantization (`CacheConfig.camera`); by default
   it follows the global settings (upstream: same budget, never quantized at the published size).
 * `quant` (KCVT, KTVT, KCVC, KTVC): K and V stored as packed low-bit codes with per-group scales and
@@ -52,7 +54,9 @@ from xsvggt_jax.config import ModelConfig, value_from_text
 from xsvggt_jax.errors import ConfigError, InputError
 from xsvggt_jax.cache.codec import LAYOUTS, SCALE_DTYPES, Codec, Packed, take_rows
 from xsvggt_jax.attention.masks import KeyPrefix, Mask
-from xsvggt_jax.cache.prune import MASS_POLICIES, POLICIES, PROTECT, PruneContext, attention_mass
+from xsvggt_jax.cache.frames import frame_layout, keep_features, write_feature
+from xsvggt_jax.cache.prune import (CARRY_POLICIES, FEATURE_POLICIES, MASS_POLICIES, MERGE_POLICIES, POLICIES, PROTECT,
+                                    RESIDUAL_POLICIES, PruneContext, attention_mass)
 
 Array = jax.Array
 
@@ -78,7 +82,7 @@ class CacheConfig:
     """How the streaming cache is kept.
 
     prune:  a key of `prune.POLICIES`: "none" | "xstream" | "sliding" | "random" | "diversity" |
-            "cumulative" | "frame".
+            "cumulative" | "frame" | "ffn" | "keyframes" | "merge".
     budget: tokens kept per attention layer when pruning (upstream KV_CACHE_SIZE; the same budget
             applies to the camera-trunk cache, which gains `camera.iterations` tokens a frame,
             unless `camera_budget` is set).
@@ -99,10 +103,14 @@ class CacheConfig:
             so xstream/diversity/cumulative layers hold max(budget, 2 x step tokens). "budget": exactly
             `budget` tokens; when the two frames do not fit, only their special tokens and their best
             `protect_share` x budget / 2 tokens each are protected (`prune.protected_top`). Not with
-            prune="frame" (whole frames).
+            prune="frame" or "keyframes" (whole frames), nor "ffn" (the current frame is scored after
+            its FFN, so it is kept whole).
     protect_share: budget share reserved for the first + current frame under protect="budget".
     mass_decay: prune="cumulative": the running attention mass is multiplied by this every call.
-    camera_budget: tokens kept per camera-trunk layer; None: `budget` (upstream).
+    merge_share: prune="merge": a pruning call merges floor(merge_share x its tokens) of the tokens it
+            evicts (the best-scored) into their nearest kept key instead of dropping them.
+    camera_budget: tokens kept per camera-trunk layer; None: `budget` (upstream). Not with
+            prune="keyframes" (the camera trunk keeps the aggregator's frames).
     camera_quant: the camera-trunk cache's layout, a key of `QUANT_LAYOUTS` applied to every camera
             layer whatever its head dim; None: the global rule (`quant` under `quant_head_dim`: the
             camera stays float at the published size, as upstream).
@@ -122,6 +130,7 @@ class CacheConfig:
     protect: str = "full"
     protect_share: float = 0.5
     mass_decay: float = 0.9
+    merge_share: float = 0.5
     camera_budget: Optional[int] = None
     camera_quant: Optional[str] = None
     camera_bits: Optional[int] = None
@@ -143,8 +152,16 @@ class CacheConfig:
                 raise ConfigError(name, f"must be at most {INT32_MAX} (a 32-bit integer), got {value}")
         if self.protect not in PROTECT:
             raise ConfigError("protect", f"must be one of {PROTECT}, got {self.protect!r}")
-        if self.protect == "budget" and self.prune == "frame":
-            raise ConfigError("protect='budget' applies to token policies; prune='frame' keeps whole frames")
+        if self.protect == "budget" and self.prune in ("frame", "keyframes"):
+            raise ConfigError(f"protect='budget' applies to token policies; prune={self.prune!r} keeps whole frames")
+        if self.protect == "budget" and self.prune in RESIDUAL_POLICIES:
+            raise ConfigError(f"protect='budget' does not apply to prune={self.prune!r}: the current frame is "
+                              "scored after its FFN, so it is kept whole")
+        if self.camera_budget is not None and self.prune in FEATURE_POLICIES:
+            raise ConfigError("camera_budget", f"does not apply to prune={self.prune!r}: the camera trunk keeps "
+                              "the aggregator's frames")
+        if not 0.0 <= self.merge_share <= 1.0:
+            raise ConfigError("merge_share", f"must be in [0, 1], got {self.merge_share}")
         if not 0.0 < self.protect_share <= 1.0:
             raise ConfigError("protect_share", f"must be in (0, 1], got {self.protect_share}")
         if not 0.0 <= self.mass_decay <= 1.0:
@@ -212,21 +229,23 @@ class CacheConfig:
         return POLICIES[self.prune] is not None
 
     def keep(self, tokens_per_step: int) -> int:
-        """Tokens a pruned layer holds at most. Under protect="full", xstream, diversity and cumulative
-        always keep the first and the newest `tokens_per_step` tokens (upstream), so a budget below
-        twice that still keeps both; frame keeps whole frames, floor(budget / tokens_per_step) of them
-        and at least two; the other policies (and protect="budget") keep exactly `budget`."""
+        """Tokens a pruned layer holds at most. Under protect="full", xstream, diversity, cumulative,
+        ffn and merge always keep the first and the newest `tokens_per_step` tokens (upstream), so a
+        budget below twice that still keeps both; frame and keyframes keep whole frames,
+        floor(budget / tokens_per_step) of them and at least two (a keyframes camera trunk keeps the
+        aggregator's frames: `plan_layers`); the other policies (and protect="budget") keep exactly
+        `budget`."""
         n = tokens_per_step
-        if self.prune == "frame":
+        if self.prune in ("frame", "keyframes"):
             return n * max(2, self.budget // n)
-        if self.protect == "full" and self.prune in ("xstream", "diversity", "cumulative"):
+        if self.protect == "full" and self.prune in ("xstream", "diversity", "cumulative", "ffn", "merge"):
             return max(self.budget, 2 * n)
         return self.budget
 
     @property
     def carries_mass(self) -> bool:
-        """Layers carry a running attention mass (`LayerKV.mass`)."""
-        return self.prune in MASS_POLICIES
+        """Layers carry a float per slot (`LayerKV.mass`): cumulative, ffn, merge."""
+        return self.prune in CARRY_POLICIES
 
     def camera(self) -> "CacheConfig":
         """The configuration the camera-trunk layers use: `camera_budget` / `camera_quant` /
@@ -293,13 +312,16 @@ class LayerKV:
 
     k, v: float [B, H, T, D] in the compute dtype (keys after q/k-norm and RoPE, as attention
     consumes them), or `Packed` when the layer is quantized.
-    mass: float32 [B, T] the decayed running attention mass of each slot (prune="cumulative"), else
-    None (no leaf).
+    mass: float32 [B, T] a float per slot, pruned with the tokens: the decayed running attention mass
+    (prune="cumulative"), the FFN residual norm each token had at this layer ("ffn"), the number of
+    tokens merged into the slot ("merge"); else None (no leaf).
+    feat: float32 [B, F, C] one feature per whole frame in the buffer (prune="keyframes"), else None.
     """
 
     k: Array | Packed
     v: Array | Packed
     mass: Optional[Array] = None
+    feat: Optional[Array] = None
 
 
 CHUNK_CALLS = 256  # an uncompressed layer's attention chunk holds at most this many calls' tokens
@@ -333,7 +355,8 @@ def _stage(stored: Array | Packed, start: Array, new: Array, work: int) -> Array
 
 
 def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, cache_cfg: CacheConfig,
-                 num_special: int, key: Array) -> tuple[Array, Array, Mask | Array, LayerKV, Array]:
+                 num_special: int, key: Array,
+                 frame_feature: Optional[Array] = None) -> tuple[Array, Array, Mask | Array, LayerKV, Array]:
     """One attention call's cache update, pure.
 
     kv: this layer's stored keys/values ([B, H, T, D] float, or `Packed`); length: int32 [] filled
@@ -344,7 +367,12 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
     and the layer's next state: [stored; current] re-quantized when the layer is quantized (upstream
     fake-quantizes the whole cache every step) and pruned back to the budget by the policy.
     `key`: this call's random key (the `random` policy). A layer carrying `mass` (cumulative) adds
-    this call's `prune.attention_mass` over the attended keys to its decayed running mass first.
+    this call's `prune.attention_mass` over the attended keys to its decayed running mass first (ffn:
+    the new slots get 0 until the block's `LayerCache.record_residual`; merge: a count of 1).
+    `frame_feature`: float32 [B, C] the current frame's feature (keyframes, `frames.frame_descriptor`):
+    such a layer keeps whole frames (`frames.frame_layout`) and prunes once its buffer is full of them.
+    A merging policy (`prune.MERGE_POLICIES`) scores and rewrites the float values as attended, and a
+    quantized layer then quantizes the rewritten buffer.
     """
     policy = POLICIES[cache_cfg.prune]
     n = k.shape[2]
@@ -358,7 +386,8 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
     else:               # a pruned buffer is (nearly) full: one masked pass
         mask = jnp.where(jnp.arange(work) < end, 0.0, -jnp.inf).astype(jnp.float32)
 
-    if codecs:  # upstream: the whole cache [past; current] is fake-quantized, then pruned
+    rewrites = cache_cfg.prune in MERGE_POLICIES  # static: the policy rewrites K/V, quantized after it
+    if codecs and not rewrites:  # upstream: the whole cache [past; current] is fake-quantized, then pruned
         sk, sv = codecs[0].encode(k_att), codecs[1].encode(v_att)
         score_k = sk.decode()
     else:
@@ -368,17 +397,31 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
     mass = None
     if kv.mass is not None:  # [B, work]: the decayed past mass (zero on free slots) + this call's
         past = jnp.pad(jnp.where(jnp.arange(slots) < length, kv.mass, 0.0), ((0, 0), (0, work - slots)))
-        mass = cache_cfg.mass_decay * past + attention_mass(q, k_att, end, cache_cfg.pool, num_special)
+        if cache_cfg.prune in MASS_POLICIES:
+            mass = cache_cfg.mass_decay * past + attention_mass(q, k_att, end, cache_cfg.pool, num_special)
+        elif cache_cfg.prune in MERGE_POLICIES:  # a new token stands for itself
+            mass = past + ((jnp.arange(work) >= length) & (jnp.arange(work) < end))
+        else:                                    # ffn: written after the block's FFN (record_residual)
+            mass = past
+    feat = ft = None
     if policy is not None:
-        keep = cache_cfg.keep(n)
+        keep, hold = cache_cfg.keep(n), 0
+        if kv.feat is not None:  # whole frames: the layout is the frame buffer's (frames.frame_layout)
+            ft, keep, hold = frame_layout(kv.feat, work, n)
+            feat = write_feature(kv.feat, frame_feature, length, ft)
         ctx = PruneContext(k=score_k, q_new=q, length=end, n_new=n, keep=keep, pool=cache_cfg.pool,
                            num_special=num_special, key=key, mass=mass, protect=cache_cfg.protect,
-                           protect_share=cache_cfg.protect_share)
+                           protect_share=cache_cfg.protect_share, v=sv if rewrites else None,
+                           merge_share=cache_cfg.merge_share, frame_feat=feat, frame_tokens=ft or 0)
         idx = policy(ctx)                                                     # [B, keep]
+        if rewrites:  # merged K/V and counts: gather the kept slots from them (quantized here)
+            idx, sk, sv, mass = idx
+            if codecs:
+                sk, sv = codecs[0].encode(sk), codecs[1].encode(sv)
         ident = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
         tail = jnp.broadcast_to(jnp.arange(keep, slots, dtype=jnp.int32), (b, slots - keep))
-        idx = jnp.where(end > keep, jnp.concatenate([idx, tail], -1), ident)  # [B, slots]
-        new_length = jnp.minimum(end, keep)
+        idx = jnp.where(end > keep + hold, jnp.concatenate([idx, tail], -1), ident)  # [B, slots]
+        new_length = jnp.minimum(end, keep) if hold == 0 else jnp.where(end > keep + hold, keep, end)
     elif codecs:
         idx = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
     if codecs:
@@ -389,6 +432,8 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
         new_kv = LayerKV(sk, sv)
     if mass is not None:
         new_kv = new_kv.replace(mass=jnp.take_along_axis(mass, idx, axis=1))
+    if feat is not None:
+        new_kv = new_kv.replace(feat=keep_features(feat, idx[:, :keep], ft, end > keep + hold))
     return k_att, v_att, mask, new_kv, new_length
 
 
@@ -397,7 +442,8 @@ class LayerCache:
     """One attention layer's cache as the layer sees it during a step (see `layers.KVCache`).
 
     kv: the stored keys/values; length: int32 [] filled slots; key: the random key of the next
-    attention call (the `random` policy).
+    attention call (the `random` policy); frame_feature: float32 [B, C] the current frame's feature,
+    handed over by the model when the policy wants one (`wants_frame_feature`), else None.
     """
 
     kv: LayerKV
@@ -405,12 +451,34 @@ class LayerCache:
     key: Array
     cache_cfg: CacheConfig = flax.struct.field(pytree_node=False)
     num_special: int = flax.struct.field(pytree_node=False)
+    frame_feature: Optional[Array] = None
 
     def update(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Mask | Array, "LayerCache"]:
         """`update_layer` on this layer: (k_att, v_att, mask, next LayerCache)."""
         k_att, v_att, mask, kv, length = update_layer(self.kv, self.length, q, k, v, cache_cfg=self.cache_cfg,
-                                                      num_special=self.num_special, key=self.key)
+                                                      num_special=self.num_special, key=self.key,
+                                                      frame_feature=self.frame_feature)
         return k_att, v_att, mask, self.replace(kv=kv, length=length)
+
+    @property
+    def wants_frame_feature(self) -> bool:
+        """Static: the policy selects whole frames by a feature of each (`frames.frame_descriptor`),
+        which the model hands over as `frame_feature` before the layer's attention."""
+        return self.cache_cfg.prune in FEATURE_POLICIES and self.cache_cfg.pruned
+
+    @property
+    def records_residual(self) -> bool:
+        """Static: the policy scores tokens by their FFN residual; the block hands it over after its FFN
+        (`record_residual`)."""
+        return self.cache_cfg.prune in RESIDUAL_POLICIES
+
+    def record_residual(self, residual: Array) -> "LayerCache":
+        """After `update`: the L2 norms of this call's FFN residual [B, N, C] (the block's
+        ls2(mlp(norm2(x)))) become the scores of its N tokens, which sit at [length - N, length) (the
+        current frame is always kept whole by a residual policy)."""
+        norm = jnp.sqrt(jnp.sum(jnp.square(residual.astype(jnp.float32)), axis=-1))       # [B, N]
+        mass = jax.lax.dynamic_update_slice_in_dim(self.kv.mass, norm, self.length - residual.shape[1], axis=1)
+        return self.replace(kv=self.kv.replace(mass=mass))
 
 
 def layer_caches(kvs: tuple, length: Array, key: Array, cache_cfg: CacheConfig, num_special: int) -> tuple:
@@ -517,6 +585,8 @@ class LayerPlan:
     slots: int           # stored tokens per layer
     quantized: bool
     pruned: bool
+    frames: int = 0      # keyframes: whole frames a buffer holds (K kept + the current), else 0
+    feat_dim: int = 0    # keyframes: the frame feature's width
 
     @property
     def work_slots(self) -> int:
@@ -527,34 +597,41 @@ class LayerPlan:
 
 def plan_layers(cfg: ModelConfig, cache_cfg: CacheConfig, frame_hw: tuple[int, int],
                 max_frames: int | None) -> tuple[LayerPlan, LayerPlan]:
-    """Layouts of the global and the camera caches (the camera under `cache_cfg.camera()`)."""
+    """Layouts of the global and the camera caches (the camera under `cache_cfg.camera()`). A
+    keyframes cache holds F = K + 1 whole frames in every layer, K = keep(p) / p of the global layers
+    (p tokens a frame): the camera trunk keeps the same frames, `iterations` tokens each."""
     p, it = cfg.tokens_per_frame(*frame_hw), cfg.camera.iterations
+    frames = cache_cfg.keep(p) // p + 1 if cache_cfg.pruned and cache_cfg.prune in FEATURE_POLICIES else 0
     cam_heads = cfg.camera.num_heads
     cam_hd = 2 * cfg.embed_dim // cam_heads
     if not cache_cfg.pruned and not max_frames:
         raise ValueError("an uncompressed cache (prune='none') needs max_frames, the stream length")
 
-    def plan(layers, heads, hd, n, frames_tokens, cc: CacheConfig):
+    def plan(layers, heads, hd, n, frame_tokens, frames_tokens, cc: CacheConfig):
         qz = cc.quantizes(hd)
         if not cc.pruned:  # whole attention chunks
             c = prefix_chunk(cc, n)
             slots = max(1, -(-frames_tokens // c)) * c
+        elif frames:  # F whole frames, the current one staged outside when quantized
+            slots = frames * frame_tokens - (n if qz else 0)
         else:  # room for the current tokens too, unless they are staged outside (quantized)
             slots = cc.keep(n) + (0 if qz else n)
-        return LayerPlan(layers, heads, hd, n, slots, qz, cc.pruned)
+        return LayerPlan(layers, heads, hd, n, slots, qz, cc.pruned, frames, cfg.embed_dim if frames else 0)
 
-    return (plan(cfg.depth, cfg.num_heads, cfg.head_dim, p, (max_frames or 0) * p, cache_cfg),
-            plan(cfg.camera.trunk_depth, cam_heads, cam_hd, 1, (max_frames or 0) * it, cache_cfg.camera()))
+    return (plan(cfg.depth, cfg.num_heads, cfg.head_dim, p, p, (max_frames or 0) * p, cache_cfg),
+            plan(cfg.camera.trunk_depth, cam_heads, cam_hd, 1, it, (max_frames or 0) * it, cache_cfg.camera()))
 
 
 def _empty_layers(plan: LayerPlan, cache_cfg: CacheConfig, batch: int, dtype) -> tuple:
     shape = (batch, plan.heads, plan.slots, plan.head_dim)
     mass = (lambda: jnp.zeros((batch, plan.slots), jnp.float32)) if cache_cfg.carries_mass else (lambda: None)
+    feat = (lambda: jnp.zeros((batch, plan.frames, plan.feat_dim), jnp.float32)) if plan.frames else (lambda: None)
     if not plan.quantized:  # distinct buffers per leaf: the cache is donated to `step`
-        return tuple(LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), mass()) for _ in range(plan.layers))
+        return tuple(LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), mass(), feat())
+                     for _ in range(plan.layers))
     rows = -(-plan.work_slots // cache_cfg.group)
     kc, vc = cache_cfg.codecs()
-    return tuple(LayerKV(kc.empty(*shape, rows), vc.empty(*shape, rows), mass()) for _ in range(plan.layers))
+    return tuple(LayerKV(kc.empty(*shape, rows), vc.empty(*shape, rows), mass(), feat()) for _ in range(plan.layers))
 
 
 def init_cache(cfg: ModelConfig, cache_cfg: CacheConfig, batch: int, frame_hw: tuple[int, int],

@@ -24,92 +24,29 @@ camera trunk (each refinement iteration appends one token).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from xsvggt_jax.errors import ConfigError
+from xsvggt_jax.cache.frames import keyframes
+from xsvggt_jax.cache.merge import merge
+from xsvggt_jax.cache.ranking import (PROTECT, PolicyError, PruneContext, Rewrite, first_frame_extent, head_mean,
+                                      masked_top, pool_queries, protected_top, ranked_top, xstream_scores)
+
+__all__ = ["POLICIES", "PROTECT", "MASS_POLICIES", "RESIDUAL_POLICIES", "MERGE_POLICIES", "FEATURE_POLICIES",
+           "CARRY_POLICIES", "Policy", "PolicyError", "PruneContext", "Rewrite", "protected_top", "ranked_top",
+           "head_mean", "pool_queries", "xstream_scores", "first_frame_extent", "diversity_scores", "attention_mass",
+           "xstream", "sliding", "random", "diversity", "cumulative", "frame", "ffn", "keyframes", "merge"]
 
 Array = jax.Array
 
-PROTECT = ("full", "budget")       # registry of protection modes (CacheConfig.protect)
-MASS_POLICIES = ("cumulative",)    # policies whose layers carry a running attention mass [B, T]
+MASS_POLICIES = ("cumulative",)      # layers carry a running attention mass [B, T] (`LayerKV.mass`)
+RESIDUAL_POLICIES = ("ffn",)         # layers carry each token's FFN residual norm there, written by the block
+MERGE_POLICIES = ("merge",)          # layers carry each slot's merge count there; the policy rewrites K/V
+FEATURE_POLICIES = ("keyframes",)    # layers carry one feature per whole frame (`LayerKV.feat`)
+CARRY_POLICIES = MASS_POLICIES + RESIDUAL_POLICIES + MERGE_POLICIES   # layers with `LayerKV.mass`
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-class PolicyError(ConfigError):
-    """A policy called with a context it cannot serve (e.g. a budget below what it must protect)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneContext:
-    """What a policy may look at. Shapes: B batch, H heads, T buffer slots, D head dim.
-
-    k:        [B, H, T, D] keys in the buffer (after norm/RoPE; dequantized when quantizing).
-    q_new:    [B, H, n_new, D] the current frame's queries.
-    length:   int32 [] valid slots (the current frame occupies [length - n_new, length)).
-    n_new:    static, tokens the current frame added.
-    keep:     static, tokens kept after pruning.
-    pool:     static, query pooling group size (xstream).
-    num_special: static, leading special tokens of a frame's queries, never pooled (xstream).
-    key:      a jax.random key (random policy).
-    mass:     float32 [B, T] the decayed running attention mass of each slot, this call's included
-              (`cumulative` only; None otherwise).
-    protect:  static, a key of PROTECT: "full" | "budget" (see `protected_top`).
-    protect_share: static, the budget share the first + current frame keep under protect="budget".
-    """
-
-    k: Array
-    q_new: Array
-    length: Array
-    n_new: int
-    keep: int
-    pool: int
-    num_special: int
-    key: Array
-    mass: Optional[Array] = None
-    protect: str = "full"
-    protect_share: float = 0.5
-
-
-def _masked_top(scores: Array, valid: Array, count: int) -> Array:
-    """Indices [B, count] of the `count` highest valid scores, sorted ascending (time order)."""
-    if count == 0:
-        return jnp.zeros(scores.shape[:1] + (0,), jnp.int32)
-    _, idx = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), count)
-    return jnp.sort(idx, axis=-1).astype(jnp.int32)
-
-
-def head_mean(x: Array) -> Array:
-    """[B, H, T, D] -> [B, T, D], the mean over heads as H - 1 unrolled adds.
-
-    Same values as `x.mean(1)` (bit-identical here), but XLA:CPU fuses a head-axis `reduce` into the
-    following score matmul as one XNNPACK fusion that runs ~14x slower than this elementwise form
-    (1295 tokens x 6 heads x 64: 2.9 ms vs 0.2 ms; see benchmarks/README.md).
-    """
-    total = x[:, 0]
-    for h in range(1, x.shape[1]):
-        total = total + x[:, h]
-    return total / x.shape[1]
-
-
-def pool_queries(q_new: Array, num_special: int, pool: int) -> Array:
-    """[B, H, N, D] -> [B, H, R, D]: special tokens as they are, then the rest mean-pooled in groups of
-    `pool` (a shorter last group is averaged too)."""
-    special, normal = q_new[:, :, :num_special], q_new[:, :, num_special:]
-    n = normal.shape[2]
-    if n <= 1:
-        return jnp.concatenate([special, normal], 2)
-    full = n // pool
-    parts = [special]
-    if full:
-        b, h, _, d = normal.shape
-        parts.append(normal[:, :, :full * pool].reshape(b, h, full, pool, d).mean(3))
-    if n > full * pool:
-        parts.append(normal[:, :, full * pool:].mean(2, keepdims=True))
-    return jnp.concatenate(parts, 2)
 
 
 def xstream(ctx: PruneContext) -> Array:
@@ -123,7 +60,7 @@ def xstream(ctx: PruneContext) -> Array:
     scores = xstream_scores(ctx)                                        # [B, T]
     pos = jnp.arange(t)
     middle = (pos >= n) & (pos < ctx.length - n)
-    top = _masked_top(scores, jnp.broadcast_to(middle, scores.shape), ctx.keep - 2 * n)
+    top = masked_top(scores, jnp.broadcast_to(middle, scores.shape), ctx.keep - 2 * n)
     first = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     last = jnp.broadcast_to(ctx.length - n + jnp.arange(n, dtype=jnp.int32), (b, n))
     return jnp.concatenate([first, top, last], -1)  # already in time order
@@ -139,81 +76,10 @@ def random(ctx: PruneContext) -> Array:
     """A uniformly random subset of `keep` valid tokens (the same for every batch row), time-ordered."""
     b, _, t, _ = ctx.k.shape
     scores = jax.random.uniform(ctx.key, (t,))
-    return jnp.broadcast_to(_masked_top(scores[None], (jnp.arange(t) < ctx.length)[None], ctx.keep), (b, ctx.keep))
-
-
-# -------------------------------------------------------------------------------------- protection
-def ranked_top(scores: Array, tier: Array, count: int) -> Array:
-    """Indices [B, count] of the best slots, sorted ascending: a higher tier always wins (tier 0 =
-    invalid, never chosen while `count` valid slots exist), a higher score within a tier, the older
-    slot on ties. One lexicographic sort. scores float [B, T]; tier int32 [B, T]."""
-    slot = jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape)
-    _, _, order = jax.lax.sort((-tier, -jnp.where(tier > 0, scores, -jnp.inf), slot), dimension=-1, num_keys=2)
-    return jnp.sort(order[:, :count], axis=-1)
-
-
-def _frame_quota_mask(scores: Array, start: Array, extent: Array, n: int, special: int, quota: int) -> Array:
-    """bool [B, T]: the `special` tokens at `start` and the `quota - special` best-scored tokens among
-    the frame's other candidates [start + special, start + extent) (extent <= n, >= quota)."""
-    b, t = scores.shape
-    pos = jnp.arange(t)
-    mask = jnp.broadcast_to((pos >= start) & (pos < start + special), (b, t))
-    if quota > special:
-        rest = jax.lax.dynamic_slice_in_dim(scores, start + special, n - special, axis=1)   # [B, n - special]
-        rest = jnp.where(jnp.arange(n - special) < extent - special, rest, -jnp.inf)
-        _, top = jax.lax.top_k(rest, quota - special)                                         # [B, q]
-        mask = mask | jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], top + start + special].set(True)
-    return mask
-
-
-def protected_top(ctx: PruneContext, scores: Array) -> Array:
-    """[B, keep] kept indices for per-token scores [B, T] (higher = more useful) under `ctx.protect`.
-
-    "full", or "budget" when the first + current frame fit (2n <= keep): both frames whole, then the
-    best valid middle tokens (XStreamVGGT's rule). "budget" otherwise, with a quota of
-    q = floor(protect_share * keep / 2) tokens a frame (at least its special tokens, at most n):
-    * the current frame [length - n, length) keeps its special tokens and its q best-scored tokens;
-    * the first frame keeps its special tokens and its q best-scored tokens at the first pruning call
-      (when it is still whole at [0, n)); they are returned first, so they sit at [0, q) and are kept
-      on every later call. Its other tokens are only a filler when too few others are valid (they
-      then follow in time order, as history). (Corner case keep == n: the first call cannot be told
-      from later ones, so the first frame keeps its q oldest tokens.)
-    * the remaining slots take the best-scored valid tokens anywhere (history, current frame).
-    Indices are in time order except that, under "budget", the first frame's protected tokens lead.
-    """
-    b, t = scores.shape
-    n, keep = ctx.n_new, ctx.keep
-    pos = jnp.arange(t)
-    valid = jnp.broadcast_to(pos < ctx.length, (b, t))
-    cur_start = ctx.length - n
-    if ctx.protect == "full" or 2 * n <= keep:
-        protected = jnp.broadcast_to((pos < n) | (pos >= cur_start), (b, t))
-        tier = jnp.where(valid, jnp.where(protected, 3, 2), 0).astype(jnp.int32)
-        return ranked_top(scores, tier, keep)
-    special = min(ctx.num_special, n)
-    if 2 * special > keep:
-        raise PolicyError(f"protect='budget' needs a budget of at least the special tokens of two frames "
-                          f"({2 * special}), got {keep}")
-    quota = min(n, max(special, int(ctx.protect_share * keep / 2)))
-    first_extent = jnp.where(cur_start < keep, n, quota)   # never pruned before: the first frame is [0, n)
-    first = _frame_quota_mask(scores, jnp.int32(0), first_extent, n, special, quota)
-    protected = first | _frame_quota_mask(scores, cur_start, jnp.int32(n), n, special, quota)
-    filler = jnp.broadcast_to(pos < first_extent, (b, t)) & ~protected
-    tier = jnp.where(valid, jnp.where(protected, 3, jnp.where(filler, 1, 2)), 0).astype(jnp.int32)
-    idx = ranked_top(scores, tier, keep)
-    # the first frame's protected tokens lead the buffer ([0, q) on the next call), then time order
-    lead = jnp.take_along_axis(first, idx, axis=1)
-    return jnp.sort(jnp.where(lead, idx, idx + t), axis=-1) % t
+    return jnp.broadcast_to(masked_top(scores[None], (jnp.arange(t) < ctx.length)[None], ctx.keep), (b, ctx.keep))
 
 
 # ------------------------------------------------------------------------------------------ scores
-def xstream_scores(ctx: PruneContext) -> Array:
-    """float32 [B, T]: XStreamVGGT's token score, mean over pooled queries of head-mean q . head-mean k."""
-    q = head_mean(pool_queries(ctx.q_new, ctx.num_special, ctx.pool))  # [B, R, D]
-    k = head_mean(ctx.k)                                                # [B, T, D]
-    return jnp.einsum("brd,btd->brt", q, k, precision=_HIGHEST).mean(1)
-
-
 def diversity_scores(k: Array, length: Array) -> Array:
     """float32 [B, T]: minus each key's redundancy, its largest cosine similarity to a valid *newer*
     key (head-mean keys [B, T, D] from k [B, H, T, D]). One-shot: of a group of duplicated keys only
@@ -285,6 +151,19 @@ def frame(ctx: PruneContext) -> Array:
     return (frames[:, :, None] * n + jnp.arange(n, dtype=jnp.int32)).reshape(b, kept * n)
 
 
-Policy = Callable[[PruneContext], Array]
+def ffn(ctx: PruneContext) -> Array:
+    """OVGGT-style FFN-residual importance: the first and current frame protected, the rest of the
+    budget to the tokens whose FFN residual at this layer, ls2(mlp(norm2(x))), had the largest L2 norm
+    when they entered. The block hands the norms of the current frame's tokens to its cache after the
+    FFN (`LayerCache.record_residual`), which keeps them per slot in `ctx.mass`; no attention matrix
+    is needed. The current frame is scored only after this call, so it is always protected whole
+    (protect="full")."""
+    if ctx.mass is None:
+        raise PolicyError("the ffn policy needs the FFN residual norms (PruneContext.mass)")
+    return protected_top(ctx, ctx.mass)
+
+
+Policy = Callable[[PruneContext], "Array | Rewrite"]
 POLICIES: dict[str, Policy | None] = {"none": None, "xstream": xstream, "sliding": sliding, "random": random,
-                                      "diversity": diversity, "cumulative": cumulative, "frame": frame}
+                                      "diversity": diversity, "cumulative": cumulative, "frame": frame,
+                                      "ffn": ffn, "keyframes": keyframes, "merge": merge}

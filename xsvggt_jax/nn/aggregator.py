@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xsvggt_jax.attention.dispatch import MaskArg
+from xsvggt_jax.cache.frames import frame_descriptor
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.nn.dino import Dinov2
 from xsvggt_jax.nn.layers import Block, KVCache
@@ -62,7 +63,9 @@ class Aggregator(nn.Module):
         mask: the global attention's mask (offline; the frame attention has none): an
             `attention.AttentionSpec` (e.g. a `FrameCausal` mask evaluated per block, and the
             implementation), a mask object, an additive array, or None.
-        caches: one streaming KV cache per global block (`cache.LayerCache`), or None (offline).
+        caches: one streaming KV cache per global block (`cache.LayerCache`), or None (offline). A cache
+            that selects whole frames by their feature (`wants_frame_feature`, keyframes) is handed
+            the frame's `frames.frame_descriptor` of the DINO patch tokens.
         Returns (list of `depth` arrays [B, S, P', 2C], the global blocks' caches after this call or None).
         """
         cfg = self.cfg
@@ -76,6 +79,9 @@ class Aggregator(nn.Module):
         special = jnp.broadcast_to(jnp.concatenate([cam, reg], 1)[None],
                                    (b, s, cfg.num_special_tokens, cfg.embed_dim)).astype(patch.dtype)
         tokens = jnp.concatenate([special, patch], axis=2)  # [B, S, P', C]
+        if caches is not None and caches and caches[0].wants_frame_feature:  # static: keyframes only
+            feature = frame_descriptor(patch)                                  # [B, C], this frame's
+            caches = tuple(c.replace(frame_feature=feature) for c in caches)
         p = tokens.shape[2]
 
         rope_frame = make_rope(ph, pw, cfg.num_special_tokens, cfg.head_dim, cfg.rope_freq)

@@ -88,9 +88,15 @@ class KVCache(Protocol):
     """A layer's streaming cache as attention uses it (`xsvggt_jax.cache.core.LayerCache`): pure, it returns
     its next state instead of mutating itself."""
 
+    records_residual: bool  # static: the cache scores tokens by their FFN residual (`record_residual`)
+
     def update(self, q: Array, k: Array, v: Array) -> tuple[Array, Array, Mask | Array, "KVCache"]:
         """q, k, v [B, H, N, D] after norm + RoPE -> (keys, values to attend over [B, H, W, D], their mask
         (an additive bias or a `KeyPrefix`), the cache after this call)."""
+        ...
+
+    def record_residual(self, residual: Array) -> "KVCache":
+        """After `update`, when `records_residual`: this call's FFN residual [B, N, C] -> the cache."""
         ...
 
 
@@ -170,6 +176,8 @@ class Block(nn.Module):
             LayerNorm(self.layer_norm_eps, name="norm2")(x))
         if self.layer_scale:
             h = LayerScale(name="ls2")(h)
+        if cache is not None and cache.records_residual:  # static: only a residual-scored cache (ffn)
+            cache = cache.record_residual(h)
         return x + h, cache
 
 

@@ -108,6 +108,9 @@ class StreamVGGT(nn.Module):
         """
         h, w = images.shape[2:4]
         aggregated, global_caches = self.aggregator(images, slot, caches=global_caches)
+        if global_caches and global_caches[0].frame_feature is not None:  # keyframes: the camera trunk
+            camera_caches = tuple(c.replace(frame_feature=global_caches[0].frame_feature)  # keeps the
+                                  for c in camera_caches)                                  # same frames
         poses, camera_caches = self.camera_head(aggregated[-1], caches=camera_caches)
         if heads:
             out = self._heads(aggregated, poses[-1], h, w, query_points, query_valid)
