@@ -89,7 +89,8 @@ def test_keyframes_keeps_anchor_recent_and_the_least_redundant_history_frame():
 def test_keyframes_global_and_camera_layers_keep_the_same_whole_frames(quant):
     """Budget 9: K = 3 frames of 3 tokens in the aggregator layer (one call a frame) and of 4 tokens
     in the camera-trunk layer (4 calls of 1 token a frame), both fed the same frame features: after
-    every frame both hold the same whole frames, the anchor and the newest among them, never more
+    every frame both hold the frames eStreamVGGT's rule picks (numpy: anchor, R = 1 recent, and of
+    the history the frame least similar to the recent one), whole, with their features, never more
     than K of them; one trace each over the stream."""
     cc = CacheConfig("keyframes", budget=9, quant=quant, bits=8, group=4, quant_head_dim=None)
     p, it, k_frames, c = 3, 4, 3, 5
@@ -102,9 +103,14 @@ def test_keyframes_global_and_camera_layers_keep_the_same_whole_frames(quant):
         kv, length, jnp.zeros_like(k), k, k, cache_cfg=cc, num_special=0, key=KEY, frame_feature=feature)[3:], n=2))
     chex.clear_trace_counter()                                        # one trace per layer shape
     rng = np.random.default_rng(0)
+    feats = rng.standard_normal((8, c)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    ref = []
     for f in range(8):
-        feature = jnp.asarray(rng.standard_normal((1, c)), jnp.float32)
-        feature = feature / jnp.linalg.norm(feature)
+        feature = jnp.asarray(feats[f])[None]
+        ref.append(f)
+        if len(ref) > k_frames:   # drop the history frame most similar to the recent one (the newest)
+            ref.pop(1 + int(np.argmax([feats[h] @ feats[f] for h in ref[1:-1]])))
         for name, state in layers.items():
             kv, length, n = state
             for call_i in range(p // n if name == "global" else it):  # the camera: one token an iteration
@@ -121,8 +127,10 @@ def test_keyframes_global_and_camera_layers_keep_the_same_whole_frames(quant):
             assert (frames == frames[:, :1]).all(), (name, frames)    # whole frames, in order
             held[name] = frames[:, 0].tolist()
             assert int(length) == ft * min(f + 1, k_frames)           # never over K frames
-        assert held["global"] == held["camera"], held
-        assert held["global"][0] == 0 and held["global"][-1] == f    # the anchor and the current frame
+            feat = np.asarray(kv.feat)[0]
+            np.testing.assert_allclose(feat[:len(ref)], feats[held[name]], rtol=1e-6)  # features follow
+            assert not feat[len(ref):].any()
+        assert held["global"] == held["camera"] == ref, (held, ref)  # anchor, recent, diverse history
 
 
 def test_frame_descriptor_is_the_unit_mean_patch_token_of_the_newest_frame():

@@ -4,22 +4,35 @@ A policy is a pure function with one signature::
 
     policy(ctx: PruneContext) -> keep_idx  # int32 [B, keep], sorted (time order; see protected_top)
 
-It is called after attention, on a layer buffer holding `length` valid tokens (the current frame's
-`n_new` tokens last), and only takes effect when length > keep. Add a policy by writing such a function
-and registering it in POLICIES; the model never needs to change. Every policy has fixed shapes and uses
-`lax` only, so a stream traces once. n = `n_new` is a frame's tokens in the aggregator, 1 in the
-camera trunk (each refinement iteration appends one token).
+(a policy that rewrites the tokens it keeps, `merge`, returns a `Rewrite`: the indices and the
+rewritten buffer). It is called after attention, on a layer buffer holding `length` valid tokens (the
+current frame's `n_new` tokens last), and only takes effect when length > keep. Add a policy by
+writing such a function and registering it in POLICIES; the model never needs to change. Every policy
+has fixed shapes and uses `lax` only, so a stream traces once. n = `n_new` is a frame's tokens in the
+aggregator, 1 in the camera trunk (each refinement iteration appends one token). The context and the
+ranking helpers are in `ranking.py`; `frames.py` and `merge.py` hold the larger policies.
 
 * `xstream` (XStreamVGGT): first + current frame, then the best pooled-query x head-mean key scores.
 * `sliding`: the newest tokens; `random`: a random subset (baselines).
 * `diversity` (InfiniteVGGT, Yuan et al. 2026, arXiv 2601.02281): the least redundant keys.
 * `cumulative` (Evict3R; STAC): the tokens that received the most decayed attention so far.
 * `frame` (FrameVGGT): whole frames by their mean xstream score.
-* protection (`ctx.protect`, the scored token policies xstream, diversity, cumulative): "full" keeps
-  the first and the current frame whole (XStreamVGGT's rule: a layer holds max(budget, 2n) tokens);
-  "budget" keeps exactly `keep` tokens: when the two frames do not fit, only their special tokens plus
-  a share of each frame (chosen by the policy's score) are protected, and the rest of the budget goes
-  to the best-scored tokens anywhere, history included (`protected_top`).
+* `ffn` (OVGGT, VAISR/OVGGT, arXiv 2603.05959): first + current frame, then the tokens whose FFN
+  residual ls2(mlp(norm2(x))) at this layer had the largest L2 norm when they entered (no attention
+  matrix needed). OVGGT scores past tokens by key diversity and smooths the score over the patch
+  grid; neither is done here: every token keeps its own residual norm.
+* `keyframes` (eStreamVGGT, UniverseXing/eStreamVGGT): K whole frames, the anchor (first), the
+  newest max(1, K // 2) and the history frames least similar (DINO feature) to the newest; the
+  camera trunk keeps the same frames (`frames.py`).
+* `merge` (StreamCacheVGGT, arXiv 2604.15237): xstream's kept tokens; the best-ranked
+  floor(merge_share x n) evicted tokens are merged into their nearest kept key (count-weighted mean
+  of K and V) instead of dropped (`merge.py`).
+* protection (`ctx.protect`, the scored token policies xstream, diversity, cumulative, ffn, merge):
+  "full" keeps the first and the current frame whole (XStreamVGGT's rule: a layer holds
+  max(budget, 2n) tokens); "budget" keeps exactly `keep` tokens: when the two frames do not fit, only
+  their special tokens plus a share of each frame (chosen by the policy's score) are protected, and
+  the rest of the budget goes to the best-scored tokens anywhere, history included (`protected_top`;
+  not for ffn, whose current frame is scored only after its FFN).
 """
 
 from __future__ import annotations
