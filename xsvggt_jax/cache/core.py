@@ -464,7 +464,7 @@ class LayerCache:
     def wants_frame_feature(self) -> bool:
         """Static: the policy selects whole frames by a feature of each (`frames.frame_descriptor`),
         which the model hands over as `frame_feature` before the layer's attention."""
-        return self.cache_cfg.prune in FEATURE_POLICIES and self.cache_cfg.pruned
+        return self.cache_cfg.prune in FEATURE_POLICIES
 
     @property
     def records_residual(self) -> bool:
