@@ -147,7 +147,7 @@ def test_session_state_is_a_copy_that_orbax_saves_and_restores(session, frames, 
 def test_video_played_realtime_without_drops_is_what_reconstruct_writes(tmp_path, scene, params_dir):
     """`live VIDEO --realtime --no-drop --out A` writes what `reconstruct VIDEO --out B` writes, bit for bit
     (arrays, cloud, trajectory, depth maps, COLMAP), at --size 84x112 for both, plus live.json; the
-    frames came at the video's 20 frames/s."""
+    frames came at the video's 20 frames/s. `reconstruct-many --size 84x112` predicts the same."""
     video = write_video(tmp_path / "walk.mp4", fps=20, images=scene[:6])
     _live(video, "--params", params_dir, "--realtime", "--no-drop", "--out", tmp_path / "live")
     assert main(["reconstruct", str(video), "--params", str(params_dir), "--quiet", "--out", str(tmp_path / "rec"),
@@ -162,6 +162,11 @@ def test_video_played_realtime_without_drops_is_what_reconstruct_writes(tmp_path
     for rel in files(rec):
         if rel not in ("predictions.npz", "report.json", "stream.png", ".xsvggt-manifest.json"):
             assert (live / rel).read_bytes() == (rec / rel).read_bytes(), rel
+    assert main(["reconstruct-many", str(video), "--params", str(params_dir), "--quiet", "--out",
+                 str(tmp_path / "many"), *SIZE, *CACHE]) == 0  # --size there too
+    many = _arrays(tmp_path / "many" / "walk" / "predictions.npz")
+    for k in b:
+        np.testing.assert_array_equal(many[k], b[k], err_msg=k)
     log = json.loads((live / "live.json").read_text())
     assert log["frames"] == 6 and log["dropped"] == 0 and not log["drop"] and log["stopped_by"] == "end of the source"
     assert log["per_frame"]["timestamp"] == b["timestamps"].tolist()
@@ -223,6 +228,39 @@ def test_a_folder_that_receives_images_while_live_runs_is_reconstructed_in_order
     assert np.all(np.diff(a["timestamps"]) > 0.2)
 
 
+def test_a_watched_folder_takes_images_once_complete(tmp_path, scene):
+    """The folder source alone (no model): an image written in two halves 0.5 s apart is taken once
+    complete (it decodes when the loop gets it), then the next in name order; nothing new for the
+    timeout ends the source."""
+    from xsvggt_jax.io.capture import FolderCapture, prepare
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(scene[0]).save(folder / "a_00.png")
+    capture = FolderCapture(folder, timeout=1.5)
+    got, errors = [], []
+
+    def consume() -> None:
+        try:
+            for item in capture.frames():
+                prepare(item, "crop", HW)  # as the live loop does when it takes the frame
+                got.append(item.name)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    reader = threading.Thread(target=consume)
+    reader.start()
+    data = _png_bytes(scene[1])
+    with open(folder / "a_01.png", "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        time.sleep(0.5)
+        f.write(data[len(data) // 2:])
+    (folder / ".a_02.tmp").write_bytes(_png_bytes(scene[2]))
+    os.replace(folder / ".a_02.tmp", folder / "a_02.png")
+    reader.join(timeout=30)
+    assert not reader.is_alive() and not errors and got == ["a_00.png", "a_01.png", "a_02.png"], (got, errors)
+
+
 def _png_bytes(img: np.ndarray) -> bytes:
     import io
 
@@ -258,55 +296,66 @@ def test_bad_sources_are_one_error_line_and_write_nothing(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ viewer
-def _drawn_pixels(png: bytes, blank: bytes, width_share: float = 0.55) -> int:
-    """Pixels of the 3D view (the left part of the window, clear of viser's panel) that differ from
-    the empty scene's."""
+def _drawn(png: bytes, blank: bytes, width_share: float = 0.6) -> np.ndarray:
+    """[H, W'] bool: pixels of the 3D view (the window's left part, clear of viser's panel) that differ
+    from the empty scene's."""
     import io
 
     a, b = (np.asarray(Image.open(io.BytesIO(p)).convert("RGB"), np.int16) for p in (png, blank))
     cols = int(a.shape[1] * width_share)
-    return int((np.abs(a[:, :cols] - b[:, :cols]).max(-1) > 40).sum())
+    return np.abs(a[:, :cols] - b[:, :cols]).max(-1) > 40
 
 
 def test_viewer_in_a_browser_shows_more_points_as_frames_stream(session, frames):
-    """A real Chromium on the live viewer: after 1 frame some points are drawn, after 6 frames many more
-    (cameras hidden, so only points count); the panel shows the frame count."""
+    """A real Chromium on the live viewer while frames stream: after 1 frame some points are drawn,
+    after 6 frames many more, and the first frame's are still there (the scene grows; cameras hidden,
+    so only points count); the panel shows the stream."""
     import viser
+    from selenium.webdriver.common.by import By
 
     from xsvggt_jax.app.live_view import LiveStats, LiveViewer
     from xsvggt_jax.io.rgb import to_uint8_rgb
 
     server = viser.ViserServer(host="127.0.0.1", port=0, verbose=False)
-    browser = open_browser()
+    browser = open_browser((1000, 640))
     try:
         viewer = LiveViewer(server, points_per_frame=3000)
         viewer.show_cameras(False)
         blank = render(browser, server.get_port(), settle=0.0)
+        for button in browser.find_elements(By.CSS_SELECTOR, "button.mantine-Notification-closeButton"):
+            button.click()  # "software WebGL" notice
+        blank = render(browser, 0, load=False, settle=0.5)
         session.reset()
 
+        done = []
+
         def push(i: int) -> None:
+            start = time.perf_counter()
             out = jax.device_get(session.push(frames[i]))
+            done.append(time.perf_counter())
             viewer.add_frame(i, out["depth"], out["depth_conf"], out["camera_pose"], to_uint8_rgb(frames[i]))
-            viewer.update_stats(LiveStats(frames=i + 1, status="live: test"))
+            fps = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else 0.0
+            viewer.update_stats(LiveStats(frames=i + 1, fps=fps, latency_s=done[-1] - start, step_s=done[-1] - start,
+                                          cache_bytes=session.cache_bytes, filled_bytes=session.filled_bytes,
+                                          status="live: procedural room"))
         push(0)
-        early = render(browser, 0, load=False, until=lambda p: _drawn_pixels(p, blank) > 500)
+        early = _drawn(render(browser, 0, load=False, until=lambda p: _drawn(p, blank).sum() > 1000), blank)
         for i in range(1, 6):
             push(i)
-        grown = 1.5 * _drawn_pixels(early, blank)
-        late = render(browser, 0, load=False, until=lambda p: _drawn_pixels(p, blank) > grown)
+        late = _drawn(render(browser, 0, load=False, until=lambda p: _drawn(p, blank).sum() > 2 * early.sum()), blank)
         viewer.show_cameras(True)
-        shot = render(browser, 0, load=False, settle=1.0)
-        panel = browser.find_element("tag name", "body").text
+        shot = render(browser, 0, load=False, settle=2.0)
+        panel = browser.find_element(By.TAG_NAME, "body").text
     finally:
         browser.quit()
         server.stop()
-    if os.environ.get("XSVGGT_LIVE_SCREENSHOT"):  # the README's picture: XSVGGT_LIVE_SCREENSHOT=file.png
+    if os.environ.get("XSVGGT_LIVE_SCREENSHOT"):  # the README's picture: XSVGGT_LIVE_SCREENSHOT=docs/live.png
         Path(os.environ["XSVGGT_LIVE_SCREENSHOT"]).write_bytes(shot)
-    n_early, n_late = _drawn_pixels(early, blank), _drawn_pixels(late, blank)
     assert viewer.points_drawn > 5 * 1000 and len(viewer.frustums) == 6
-    assert 500 < n_early and n_late > 1.5 * n_early, (n_early, n_late)
-    assert colour_pixels(shot, (255, 120, 0), tol=30) > 20  # the trajectory, once cameras are shown
-    assert "live: test" in panel and "frames/s" in panel, panel
+    kept = (early & late).sum() / early.sum()
+    assert early.sum() > 1000 and late.sum() > 2 * early.sum() and kept > 0.9, (early.sum(), late.sum(), kept)
+    assert colour_pixels(shot, (240, 143, 31), tol=25) > 100  # the orange trajectory (as rendered), cameras shown
+    assert "live: procedural room" in panel and "frames/s" in panel, panel
 
 
 # ------------------------------------------------------------------------------ camera (fake layer)

@@ -213,7 +213,7 @@ def run_live(args, cache_cfg, exports, query_points, announce: Callable[[str], N
     from xsvggt_jax.config import ModelConfig, check_frame_size
     from xsvggt_jax.io.capture import open_capture
     from xsvggt_jax.io.frames import DEFAULT_TARGET
-    from xsvggt_jax.io.fsutil import FsError
+    from xsvggt_jax.io.fsutil import FsError, disk_error_message
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.weights.loading import model_config, with_dtype
 
@@ -245,8 +245,13 @@ def run_live(args, cache_cfg, exports, query_points, announce: Callable[[str], N
             viewer = LiveViewer(server, max_points=args.max_points, points_per_frame=args.points_per_frame,
                                 conf_percentile=args.conf_percentile)
             announce(f"live view of {args.source} at http://{url_host}:{server.get_port()} (Ctrl-C to stop)")
-        record = _stream(args, cfg, cache_cfg, exports, query_points, capture, hw, drop, out, viewer, default_model,
-                         announce)
+        try:
+            record = _stream(args, cfg, cache_cfg, exports, query_points, capture, hw, drop, out, viewer,
+                             default_model, announce)
+        except OSError as e:  # a full disk, a read-only place ... while writing OUTDIR (removed again)
+            if (msg := disk_error_message(e)) is None:
+                raise
+            raise InputError(msg) from e
         announce(_summary_line(record))
         if viewer is not None and args.keep_open:
             stop = threading.Event()

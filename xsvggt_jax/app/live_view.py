@@ -32,6 +32,7 @@ FRUSTUM_IMAGES = 30          # frustums that keep showing their frame
 FRUSTUM_IMAGE_WIDTH = 160    # px: frames are shrunk to this width for the frustums
 FRUSTUM_RGB = (40, 90, 200)
 TRAJECTORY_RGB = (255, 120, 0)
+VIEW_BACK, VIEW_UP = 1.0, 0.5  # the first view: this far behind and above the first camera (x the frame's extent)
 
 
 @dataclasses.dataclass
@@ -114,10 +115,10 @@ class LiveViewer:
             look, size = (lo + hi) / 2, max(float(np.linalg.norm(hi - lo)), 1e-6)
         else:
             look, size = centre + rot[:, 2], 1.0
-        self.scale, self.point_size = size, 0.004 * size
+        self.scale, self.point_size = size, 0.003 * size
         up, forward = -rot[:, 1], rot[:, 2]  # OpenCV cameras: y points down
         self.server.scene.set_up_direction(up)
-        position = centre - 0.6 * size * forward + 0.25 * size * up
+        position = centre - VIEW_BACK * size * forward + VIEW_UP * size * up  # behind and above the first camera
         initial = self.server.initial_camera
         initial.position, initial.look_at, initial.up = position, look, up
         for client in self.server.get_clients().values():  # browsers already open look at it too
@@ -156,7 +157,8 @@ class LiveViewer:
             small = Image.fromarray(rgb).resize((FRUSTUM_IMAGE_WIDTH, max(1, round(h * FRUSTUM_IMAGE_WIDTH / w))))
             frustum = scene.add_camera_frustum(
                 f"/cameras/frame_{index:06d}", fov=float(2 * np.arctan2(h / 2, focal)), aspect=w / h,
-                scale=0.05 * self.scale, thickness=0.004 * self.scale, color=FRUSTUM_RGB, image=np.asarray(small),
+                scale=0.05 * self.scale, thickness=2.0, thickness_units="screen", color=FRUSTUM_RGB,
+                image=np.asarray(small),
                 wxyz=np.roll(mat_to_quat(world[:, :3]), 1), position=world[:, 3], visible=self.cameras_visible)
             self.frustums.append(frustum)
             if len(self.frustums) > FRUSTUM_IMAGES:
@@ -164,6 +166,6 @@ class LiveViewer:
             self.centres.append(world[:, 3].astype(np.float32))
             if len(self.centres) > 1:
                 segments = np.stack([self.centres[:-1], self.centres[1:]], 1)
-                self.trajectory = scene.add_line_segments("/trajectory", segments, TRAJECTORY_RGB,
-                                                          thickness=0.003 * self.scale, visible=self.cameras_visible)
+                self.trajectory = scene.add_line_segments("/trajectory", segments, TRAJECTORY_RGB, thickness=4.0,
+                                                          thickness_units="screen", visible=self.cameras_visible)
         return len(xyz)
