@@ -280,7 +280,7 @@ def _stream(args, cfg, cache_cfg, exports, query_points, capture, hw, drop, out,
     from xsvggt_jax.weights.loading import load_model
 
     params, cfg = load_model(args, default=lambda: pretrained.load("demo"))
-    params = jax.device_put(params)
+    params = jax.device_put(params, jax.devices()[0])  # committed, as a params directory loads: one program
     staged = out.staged() if out is not None else contextlib.nullcontext(None)
     with staged as tmp:
         work = None if tmp is None else tmp / ".work"
@@ -348,6 +348,9 @@ def _take_frames(args, session, queue, capture, hw, stop, record: LiveLog, infos
         while True:
             if args.max_frames and record.frames >= args.max_frames:
                 record.stopped_by = "--max-frames"
+                return
+            if stop.is_set():
+                record.stopped_by = "signal"
                 return
             try:
                 item = queue.get(args.timeout, stop)

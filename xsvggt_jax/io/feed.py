@@ -64,6 +64,8 @@ class FrameQueue:
         error, or FeedTimeout when nothing arrived for `timeout` seconds."""
         deadline = time.monotonic() + timeout
         with self.cond:
+            if stop is not None and stop.is_set():
+                return None
             while not self.items:
                 if self.finished:
                     if self.error is not None:
