@@ -91,17 +91,85 @@ def ref_quant(x, bits, gs, axis=-1, eps=1e-12):
 
 
 # ------------------------------------------------------------------------------------- test data
-def write_video(path: Path, n=10, fps=10, size=(64, 48), codec="libx264"):
+def write_video(path: Path, n=10, fps=10, size=(64, 48), codec="libx264", images=None):
     """A small clip at `path`: frame i is filled with grey level 20 * i (so the kept indices can be
-    read back). Returns path."""
+    read back), or is images[i] (uint8 [n, h, w, 3]; `n` and `size` then come from them). Returns path."""
     import av
 
+    if images is not None:
+        n, size = len(images), (images.shape[2], images.shape[1])
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p" if codec != "ffv1" else "bgr0"
         for i in range(n):
-            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 20 * i, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
+            pixels = images[i] if images is not None else np.full((size[1], size[0], 3), 20 * i, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+# ------------------------------------------------------------------------ a real headless browser
+def browser_binaries() -> tuple[str, str]:
+    """(chromium, chromedriver); skips the test when one is missing, fails instead under
+    XSVGGT_REQUIRE_BROWSER=1 (CI)."""
+    import os
+    import shutil
+
+    import pytest
+
+    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        msg = f"headless browser not found (chromium: {chromium}, chromedriver: {driver})"
+        if os.environ.get("XSVGGT_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg + " (XSVGGT_REQUIRE_BROWSER=1)")
+        pytest.skip(msg)
+    return chromium, driver
+
+
+def open_browser(size=(800, 560)):
+    """Headless Chromium (software WebGL) driven by selenium; quit() it when done."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = browser_binaries()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={size[0]},{size[1]}",
+                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(executable_path=driver), options=opts)
+    drv.set_page_load_timeout(30)
+    return drv
+
+
+def colour_pixels(png: bytes, rgb, tol: int = 40) -> int:
+    """Pixels of a screenshot within `tol` (per channel) of the colour `rgb`."""
+    import io
+
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), np.int16)
+    return int((np.abs(img - np.asarray(rgb, np.int16)) <= tol).all(-1).sum())
+
+
+def render(browser, port: int, until=lambda png: False, settle: float = 20.0, load: bool = True) -> bytes:
+    """Open the viser client (unless `load` is False: the page is open), wait (up to 30 s) for its
+    WebGL canvas and its websocket connection, then screenshot until `until` holds or `settle` seconds
+    pass; returns the last screenshot (PNG)."""
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if load:
+        browser.get(f"http://127.0.0.1:{port}/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.TAG_NAME, "canvas")
+                                     and "Connected" in d.find_element(By.TAG_NAME, "body").text)
+    deadline = time.monotonic() + settle
+    png = browser.get_screenshot_as_png()
+    while not until(png) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        png = browser.get_screenshot_as_png()
+    return png

@@ -111,6 +111,19 @@ def test_many_benchmark_writes_its_plot_and_readme_table(tmp_path, monkeypatch):
     assert all(f"| {r['run']} |" in text for r in result["runs"])
 
 
+def test_live_benchmark_tables_from_the_committed_result():
+    """benchmarks.live's two tables (benchmarks/README.md and the top-level README) format the committed
+    result: one row per run, with its frames/s."""
+    from pathlib import Path
+
+    from benchmarks import live
+
+    result = json.loads((Path(live.__file__).parent / "results" / "live_demo_cpu.json").read_text())
+    for text in (live.table(result), live.summary(result)):
+        for r in result["runs"]:
+            assert f"| {r['run']}" in text and f"{r['frames_per_second']:.1f}" in text, text
+
+
 PUBLISHED_KEYS = {"impl", "setting", "dtype", "frame", "ms", "peak_bytes", "device"}
 
 

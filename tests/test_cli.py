@@ -311,7 +311,7 @@ def test_dtype_is_one_flag_on_every_command():
     from xsvggt_jax.weights.loading import DTYPE_HELP
 
     commands = _parser()._subparsers._group_actions[0].choices
-    for name in ("demo", "reconstruct", "reconstruct-many", "eval", "train"):
+    for name in ("demo", "reconstruct", "reconstruct-many", "eval", "train", "live"):
         (flag,) = [a for a in commands[name]._actions if "--dtype" in a.option_strings]
         assert tuple(flag.choices) == ("auto", *DTYPES) and flag.help == DTYPE_HELP, name
         assert flag.default == "auto", name  # the precision policy is every command's default

@@ -15,8 +15,8 @@ from PIL import Image, ImageFile
 from _refs import write_video as _write_video
 from conftest import REFERENCE, require_reference
 from xsvggt_jax.io import video as video_mod
-from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, pad_frame, preprocess_image,
-                                  preprocess_transform, preprocessed_size)
+from xsvggt_jax.io.frames import (FrameError, FrameInfo, FrameSource, harmonize_frames, pad_frame, parse_size,
+                                  preprocess_image, preprocess_transform, preprocessed_size)
 from xsvggt_jax.io.image_files import load_and_preprocess_images
 from xsvggt_jax.io.sources import open_frames
 from xsvggt_jax.io.rgb import to_uint8_rgb as to_uint8
@@ -443,17 +443,45 @@ def _marker_centroid(frame: np.ndarray) -> tuple[float, float]:
     return float(np.average(xs + 0.5, weights=weights)), float(np.average(ys + 0.5, weights=weights))
 
 
-@pytest.mark.parametrize("mode, size", [("crop", (80, 200)), ("crop", (140, 70)), ("pad", (60, 150)),
-                                        ("pad", (150, 60))])
-def test_transform_maps_original_points_into_the_frame(mode, size):
+@pytest.mark.parametrize("mode, size, target", [("crop", (80, 200), T), ("crop", (140, 70), T), ("pad", (60, 150), T),
+                                                ("pad", (150, 60), T), ("crop", (300, 80), (42, 56)),
+                                                ("crop", (80, 150), (28, 70)), ("pad", (60, 150), (42, 56)),
+                                                ("pad", (150, 60), (28, 112))])
+def test_transform_maps_original_points_into_the_frame(mode, size, target):
     w, h = size
     img = Image.new("RGB", size, (255, 255, 255))
-    x0, y0 = int(w * 0.4), int(h * 0.55)  # a 10 x 10 black marker, centre (x0 + 5, y0 + 5)
+    x0, y0 = int(w * 0.4), int(h * 0.45)  # a 10 x 10 black marker, centre (x0 + 5, y0 + 5)
     img.paste((0, 0, 0), (x0, y0, x0 + 10, y0 + 10))
-    frame = preprocess_image(img, mode, T)
-    sx, sy, ox, oy = preprocess_transform(w, h, mode, T)
+    frame = preprocess_image(img, mode, target)
+    sx, sy, ox, oy = preprocess_transform(w, h, mode, target)
     cx, cy = _marker_centroid(frame)
     assert abs(cx - (sx * (x0 + 5) + ox)) < 0.3 and abs(cy - (sy * (y0 + 5) + oy)) < 0.3
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+def test_a_fixed_size_is_exact_and_equals_upstream_at_upstream_sizes(mode):
+    """--size HxW: every image becomes exactly H x W (crop: covers it, pad: fits in it); at the size
+    upstream's rule gives an image (crop: its natural height, pad: the square) the frame is upstream's,
+    bit for bit."""
+    rng = np.random.default_rng(1)
+    for w, h in [(70, 50), (50, 70), (90, 90), (120, 45), (40, 100)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for size in [(28, 56), (56, 28), (42, 42)]:
+            assert preprocess_image(img, mode, size).shape == (*size, 3), (w, h, size)
+            assert preprocessed_size(w, h, mode, size) == size
+        natural = preprocessed_size(w, h, mode, T)
+        np.testing.assert_array_equal(preprocess_image(img, mode, natural), preprocess_image(img, mode, T))
+
+
+@pytest.mark.parametrize("text", ["84x112", "84X112", " 84x112"])
+def test_parse_size(text):
+    assert parse_size(text.strip()) == (84, 112)
+
+
+@pytest.mark.parametrize("text", ["84", "84x100", "0x14", "axb", "14x14x14", "-14x14"])
+def test_parse_size_refuses(text):
+    with pytest.raises(FrameError, match="multiples of the patch size 14"):
+        parse_size(text)
 
 
 def test_frames_info_of_a_folder(tmp_path):

@@ -8,20 +8,17 @@ missing browser fails there.
 
 from __future__ import annotations
 
-import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import viser
-from PIL import Image
 
+from _refs import colour_pixels, open_browser, render as _render
 from conftest import run_error
 from xsvggt_jax import geometry as G
 from xsvggt_jax.io import exports as ex
@@ -219,55 +216,16 @@ def test_cli_serves_until_sigterm(outdir):
 # ------------------------------------------------------------------------------- headless browser
 
 
-def _browser_binaries() -> tuple[str, str]:
-    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-    driver = shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        msg = f"headless browser not found (chromium: {chromium}, chromedriver: {driver})"
-        if os.environ.get("XSVGGT_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg + " (XSVGGT_REQUIRE_BROWSER=1)")
-        pytest.skip(msg)
-    return chromium, driver
-
-
 @pytest.fixture(scope="module")
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = _browser_binaries()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=800,560",
-                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"):
-        opts.add_argument(flag)
-    drv = webdriver.Chrome(service=Service(executable_path=driver), options=opts)
-    drv.set_page_load_timeout(30)
+    drv = open_browser()
     yield drv
     drv.quit()
 
 
 def _point_pixels(png: bytes, rgb=POINT_RGB, tol: int = 40) -> int:
     """Pixels of a screenshot within `tol` (per channel) of the points' colour."""
-    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), np.int16)
-    return int((np.abs(img - np.asarray(rgb, np.int16)) <= tol).all(-1).sum())
-
-
-def _render(browser, port: int, until=lambda png: False, settle: float = 20.0) -> bytes:
-    """Open the viser client, wait (up to 30 s) for its WebGL canvas and its websocket connection,
-    then screenshot until `until` holds or `settle` seconds pass; returns the last screenshot (PNG)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser.get(f"http://127.0.0.1:{port}/")
-    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.TAG_NAME, "canvas")
-                                     and "Connected" in d.find_element(By.TAG_NAME, "body").text)
-    deadline = time.monotonic() + settle
-    png = browser.get_screenshot_as_png()
-    while not until(png) and time.monotonic() < deadline:
-        time.sleep(0.5)
-        png = browser.get_screenshot_as_png()
-    return png
+    return colour_pixels(png, rgb, tol)
 
 
 def test_browser_draws_the_points_and_cameras(outdir, browser):

@@ -4,6 +4,7 @@
     xsvggt convert SRC --out DIR [--spec spec.json]       upstream checkpoint -> orbax params dir
     xsvggt reconstruct INPUT (--params DIR | --checkpoint FILE) --out OUTDIR [options]
     xsvggt reconstruct-many INPUT... [--manifest FILE] (--params DIR | --checkpoint FILE) --out ROOT [options]
+    xsvggt live SOURCE [--out OUTDIR] [options]           camera / stream / video / folder, live (app/live.py)
 
 INPUT is a folder of images, a video file, or an .npz with `images` [S,3,H,W] (and optionally
 `query_points` [N,2]).
@@ -155,7 +156,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_npz: dict | N
     import jax
 
     from xsvggt_jax.config import check_frame_size
-    from xsvggt_jax.io.frames import FrameError
+    from xsvggt_jax.io.frames import DEFAULT_TARGET, FrameError
     from xsvggt_jax.io.fsutil import FsError, check_free_space, disk_error_message
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.io.scene import write_scene
@@ -174,7 +175,8 @@ def _reconstruct(args, source=None, note: str | None = None, extra_npz: dict | N
         if state_dir is not None:
             check_state_dir(state_dir, resume=bool(args.resume))
         if source is None:
-            source = open_frames(args.input, mode=args.resize, fps=args.fps, stride=args.stride)
+            source = open_frames(args.input, mode=args.resize, target=args.size or DEFAULT_TARGET, fps=args.fps,
+                                 stride=args.stride)
     except (FsError, FrameError, StateError) as e:
         raise InputError(str(e)) from e
     params, cfg = load_model(args, default=None if model is None else (lambda: model))
@@ -281,7 +283,7 @@ def _reconstruct_many(args) -> Path:
     cache_cfg = _cache_config(args)
     protect = [s.path for s in scenes] + [p for p in (args.params, args.checkpoint) if p]
     options = SceneOptions(exports=_export_options(args), resize=args.resize, stride=args.stride,
-                           query_points=_query_points(args.query_points), overwrite=args.overwrite,
+                           query_points=_query_points(args.query_points), overwrite=args.overwrite, size=args.size,
                            protect=tuple(protect))
     try:
         summary = run_many(scenes, root, cfg, cache_cfg, params, options, slots=args.slots or len(jax.local_devices()),
@@ -345,7 +347,7 @@ NON_NEGATIVE_INT = _typed(int, lambda v: v >= 0, "a non-negative integer")
 POSITIVE_FLOAT = _typed(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 PERCENTILE = _typed(float, lambda v: 0 <= v <= 100, "a percentile between 0 and 100")
 MEMORY_FRACTION = _typed(float, lambda v: 0 < v <= 1, "a fraction of the GPU's memory in (0, 1]")
-MODEL_COMMANDS = ("reconstruct", "reconstruct-many", "demo", "eval", "train")  # the commands that run the model
+MODEL_COMMANDS = ("reconstruct", "reconstruct-many", "demo", "eval", "train", "live")  # the commands that run the model
 
 
 def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_state: bool = True) -> None:
@@ -456,6 +458,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="--offline: shard the frames over this many devices (ring attention; default: all "
                         "devices that divide the frame count; 1 with --query-points)")
     r.add_argument("--resize", choices=("crop", "pad"), default="crop", help="preprocessing of images/video")
+    from xsvggt_jax.app.live import SIZE, SIZE_HELP, add_parser as add_live_parser  # `xsvggt live`: app/live.py
+    r.add_argument("--size", type=SIZE, help=SIZE_HELP + "; default: upstream's 518-px width")
     fr = r.add_mutually_exclusive_group()
     fr.add_argument("--fps", type=POSITIVE_FLOAT, help="sample a video at this frame rate")
     fr.add_argument("--stride", type=POSITIVE_INT, default=1, help="take every STRIDE-th frame")
@@ -467,6 +471,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="ROOT: each scene goes to ROOT/<scene>/, the summary to "
                                                  "ROOT/summary.json")
     m.add_argument("--resize", choices=("crop", "pad"), default="crop", help="preprocessing of images/video")
+    m.add_argument("--size", type=SIZE, help=SIZE_HELP + "; default: upstream's 518-px width")
     m.add_argument("--stride", type=POSITIVE_INT, default=1, help="take every STRIDE-th frame")
     m.add_argument("--slots", type=POSITIVE_INT,
                    help="streams stepped together (default: the number of local devices)")
@@ -503,6 +508,7 @@ def _parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     from xsvggt_jax.train.command import add_parser as add_train_parser  # `xsvggt train`: xsvggt_jax/train/command.py
     add_train_parser(sub)
+    add_live_parser(sub, _add_run_options)
     for name in MODEL_COMMANDS:
         sub.choices[name].add_argument(
             "--memory-fraction", type=MEMORY_FRACTION, metavar="F",
@@ -524,6 +530,14 @@ def _view(args) -> Path:
 def _eval(args) -> Path:
     from xsvggt_jax.eval.command import run
     return run(args)
+
+
+def _live(args):
+    from xsvggt_jax.app.live import run_live
+
+    check_weight_flags(args)
+    return run_live(args, _cache_config(args), _export_options(args), _query_points(args.query_points),
+                    announce=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -555,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with signals_as_interrupt():
             out = {"convert": _convert, "reconstruct": _reconstruct, "reconstruct-many": _reconstruct_many,
-                   "demo": _demo, "view": _view, "eval": _eval, "train": _train}[args.command](args)
+                   "demo": _demo, "view": _view, "eval": _eval, "train": _train, "live": _live}[args.command](args)
     except XsvggtError as e:  # the library's typed errors (xsvggt_jax.errors): one line, exit 2
         _fail(str(e))
     except Terminated as e:

@@ -3,7 +3,8 @@
 
 Preprocessing reproduces upstream StreamVGGT `load_and_preprocess_images(image_path_list, mode)`
 bit for bit (PIL bicubic resize, uint8 / 255 in float32, white padding), with the target width as a
-parameter (default 518, the published model's).
+parameter (default 518, the published model's), or a fixed frame size (H, W) (`--size HxW`: resize,
+then centre crop or white padding to exactly H x W; see `_layout`).
 
 The sources build on this module: image folders and preprocessed `.npz` files in `io.image_files`,
 videos in `io.video`; `io.sources.open_frames` picks one for an input path. Every source is read
@@ -27,6 +28,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from PIL import Image
@@ -87,31 +89,82 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # preprocessing (upstream load_and_preprocess_images)
 # ----------------------------------------------------------------------------------------------
 
-def check_args(mode: str, target: int) -> None:
-    """Raise FrameError unless `mode` is one of `MODES` and `target` a positive multiple of `PATCH`."""
+Target = Union[int, tuple[int, int]]  # a width (upstream's rule) or a fixed (H, W) frame size
+
+
+def check_args(mode: str, target: Target) -> None:
+    """Raise FrameError unless `mode` is one of `MODES` and `target` a positive multiple of `PATCH` (a
+    width) or a pair (H, W) of them (a fixed frame size)."""
     if mode not in MODES:
         raise FrameError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(target, (int, np.integer)) or target < PATCH or target % PATCH:
-        raise FrameError(f"target must be a positive multiple of the patch size {PATCH}, got {target!r}")
+    sides = tuple(target) if isinstance(target, (tuple, list)) and len(target) == 2 else (target,)
+    if not all(isinstance(t, (int, np.integer)) and t >= PATCH and not t % PATCH for t in sides):
+        raise FrameError(f"target must be a positive multiple of the patch size {PATCH} or a pair (H, W) of them, "
+                         f"got {target!r}")
 
 
-def resized_size(width: int, height: int, mode: str = "crop", target: int = DEFAULT_TARGET) -> tuple[int, int]:
-    """(new_width, new_height) of upstream's bicubic resize, before crop / pad."""
+def parse_size(text: str) -> tuple[int, int]:
+    """`HxW` (e.g. "84x112") -> (H, W), both positive multiples of `PATCH`; FrameError otherwise."""
+    parts = str(text).lower().replace("\u00d7", "x").split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) != 2 or any(v < PATCH or v % PATCH for v in size):
+        raise FrameError(f"a frame size is HxW with both sides positive multiples of the patch size {PATCH} "
+                         f"(e.g. 84x112, 392x518), got {text!r}")
+    return size
+
+
+def _to_patches(x: float) -> int:
+    return round(x / PATCH) * PATCH
+
+
+def _layout(width: int, height: int, mode: str, target: Target) -> tuple[int, int, int, int, int, int]:
+    """(new_w, new_h, out_h, out_w, left, top) of preprocessing a `width` x `height` image: the size
+    it is resized to, the output size, and where the resized image's top-left corner lands in the
+    output (negative: cut off by the centre crop; positive: white padding).
+
+    A width `target` is upstream's rule: crop mode resizes to that width (height in whole patches)
+    and centre-crops a taller image to a square; pad mode fits the longer side and pads to a square.
+    A fixed (H, W): crop mode resizes to width W (height in whole patches) unless that is shorter
+    than H, then to height H (width in whole patches, at least W), and centre-crops to H x W; pad mode
+    resizes to width W unless that is taller than H, then to height H (width at most W), and pads
+    white, centred, to H x W. So (H, W) equal to what upstream's rule gives an image (e.g. 392x518 for
+    4:3 photos in crop mode, (T, T) in pad mode) preprocesses it exactly as the width T does."""
     check_args(mode, target)
-    if mode == "pad" and width < height:
-        return round(width * (target / height) / PATCH) * PATCH, target
-    return target, round(height * (target / width) / PATCH) * PATCH
-
-
-def preprocessed_size(width: int, height: int, mode: str = "crop", target: int = DEFAULT_TARGET) -> tuple[int, int]:
-    """(H, W) of the array `preprocess_image` returns for a `width` x `height` image."""
-    new_w, new_h = resized_size(width, height, mode, target)
+    if isinstance(target, (tuple, list)):
+        out_h, out_w = int(target[0]), int(target[1])
+        new_w, new_h = out_w, _to_patches(height * (out_w / width))
+        if mode == "crop" and new_h < out_h:
+            new_w, new_h = max(out_w, _to_patches(width * (out_h / height))), out_h
+        elif mode == "pad" and new_h > out_h:
+            new_w, new_h = min(out_w, _to_patches(width * (out_h / height))), out_h
+    else:
+        if mode == "pad" and width < height:
+            new_w, new_h = _to_patches(width * (target / height)), target
+        else:
+            new_w, new_h = target, _to_patches(height * (target / width))
+        out_h, out_w = (target, target) if mode == "pad" else (min(new_h, target), new_w)
     if mode == "pad":
-        return target, target
-    return min(new_h, target), new_w
+        left, top = (out_w - new_w) // 2, (out_h - new_h) // 2
+    else:
+        left, top = -((new_w - out_w) // 2), -((new_h - out_h) // 2)
+    return new_w, new_h, out_h, out_w, left, top
 
 
-def check_size(width: int, height: int, mode: str, target: int, name: str) -> tuple[int, int]:
+def resized_size(width: int, height: int, mode: str = "crop", target: Target = DEFAULT_TARGET) -> tuple[int, int]:
+    """(new_width, new_height) of upstream's bicubic resize, before crop / pad."""
+    return _layout(width, height, mode, target)[:2]
+
+
+def preprocessed_size(width: int, height: int, mode: str = "crop",
+                      target: Target = DEFAULT_TARGET) -> tuple[int, int]:
+    """(H, W) of the array `preprocess_image` returns for a `width` x `height` image."""
+    return _layout(width, height, mode, target)[2:4]
+
+
+def check_size(width: int, height: int, mode: str, target: Target, name: str) -> tuple[int, int]:
     """(H, W) of a `width` x `height` image after preprocessing; FrameError naming `name` when a side
     would be smaller than one patch."""
     new_w, new_h = resized_size(width, height, mode, target)
@@ -121,23 +174,22 @@ def check_size(width: int, height: int, mode: str, target: int, name: str) -> tu
     return preprocessed_size(width, height, mode, target)
 
 
-def preprocess_image(pil_image: Image.Image, mode: str = "crop", target: int = DEFAULT_TARGET, *,
+def preprocess_image(pil_image: Image.Image, mode: str = "crop", target: Target = DEFAULT_TARGET, *,
                      name: str = "image") -> np.ndarray:
     """One PIL image -> float32 [H, W, 3] in [0, 1], the values upstream's preprocessing gives (upstream
-    lays them out [3, H, W])."""
+    lays them out [3, H, W]); a fixed (H, W) `target` gives H x W frames (see `_layout`)."""
     check_args(mode, target)
     img = to_rgb(pil_image)
     width, height = img.size
     check_size(width, height, mode, target, name)
-    new_w, new_h = resized_size(width, height, mode, target)
+    new_w, new_h, out_h, out_w, left, top = _layout(width, height, mode, target)
     img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     # torchvision ToTensor: uint8 -> float32, divided by 255 (IEEE division, same rounding as torch)
     arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-    if mode == "crop" and new_h > target:
-        start_y = (new_h - target) // 2
-        arr = arr[start_y:start_y + target]
-    if mode == "pad":
-        arr = pad_frame(arr, target, target)
+    if mode == "crop":
+        arr = arr[-top:-top + out_h, -left:-left + out_w]
+    else:
+        arr = pad_frame(arr, out_h, out_w)
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
@@ -172,18 +224,14 @@ def harmonize_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def preprocess_transform(width: int, height: int, mode: str = "crop",
-                         target: int = DEFAULT_TARGET) -> tuple[float, float, float, float]:
+                         target: Target = DEFAULT_TARGET) -> tuple[float, float, float, float]:
     """(scale_x, scale_y, offset_x, offset_y) of `preprocess_image` on a `width` x `height` image:
     a point at (x, y) of the original lands at (scale_x * x + offset_x, scale_y * y + offset_y) of
     the preprocessed frame, in continuous pixel coordinates whose origin is the top-left image corner
-    (the bicubic resize maps corners to corners; the centre crop shifts up, the white padding down)."""
-    new_w, new_h = resized_size(width, height, mode, target)
-    offset_x = offset_y = 0.0
-    if mode == "crop" and new_h > target:
-        offset_y = -float((new_h - target) // 2)
-    if mode == "pad":
-        offset_x, offset_y = float((target - new_w) // 2), float((target - new_h) // 2)
-    return new_w / width, new_h / height, offset_x, offset_y
+    (the bicubic resize maps corners to corners; the centre crop shifts up / left, the white padding
+    down / right)."""
+    new_w, new_h, _, _, left, top = _layout(width, height, mode, target)
+    return new_w / width, new_h / height, float(left), float(top)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +268,7 @@ class FrameInfo:
         return a_inv @ intr
 
 
-def frame_info_for(name: str, width: int, height: int, mode: str, target: int, frame_hw: tuple[int, int],
+def frame_info_for(name: str, width: int, height: int, mode: str, target: Target, frame_hw: tuple[int, int],
                    *, time: float | None = None, index: int = 0) -> FrameInfo:
     """The `FrameInfo` of a `width` x `height` image preprocessed (`mode`, `target`) and then padded,
     centred, to the common frame size `frame_hw` (H, W)."""

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xsvggt_jax.io.frames import (DEFAULT_TARGET, PATCH, FrameError, FrameInfo, FrameSource, check_args, check_size,
-                                  common_size, frame_info_for, harmonize_frames, pad_frame, preprocess_image)
+from xsvggt_jax.io.frames import (DEFAULT_TARGET, PATCH, FrameError, FrameInfo, FrameSource, Target, check_args,
+                                  check_size, common_size, frame_info_for, harmonize_frames, pad_frame,
+                                  preprocess_image)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _image_header_size(path: Path) -> tuple[int, int]:
         raise FrameError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
-def _decode_image(path: Path, mode: str, target: int) -> np.ndarray:
+def _decode_image(path: Path, mode: str, target: Target) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
@@ -56,7 +57,7 @@ def _decode_image(path: Path, mode: str, target: int) -> np.ndarray:
 
 
 def load_and_preprocess_images(paths: Sequence[str | Path], mode: str = "crop",
-                               target: int = DEFAULT_TARGET) -> np.ndarray:
+                               target: Target = DEFAULT_TARGET) -> np.ndarray:
     """Upstream's function, eager: [S, H, W, 3] float32 (upstream lays it out [S, 3, H, W])."""
     if not paths:
         raise FrameError("at least one image is required")
@@ -69,7 +70,7 @@ class ImageFolderSource(FrameSource):
     A header-only first pass computes every image's preprocessed size, so mixed sizes can be padded
     to the common (max) size lazily, exactly as upstream pads after loading everything."""
 
-    def __init__(self, paths: Sequence[Path], name: str, mode: str = "crop", target: int = DEFAULT_TARGET):
+    def __init__(self, paths: Sequence[Path], name: str, mode: str = "crop", target: Target = DEFAULT_TARGET):
         check_args(mode, target)
         self.paths = list(paths)
         self.mode, self.target = mode, target

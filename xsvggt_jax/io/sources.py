@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xsvggt_jax.io.frames import DEFAULT_TARGET, FrameError, FrameSource, check_args
+from xsvggt_jax.io.frames import DEFAULT_TARGET, FrameError, FrameSource, Target, check_args
 from xsvggt_jax.io.fsutil import link_problem
 from xsvggt_jax.io.image_files import IMAGE_EXTENSIONS, ImageFolderSource, NpzSource, list_images
 from xsvggt_jax.io.video import VideoSource
@@ -17,11 +17,11 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", "
                               ".wmv", ".flv", ".ts"})
 
 
-def open_frames(path: str | Path, *, mode: str = "crop", target: int = DEFAULT_TARGET,
+def open_frames(path: str | Path, *, mode: str = "crop", target: Target = DEFAULT_TARGET,
                 fps: float | None = None, stride: int = 1) -> FrameSource:
     """Open `path` (a folder of images, one image, a video, or a preprocessed `.npz`) as a lazy
-    `FrameSource`. `mode`/`target` are upstream's preprocessing (ignored for `.npz`, which is already
-    preprocessed); `stride` keeps every stride-th frame; `fps` resamples a video to that frame rate."""
+    `FrameSource`. `mode`/`target` are upstream's preprocessing, `target` a width or a fixed (H, W) frame size
+    (`io.frames._layout`; ignored for `.npz`, which is already preprocessed); `stride` keeps every stride-th frame; `fps` resamples a video to that frame rate."""
     path = Path(path)
     check_args(mode, target)
     if not isinstance(stride, (int, np.integer)) or stride < 1:

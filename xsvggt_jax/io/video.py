@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xsvggt_jax.io.frames import DEFAULT_TARGET, FrameError, FrameSource, check_args, check_size, frame_info_for, \
-    preprocess_image
+from xsvggt_jax.io.frames import (DEFAULT_TARGET, FrameError, FrameSource, Target, check_args, check_size,
+                                  frame_info_for, preprocess_image)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class VideoSource(FrameSource):
     for containers without a frame count (mkv, webm). `frames_info[i].time` is the presentation time
     of kept frame i in seconds, `.name` `frame_{n:06d}.jpg` for video frame n."""
 
-    def __init__(self, path: Path, mode: str = "crop", target: int = DEFAULT_TARGET,
+    def __init__(self, path: Path, mode: str = "crop", target: Target = DEFAULT_TARGET,
                  fps: float | None = None, stride: int = 1):
         check_args(mode, target)
         av = _av()
@@ -118,7 +118,7 @@ class VideoSource(FrameSource):
                  for i in self.indices]
         super().__init__(str(path), len(self.indices), *frame_hw, frames_info=infos)
 
-    def _decode_kept(self) -> Iterator[tuple[int, Image.Image]]:
+    def decode_kept(self) -> Iterator[tuple[int, Image.Image]]:
         """(video frame number, RGB picture) of each kept frame, stopping after the last one."""
         av = _av()
         wanted = iter(self.indices)
@@ -139,7 +139,7 @@ class VideoSource(FrameSource):
             raise FrameError(f"{self.path}: cannot decode video after frame {i} ({type(e).__name__}: {e})") from e
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        for i, picture in self._decode_kept():
+        for i, picture in self.decode_kept():
             out = preprocess_image(picture, self.mode, self.target, name=f"{self.path} frame {i}")
             if out.shape[:2] != (self.height, self.width):
                 raise FrameError(f"{self.path}: frame {i} preprocesses to {out.shape[0]}x{out.shape[1]}, "
@@ -147,5 +147,5 @@ class VideoSource(FrameSource):
             yield out
 
     def iter_originals(self) -> Iterator[np.ndarray]:
-        for _, picture in self._decode_kept():
+        for _, picture in self.decode_kept():
             yield np.asarray(picture, np.uint8)

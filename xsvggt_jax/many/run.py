@@ -17,6 +17,7 @@ import numpy as np
 
 from xsvggt_jax.cache.core import CacheConfig
 from xsvggt_jax.config import ModelConfig, check_frame_size
+from xsvggt_jax.io.frames import DEFAULT_TARGET
 from xsvggt_jax.io.fsutil import PRODUCER, FsError, atomic_write_json, check_writable, write_error
 from xsvggt_jax.io.sources import open_frames
 from xsvggt_jax.io.outdir import OutputDir
@@ -35,13 +36,15 @@ class SceneOptions:
     """How `run_many` opens each scene and writes it. resize / stride: the frames' preprocessing
     (`io.frames.open_frames`); query_points: [N, 2] pixels tracked in every scene instead of its own
     (None: each scene's own); overwrite / protect: each ROOT/<scene>'s `io.outdir.OutputDir` (protect:
-    paths its outputs must not touch: the inputs, the weights); exports: what is written."""
+    paths its outputs must not touch: the inputs, the weights); exports: what is written; size: a fixed
+    (H, W) frame size (`reconstruct --size`; None: upstream's 518-px width)."""
     exports: ExportOptions = dataclasses.field(default_factory=ExportOptions)
     resize: str = "crop"
     stride: int = 1
     query_points: Optional[np.ndarray] = None
     overwrite: bool = False
     protect: tuple = ()
+    size: Optional[tuple[int, int]] = None
 
 
 def check_root(root: Path, overwrite: bool = False) -> None:
@@ -98,7 +101,8 @@ def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig,
     for scene in scenes:
         out_dir = root / scene.name
         report = completed_report(out_dir)
-        if report is not None and _unchanged(scene, report):
+        if report is not None and _unchanged(scene, report) and (
+                options.size is None or [report.get("height"), report.get("width")] == list(options.size)):
             entries.append(summary_entry(scene, "skipped", report.get("frames"), report.get("total_seconds"),
                                          report.get("cache_bytes")))
             log.info("%s: complete from an earlier run, skipped", scene.name)
@@ -106,7 +110,8 @@ def plan(scenes: Sequence[Scene], root: Path, cfg: ModelConfig,
         if report is not None:
             log.info("%s: its input changed since the earlier run (or is not recorded): run again", scene.name)
         try:
-            source = open_frames(scene.path, mode=options.resize, stride=options.stride)
+            source = open_frames(scene.path, mode=options.resize, target=options.size or DEFAULT_TARGET,
+                                 stride=options.stride)
             if options.query_points is not None:
                 source.query_points = options.query_points
             height, width, points = pool_key(source)
