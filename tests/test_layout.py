@@ -6,6 +6,8 @@ hides a cycle from the interpreter, not from a reader.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from _imports import PKG, cycles, import_graph, imports
 
 ROOT_MODULES = {"__init__", "config", "errors", "geometry", "runtime"}
@@ -34,3 +36,12 @@ def test_package_root_holds_only_the_shared_modules():
     assert root <= ROOT_MODULES, sorted(root - ROOT_MODULES)
     folders = {p.name for p in PKG.iterdir() if (p / "__init__.py").exists()}
     assert {"attention", "nn", "cache", "stream", "weights", "io", "app"} <= folders
+
+
+def test_heaviest_first_names_test_files_that_exist():
+    """conftest's scheduling order names real files, each once (a renamed file would silently drop out
+    of the longest-first order)."""
+    from conftest import HEAVIEST_FIRST
+    tests = Path(__file__).resolve().parent
+    assert len(set(HEAVIEST_FIRST)) == len(HEAVIEST_FIRST)
+    assert [name for name in HEAVIEST_FIRST if not (tests / name).is_file()] == []
