@@ -3,6 +3,10 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.parallel_child REFERENCE_TINY_DIR
 
 (XLA_FLAGS must be set before jax is imported: the parent sets it in the child's environment.)
+The model is the `micro` preset with random weights, saved to a params directory and loaded from it as
+users load theirs (the pool is compared with single streams of the same model: no upstream numbers are
+involved, and the micro model compiles in a fraction of the reference model's time); the frames and
+query points are the reference's (56x70: 20 patches a frame, so the 64-token budget prunes).
 For each cache setting, one pool plays a schedule of scenes over its 4 slots (one device each):
 slot 1 changes scene 3 times, slot 3 starts a step late, slot 2's scene has fewer query points
 than the pool (padded, with the validity mask). Every scene is also run alone through the
@@ -16,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -26,10 +31,9 @@ from xsvggt_jax.stream import pool as batch
 from xsvggt_jax.stream import mesh as parallel
 from xsvggt_jax.cache.core import CacheConfig, init_cache, tree_bytes
 from xsvggt_jax.config import ModelConfig
-from xsvggt_jax.weights.torch_reader import read_state_dict
+from xsvggt_jax.nn.model import init_params
 from xsvggt_jax.stream.step import step
-
-from xsvggt_jax.weights.convert import convert_state_dict
+from xsvggt_jax.weights.params import load_params, save_params
 
 SLOTS, N = 4, 5
 # name: (cache config, query points of slot 2's scene, heads). Compiles dominate the run time: the
@@ -50,8 +54,10 @@ MAX_FRAMES = 4
 
 
 def main(tiny: Path) -> dict:
-    cfg = ModelConfig.from_spec(tiny / "spec.json")
-    params = convert_state_dict(read_state_dict(tiny / "weights.pth"), cfg, source="weights.pth")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_params(init_params(ModelConfig.preset("micro"), jax.random.key(0)), Path(tmp) / "params",
+                    ModelConfig.preset("micro"))
+        params, cfg = load_params(Path(tmp) / "params")
     data = np.load(tiny / "frames.npz")
     images = data["images"].transpose(0, 2, 3, 1)  # [S, H, W, 3]
     queries = data["query_points"].astype(np.float32)
