@@ -62,7 +62,7 @@ def _cache_config(args):
                        quant=args.quant, bits=args.bits, group=args.group, scale_dtype=args.scale_dtype,
                        protect=args.protect, protect_share=args.protect_share, mass_decay=args.mass_decay,
                        camera_budget=args.camera_budget, camera_quant=args.camera_quant,
-                       camera_bits=args.camera_bits)
+                       camera_bits=args.camera_bits, quant_once=args.quant_once)
 
 
 def _query_points(text: str | None):
@@ -400,6 +400,10 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_stat
     g.add_argument("--camera-quant", choices=tuple(QUANT_LAYOUTS),
                    help="camera-trunk K/V layout (default: upstream's rule: unquantized at the published size)")
     g.add_argument("--camera-bits", type=int, choices=tuple(PACK_BITS), help="camera-trunk code width (default --bits)")
+    g.add_argument("--quant-once", action="store_true",
+                   help="quantize each token's K/V once, when it enters the cache (KIVI: per-channel groups wait "
+                        "in a float window until full; pruning keeps whole groups); default: upstream's order, "
+                        "the whole cache re-quantized every step")
     if not stream_state:
         return
     st = r.add_argument_group("checkpointing the stream")

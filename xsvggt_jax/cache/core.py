@@ -22,6 +22,9 @@ Every array has a shape fixed by the configuration, so `step` compiles once for 
   unquantized current frame. What is stored dequantizes bit-exactly to the values upstream keeps:
   codes and group parameters of this step's quantization, and for per-channel groups a per-token
   index of the group each kept token came from (pruning moves tokens between groups).
+* `quant_once` (`xsvggt_jax.cache.kivi`): instead, each token is encoded once, when it enters (KIVI);
+  per-channel codecs hold the newest tokens in a float window until their group fills, and pruning
+  keeps or drops whole groups.
 
 Slots past a layer's fill level are masked out of attention.
 
@@ -47,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.cache import quant
+from xsvggt_jax.cache import kivi, quant
 from xsvggt_jax.config import ModelConfig, value_from_text
 from xsvggt_jax.errors import ConfigError, InputError
 from xsvggt_jax.cache.codec import LAYOUTS, SCALE_DTYPES, Codec, Packed, take_rows
@@ -107,6 +110,11 @@ class CacheConfig:
             layer whatever its head dim; None: the global rule (`quant` under `quant_head_dim`: the
             camera stays float at the published size, as upstream).
     camera_bits: code width of a quantized camera cache; None: `bits`.
+    quant_once: quantize each token's K/V once, when it enters the cache (KIVI; `cache.kivi`): its codes
+            never change. Per-token codecs encode a token at once; per-channel codecs keep the newest
+            (fewer than `group`) tokens in a float window and encode them when their group fills.
+            Pruning keeps or drops whole groups of a per-channel layout (`kivi` says why). False
+            (default): upstream's order, the whole cache re-quantized every step (bit-exact).
     """
 
     prune: str = "xstream"
@@ -125,6 +133,7 @@ class CacheConfig:
     camera_budget: Optional[int] = None
     camera_quant: Optional[str] = None
     camera_bits: Optional[int] = None
+    quant_once: bool = False
 
     def __post_init__(self):
         if self.prune not in POLICIES:
@@ -155,6 +164,8 @@ class CacheConfig:
             raise ConfigError("camera_quant", f"must be one of {QUANT_LAYOUTS}, got {self.camera_quant!r}")
         if self.camera_bits is not None and self.camera_bits not in quant.PACK_BITS:
             raise ConfigError("camera_bits", f"must be one of {quant.PACK_BITS}, got {self.camera_bits}")
+        if self.quant_once:
+            kivi.check_config(self)
 
     @classmethod
     def from_text(cls, text: str, defaults: Mapping[str, Any] | None = None, *, where: str | None = None,
@@ -295,11 +306,15 @@ class LayerKV:
     consumes them), or `Packed` when the layer is quantized.
     mass: float32 [B, T] the decayed running attention mass of each slot (prune="cumulative"), else
     None (no leaf).
+    k_win, v_win: quantize-once layers with a per-channel codec (`kivi`): [B, H, group - 1, D] the float
+    residual window of K / V, the newest length % group tokens not yet encoded; else None.
     """
 
     k: Array | Packed
     v: Array | Packed
     mass: Optional[Array] = None
+    k_win: Optional[Array] = None
+    v_win: Optional[Array] = None
 
 
 CHUNK_CALLS = 256  # an uncompressed layer's attention chunk holds at most this many calls' tokens
@@ -349,16 +364,20 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
     policy = POLICIES[cache_cfg.prune]
     n = k.shape[2]
     codecs = (kv.k.codec, kv.v.codec) if isinstance(kv.k, Packed) else None
+    once = codecs is not None and cache_cfg.quant_once   # quantize once (`kivi`): codes never change
     slots = stored_slots(kv)
     work = slots + n if (codecs and policy is not None) else slots
-    k_att, v_att = _stage(kv.k, length, k, work), _stage(kv.v, length, v, work)
+    if once:
+        k_att, v_att, staged = kivi.stage(kv, length, k, v, work)
+    else:
+        k_att, v_att = _stage(kv.k, length, k, work), _stage(kv.v, length, v, work)
     end = length + n
     if policy is None:  # static capacity: attend over the filled chunks only
         mask = KeyPrefix(end, prefix_chunk(cache_cfg, n))  # the capacity is whole chunks (plan_layers)
     else:               # a pruned buffer is (nearly) full: one masked pass
         mask = jnp.where(jnp.arange(work) < end, 0.0, -jnp.inf).astype(jnp.float32)
 
-    if codecs:  # upstream: the whole cache [past; current] is fake-quantized, then pruned
+    if codecs and not once:  # upstream: the whole cache [past; current] is fake-quantized, then pruned
         sk, sv = codecs[0].encode(k_att), codecs[1].encode(v_att)
         score_k = sk.decode()
     else:
@@ -375,13 +394,18 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
                            num_special=num_special, key=key, mass=mass, protect=cache_cfg.protect,
                            protect_share=cache_cfg.protect_share)
         idx = policy(ctx)                                                     # [B, keep]
-        ident = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
-        tail = jnp.broadcast_to(jnp.arange(keep, slots, dtype=jnp.int32), (b, slots - keep))
-        idx = jnp.where(end > keep, jnp.concatenate([idx, tail], -1), ident)  # [B, slots]
-        new_length = jnp.minimum(end, keep)
-    elif codecs:
+        if once:  # whole codes: per-channel groups kept or dropped whole
+            idx, new_length = kivi.survivors(staged, idx, end, keep, slots)
+        else:
+            ident = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
+            tail = jnp.broadcast_to(jnp.arange(keep, slots, dtype=jnp.int32), (b, slots - keep))
+            idx = jnp.where(end > keep, jnp.concatenate([idx, tail], -1), ident)  # [B, slots]
+            new_length = jnp.minimum(end, keep)
+    elif codecs and not once:
         idx = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
-    if codecs:
+    if once:
+        new_kv = LayerKV(**kivi.stored(staged, idx if policy is not None else None, slots))
+    elif codecs:
         new_kv = LayerKV(sk.take(idx), sv.take(idx))
     elif policy is not None:
         new_kv = LayerKV(take_rows(sk, idx), take_rows(sv, idx))
@@ -552,6 +576,9 @@ def _empty_layers(plan: LayerPlan, cache_cfg: CacheConfig, batch: int, dtype) ->
     mass = (lambda: jnp.zeros((batch, plan.slots), jnp.float32)) if cache_cfg.carries_mass else (lambda: None)
     if not plan.quantized:  # distinct buffers per leaf: the cache is donated to `step`
         return tuple(LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), mass()) for _ in range(plan.layers))
+    if cache_cfg.quant_once:  # stored rows: whole groups of the stored slots (`kivi`)
+        return tuple(LayerKV(mass=mass(), **kivi.empty_layer(cache_cfg.codecs(), *shape, dtype))
+                     for _ in range(plan.layers))
     rows = -(-plan.work_slots // cache_cfg.group)
     kc, vc = cache_cfg.codecs()
     return tuple(LayerKV(kc.empty(*shape, rows), vc.empty(*shape, rows), mass()) for _ in range(plan.layers))
