@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.cache import kivi, quant
+from xsvggt_jax.cache import kivi, packed_attend, quant
 from xsvggt_jax.config import ModelConfig, value_from_text
 from xsvggt_jax.errors import ConfigError, InputError
 from xsvggt_jax.cache.codec import LAYOUTS, SCALE_DTYPES, Codec, Packed, take_rows
@@ -435,6 +435,23 @@ class LayerCache:
         k_att, v_att, mask, kv, length = update_layer(self.kv, self.length, q, k, v, cache_cfg=self.cache_cfg,
                                                       num_special=self.num_special, key=self.key)
         return k_att, v_att, mask, self.replace(kv=kv, length=length)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.kv.k, Packed)
+
+    def packed_unsupported(self) -> Optional[str]:
+        """Why this layer cannot attend to its packed codes (`packed_attend.unsupported`), or None."""
+        return packed_attend.unsupported(self.kv, self.cache_cfg)
+
+    def attend_packed(self, q: Array, k: Array, v: Array, *,
+                      precision: jax.lax.Precision = jax.lax.Precision.HIGHEST) -> tuple[Array, "LayerCache"]:
+        """This call's attention read from the stored codes (`packed_attend.attend`, the same keys and
+        values as `update`'s) and the next LayerCache: (out [B, H, N, D], next)."""
+        out = packed_attend.attend(self.kv, self.length, q, k, v, self.cache_cfg, precision)
+        _, _, _, kv, length = update_layer(self.kv, self.length, q, k, v, cache_cfg=self.cache_cfg,
+                                           num_special=self.num_special, key=self.key)
+        return out, self.replace(kv=kv, length=length)
 
 
 def layer_caches(kvs: tuple, length: Array, key: Array, cache_cfg: CacheConfig, num_special: int) -> tuple:

@@ -48,7 +48,7 @@ from xsvggt_jax.errors import ConfigError
 
 Array = jax.Array
 
-__all__ = ["grouped", "check_config", "window_slots", "empty_layer", "stage", "survivors",
+__all__ = ["grouped", "check_config", "window_slots", "empty_layer", "view", "stage", "survivors",
            "stored", "quantized_slots"]
 
 
@@ -175,7 +175,7 @@ def _append(p: Packed, win: Optional[Array], new: Array, length: Array, work: in
     return _append_tokens(p, new, length, work), None
 
 
-def _view(p: Packed, win: Optional[Array], new: Array, length: Array, work: int) -> Array:
+def view(p: Packed, win: Optional[Array], new: Array, length: Array, work: int) -> Array:
     """[B, H, work, D] what the dequantizing path attends to: encoded tokens decoded, the window's
     floats, the current tokens at [length, length + n), zeros after."""
     nq = quantized_slots(p.codec, length)
@@ -189,7 +189,7 @@ def stage(kv: Any, length: Array, k: Array, v: Array, work: int) -> tuple[Array,
     """One call's append. kv: the layer's `LayerKV` (k, v Packed; k_win, v_win windows); k, v
     [B, H, n, D] the current tokens. Returns (k_att, v_att [B, H, work, D] float views to attend over,
     the staged fields k, v (Packed over `work` slots), k_win, v_win holding length + n tokens)."""
-    k_att, v_att = _view(kv.k, kv.k_win, k, length, work), _view(kv.v, kv.v_win, v, length, work)
+    k_att, v_att = view(kv.k, kv.k_win, k, length, work), view(kv.v, kv.v_win, v, length, work)
     sk, k_win = _append(kv.k, kv.k_win, k, length, work)
     sv, v_win = _append(kv.v, kv.v_win, v, length, work)
     return k_att, v_att, {"k": sk, "v": sv, "k_win": k_win, "v_win": v_win}
