@@ -154,7 +154,8 @@ def test_pruning_keeps_whole_codes(layout, prune):
             # what this call could have encoded: the tokens of its window and frame (not yet held)
             fresh = set(units) - held[which]
             enc = _encoded(p.codec, length)
-            assert len(fresh) <= (-(-(GROUP - 1 + N) // GROUP) if isinstance(p.codec, PerChannel) else N), which
+            # at most the groups [window; frame] filled (per channel), the frame's tokens (per token)
+            assert len(fresh) <= ((prev_length % GROUP + N) // GROUP if isinstance(p.codec, PerChannel) else N), which
             if isinstance(p.codec, PerChannel):  # fresh groups are the newest encoded ones
                 assert all(u in fresh for u in units[len(units) - len(fresh):]) and enc == len(units) * GROUP
             held[which] = set(units)
