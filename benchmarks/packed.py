@@ -42,7 +42,6 @@ import numpy as np
 
 from xsvggt_jax.attention import options
 from xsvggt_jax.attention.dispatch import attend, packed_kernel
-from xsvggt_jax.attention.masks import KeyPrefix
 from xsvggt_jax.attention.packed import bytes_read
 from xsvggt_jax.cache import kivi, packed_attend
 from xsvggt_jax.cache.core import CacheConfig, LayerCache, LayerKV, init_cache

@@ -16,9 +16,9 @@ from conftest import micro_frames, rel_err, run_error
 from xsvggt_jax.attention import options
 from xsvggt_jax.attention.kernels import attend_xla_lse
 from xsvggt_jax.attention.masks import KeyPrefix
-from xsvggt_jax.attention.packed import PackedKV, packed_lse
+from xsvggt_jax.attention.packed import packed_lse
 from xsvggt_jax.attention.pallas_packed import packed_lse_pallas, unfit
-from xsvggt_jax.cache.codec import LAYOUTS, PerChannel
+from xsvggt_jax.cache.codec import LAYOUTS
 from xsvggt_jax.cache.core import CacheConfig, init_cache
 from xsvggt_jax.cache.packed_attend import config_unsupported, operand
 
@@ -56,12 +56,13 @@ PACKED_CASES = [("kcvt", 4, 4), ("ktvt", 2, 4), ("kcvc", 8, 4), ("ktvc", 2, 32)]
 def test_packed_equals_dequantize_then_attend(layout, bits, group):
     """The JAX function equals attention over the decoded K/V for key counts from none to every slot
     (70 slots: a last key block that does not fill), and, for a quantize-once cache (`whole_groups`:
-    only whole groups attended, slots not whole groups), without padding."""
+    only whole groups attended, 70 slots not whole groups of 4), without padding."""
     q, pk, pv = _case(layout, bits, group, slots=70, d=16, seed=bits + group)
     run = jax.jit(lambda q, pk, pv, n: packed_lse(q, operand(pk), operand(pv), n))
-    whole = jax.jit(lambda q, pk, pv, n: packed_lse(q, operand(pk), operand(pv), n, whole_groups=True))
     errs = [_errors(run(q, pk, pv, jnp.int32(n)), _reference(q, pk, pv, n)) for n in (0, 3, 37, 70)]
-    errs.append(_errors(whole(q, pk, pv, jnp.int32(64)), _reference(q, pk, pv, 64)))
+    if group == 4:
+        whole = jax.jit(lambda q, pk, pv, n: packed_lse(q, operand(pk), operand(pv), n, whole_groups=True))
+        errs.append(_errors(whole(q, pk, pv, jnp.int32(64)), _reference(q, pk, pv, 64)))
     print(layout, bits, group, "max relative error", max(errs))
     assert max(errs) <= TOL
 
@@ -70,14 +71,14 @@ def test_packed_equals_dequantize_then_attend(layout, bits, group):
 def test_pallas_kernel_in_interpret_mode_equals_dequantize_then_attend(layout, bits):
     """The Pallas kernel (interpret mode) on each layout, the code widths spread over them: head dim 64,
     per-channel groups of 16 keys or one group of 64 head dims per token, 40 slots (a last key block
-    moved back), 20 queries (one padded query block), no key at all."""
+    moved back), 20 queries (one padded query block); no key at all (KCVT)."""
     group = 16 if layout == "kcvc" else 64
     q, pk, pv = _case(layout, bits, group, slots=40, d=64, nq=20, seed=1)
     assert unfit(operand(pk), operand(pv)) is None
-    for length in (0, 39):
+    for length in ((0, 39) if layout == "kcvt" else (39,)):
         err = _errors(packed_lse_pallas(q, operand(pk), operand(pv), jnp.int32(length), interpret=True),
                       _reference(q, pk, pv, length))
-        print(layout, bits, length, err)
+        print(layout, bits, length, "kernel max relative error", err)
         assert err <= TOL
 
 

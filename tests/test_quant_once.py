@@ -17,8 +17,8 @@ from _refs import ref_quant
 from conftest import run_error
 from xsvggt_jax.cache import quant
 from xsvggt_jax.cache.codec import LAYOUTS as CODECS, PerChannel
-from xsvggt_jax.cache.core import (CacheConfig, LayerPlan, _built_for_json, _empty_layers, cache_bytes, init_cache,
-                                   tree_bytes, update_layer)
+from xsvggt_jax.cache.core import (CacheConfig, LayerPlan, _built_for_json, _empty_layers, init_cache, tree_bytes,
+                                   update_layer)
 from xsvggt_jax.errors import ConfigError
 
 LAYOUTS = tuple(CODECS)

@@ -80,7 +80,7 @@ def _kernel(len_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, o_re
 
     def body(i, carry):
         m, l, acc = carry
-        start = jnp.minimum(i * kb, slots - kb)
+        start = block_start(i, kb, slots)
         row = start // kb
         if k_channel:   # scales folded into the queries, zero points into one bias per (query, group)
             logits, bias = jnp.zeros((bq, kb), jnp.float32), jnp.zeros((bq,), jnp.float32)
