@@ -9,7 +9,12 @@
 #      and upstream StreamVGGT and XStreamVGGT under bf16 autocast, essentials first; programs are
 #      compiled 4 at a time (XLA:GPU compiled this model's step in 16-63 s a program on H100/H200,
 #      2026-11-26); whatever does not fit PUBLISHED_S is skipped or cut short, with the reason logged
-#      in the JSON Lines' first ("meta") line.
+#      in the JSON Lines' first ("meta") line;
+#   3. benchmarks.packed (before 2, within PACKED_TIMEOUT_S, default 140 s; 2's share shrinks by as
+#      much): `--attention packed` vs the dequantizing path at the published size, quantize-once
+#      xstream-int4 (budget 2048, KCVT 4-bit group 64), dtype auto: one global layer's attention (ms,
+#      bytes accessed, bytes the attention moves) and the whole step (compile s, ms/frame), the Pallas
+#      kernel's first run on a GPU -> $OUT/packed_gpu.jsonl.
 # The earlier checks (parity tests on the accelerator, benchmarks.batch, benchmarks.many) ran from
 # this script's previous version (see its git history; results in benchmarks/results/*_gpu_h200_*).
 # Run from the repository root with OUT set (a folder the results go to). It expects:
@@ -23,7 +28,8 @@
 #   All three are git-ignored / in .git/info/exclude (never committed) and named in the call's `carry`.
 # Call the tool with timeout_s 600; the whole script stays under 540 s.
 # Dry run on CPU (tiny sizes, no GPU): OUT=/tmp/o PUBLISHED_ARGS="--config tiny --height 56 --width 70
-#   --frames 3 --record 1,2 --record-long 3" SKIP_SETUP=1 bash benchmarks/device_run.sh
+#   --frames 3 --record 1,2 --record-long 3" PACKED_ARGS="--config micro --height 28 --width 28 --budget 24
+#   --group 4 --frames 3 --repeats 3" SKIP_SETUP=1 bash benchmarks/device_run.sh
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 : "${OUT:?set OUT to the results folder}"
@@ -51,11 +57,15 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+step "packed attention vs dequantizing (quantize once, xstream-int4)"
+timeout "${PACKED_TIMEOUT_S:-140}" python3 -m benchmarks.packed --time-limit "${PACKED_S:-75}" ${PACKED_ARGS:-} \
+  --out "$OUT/packed_gpu.jsonl" 2>&1 | grep -vE '^WARNING: All log|^I0000|^W0000' | tail -12
+
 step "published: ours vs upstream"
 UP=()
 if [ -d .upstream ]; then UP=(--upstream-src .upstream --upstream-python python3); else echo "no .upstream/: upstream skipped"; fi
 # the benchmark stops starting work at --time-limit; the outer timeout is the backstop
-timeout "${PUBLISHED_TIMEOUT_S:-420}" python3 -m benchmarks.published --time-limit "${PUBLISHED_S:-390}" \
+timeout "${PUBLISHED_TIMEOUT_S:-280}" python3 -m benchmarks.published --time-limit "${PUBLISHED_S:-250}" \
   --compile-workers 4 "${UP[@]}" ${PUBLISHED_ARGS:-} --out "$OUT/published_gpu_vs_upstream.jsonl" -v 2>&1 \
   | grep -vE '^WARNING: All log|^I0000|^W0000' | tail -60
 step done

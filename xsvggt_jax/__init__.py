@@ -23,7 +23,8 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
 _EXPORTS = {
     "ModelConfig": "config", "ConfigError": "config", "PRESETS": "config", "DTYPES": "config",
     "CacheConfig": "cache.core", "init_cache": "cache.core",
-    "make_step": "stream.step", "run_stream": "stream.step",
+    "make_step": "stream.step", "run_stream": "stream.step", "StreamSession": "stream.session",
+    "load_state": "io.state", "save_state": "io.state",
     "StreamVGGT": "nn.model", "init_params": "nn.model", "param_shapes": "nn.model",
     "load_params": "weights.params", "save_params": "weights.params", "load_config": "weights.params", "ParamsError": "weights.params",
     "params_from_checkpoint": "weights.cached",

@@ -63,7 +63,7 @@ def _cache_config(args):
                        quant=args.quant, bits=args.bits, group=args.group, scale_dtype=args.scale_dtype,
                        protect=args.protect, protect_share=args.protect_share, mass_decay=args.mass_decay,
                        merge_share=args.merge_share, camera_budget=args.camera_budget, camera_quant=args.camera_quant,
-                       camera_bits=args.camera_bits)
+                       camera_bits=args.camera_bits, quant_once=args.quant_once)
 
 
 def _query_points(text: str | None):
@@ -110,8 +110,15 @@ def _validate(args) -> None:
         out, st = Path(args.out).resolve(), Path(state).resolve()
         if _inside(st, out) or _inside(out, st):
             raise ConfigError(f"the state directory {state} and --out {args.out} must not contain each other")
+    if args.attention == "packed" and args.offline:
+        raise ConfigError("--attention packed reads a quantized streaming cache's codes: not with --offline")
     if not args.offline:
-        _cache_config(args)
+        cache_cfg = _cache_config(args)
+        if args.attention == "packed":
+            from xsvggt_jax.cache.packed_attend import config_unsupported
+
+            if why := config_unsupported(cache_cfg):
+                raise ConfigError(f"--attention packed: {why}")
     _query_points(args.query_points)
 
 
@@ -217,7 +224,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_npz: dict | N
             else:
                 run = stream_frames(cfg, cache_cfg, params, source, s, hw, qp, tmp / ".work", state_dir=state_dir,
                                     save_every=args.save_every, resume=bool(args.resume), quiet=args.quiet,
-                                    meta=meta)
+                                    meta=meta, attention=args.attention)
             for name, arrays in (extra_npz or {}).items():
                 atomic_savez(tmp / name, **arrays)
             write_scene(tmp, run, source, _export_options(args), cfg, note)
@@ -404,6 +411,10 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_stat
     g.add_argument("--camera-quant", choices=tuple(QUANT_LAYOUTS),
                    help="camera-trunk K/V layout (default: upstream's rule: unquantized at the published size)")
     g.add_argument("--camera-bits", type=int, choices=tuple(PACK_BITS), help="camera-trunk code width (default --bits)")
+    g.add_argument("--quant-once", action="store_true",
+                   help="quantize each token's K/V once, when it enters the cache (KIVI: per-channel groups wait "
+                        "in a float window until full; pruning keeps whole groups); default: upstream's order, "
+                        "the whole cache re-quantized every step")
     if not stream_state:
         return
     st = r.add_argument_group("checkpointing the stream")
@@ -452,8 +463,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="batch forward over all frames instead of streaming (causal or full attention)")
     from xsvggt_jax.attention.dispatch import ATTENTION_IMPLS
     r.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
-                   help="offline global attention: auto (cudnn on GPU, else blocked/xla), xla (dense), blocked "
-                        "(online softmax over key blocks, causal blocks skipped), cudnn, ring/gather (with --devices)")
+                   help="global attention: auto (cudnn on GPU, else blocked/xla), xla (dense), blocked "
+                        "(online softmax over key blocks, causal blocks skipped), cudnn, ring/gather (--offline with "
+                        "--devices), packed (streaming: a quantized cache attended as its packed codes, without "
+                        "dequantizing it; the Pallas kernel on a GPU)")
     r.add_argument("--devices", type=POSITIVE_INT,
                    help="--offline: shard the frames over this many devices (ring attention; default: all "
                         "devices that divide the frame count; 1 with --query-points)")

@@ -3,7 +3,11 @@
 Implementations (`ATTENTION_IMPLS`), named by a run option (`StreamVGGT(cfg, attention=...)`):
   xla, blocked, cudnn  one device (`attention.kernels`);
   ring, gather         sequence parallel inside `jax.shard_map` (`attention.ring`);
-  auto                 `resolve_attention` picks one by backend and mask.
+  packed               a streaming layer with a quantized cache attends to its packed codes without
+                       materialising float K/V (`attend_packed`: `attention.packed`, the Pallas kernel
+                       `attention.pallas_packed` on a GPU); every other attention call runs as `auto`;
+  auto                 `resolve_attention` picks one by backend and mask (never `packed`: not yet timed
+                       on an accelerator).
 cudnn falls back to `blocked` (structured masks) or `xla` where the backend, dtype, head dim or mask do
 not fit, with the reason logged once.
 
@@ -29,7 +33,8 @@ import jax.numpy as jnp
 from xsvggt_jax.attention.kernels import (KEY_BLOCK, QUERY_BLOCK, attend_blocked, attend_blocked_lse,
                                           attend_cudnn, attend_cudnn_lse, attend_xla, attend_xla_lse, current_options,
                                           merge_lse)
-from xsvggt_jax.attention.masks import Full, FrameCausal, KeyPrefix, Mask, as_mask
+from xsvggt_jax.attention.masks import NEG_INF, Additive, Full, FrameCausal, KeyPrefix, Mask, as_mask
+from xsvggt_jax.attention.packed import PackedKV, packed_lse
 from xsvggt_jax.attention.ring import attend_sequence_parallel
 from xsvggt_jax.errors import ConfigError
 
@@ -37,7 +42,8 @@ Array = jax.Array
 Precision = jax.lax.Precision
 log = logging.getLogger(__name__)
 
-ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "ring", "gather")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "ring", "gather", "packed")
+PACKED_KERNELS = ("jax", "pallas")   # `options(packed_kernel=...)`
 SEQUENCE_PARALLEL_IMPLS = ("ring", "gather")
 AUTO_DENSE_KEYS = 8192      # `auto` on CPU/TPU: unmasked attention over more keys than this is blocked
 
@@ -85,6 +91,8 @@ def resolve_attention(impl: str, backend: Optional[str] = None, mask: Any = None
     check_impl(impl)
     if impl in SEQUENCE_PARALLEL_IMPLS:
         return impl
+    if impl == "packed":   # reads packed codes (`attend_packed`); float keys and values as auto
+        impl = "auto"
     backend = backend or jax.default_backend()
     mask = as_mask(mask)
     structured = isinstance(mask, (FrameCausal, KeyPrefix)) or keys > AUTO_DENSE_KEYS
@@ -191,4 +199,47 @@ def attend_split(q: Array, past_k: Array, past_v: Array, past_mask: Any, k: Arra
     as two partial softmaxes merged by log-sum-exp. Returns [B, H, Nq, D] in q's dtype."""
     a = attend_lse(q, past_k, past_v, mask=AttentionSpec(past_mask, impl), precision=precision)
     b = attend_lse(q, k, v, mask=AttentionSpec(Full(), impl), precision=precision)
+    return merge_lse([a, b], q.dtype)
+
+
+def packed_selected(impl: str) -> bool:
+    """Whether a streaming layer with a quantized cache attends to its packed codes (`attend_packed`)."""
+    return impl == "packed"
+
+
+def packed_kernel(k: PackedKV, v: PackedKV, backend: Optional[str] = None) -> str:
+    """What `attend_packed` runs: `options(packed_kernel=...)`, else the Pallas kernel on a GPU where it
+    fits (`pallas_packed.unfit`), else the JAX function (the reason logged once)."""
+    forced = current_options().packed_kernel
+    if forced is not None and forced not in PACKED_KERNELS:
+        raise AttentionConfigError(f"unknown packed attention kernel {forced!r}; choose from {PACKED_KERNELS}")
+    kernel = forced or ("pallas" if (backend or jax.default_backend()) == "gpu" else "jax")
+    if kernel != "pallas":
+        return kernel
+    from xsvggt_jax.attention.pallas_packed import unfit   # Pallas is imported where it runs
+
+    reason = unfit(k, v)
+    if reason:
+        _log_once(f"packed attention kernel not used ({reason}); running the JAX function")
+        return "jax"
+    return kernel
+
+
+def attend_packed(q: Array, k: PackedKV, v: PackedKV, length: Array, rest_k: Array, rest_v: Array,
+                  rest_valid: Array, *, whole_groups: bool = False,
+                  precision: Precision = Precision.HIGHEST) -> Array:
+    """Attention of q [B, H, Nq, D] over a cache's packed keys [0, length) (`packed.PackedKV` K and V)
+    and float keys rest_k / rest_v [B, H, W, D] where rest_valid [W] (bool): the current frame, a
+    quantize-once window. The packed part never builds float K/V (`packed_kernel` picks the code),
+    the float part is dense; merged by log-sum-exp. Returns [B, H, Nq, D] in q's dtype.
+    whole_groups: `length` is a multiple of a per-channel group (`packed.blocked`)."""
+    backend = jax.default_backend()
+    if packed_kernel(k, v, backend) == "pallas":
+        from xsvggt_jax.attention.pallas_packed import packed_lse_pallas
+
+        a = packed_lse_pallas(q, k, v, length, whole_groups=whole_groups, interpret=backend != "gpu")
+    else:
+        a = packed_lse(q, k, v, length, whole_groups=whole_groups, precision=precision)
+    bias = jnp.where(rest_valid, 0.0, NEG_INF).astype(jnp.float32)
+    b = attend_xla_lse(q, rest_k, rest_v, Additive(bias), precision)
     return merge_lse([a, b], q.dtype)

@@ -48,10 +48,13 @@ class AttentionOptions:
     global). cpu_query_block: `xla`'s query block on CPU; None attends in one fusion (what XLA's cost
     analysis needs to count every block: it counts a loop body once). cache_split: whether a streaming
     layer attends to its cache and its current frame separately and merges them by log-sum-exp
-    (`dispatch.attend_split`); None: where cuDNN runs."""
+    (`dispatch.attend_split`); None: where cuDNN runs. packed_kernel: what runs attention over packed
+    codes (`dispatch.attend_packed`): "jax" (`packed.packed_lse`), "pallas" (`pallas_packed`, interpret
+    mode off a GPU); None: the Pallas kernel on a GPU where it fits, else "jax"."""
 
     cpu_query_block: Optional[int] = CPU_QUERY_BLOCK
     cache_split: Optional[bool] = None
+    packed_kernel: Optional[str] = None
 
 
 _OPTIONS: contextvars.ContextVar[AttentionOptions] = contextvars.ContextVar("attention_options",

@@ -24,6 +24,9 @@ Every array has a shape fixed by the configuration, so `step` compiles once for 
   unquantized current frame. What is stored dequantizes bit-exactly to the values upstream keeps:
   codes and group parameters of this step's quantization, and for per-channel groups a per-token
   index of the group each kept token came from (pruning moves tokens between groups).
+* `quant_once` (`xsvggt_jax.cache.kivi`): instead, each token is encoded once, when it enters (KIVI);
+  per-channel codecs hold the newest tokens in a float window until their group fills, and pruning
+  keeps or drops whole groups.
 
 Slots past a layer's fill level are masked out of attention.
 
@@ -49,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xsvggt_jax.cache import quant
+from xsvggt_jax.cache import kivi, packed_attend, quant
 from xsvggt_jax.config import ModelConfig, value_from_text
 from xsvggt_jax.errors import ConfigError, InputError
 from xsvggt_jax.cache.codec import LAYOUTS, SCALE_DTYPES, Codec, Packed, take_rows
@@ -115,6 +118,11 @@ class CacheConfig:
             layer whatever its head dim; None: the global rule (`quant` under `quant_head_dim`: the
             camera stays float at the published size, as upstream).
     camera_bits: code width of a quantized camera cache; None: `bits`.
+    quant_once: quantize each token's K/V once, when it enters the cache (KIVI; `cache.kivi`): its codes
+            never change. Per-token codecs encode a token at once; per-channel codecs keep the newest
+            (fewer than `group`) tokens in a float window and encode them when their group fills.
+            Pruning keeps or drops whole groups of a per-channel layout (`kivi` says why). False
+            (default): upstream's order, the whole cache re-quantized every step (bit-exact).
     """
 
     prune: str = "xstream"
@@ -134,6 +142,7 @@ class CacheConfig:
     camera_budget: Optional[int] = None
     camera_quant: Optional[str] = None
     camera_bits: Optional[int] = None
+    quant_once: bool = False
 
     def __post_init__(self):
         if self.prune not in POLICIES:
@@ -172,6 +181,8 @@ class CacheConfig:
             raise ConfigError("camera_quant", f"must be one of {QUANT_LAYOUTS}, got {self.camera_quant!r}")
         if self.camera_bits is not None and self.camera_bits not in quant.PACK_BITS:
             raise ConfigError("camera_bits", f"must be one of {quant.PACK_BITS}, got {self.camera_bits}")
+        if self.quant_once:
+            kivi.check_config(self)
 
     @classmethod
     def from_text(cls, text: str, defaults: Mapping[str, Any] | None = None, *, where: str | None = None,
@@ -316,12 +327,16 @@ class LayerKV:
     (prune="cumulative"), the FFN residual norm each token had at this layer ("ffn"), the number of
     tokens merged into the slot ("merge"); else None (no leaf).
     feat: float32 [B, F, C] one feature per whole frame in the buffer (prune="keyframes"), else None.
+    k_win, v_win: quantize-once layers with a per-channel codec (`kivi`): [B, H, group - 1, D] the float
+    residual window of K / V, the newest length % group tokens not yet encoded; else None.
     """
 
     k: Array | Packed
     v: Array | Packed
     mass: Optional[Array] = None
     feat: Optional[Array] = None
+    k_win: Optional[Array] = None
+    v_win: Optional[Array] = None
 
 
 CHUNK_CALLS = 256  # an uncompressed layer's attention chunk holds at most this many calls' tokens
@@ -377,9 +392,13 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
     policy = POLICIES[cache_cfg.prune]
     n = k.shape[2]
     codecs = (kv.k.codec, kv.v.codec) if isinstance(kv.k, Packed) else None
+    once = codecs is not None and cache_cfg.quant_once   # quantize once (`kivi`): codes never change
     slots = stored_slots(kv)
     work = slots + n if (codecs and policy is not None) else slots
-    k_att, v_att = _stage(kv.k, length, k, work), _stage(kv.v, length, v, work)
+    if once:
+        k_att, v_att, staged = kivi.stage(kv, length, k, v, work)
+    else:
+        k_att, v_att = _stage(kv.k, length, k, work), _stage(kv.v, length, v, work)
     end = length + n
     if policy is None:  # static capacity: attend over the filled chunks only
         mask = KeyPrefix(end, prefix_chunk(cache_cfg, n))  # the capacity is whole chunks (plan_layers)
@@ -387,7 +406,7 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
         mask = jnp.where(jnp.arange(work) < end, 0.0, -jnp.inf).astype(jnp.float32)
 
     rewrites = cache_cfg.prune in MERGE_POLICIES  # static: the policy rewrites K/V, quantized after it
-    if codecs and not rewrites:  # upstream: the whole cache [past; current] is fake-quantized, then pruned
+    if codecs and not once and not rewrites:  # upstream: the whole cache [past; current] is fake-quantized
         sk, sv = codecs[0].encode(k_att), codecs[1].encode(v_att)
         score_k = sk.decode()
     else:
@@ -418,13 +437,18 @@ def update_layer(kv: LayerKV, length: Array, q: Array, k: Array, v: Array, *, ca
             idx, sk, sv, mass = idx
             if codecs:
                 sk, sv = codecs[0].encode(sk), codecs[1].encode(sv)
-        ident = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
-        tail = jnp.broadcast_to(jnp.arange(keep, slots, dtype=jnp.int32), (b, slots - keep))
-        idx = jnp.where(end > keep + hold, jnp.concatenate([idx, tail], -1), ident)  # [B, slots]
-        new_length = jnp.minimum(end, keep) if hold == 0 else jnp.where(end > keep + hold, keep, end)
-    elif codecs:
+        if once:  # whole codes: per-channel groups kept or dropped whole (merge, keyframes: refused)
+            idx, new_length = kivi.survivors(staged, idx, end, keep, slots)
+        else:
+            ident = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
+            tail = jnp.broadcast_to(jnp.arange(keep, slots, dtype=jnp.int32), (b, slots - keep))
+            idx = jnp.where(end > keep + hold, jnp.concatenate([idx, tail], -1), ident)  # [B, slots]
+            new_length = jnp.minimum(end, keep) if hold == 0 else jnp.where(end > keep + hold, keep, end)
+    elif codecs and not once:
         idx = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
-    if codecs:
+    if once:
+        new_kv = LayerKV(**kivi.stored(staged, idx if policy is not None else None, slots))
+    elif codecs:
         new_kv = LayerKV(sk.take(idx), sv.take(idx))
     elif policy is not None:
         new_kv = LayerKV(take_rows(sk, idx), take_rows(sv, idx))
@@ -479,6 +503,23 @@ class LayerCache:
         norm = jnp.sqrt(jnp.sum(jnp.square(residual.astype(jnp.float32)), axis=-1))       # [B, N]
         mass = jax.lax.dynamic_update_slice_in_dim(self.kv.mass, norm, self.length - residual.shape[1], axis=1)
         return self.replace(kv=self.kv.replace(mass=mass))
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.kv.k, Packed)
+
+    def packed_unsupported(self) -> Optional[str]:
+        """Why this layer cannot attend to its packed codes (`packed_attend.unsupported`), or None."""
+        return packed_attend.unsupported(self.kv, self.cache_cfg)
+
+    def attend_packed(self, q: Array, k: Array, v: Array, *,
+                      precision: jax.lax.Precision = jax.lax.Precision.HIGHEST) -> tuple[Array, "LayerCache"]:
+        """This call's attention read from the stored codes (`packed_attend.attend`, the same keys and
+        values as `update`'s) and the next LayerCache: (out [B, H, N, D], next)."""
+        out = packed_attend.attend(self.kv, self.length, q, k, v, self.cache_cfg, precision)
+        _, _, _, kv, length = update_layer(self.kv, self.length, q, k, v, cache_cfg=self.cache_cfg,
+                                           num_special=self.num_special, key=self.key)
+        return out, self.replace(kv=kv, length=length)
 
 
 def layer_caches(kvs: tuple, length: Array, key: Array, cache_cfg: CacheConfig, num_special: int) -> tuple:
@@ -628,6 +669,9 @@ def _empty_layers(plan: LayerPlan, cache_cfg: CacheConfig, batch: int, dtype) ->
     feat = (lambda: jnp.zeros((batch, plan.frames, plan.feat_dim), jnp.float32)) if plan.frames else (lambda: None)
     if not plan.quantized:  # distinct buffers per leaf: the cache is donated to `step`
         return tuple(LayerKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), mass(), feat())
+                     for _ in range(plan.layers))
+    if cache_cfg.quant_once:  # stored rows: whole groups of the stored slots (`kivi`)
+        return tuple(LayerKV(mass=mass(), **kivi.empty_layer(cache_cfg.codecs(), *shape, dtype))
                      for _ in range(plan.layers))
     rows = -(-plan.work_slots // cache_cfg.group)
     kc, vc = cache_cfg.codecs()

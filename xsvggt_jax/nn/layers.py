@@ -6,17 +6,21 @@ Parameter names follow the upstream module names so the checkpoint key map stays
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Callable, Optional, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xsvggt_jax.attention.dispatch import AttentionSpec, MaskArg, attend, attend_split, split_selected
+from xsvggt_jax.attention.dispatch import (AttentionSpec, MaskArg, attend, attend_split, packed_selected,
+                                           split_selected)
 from xsvggt_jax.attention.masks import KeyPrefix, Mask
 
 Array = jax.Array
 Precision = jax.lax.Precision
+log = logging.getLogger(__name__)
 
 
 class Dense(nn.Module):
@@ -86,7 +90,9 @@ class Mlp(nn.Module):
 
 class KVCache(Protocol):
     """A layer's streaming cache as attention uses it (`xsvggt_jax.cache.core.LayerCache`): pure, it returns
-    its next state instead of mutating itself."""
+    its next state instead of mutating itself. A quantized one (`quantized`) may also attend to its packed
+    codes: `packed_unsupported()` (None, or why not) and `attend_packed(q, k, v, precision=...)` ->
+    (out [B, H, N, D], the cache after this call), used under the `packed` attention implementation."""
 
     records_residual: bool  # static: the cache scores tokens by their FFN residual (`record_residual`)
 
@@ -109,7 +115,8 @@ class Attention(nn.Module):
     An uncompressed cache (a `KeyPrefix` over stored float keys `cache.kv.k`, filled to `cache.length`)
     is attended in place where `attention.split_selected` says so (on a GPU with cuDNN): the stored
     prefix and the current frame separately, merged by log-sum-exp (`attention.attend_split`), the
-    implementation named by an `AttentionSpec` passed as `mask` (default "auto").
+    implementation named by an `AttentionSpec` passed as `mask` (default "auto"). Under "packed" a
+    quantized cache is attended as stored codes (`KVCache.attend_packed`).
     """
 
     num_heads: int
@@ -133,21 +140,49 @@ class Attention(nn.Module):
             q, k = rope(q), rope(k)
         if cache is not None:
             impl = mask.impl if isinstance(mask, AttentionSpec) else "auto"
-            past = cache
-            k_att, v_att, mask, cache = cache.update(q, k, v)
-            stored_k = getattr(getattr(past, "kv", None), "k", None)
-            if (isinstance(mask, KeyPrefix) and isinstance(stored_k, jax.Array)
-                    and stored_k.shape[2] == k_att.shape[2] and split_selected(impl, q.dtype, hd)):
-                # [past; current] = the stored prefix, then this call's keys (cast as the cache stores them)
-                o = attend_split(q, stored_k, past.kv.v, KeyPrefix(past.length, mask.chunk),
-                                 k.astype(k_att.dtype), v.astype(v_att.dtype), impl=impl, precision=self.precision)
+            if packed_selected(impl) and _packed_ready(cache):  # attend to the stored codes
+                o, cache = cache.attend_packed(q, k, v, precision=self.precision)
             else:
-                o = attend(q, k_att, v_att, mask=AttentionSpec(mask, impl), precision=self.precision)
+                o, cache = _attend_cached(q, k, v, cache, impl, self.precision)
         else:
             o = attend(q, k, v, mask=mask, precision=self.precision)  # [B, H, N, D]
         o = o.transpose(0, 2, 1, 3).reshape(b, n, c)
         o = Dense(c, dtype=self.dtype, precision=self.precision, name="proj")(o)
         return o, cache
+
+
+def _attend_cached(q: Array, k: Array, v: Array, cache: KVCache, impl: str,
+                   precision: Precision) -> tuple[Array, KVCache]:
+    """Attention over the cache's dequantized / float keys [past; current] and the next cache. An
+    uncompressed cache is attended in place where `split_selected` says so (see `Attention`)."""
+    past = cache
+    k_att, v_att, mask, cache = cache.update(q, k, v)
+    stored_k = getattr(getattr(past, "kv", None), "k", None)
+    if (isinstance(mask, KeyPrefix) and isinstance(stored_k, jax.Array)
+            and stored_k.shape[2] == k_att.shape[2] and split_selected(impl, q.dtype, q.shape[-1])):
+        # [past; current] = the stored prefix, then this call's keys (cast as the cache stores them)
+        o = attend_split(q, stored_k, past.kv.v, KeyPrefix(past.length, mask.chunk),
+                         k.astype(k_att.dtype), v.astype(v_att.dtype), impl=impl, precision=precision)
+    else:
+        o = attend(q, k_att, v_att, mask=AttentionSpec(mask, impl), precision=precision)
+    return o, cache
+
+
+def _packed_ready(cache: KVCache) -> bool:
+    """A quantized cache that can attend to its packed codes (`LayerCache.attend_packed`); a quantized
+    one that cannot logs why, once, and dequantizes (a float layer, e.g. the camera trunk at the
+    published size, attends as usual)."""
+    if not getattr(cache, "quantized", False):
+        return False
+    why = cache.packed_unsupported()
+    if why:
+        _log_once(f"packed attention not used for a layer ({why}); it dequantizes")
+    return why is None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 class Block(nn.Module):

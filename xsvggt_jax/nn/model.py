@@ -33,9 +33,10 @@ Array = jax.Array
 
 
 class StreamVGGT(nn.Module):
-    """attention: the offline global attention implementation, one of `attention.ATTENTION_IMPLS`
-    ("ring"/"gather" only under a mesh axis: `stream.sharded.offline_sharded`). remat: rematerialise
-    the aggregator's transformer blocks in the backward pass (training)."""
+    """attention: the global attention implementation, one of `attention.ATTENTION_IMPLS`
+    ("ring"/"gather" only under a mesh axis: `stream.sharded.offline_sharded`; "packed": streaming
+    layers with a quantized cache attend to its codes). remat: rematerialise the aggregator's
+    transformer blocks in the backward pass (training)."""
 
     cfg: ModelConfig
     attention: str = "auto"
@@ -107,11 +108,12 @@ class StreamVGGT(nn.Module):
         and the camera head only (outputs: camera_pose). query_valid: [B, N] bool or None.
         """
         h, w = images.shape[2:4]
-        aggregated, global_caches = self.aggregator(images, slot, caches=global_caches)
+        spec = None if self.attention == "auto" else AttentionSpec(impl=self.attention)  # the cached layers'
+        aggregated, global_caches = self.aggregator(images, slot, mask=spec, caches=global_caches)
         if global_caches and global_caches[0].frame_feature is not None:  # keyframes: the camera trunk
             camera_caches = tuple(c.replace(frame_feature=global_caches[0].frame_feature)  # keeps the
                                   for c in camera_caches)                                  # same frames
-        poses, camera_caches = self.camera_head(aggregated[-1], caches=camera_caches)
+        poses, camera_caches = self.camera_head(aggregated[-1], mask=spec, caches=camera_caches)
         if heads:
             out = self._heads(aggregated, poses[-1], h, w, query_points, query_valid)
         else:

@@ -157,7 +157,7 @@ def _check_resumable(state_dir: Path, saved: dict, meta: dict) -> None:
 def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames: Iterable[np.ndarray],
                   num_frames: int, hw: tuple[int, int], query_points: Optional[np.ndarray], work_dir: Path, *,
                   state_dir: Optional[Path] = None, save_every: int = 0, resume: bool = False,
-                  quiet: bool = True, meta: Optional[dict] = None) -> Reconstruction:
+                  quiet: bool = True, meta: Optional[dict] = None, attention: str = "auto") -> Reconstruction:
     """Run `num_frames` frames ([H, W, 3] float32 each) through the streaming step.
 
     Outputs go to memory maps under `work_dir` (or `state_dir/outputs` when checkpointing, so they
@@ -165,7 +165,7 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
     RESUME_KEYS and the content of the frames it skips match the checkpoint's. Returns the
     `Reconstruction` (mode "stream"; latency, allocated and filled cache bytes per frame, the resumed
     frames' from the checkpoint). Raises StateError (resume refused / damaged state) and
-    NonFiniteError (NaN/Inf outputs).
+    NonFiniteError (NaN/Inf outputs). attention: the cached layers' attention (`step`'s option).
     """
     h, w = hw
     nq = 0 if query_points is None else len(query_points)
@@ -198,7 +198,7 @@ def stream_frames(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, frames
     else:
         store = PredictionStore(out_dir, num_frames, h, w, nq)
         cache = fresh()
-    stream = SingleStream(make_step(cfg, cache_cfg), params, cache)
+    stream = SingleStream(make_step(cfg, cache_cfg, attention=attention), params, cache)
     info = cache_report(cfg, cache_cfg, cache)  # every array has a fixed shape: the bytes never change
     progress = Progress(num_frames, quiet, done=start, postfix=lambda: {
         "fill": f"{int(stream.cache.global_len)} tok", "cache": f"{info['cache_bytes'] / 2**20:.1f} MB"})

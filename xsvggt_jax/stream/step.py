@@ -101,7 +101,7 @@ def check_cache(cache_cfg: CacheConfig, cache: StreamCache) -> None:
 
 def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCache, frame: Array, *,
          heads: bool = True, return_aggregated: bool = False,
-         query_valid: Array | None = None) -> tuple[StreamCache, dict]:
+         query_valid: Array | None = None, attention: str = "auto") -> tuple[StreamCache, dict]:
     """Process one frame of a stream.
 
     frame: [B, H, W, 3] float in [0, 1] (NHWC). Returns the updated cache and the outputs for this
@@ -110,7 +110,8 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
     heads=False: aggregator + camera head only (outputs: camera_pose). return_aggregated: also
     out["aggregated"], the `depth` aggregator outputs [B, P', 2C] the heads read. query_valid: [B, N]
     bool marking the cache's real query points (the others are padding, `batch.pad_queries`: they do
-    not change the real points' outputs); None: all real.
+    not change the real points' outputs); None: all real. attention: the cached layers' attention
+    implementation (`attention.ATTENTION_IMPLS`; "packed" reads a quantized cache's codes).
     Pure: jit it (see `make_step`), vmap it over stacked caches; the counters are arrays, so it
     traces once per stream shape.
     """
@@ -121,7 +122,7 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
     glob = layer_caches(cache.global_kv, cache.global_len, jax.random.fold_in(key, 0), cache_cfg, ns)
     cam = layer_caches(cache.camera_kv, cache.camera_len, jax.random.fold_in(key, 1), cache_cfg.camera(), ns)
     slot = jnp.minimum(cache.frame_index, 1).reshape(1)  # frame 0 uses special-token slot 0
-    out, (glob, cam) = StreamVGGT(cfg).apply(
+    out, (glob, cam) = StreamVGGT(cfg, attention=attention).apply(
         {"params": params}, frame[:, None], slot, glob, cam, cache.track_points if heads else None,
         return_aggregated, heads, query_valid, method=StreamVGGT.stream_frame)
     out = jax.tree.map(lambda x: x[:, 0], out)                     # drop the frame axis
