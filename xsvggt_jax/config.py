@@ -70,6 +70,14 @@ class ModelInfo:
     trained: str
     offline: str | None
 
+    def stream_warning(self) -> str | None:
+        """The one line to warn with when this model streams (None: it was trained to)."""
+        if self.trained == "causal":
+            return None
+        return (f"{self.title} was trained with {self.trained} attention across frames, not to stream: streamed, each "
+                "frame sees only the frames before it, which it never did in training (run it offline full to use "
+                "it as trained)")
+
 
 MODELS: Mapping[str, ModelInfo] = MappingProxyType({
     "streamvggt": ModelInfo("streamvggt", "StreamVGGT", "causal", None),

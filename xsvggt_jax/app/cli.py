@@ -99,10 +99,8 @@ def _resolve_mode(args) -> None:
     info = (cfg or ModelConfig()).model_info
     if not args.offline and not getattr(args, "stream", False) and info.offline:
         args.offline, args.offline_by_model = info.offline, info.title
-    if not args.offline and info.trained == "full":
-        log.warning("%s was trained with full attention across frames, not to stream: streamed, each frame sees only "
-                    "the frames before it, which it never did in training (--offline full runs it as trained)",
-                    info.title)
+    if not args.offline and info.stream_warning():
+        log.warning(info.stream_warning())
 
 
 def _validate(args) -> None:
@@ -113,8 +111,8 @@ def _validate(args) -> None:
     state = args.resume or args.save_state
     if args.offline and state:
         by_model = getattr(args, "offline_by_model", None)
-        raise ConfigError("--save-state/--resume apply to streaming, not --offline"
-                          + (f" ({by_model} runs --offline {args.offline} by default: add --stream)" if by_model else ""))
+        hint = f" ({by_model} runs --offline {args.offline} by default: add --stream)" if by_model else ""
+        raise ConfigError("--save-state/--resume apply to streaming, not --offline" + hint)
     if not args.offline and (args.devices or args.attention in ("ring", "gather")):
         raise ConfigError("--devices and --attention ring|gather apply to --offline")
     if args.devices and args.devices > 1 and args.query_points:
