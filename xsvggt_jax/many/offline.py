@@ -170,9 +170,10 @@ def run_offline_scenes(cfg: ModelConfig, params: dict, jobs: Sequence[Job], expo
     devices = list(jax.local_devices() if devices is None else devices)
     slots = slots or len(devices)
     forwards = _Forwards(cfg, params, devices, causal)
-    batches = [group[i:i + slots] for group in offline_groups(jobs).values() for i in range(0, len(group), slots)]
+    groups = offline_groups(jobs)
+    batches = [group[i:i + slots] for group in groups.values() for i in range(0, len(group), slots)]
     results: list[dict] = []
-    stats = Stats(pools=len(offline_groups(jobs)))
+    stats = Stats(pools=len(groups))
     writer = ThreadPoolExecutor(1, thread_name_prefix="xsvggt-writer")
     pending: collections.deque[Future] = collections.deque()
     readers: dict[int, Reader] = {}
@@ -233,24 +234,28 @@ def _forward(forwards: _Forwards, scenes: list[_Scene], frames_per_device: Optio
     s, h, w = scenes[0].frames.shape[:3]
     nq = pool_key(scenes[0].job.source)[2]
     long = frames_per_device is not None and s > frames_per_device
-    if not long:
-        program = forwards.data_parallel(len(scenes), s, h, w, nq)
-        long = frames_per_device is None and not fits_device(program, forwards.devices[0])
-        if long:
-            log.info("%d scenes of %d frames of %dx%d do not fit a device: each runs sequence parallel",
-                     len(scenes), s, h, w)
-    runs = [(scenes, None)] if not long else [([sc], None) for sc in scenes]
-    for group, _ in runs:
-        try:
+    try:
+        if not long:
+            program = forwards.data_parallel(len(scenes), s, h, w, nq)
+            long = frames_per_device is None and not fits_device(program, forwards.devices[0])
             if long:
-                if nq:
-                    raise ValueError(f"{s} frames do not fit one device, and tracks are not available from the "
-                                     "frame-sharded forward: give the scene without query points")
+                log.info("%d scenes of %d frames of %dx%d do not fit a device: each runs sequence parallel",
+                         len(scenes), s, h, w)
+        if long and nq:
+            raise ValueError(f"{s} frames do not fit one device, and tracks are not available from the "
+                             "frame-sharded forward: give the scene without query points")
+    except (ValueError, jax.errors.JaxRuntimeError) as e:
+        for sc in scenes:
+            _failed(sc.job, e, sc.started, results)
+        return
+    for group in ([[sc] for sc in scenes] if long else [scenes]):
+        try:
+            queries = None
+            if long:
                 program = forwards.sequence_parallel(s, h, w)
-                queries = None
-            else:
-                queries = (jax.device_put(np.stack([sc.job.source.query_points for sc in group]).astype(np.float32),
-                                          program.sharding) if nq else None)
+            elif nq:
+                points = np.stack([sc.job.source.query_points for sc in group]).astype(np.float32)
+                queries = jax.device_put(points, program.sharding)
             x = jax.device_put(np.stack([sc.frames for sc in group]), program.sharding)
             t0 = time.perf_counter()
             out = jax.device_get(jax.block_until_ready(program.compiled(program.params, x, queries)))
