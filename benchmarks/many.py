@@ -12,7 +12,10 @@ maps, stream.png, report.json), published per scene, so scenes/hour includes out
 Runs (each its own output root, compile included, as a user sees it):
 * `continuous`: a pool of `--slots` slots, prefetch `--prefetch` frames per scene;
 * `one-at-a-time`: a pool of 1 slot (scenes back to back, one compile), same prefetch;
-* `continuous-no-prefetch`: `--slots` slots, frames rendered in the main loop (prefetch 0).
+* `continuous-no-prefetch`: `--slots` slots, frames rendered in the main loop (prefetch 0);
+* `offline-full`: `reconstruct-many --offline full` (VGGT's mode, `many.offline`): each scene one batch
+  forward, scenes of one length batched `--slots` a forward, the next batch read ahead (no cache;
+  every distinct length compiles once, so give equal lengths: `--min-frames` = `--max-frames`).
 Device-idle fraction = time the main loop waited for frames / its total time.
 """
 
@@ -71,11 +74,17 @@ def run(label: str, sources, cfg, cache_cfg, params, slots: int, prefetch: int, 
     from xsvggt_jax.io.outputs import ExportOptions
     from xsvggt_jax.many import Job, Scene, run_scenes
 
+    from xsvggt_jax.many import run_offline_scenes
+
     jobs = [Job(Scene(s.name, Path(s.name)), s, OutputDir(root / s.name)) for s in sources]
     t0 = time.perf_counter()
     # the exports `reconstruct-many` writes with its default flags
-    results, stats = run_scenes(cfg, cache_cfg, params, jobs, ExportOptions(), slots=slots, prefetch=prefetch,
-                                slot_compute=slot_compute)
+    if label.startswith("offline-"):
+        results, stats = run_offline_scenes(cfg, params, jobs, ExportOptions(), causal=label == "offline-causal",
+                                            slots=slots, prefetch=prefetch)
+    else:
+        results, stats = run_scenes(cfg, cache_cfg, params, jobs, ExportOptions(), slots=slots, prefetch=prefetch,
+                                    slot_compute=slot_compute)
     wall = time.perf_counter() - t0
     done = sum(r["status"] == "done" for r in results)
     rec = {"run": label, "slots": slots, "prefetch": prefetch, "scenes": done, "frames": stats.frames,
@@ -149,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     params = init_params(cfg, jax.random.PRNGKey(0))
     cache_cfg = CacheConfig(prune="xstream", budget=64, quant="kcvt", bits=4)
     plans = {"continuous": (args.slots, args.prefetch), "one-at-a-time": (1, args.prefetch),
-             "continuous-no-prefetch": (args.slots, 0)}
+             "continuous-no-prefetch": (args.slots, 0), "offline-full": (args.slots, args.prefetch),
+             "offline-causal": (args.slots, args.prefetch)}
     sources = scenes(args.scenes, args.min_frames, args.max_frames)
     runs = []
     for label in args.runs.split(","):

@@ -5,8 +5,14 @@ each other.
 
 from __future__ import annotations
 
+import collections
+import io
+import pickle
+import zipfile
 from pathlib import Path
+from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from conftest import rel_err
@@ -173,3 +179,153 @@ def render(browser, port: int, until=lambda png: False, settle: float = 20.0, lo
         time.sleep(0.5)
         png = browser.get_screenshot_as_png()
     return png
+
+
+# ------------------------------------------------------------- torch.save files, written without torch
+
+_STORAGE_NAMES = {
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float64): "DoubleStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
+    np.dtype(np.int64): "LongStorage",
+    np.dtype(np.int32): "IntStorage",
+    np.dtype(np.uint8): "ByteStorage",
+    np.dtype(np.bool_): "BoolStorage",
+}
+
+
+class FakeGlobal:
+    """An object that pickles as ``GLOBAL '<module> <name>'`` (see ``TorchPickler``)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> Any:  # pickle requires reduce targets to be callable
+        raise AssertionError("fake global must never be called")
+
+
+REBUILD_TENSOR = FakeGlobal("torch._utils", "_rebuild_tensor_v2")
+REBUILD_PARAMETER = FakeGlobal("torch._utils", "_rebuild_parameter")
+
+
+class FakeStorage:
+    """A flat storage saved as data record ``key``."""
+
+    def __init__(self, key: str, data: np.ndarray) -> None:
+        self.key, self.shape = key, np.shape(data)
+        self.data = np.ascontiguousarray(data).reshape(-1)
+
+
+class FakeTensor:
+    """Reduces like a torch tensor: ``_rebuild_tensor_v2(storage, offset, size, stride, ...)``."""
+
+    def __init__(self, storage: FakeStorage, offset: int, size: tuple, stride: tuple) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        args = (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict())
+        return (REBUILD_TENSOR, args)
+
+
+class FakeParameter:
+    def __init__(self, tensor: FakeTensor) -> None:
+        self.tensor = tensor
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return (REBUILD_PARAMETER, (self.tensor, True, collections.OrderedDict()))
+
+
+class FakeCall:
+    """Pickles as a call ``module.name(*args)`` -- used for malicious payloads."""
+
+    def __init__(self, module: str, name: str, *args: Any) -> None:
+        self.target, self.args = FakeGlobal(module, name), args
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return (self.target, self.args)
+
+
+class TorchPickler(pickle._Pickler):  # pure-Python pickler so save() can be hooked
+    """Emits GLOBAL opcodes for FakeGlobal and torch-style persistent ids for storages."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, FakeStorage):
+            name = _STORAGE_NAMES[obj.data.dtype]
+            return ("storage", FakeGlobal("torch", name), obj.key, "cpu", obj.data.size)
+        return None
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if isinstance(obj, FakeGlobal):
+            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+            return
+        super().save(obj, save_persistent_id)
+
+
+def tensor(
+    storage: FakeStorage, shape: tuple | None = None, offset: int = 0, stride: tuple | None = None
+) -> FakeTensor:
+    shape = storage.shape if shape is None else shape
+    if stride is None:
+        stride = tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
+    return FakeTensor(storage, offset, tuple(shape), tuple(stride))
+
+
+def write_torch_zip(path: Path, obj: Any, archive: str = "archive", byteorder: bytes = b"little") -> Path:
+    buf = io.BytesIO()
+    TorchPickler(buf, protocol=2).dump(obj)
+    storages: dict[str, FakeStorage] = {}
+
+    def collect(o: Any) -> None:
+        if isinstance(o, FakeTensor):
+            storages[o.storage.key] = o.storage
+        elif isinstance(o, FakeParameter):
+            collect(o.tensor)
+        elif isinstance(o, dict):
+            for v in o.values():
+                collect(v)
+
+    collect(obj)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{archive}/data.pkl", buf.getvalue())
+        if byteorder is not None:
+            zf.writestr(f"{archive}/byteorder", byteorder)
+        for key, st in storages.items():
+            zf.writestr(f"{archive}/data/{key}", st.data.astype(st.data.dtype.newbyteorder("<")).tobytes())
+        zf.writestr(f"{archive}/version", b"3\n")
+    return path
+
+
+def write_state_dict_pt(path: Path, arrays: dict) -> Path:
+    """`arrays` ({name: np.ndarray}) saved as `torch.save(model.state_dict(), path)` lays them out (torch
+    2.x), as VGGT ships `model.pt`: a zip whose top folder is the file's stem, records stored and their
+    data 64-byte aligned (an "FB" padding field in each local header, torch's), `data.pkl` (pickle
+    protocol 2) holding an OrderedDict whose `_metadata` attribute lists every module prefix, each
+    tensor a `_rebuild_tensor_v2` of its own storage (`data/<i>`), then `.format_version`,
+    `.storage_alignment`, `byteorder`, `version` and `.data/serialization_id`."""
+    keys = list(arrays)
+    prefixes = sorted({""} | {k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1)})
+
+    class StateDict(collections.OrderedDict):
+        def __reduce_ex__(self, protocol):  # as an OrderedDict with a `_metadata` attribute reduces
+            meta = collections.OrderedDict((p, {"version": 1}) for p in prefixes)
+            return FakeGlobal("collections", "OrderedDict"), (), {"_metadata": meta}, None, iter(self.items())
+
+    storages = [FakeStorage(str(i), np.asarray(arrays[k])) for i, k in enumerate(keys)]
+    state = StateDict((k, tensor(st)) for k, st in zip(keys, storages))
+    buf = io.BytesIO()
+    TorchPickler(buf, protocol=2).dump(state)
+    top = Path(path).stem
+    records = [("data.pkl", buf.getvalue()), (".format_version", b"1"), (".storage_alignment", b"64"),
+               ("byteorder", b"little")]
+    records += [(f"data/{st.key}", st.data.astype(st.data.dtype.newbyteorder("<")).tobytes())
+                for st in storages]  # in key order, as torch writes them
+    records += [("version", b"3\n"), (".data/serialization_id", b"1234567890123456789012345678901234567890")]
+    with open(path, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in records:
+            info = zipfile.ZipInfo(f"{top}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            start = fh.tell() + 30 + len(info.filename.encode()) + 4  # where the data begins after "FB" + size
+            pad = -start % 64
+            info.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad
+            zf.writestr(info, data)
+    return Path(path)

@@ -14,126 +14,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from _refs import FakeCall, FakeParameter, FakeStorage, TorchPickler, tensor, write_torch_zip
 from xsvggt_jax.weights.torch_reader import CheckpointError, read_state_dict
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
-
-# ---------------------------------------------------------------------------
-# Hand-made torch.save look-alike
-# ---------------------------------------------------------------------------
-
-_STORAGE_NAMES = {
-    np.dtype(np.float32): "FloatStorage",
-    np.dtype(np.float64): "DoubleStorage",
-    np.dtype(np.float16): "HalfStorage",
-    np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
-    np.dtype(np.int64): "LongStorage",
-    np.dtype(np.int32): "IntStorage",
-    np.dtype(np.uint8): "ByteStorage",
-    np.dtype(np.bool_): "BoolStorage",
-}
-
-
-class FakeGlobal:
-    """An object that pickles as ``GLOBAL '<module> <name>'`` (see ``_TorchPickler``)."""
-
-    def __init__(self, module: str, name: str) -> None:
-        self.module, self.name = module, name
-
-    def __call__(self, *args: Any) -> Any:  # pickle requires reduce targets to be callable
-        raise AssertionError("fake global must never be called")
-
-
-REBUILD_TENSOR = FakeGlobal("torch._utils", "_rebuild_tensor_v2")
-REBUILD_PARAMETER = FakeGlobal("torch._utils", "_rebuild_parameter")
-
-
-class FakeStorage:
-    """A flat storage saved as data record ``key``."""
-
-    def __init__(self, key: str, data: np.ndarray) -> None:
-        self.key, self.shape = key, np.shape(data)
-        self.data = np.ascontiguousarray(data).reshape(-1)
-
-
-class FakeTensor:
-    """Reduces like a torch tensor: ``_rebuild_tensor_v2(storage, offset, size, stride, ...)``."""
-
-    def __init__(self, storage: FakeStorage, offset: int, size: tuple, stride: tuple) -> None:
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-
-    def __reduce_ex__(self, protocol: int) -> Any:
-        args = (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict())
-        return (REBUILD_TENSOR, args)
-
-
-class FakeParameter:
-    def __init__(self, tensor: FakeTensor) -> None:
-        self.tensor = tensor
-
-    def __reduce_ex__(self, protocol: int) -> Any:
-        return (REBUILD_PARAMETER, (self.tensor, True, collections.OrderedDict()))
-
-
-class FakeCall:
-    """Pickles as a call ``module.name(*args)`` -- used for malicious payloads."""
-
-    def __init__(self, module: str, name: str, *args: Any) -> None:
-        self.target, self.args = FakeGlobal(module, name), args
-
-    def __reduce_ex__(self, protocol: int) -> Any:
-        return (self.target, self.args)
-
-
-class _TorchPickler(pickle._Pickler):  # pure-Python pickler so save() can be hooked
-    """Emits GLOBAL opcodes for FakeGlobal and torch-style persistent ids for storages."""
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, FakeStorage):
-            name = _STORAGE_NAMES[obj.data.dtype]
-            return ("storage", FakeGlobal("torch", name), obj.key, "cpu", obj.data.size)
-        return None
-
-    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
-        if isinstance(obj, FakeGlobal):
-            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-            return
-        super().save(obj, save_persistent_id)
-
-
-def tensor(
-    storage: FakeStorage, shape: tuple | None = None, offset: int = 0, stride: tuple | None = None
-) -> FakeTensor:
-    shape = storage.shape if shape is None else shape
-    if stride is None:
-        stride = tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
-    return FakeTensor(storage, offset, tuple(shape), tuple(stride))
-
-
-def write_torch_zip(path: Path, obj: Any, archive: str = "archive", byteorder: bytes = b"little") -> Path:
-    buf = io.BytesIO()
-    _TorchPickler(buf, protocol=2).dump(obj)
-    storages: dict[str, FakeStorage] = {}
-
-    def collect(o: Any) -> None:
-        if isinstance(o, FakeTensor):
-            storages[o.storage.key] = o.storage
-        elif isinstance(o, FakeParameter):
-            collect(o.tensor)
-        elif isinstance(o, dict):
-            for v in o.values():
-                collect(v)
-
-    collect(obj)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr(f"{archive}/data.pkl", buf.getvalue())
-        if byteorder is not None:
-            zf.writestr(f"{archive}/byteorder", byteorder)
-        for key, st in storages.items():
-            zf.writestr(f"{archive}/data/{key}", st.data.astype(st.data.dtype.newbyteorder("<")).tobytes())
-        zf.writestr(f"{archive}/version", b"3\n")
-    return path
-
 
 # ---------------------------------------------------------------------------
 # torch zip format
@@ -273,7 +157,7 @@ def test_total_beyond_memory_is_refused(tmp_path: Path, monkeypatch: pytest.Monk
 def test_storage_numel_beyond_record_is_refused_before_reading(tmp_path: Path) -> None:
     """The persistent id claims more elements than the record holds (e.g. a 10**12-element storage)."""
 
-    class BigStoragePickler(_TorchPickler):
+    class BigStoragePickler(TorchPickler):
         def persistent_id(self, obj: Any) -> Any:
             pid = super().persistent_id(obj)
             return None if pid is None else pid[:4] + (10**12,)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, run_error
-from xsvggt_jax.config import (CONFIG_FORMAT, DTYPES, PRECISIONS, PRESETS, ConfigError, DPTConfig, ModelConfig)
+from xsvggt_jax.config import (CONFIG_FORMAT, DTYPES, MODELS, PRECISIONS, PRESETS, ConfigError, DPTConfig,
+                               ModelConfig)
 
 ROOT = Path(__file__).resolve().parents[1]
 # fields that only validate when changed together (the aggregator consumes DINOv2 tokens directly)
@@ -52,7 +53,7 @@ def candidates(value):
     if isinstance(value, float):
         return [value * 2, value / 2]
     if isinstance(value, str):
-        return [v for v in [*DTYPES, *PRECISIONS] if v != value]
+        return [v for v in [*DTYPES, *PRECISIONS, *MODELS] if v != value]
     if isinstance(value, list):
         return [value[:i] + [v] + value[i + 1:] for i in reversed(range(len(value))) for v in candidates(value[i])]
     raise AssertionError(f"no perturbation for {value!r}")
@@ -108,6 +109,7 @@ def test_to_dict_is_plain_json_with_format():
     (lambda d: d.__setitem__("rope_freq", "x"), "rope_freq must be a number, got 'x'"),
     (lambda d: d.__setitem__("dtype", "int8"), "dtype must be one of ['auto', 'bfloat16', 'float16', 'float32']"),
     (lambda d: d.__setitem__("precision", "max"), "precision must be one of"),
+    (lambda d: d.__setitem__("model", "vggt2"), "model must be one of ['streamvggt', 'vggt'], got 'vggt2'"),
     (lambda d: d.__setitem__("dino", [1, 2]), "dino must be an object, got [1, 2]"),
     (lambda d: d.__setitem__("track", None), "track must be an object, got null"),
     (lambda d: d["dpt"].__setitem__("out_channels", 256), "dpt.out_channels must be a list, got 256"),

@@ -5,8 +5,10 @@ inputs) on it. One subprocess (XLA_FLAGS must be set before jax starts; this fil
 a micro model with `save_params`, then runs `xsvggt_jax.app.cli.main` in-process for: `reconstruct`
 streaming, `--offline causal` and `full` (default --devices: all 4), `--attention ring` and `gather`,
 `--offline causal --devices 1` (the reference of the sharded runs), `reconstruct-many` (slots on the
-4 devices), `eval` (procedural), `train` (from the params dir) and `view`'s scene building. Each entry
-point's outcome ("ok" or the exception) goes into one JSON line that the tests below read.
+4 devices), `reconstruct-many --offline causal` (scenes of unequal length, the short ones batched along
+`data`, the long one split along `seq`), `eval` (procedural), `train` (from the params dir) and
+`view`'s scene building. Each entry point's outcome ("ok" or the exception) goes into one JSON
+line that the tests below read.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ HW = (28, 28)                   # micro: 2 x 2 patches
 TOL = 1e-6                      # relative error of the sharded runs vs one device (as tests/test_seqpar.py)
 
 ENTRY_POINTS = ("save-params", "stream", "offline-causal", "offline-full", "offline-ring", "offline-gather",
-                "offline-one-device", "reconstruct-many", "eval", "train", "view")
+                "offline-one-device", "reconstruct-many", "offline-many", "eval", "train", "view")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,21 @@ def test_sharded_offline_equals_one_device(child, mode):
     errs = child["vs_one_device"][mode]
     assert {"depth", "camera_pose", "pts3d_in_other_view"} <= set(errs)
     assert max(errs.values()) <= TOL, errs
+
+
+def test_offline_many_equals_single_scene_runs(child):
+    """`reconstruct-many --offline causal --max-frames-per-device 3` over scenes of 2, 2 and 4 frames: the
+    two 2-frame scenes share one forward (split along `data`), the 4-frame one is split along `seq` over
+    the 4 devices; each scene equals its single-scene offline run on one device (the 4-frame one:
+    `offline-one-device`)."""
+    got = child["offline_many"]
+    assert set(got["status"].values()) == {"done"}, got["status"]
+    assert got["forwards"] == 2 and got["devices"] == {"short2a": 1, "short2b": 1, "scene0": DEVICES}
+    assert set(got["modes"].values()) == {"offline_causal streamvggt"}, got["modes"]
+    assert set(got["vs_single"]) == {"short2a", "short2b", "scene0"}
+    for scene, errs in got["vs_single"].items():
+        assert {"depth", "camera_pose", "pts3d_in_other_view"} <= set(errs)
+        assert max(errs.values()) <= TOL, (scene, errs)
 
 
 # ------------------------------------------------------------------------------------------- the child
@@ -112,6 +129,14 @@ def _main(work: Path) -> None:
     reconstruct("offline-one-device", "--offline", "causal", "--devices", "1")
     _run("reconstruct-many", runs, lambda: main(["reconstruct-many", *map(str, scenes), *weights,
                                                  "--out", str(work / "many")]))
+    short = {}
+    for name in ("short2a", "short2b"):
+        short[name] = work / f"{name}.npz"
+        np.savez(short[name], images=rng.uniform(size=(2, 3, *HW)).astype(np.float32))
+    offline_inputs = {**short, "scene0": scenes[0]}
+    _run("offline-many", runs, lambda: main(["reconstruct-many", *map(str, offline_inputs.values()), *weights,
+                                             "--offline", "causal", "--max-frames-per-device", "3",
+                                             "--out", str(work / "offline-many")]))
     _run("eval", runs, lambda: main(["eval", "--dataset", "procedural", "--task", "pose", "--settings", "none",
                                      "--sequences", "1", "--frames-per-sequence", str(FRAMES), *weights,
                                      "--out", str(work / "eval")]))
@@ -147,7 +172,32 @@ def _main(work: Path) -> None:
         result["vs_one_device"][mode] = {k: _rel(got[k], ref[k]) for k in
                                          ("depth", "depth_conf", "pts3d_in_other_view", "conf", "camera_pose")
                                          if k in got and k in ref}
+    result["offline_many"] = _offline_many(work / "offline-many", short, params_dir, {"scene0": ref})
     print(json.dumps(result))
+
+
+def _offline_many(root: Path, inputs: dict, params_dir: Path, refs: dict) -> dict:
+    """The offline (causal) many-scene run's summary, and each scene against its single-scene run on one
+    device: `refs` ({scene: predictions}) or `run_offline` of `inputs` ({scene: input path})."""
+    from xsvggt_jax.io.sources import open_frames
+    from xsvggt_jax.stream.offline import run_offline
+    from xsvggt_jax.weights.params import load_params
+
+    if not (root / "summary.json").exists():
+        return {"status": {}}
+    summary = json.loads((root / "summary.json").read_text())
+    params, cfg = load_params(params_dir)
+    out = {"status": {e["scene"]: e["status"] for e in summary["scenes"]},
+           "forwards": sum(p["steps"] for p in summary["processes"]), "devices": {}, "modes": {}, "vs_single": {}}
+    refs = {**{k: v for k, v in refs.items() if v}, **{name: run_offline(cfg, params, open_frames(path), None, causal=True, devices=1).predictions
+                       for name, path in inputs.items()}}
+    for name, ref in refs.items():
+        report = json.loads((root / name / "report.json").read_text())
+        out["devices"][name], out["modes"][name] = report["devices"], f"{report['mode']} {report['model']}"
+        got = dict(np.load(root / name / "predictions.npz"))
+        out["vs_single"][name] = {k: _rel(got[k], ref[k]) for k in
+                                  ("depth", "depth_conf", "pts3d_in_other_view", "conf", "camera_pose")}
+    return out
 
 
 if __name__ == "__main__":

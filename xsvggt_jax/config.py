@@ -7,6 +7,9 @@
   subset upstream exposes.
 * `PRESETS` / `ModelConfig.preset(name)`: the named configurations (`published` = upstream
   `StreamVGGT()` defaults).
+* `MODELS` / `ModelConfig.model`: which published model the weights are (StreamVGGT or VGGT-1B: one
+  architecture, the same tensor names and shapes, so the user names it); an identity, not an
+  architecture field (`IDENTITY_FIELDS`).
 
 Every way of building a configuration (constructor, `replace`, `from_dict`, `from_spec`, presets) runs
 the same validation in `__post_init__` and raises `ConfigError` (`xsvggt_jax.errors`, a ValueError)
@@ -35,7 +38,8 @@ import jax.numpy as jnp
 
 from xsvggt_jax.errors import ConfigError, InputError  # ConfigError: importable from here as before
 
-__all__ = ["AUTO_DTYPE", "CONFIG_FORMAT", "DTYPES", "PRECISIONS", "RUNTIME_FIELDS", "PRESETS", "ConfigError",
+__all__ = ["AUTO_DTYPE", "CONFIG_FORMAT", "DTYPES", "IDENTITY_FIELDS", "MODELS", "PRECISIONS", "RUNTIME_FIELDS",
+           "PRESETS", "ConfigError", "ModelInfo",
            "DinoConfig", "CameraHeadConfig", "DPTConfig", "TrackHeadConfig", "ModelConfig", "check_frame_size",
            "compute_backend", "value_from_text"]
 
@@ -50,6 +54,35 @@ PRECISIONS: Mapping[str, jax.lax.Precision] = MappingProxyType(
     {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST})
 # fields that choose how the network is computed, not what it is: they do not change the parameters
 RUNTIME_FIELDS = ("dtype", "precision")
+# fields that name which published model the weights are: they change neither the network nor its parameters
+IDENTITY_FIELDS = ("model",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """A published model of this architecture (`MODELS`). trained: the attention across frames it was
+    trained with ("causal": frame t sees frames <= t, so streaming is what it learnt; "full": every frame
+    sees every frame); offline: what `xsvggt reconstruct` runs by default (None: stream; "full" or
+    "causal": that batch forward)."""
+
+    name: str
+    title: str
+    trained: str
+    offline: str | None
+
+    def stream_warning(self) -> str | None:
+        """The one line to warn with when this model streams (None: it was trained to)."""
+        if self.trained == "causal":
+            return None
+        return (f"{self.title} was trained with {self.trained} attention across frames, not to stream: streamed, each "
+                "frame sees only the frames before it, which it never did in training (run it offline full to use "
+                "it as trained)")
+
+
+MODELS: Mapping[str, ModelInfo] = MappingProxyType({
+    "streamvggt": ModelInfo("streamvggt", "StreamVGGT", "causal", None),
+    "vggt": ModelInfo("vggt", "VGGT-1B", "full", "full"),
+})
 
 
 def _show(value: Any) -> str:
@@ -263,7 +296,8 @@ class ModelConfig(_Validated):
     `dtype` is the compute dtype: a `DTYPES` key (the whole network in it) or "auto" (`AUTO_DTYPE`, the
     default): float32 on CPU; on accelerators bfloat16 in the aggregator and float32 in the heads, as
     upstream's autocast. `trunk_jnp_dtype` / `head_jnp_dtype` are the resolved dtypes. `precision` is
-    the matmul precision (a `PRECISIONS` key; parity needs float32 + highest).
+    the matmul precision (a `PRECISIONS` key; parity needs float32 + highest). `model` names the published
+    model the weights are (a `MODELS` key; `model_info`): the checkpoints cannot tell them apart.
     """
 
     img_size: int = 518
@@ -279,11 +313,12 @@ class ModelConfig(_Validated):
     camera: CameraHeadConfig = CameraHeadConfig()
     dpt: DPTConfig = DPTConfig()
     track: TrackHeadConfig = TrackHeadConfig()
+    model: str = "streamvggt"
     dtype: str = AUTO_DTYPE
     precision: str = "highest"
 
     def _check(self) -> None:
-        for field, registry in (("dtype", (AUTO_DTYPE, *DTYPES)), ("precision", PRECISIONS)):
+        for field, registry in (("dtype", (AUTO_DTYPE, *DTYPES)), ("precision", PRECISIONS), ("model", MODELS)):
             if getattr(self, field) not in registry:
                 raise ConfigError(field, f"must be one of {sorted(registry)}, got {_show(getattr(self, field))}")
         self._positive("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
@@ -304,6 +339,10 @@ class ModelConfig(_Validated):
                 raise ConfigError(f"dpt.intermediate_layer_idx[{i}]", f"is {idx}, out of range for depth {self.depth}")
 
     # ----------------------------------------------------------------------------------------- derived
+    @property
+    def model_info(self) -> ModelInfo:
+        return MODELS[self.model]
+
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
@@ -359,8 +398,9 @@ class ModelConfig(_Validated):
         return {"format": CONFIG_FORMAT, **_to_plain(self)}
 
     def architecture(self) -> dict:
-        """`to_dict()` without the `RUNTIME_FIELDS`: everything that determines the parameters."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """`to_dict()` without the `RUNTIME_FIELDS` and `IDENTITY_FIELDS`: everything that determines the
+        parameters."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS + IDENTITY_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Any) -> "ModelConfig":
@@ -426,7 +466,7 @@ class ModelConfig(_Validated):
     def to_spec(self) -> dict:
         """Upstream's `spec.json` of this architecture (for building the upstream model). Raises
         ConfigError if a field that spec cannot express differs from upstream's fixed value; the
-        runtime fields (`RUNTIME_FIELDS`) are not part of a spec."""
+        runtime and identity fields (`RUNTIME_FIELDS`, `IDENTITY_FIELDS`) are not part of a spec."""
         published = PRESETS["published"]
         for name in _unspecified_fields():
             ours, theirs = _get(self, name), _get(published, name)
@@ -503,7 +543,7 @@ def _unspecified_fields() -> list[str]:
         if f.name in _SPEC_FIELDS:
             names += [f"{f.name}.{g.name}" for g in dataclasses.fields(_hints(ModelConfig)[f.name])
                       if g.name not in _SPEC_FIELDS[f.name]]
-        elif f.name not in _SPEC_TOP and f.name not in RUNTIME_FIELDS:
+        elif f.name not in _SPEC_TOP and f.name not in RUNTIME_FIELDS + IDENTITY_FIELDS:
             names.append(f.name)
     return names
 

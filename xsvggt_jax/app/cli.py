@@ -1,7 +1,7 @@
 """Command line of xsvggt-jax.
 
     xsvggt demo [--checkpoint FILE] [--out DIR]           procedural scene through the whole pipeline
-    xsvggt convert SRC --out DIR [--spec spec.json]       upstream checkpoint -> orbax params dir
+    xsvggt convert SRC --out DIR [--spec spec.json] [--model vggt]   upstream checkpoint -> orbax params dir
     xsvggt reconstruct INPUT (--params DIR | --checkpoint FILE) --out OUTDIR [options]
     xsvggt reconstruct-many INPUT... [--manifest FILE] (--params DIR | --checkpoint FILE) --out ROOT [options]
     xsvggt live SOURCE [--out OUTDIR] [options]           camera / stream / video / folder, live (app/live.py)
@@ -32,9 +32,11 @@ from typing import Sequence
 
 import numpy as np
 
+from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.errors import ConfigError, InputError, XsvggtError
 from xsvggt_jax.io.fsutil import atomic_savez
-from xsvggt_jax.weights.loading import add_weight_flags, check_weight_flags, load_model, spec_config
+from xsvggt_jax.weights.loading import (add_model_flag, add_weight_flags, check_weight_flags, load_model, model_config,
+                                        spec_config, with_model)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def _convert(args) -> Path:
     from xsvggt_jax.weights.torch_reader import read_state_dict
     from xsvggt_jax.weights.params import _check_target, save_params
 
-    cfg = spec_config(args.spec)
+    cfg = with_model(spec_config(args.spec), args)  # the model is the user's to name: recorded in DIR
     _check_target(Path(args.out).absolute(), args.overwrite)  # fail fast, before reading SRC
     state = read_state_dict(args.src)
     params = convert_state_dict(state, cfg, source=str(args.src))
@@ -91,6 +93,17 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _resolve_mode(args) -> None:
+    """--offline from the model (`config.MODELS`, reading no weights) when neither --offline nor --stream
+    is given: VGGT runs `--offline full`. Streaming a model trained with full attention: one warning line."""
+    cfg = model_config(args)
+    info = (cfg or ModelConfig()).model_info
+    if not args.offline and not getattr(args, "stream", False) and info.offline:
+        args.offline, args.offline_by_model = info.offline, info.title
+    if not args.offline and info.stream_warning():
+        log.warning(info.stream_warning())
+
+
 def _validate(args) -> None:
     """Cross-flag checks, before any file is read or written (single flags are checked by argparse)."""
     check_weight_flags(args)
@@ -98,7 +111,9 @@ def _validate(args) -> None:
         raise ConfigError("--resume and --save-state name different directories")
     state = args.resume or args.save_state
     if args.offline and state:
-        raise ConfigError("--save-state/--resume apply to streaming, not --offline")
+        by_model = getattr(args, "offline_by_model", None)
+        hint = f" ({by_model} runs --offline {args.offline} by default: add --stream)" if by_model else ""
+        raise ConfigError("--save-state/--resume apply to streaming, not --offline" + hint)
     if not args.offline and (args.devices or args.attention in ("ring", "gather")):
         raise ConfigError("--devices and --attention ring|gather apply to --offline")
     if args.devices and args.devices > 1 and args.query_points:
@@ -174,6 +189,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_npz: dict | N
     from xsvggt_jax.stream.pipeline import CacheMemoryError, NonFiniteError, check_cache_memory, prediction_bytes, stream_frames
     from xsvggt_jax.runtime import peak_rss_bytes
 
+    _resolve_mode(args)
     _validate(args)
     inputs = [p for p in (getattr(args, "input", None), args.params, args.checkpoint) if p]
     state_dir = Path(args.resume or args.save_state).absolute() if (args.resume or args.save_state) else None
@@ -261,7 +277,8 @@ def _drop_unused_state(state_dir: Path | None, args) -> None:
 
 # --------------------------------------------------------------------------------- reconstruct-many
 def _reconstruct_many(args) -> Path:
-    """Many scenes through pools of --slots streams into ROOT/<scene>/ (see `xsvggt_jax.many`)."""
+    """Many scenes through pools of --slots streams, or offline in batches of --slots scenes, into
+    ROOT/<scene>/ (see `xsvggt_jax.many`)."""
     import jax
 
     from xsvggt_jax.io.fsutil import FsError
@@ -270,9 +287,12 @@ def _reconstruct_many(args) -> Path:
     from xsvggt_jax.many.run import check_root
     from xsvggt_jax.stream.pipeline import CacheMemoryError
 
-    args.offline, args.resume, args.save_state, args.keep_state = None, None, None, False
+    args.resume, args.save_state, args.keep_state = None, None, False
     args.devices, args.attention = None, "auto"
+    _resolve_mode(args)
     _validate(args)
+    if args.max_frames_per_device and not args.offline:
+        raise ConfigError("--max-frames-per-device applies to --offline")
     root = Path(args.out).absolute()
     try:
         initialize(args.coordinator, args.num_processes, args.process_id, auto=args.auto_cluster)
@@ -281,13 +301,13 @@ def _reconstruct_many(args) -> Path:
         scenes = name_scenes(inputs, root)
     except (ClusterError, SceneListError, FsError) as e:
         raise InputError(str(e)) from e
-    if args.slot_compute == "sequential" and len(jax.local_devices()) > 1:
+    if not args.offline and args.slot_compute == "sequential" and len(jax.local_devices()) > 1:
         raise InputError(f"--slot-compute sequential steps the slots on one device, this process has "
                          f"{len(jax.local_devices())}: use batched (or auto)")
     if root.exists() and not root.is_dir():
         raise InputError(f"{root} exists and is not a directory")
     params, cfg = load_model(args)
-    cache_cfg = _cache_config(args)
+    cache_cfg = None if args.offline else _cache_config(args)
     protect = [s.path for s in scenes] + [p for p in (args.params, args.checkpoint) if p]
     options = SceneOptions(exports=_export_options(args), resize=args.resize, stride=args.stride,
                            query_points=_query_points(args.query_points), overwrite=args.overwrite, size=args.size,
@@ -295,7 +315,8 @@ def _reconstruct_many(args) -> Path:
     try:
         summary = run_many(scenes, root, cfg, cache_cfg, params, options, slots=args.slots or len(jax.local_devices()),
                            prefetch=args.prefetch, quiet=args.quiet, slot_compute=args.slot_compute,
-                           query_pools=args.query_pools)
+                           query_pools=args.query_pools, offline=args.offline,
+                           frames_per_device=args.max_frames_per_device)
     except (CacheMemoryError, FsError) as e:
         raise InputError(str(e)) from e
     if summary["failed"]:
@@ -364,7 +385,7 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_stat
 
     w = r.add_argument_group("weights")
     if not demo:
-        add_weight_flags(w)
+        add_weight_flags(w, model=True)
     else:
         add_weight_flags(w, params=False, required=False,
                          checkpoint_help="upstream StreamVGGT .pth / .safetensors (default: the shipped demo model)")
@@ -425,6 +446,16 @@ def _add_run_options(r: argparse.ArgumentParser, demo: bool = False, stream_stat
     st.add_argument("--keep-state", action="store_true", help="keep the state directory after a completed run")
 
 
+def _add_mode_flags(p: argparse.ArgumentParser) -> None:
+    """--offline causal|full | --stream (default: the model's, `config.MODELS`: VGGT offline full)."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--offline", choices=("causal", "full"),
+                      help="batch forward over all frames instead of streaming (causal or full attention; default "
+                           "full for --model vggt)")
+    mode.add_argument("--stream", action="store_true",
+                      help="stream even a model that runs offline by default (--model vggt: with a warning)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with xsvggt's error format: one `xsvggt: error: ...` line, exit code 2."""
 
@@ -455,12 +486,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="params directory to write")
     c.add_argument("--spec", help="model spec.json (default: the published StreamVGGT configuration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    add_model_flag(c)
 
     r = sub.add_parser("reconstruct", help="reconstruct from images, a video or an .npz")
     r.add_argument("input", help="folder of images, video file, or .npz with 'images' [S,3,H,W] in [0,1]")
     r.add_argument("--out", required=True, help="output directory")
-    r.add_argument("--offline", choices=("causal", "full"),
-                   help="batch forward over all frames instead of streaming (causal or full attention)")
+    _add_mode_flags(r)
     from xsvggt_jax.attention.dispatch import ATTENTION_IMPLS
     r.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
                    help="global attention: auto (cudnn on GPU, else blocked/xla), xla (dense), blocked "
@@ -487,7 +518,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--size", type=SIZE, help=SIZE_HELP + "; default: upstream's 518-px width")
     m.add_argument("--stride", type=POSITIVE_INT, default=1, help="take every STRIDE-th frame")
     m.add_argument("--slots", type=POSITIVE_INT,
-                   help="streams stepped together (default: the number of local devices)")
+                   help="streams stepped together, or scenes a forward with --offline (default: the number of local "
+                        "devices)")
+    _add_mode_flags(m)
+    m.add_argument("--max-frames-per-device", type=POSITIVE_INT, metavar="N",
+                   help="--offline: a scene with more frames runs alone, its frames split over the local devices "
+                        "(ring attention; default: when its batch does not fit a device's memory)")
     m.add_argument("--prefetch", type=NON_NEGATIVE_INT, default=4,
                    help="frames decoded ahead per scene by reader threads (0: decode in the main loop)")
     from xsvggt_jax.stream.pool import SLOT_COMPUTE

@@ -3,9 +3,15 @@ accuracy_vs_bytes.png into OUTDIR.
 
     xsvggt eval [DATA] --dataset 7scenes|nrgbd|tum|tum-dynamics|scannet|bonn|sintel|kitti|procedural
                 --task recon|video-depth|pose (--params DIR | --checkpoint FILE [--spec spec.json])
-                --settings none,xstream:2048,xstream-int4:2048 --out OUTDIR [--overwrite]
+                [--model streamvggt|vggt] [--settings none,xstream:2048,xstream-int4:2048|offline-full,...]
+                [--points pointmap|depth] --out OUTDIR [--overwrite]
                 [--sequences N] [--frames-per-sequence N] [--resize crop|pad] [--frame-size W] [--dtype D]
                 [--quiet]
+
+--model picks the protocol of that model's authors where they differ (`settings.PROTOCOLS`): VGGT runs
+`offline-full`, scores recon on depth unprojected with its cameras, pools the pose pairs of every
+sequence and draws --frames-per-sequence frames at random (seed --seed); StreamVGGT streams the cache
+settings, scores the point map, averages pose metrics over sequences and takes the first N frames.
 
 DATA is not used by `--dataset procedural`, which renders its scenes at the model's frame size; with
 procedural data and no weights a small randomly initialised model is used (its numbers are
@@ -23,9 +29,11 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.errors import ConfigError, InputError
-from xsvggt_jax.weights.loading import add_weight_flags, load_model, model_config, with_dtype
+from xsvggt_jax.weights.loading import add_weight_flags, load_model, model_config, with_dtype, with_model
 
 log = logging.getLogger(__name__)
 
@@ -40,38 +48,47 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True, help="7scenes, nrgbd, tum, tum-dynamics, scannet, bonn, sintel, "
                                                     "kitti or procedural")
     e.add_argument("--task", required=True, help="recon, video-depth or pose")
-    e.add_argument("--settings", default="none,xstream:2048,xstream-int4:2048",
-                   help="comma-separated cache settings <policy>[-<layout><bits>|-int<bits>][:<budget>] "
-                        "(default none,xstream:2048,xstream-int4:2048)")
+    e.add_argument("--settings",
+                   help="comma-separated cache settings <policy>[-<layout><bits>|-int<bits>][:<budget>], or "
+                        "offline-full / offline-causal (the batch forward) (default: the model's protocol: "
+                        "none,xstream:2048,xstream-int4:2048 for streamvggt, offline-full for vggt)")
+    e.add_argument("--points", choices=("pointmap", "depth"),
+                   help="recon: score the point map or the depth unprojected with the predicted cameras (default: "
+                        "the model's protocol: pointmap for streamvggt, depth for vggt)")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--overwrite", action="store_true",
                    help="write into an existing --out that xsvggt did not write: files with eval's output names "
                         "are replaced, the others are kept")
     e.add_argument("--sequences", type=int, help="evaluate only the first N sequences")
-    e.add_argument("--frames-per-sequence", type=int, help="only the first N frames of each sequence "
-                                                           "(procedural: render N frames)")
+    e.add_argument("--frames-per-sequence", type=int, help="only N frames of each sequence: the first N, or N at "
+                                                           "random with --model vggt (procedural: render N frames)")
     e.add_argument("--resize", choices=("crop", "pad"), default="crop", help="frame preprocessing (default crop)")
     e.add_argument("--frame-size", type=int, help="width frames are resized to (default: the model's img_size, "
                                                   "518 for the published model)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     add_weight_flags(e.add_argument_group("weights (procedural data without them: a random tiny model)"),
-                     required=False)
+                     required=False, model=True)
     c = e.add_argument_group("cache options shared by every setting (as `xsvggt reconstruct`)")
     c.add_argument("--pool", type=int, default=16, help="query pooling size of the xstream score")
     c.add_argument("--group", type=int, default=64, help="quantization group size")
     c.add_argument("--scale-dtype", choices=("float32", "float16"), default="float32", help="group scale dtype")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random pruning policy")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random pruning policy (and of random frames)")
     return e
 
 
-def take_frames(seq, n: int):
-    """The first n frames of a `data.Sequence` (all of them if it is shorter)."""
+def take_frames(seq, n: int, rng: np.random.RandomState | None = None):
+    """n frames of a `data.Sequence` (all of them if it is shorter): the first n, or with `rng` n drawn
+    at random without replacement, in the drawn order (VGGT's CO3D evaluation: `rng.choice`)."""
     if n >= len(seq):
         return seq
-    cut = lambda a: None if a is None else a[:n]
-    return dataclasses.replace(seq, frame_ids=seq.frame_ids[:n], intrinsics=cut(seq.intrinsics),
-                               extrinsics=cut(seq.extrinsics), depth_intrinsics=cut(seq.depth_intrinsics),
-                               pose_valid=cut(seq.pose_valid), timestamps=cut(seq.timestamps))
+    idx = np.arange(n) if rng is None else rng.choice(len(seq), n, replace=False)
+    cut = lambda a: None if a is None else a[idx]
+    load_rgb = seq.load_rgb if rng is None else (lambda i: seq.load_rgb(int(idx[i])))
+    load_depth = seq.load_depth if rng is None or seq.load_depth is None else (lambda i: seq.load_depth(int(idx[i])))
+    return dataclasses.replace(seq, frame_ids=tuple(seq.frame_ids[i] for i in idx), load_rgb=load_rgb,
+                               load_depth=load_depth, intrinsics=cut(seq.intrinsics), extrinsics=cut(seq.extrinsics),
+                               depth_intrinsics=cut(seq.depth_intrinsics), pose_valid=cut(seq.pose_valid),
+                               timestamps=cut(seq.timestamps))
 
 
 def _procedural_config(args, cfg, target: int):
@@ -91,10 +108,10 @@ def _model_config(args) -> tuple[ModelConfig, bool]:
         return cfg, False
     if args.dataset != "procedural":
         raise InputError(f"--params or --checkpoint is required to evaluate on {args.dataset}")
-    return with_dtype(ModelConfig.tiny(), args), True
+    return with_model(with_dtype(ModelConfig.tiny(), args), args), True
 
 
-def _dataset(args, cfg):
+def _dataset(args, cfg, protocol):
     from xsvggt_jax.data import Dataset, load_dataset
 
     for flag in ("sequences", "frames_per_sequence"):
@@ -113,7 +130,8 @@ def _dataset(args, cfg):
         ds = load_dataset(args.dataset, args.data)
     seqs = ds.sequences[:args.sequences] if args.sequences else ds.sequences
     if args.frames_per_sequence:
-        seqs = tuple(take_frames(s, args.frames_per_sequence) for s in seqs)
+        rng = np.random.RandomState(args.seed) if protocol.sampling == "random" else None
+        seqs = tuple(take_frames(s, args.frames_per_sequence, rng) for s in seqs)
     return Dataset(info=ds.info, sequences=tuple(seqs))
 
 
@@ -125,7 +143,7 @@ def run(args) -> Path:
     from xsvggt_jax.data import DATASETS
     from xsvggt_jax.eval.report import write_report
     from xsvggt_jax.eval.runner import TASKS, check_evaluation, evaluate
-    from xsvggt_jax.eval.settings import parse_settings
+    from xsvggt_jax.eval.settings import PROTOCOLS, parse_settings
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.nn.model import init_params
 
@@ -133,13 +151,16 @@ def run(args) -> Path:
         raise ConfigError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     if args.task not in TASKS:
         raise ConfigError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
-    settings = parse_settings(args.settings, {"pool": args.pool, "group": args.group,
-                                              "scale_dtype": args.scale_dtype, "seed": args.seed})
+    cfg, random_model = _model_config(args)
+    protocol = PROTOCOLS[cfg.model]
+    settings = parse_settings(args.settings or protocol.settings, {"pool": args.pool, "group": args.group,
+                                                                   "scale_dtype": args.scale_dtype, "seed": args.seed})
     # replaces only what an earlier xsvggt run wrote there; never the user's files or the data
     out = OutputDir(args.out, args.overwrite, protect=[args.data] if args.data else [])
-    cfg, random_model = _model_config(args)
-    dataset = _dataset(args, cfg)
+    dataset = _dataset(args, cfg, protocol)
     check_evaluation(cfg, dataset, args.task, args.resize, args.frame_size)
+    if cfg.model_info.stream_warning() and any(not s.offline for s in settings):
+        log.warning(cfg.model_info.stream_warning())
 
     note = RANDOM_MODEL_NOTE if random_model else None
     if random_model:
@@ -153,7 +174,8 @@ def run(args) -> Path:
         with out.staged() as tmp:
             tick = None if bar is None else (lambda seq: bar.update(1))
             results = evaluate(params, cfg, dataset, settings, args.task, resize=args.resize,
-                               frame_size=args.frame_size, progress=tick)
+                               frame_size=args.frame_size, progress=tick, points=args.points or protocol.points,
+                               pose_pairs=protocol.pose_pairs)
             write_report(results, tmp, extra={"data": None if args.dataset == "procedural" else str(args.data),
                                                "random_model": random_model}, note=note)
     finally:

@@ -46,10 +46,12 @@ def results_json(results: EvalResults, extra: Optional[dict] = None) -> dict:
         "resize": results.resize, "frame_size": results.frame_size,
         "sequences": {name: {"frames": results.frames[name], "height": hw[0], "width": hw[1]}
                       for name, hw in results.frame_hw.items()},
-        "model": results.model, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+        "model": results.model, "protocol": results.protocol, "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
         "versions": _versions(),
         "settings": [{
-            "name": r.setting.name, "cache": dataclasses.asdict(r.setting.cache), "aggregate": r.aggregate,
+            "name": r.setting.name, "cache": None if r.setting.cache is None else dataclasses.asdict(r.setting.cache),
+            "offline": r.setting.offline, "aggregate": r.aggregate,
             "cache_bytes": r.cache.get("cache_bytes"), "cache_report": r.cache, "ms_per_frame": r.ms_per_frame,
             "peak_rss_bytes": r.peak_rss_bytes, "device_peak_bytes": r.device_peak_bytes,
             "sequences": r.sequences,
@@ -69,6 +71,16 @@ def _ms(value: float) -> str:
     return f"{value:.1f}" if np.isfinite(value) else "n/a"
 
 
+def _protocol_line(results: EvalResults) -> str:
+    """The protocol's choices that differ by model (`settings.PROTOCOLS`), as a sentence."""
+    p, model = results.protocol, results.model.get("model", "streamvggt")
+    if not p:
+        return ""
+    points = "the point map" if p["points"] == "pointmap" else "depth unprojected with the predicted cameras"
+    pairs = "pooled over all sequences" if p["pose_pairs"] == "pooled" else "scored per sequence"
+    return f" Protocol of {model}: recon scores {points}; pose pairs {pairs}."
+
+
 def results_markdown(results: EvalResults, note: Optional[str] = None) -> str:
     """A Markdown table: one row per setting with the task's metrics, cache MB (1e6 bytes), ms/frame
     and the process's peak RSS."""
@@ -85,7 +97,7 @@ def results_markdown(results: EvalResults, note: Optional[str] = None) -> str:
         f"to {results.frame_size} px wide. Metrics: aggregate over sequences "
         f"({'lower' if task.lower_is_better else 'higher'} {task.primary} is better). ms/frame: median after "
         "each sequence's first frame (n/a: no sequence has a second frame). Peak RSS: the process's "
-        "high-water mark after the setting ran.",
+        "high-water mark after the setting ran." + _protocol_line(results),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",

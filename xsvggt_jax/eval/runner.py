@@ -8,11 +8,15 @@
    `load_and_preprocess_images`: bicubic resize to `frame_size` wide, centre crop or white pad) and
    the ground truth is carried into the same pixel grid (`data.preprocess`);
 3. per setting, the frames go through the jitted streaming step (`make_step` + `init_cache`, exactly
-   as `reconstruct` streams: batch 1, no query points, an uncompressed cache sized to the sequence);
+   as `reconstruct` streams: batch 1, no query points, an uncompressed cache sized to the sequence),
+   or, for `offline-full` / `offline-causal` (`settings.OFFLINE_SETTINGS`), the batch forward over
+   all of them at once (`offline_sequence`, as `reconstruct --offline`);
 4. the task's metrics are computed per sequence and aggregated:
    * `recon`: Acc / Comp / NC (`reconstruction_metrics`: median shift + median-norm scale, 224 px
-     centre crop (whole frames when they are smaller), ICP 0.1) of the point map `pts3d_in_other_view` against the ground-truth depth unprojected
-     into the first camera; mean over sequences (upstream);
+     centre crop (whole frames when they are smaller), ICP 0.1) of the predicted points against the
+     ground-truth depth unprojected into the first camera; mean over sequences (upstream). `points`:
+     the point map `pts3d_in_other_view` ("pointmap", StreamVGGT's protocol) or the predicted depth
+     unprojected with the predicted cameras ("depth", VGGT's: both in the first camera's frame);
    * `video-depth`: AbsRel, delta < 1.25 of `depth` with one robust scale per sequence (upstream
      `--align scale`) and the dataset's depth caps; average weighted by valid pixels (upstream).
      When the model frames are the whole images resized (landscape frames in crop mode: Sintel,
@@ -21,7 +25,8 @@
      truth is carried onto the model grid instead (nearest, `data.preprocess`). A sequence without a
      valid ground-truth pixel is not scored (a warning; n/a when no sequence is);
    * `pose`: ATE, RPE-trans, RPE-rot (Sim(3), delta 1) of the cameras decoded from `camera_pose`,
-     plus RRA@30, RTA@30 and AUC@30 over all frame pairs; mean over sequences.
+     plus RRA@30, RTA@30 and AUC@30 over all frame pairs; mean over sequences, or (`pose_pairs`
+     "pooled", VGGT's protocol) RRA / RTA / AUC over the pairs of every sequence together.
    Per setting it also records the cache bytes (`cache_report`, the largest over sequences), the
    median latency per frame after each sequence's first frame (which includes compilation; NaN, n/a in
    the report, when every sequence has one frame), and the
@@ -37,6 +42,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional
 
@@ -49,6 +55,7 @@ from xsvggt_jax.data.base import Dataset, Sequence
 from xsvggt_jax.data.preprocess import preprocess_frame
 from xsvggt_jax.geometry import pose_encoding_to_extri_intri, unproject_depth
 from xsvggt_jax.io.frames import FrameError, preprocess_image, preprocessed_size, resized_size
+from xsvggt_jax.nn.model import StreamVGGT
 from xsvggt_jax.runtime import peak_rss_bytes
 from xsvggt_jax.stream.loop import SingleStream, stream_steps
 from xsvggt_jax.stream.step import make_step
@@ -56,7 +63,7 @@ from xsvggt_jax.eval.depth import DEPTH_PROTOCOLS, DepthProtocol, average_depth_
 from xsvggt_jax.eval.geometry import EvalInputError
 from xsvggt_jax.eval.pointcloud import CROP_SIZE, reconstruction_metrics, world_to_camera
 from xsvggt_jax.eval.pose import extrinsics_to_c2w, pairwise_pose_errors, pose_accuracy, pose_auc, trajectory_metrics
-from xsvggt_jax.eval.settings import Setting, as_settings
+from xsvggt_jax.eval.settings import POINTS, Setting, as_settings
 from xsvggt_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -95,7 +102,7 @@ class SettingResult:
     cache; ms_per_frame: median latency after each sequence's first frame (NaN when every sequence has
     one frame: a first frame's time includes compilation); peak_rss_bytes: the
     process's peak RSS after this setting; device_peak_bytes: the accelerator's peak bytes in use
-    (None where the backend does not report it)."""
+    (None where the backend does not report it). An offline setting has no cache (cache_bytes 0)."""
 
     setting: Setting
     sequences: dict[str, dict[str, Any]]
@@ -110,7 +117,7 @@ class SettingResult:
 class EvalResults:
     """Everything `evaluate` measured. frame_hw: the model's input size per sequence;
     predictions: setting name -> sequence name -> PREDICTION_KEYS arrays [S, ...] when
-    `keep_predictions`, else None."""
+    `keep_predictions`, else None; protocol: the choices that differ by model ({"points", "pose_pairs"})."""
 
     task: str
     dataset: str
@@ -121,6 +128,7 @@ class EvalResults:
     frame_hw: dict[str, tuple[int, int]]
     frames: dict[str, int]
     predictions: Optional[dict[str, dict[str, dict[str, np.ndarray]]]] = None
+    protocol: Optional[dict] = None
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -189,6 +197,27 @@ def stream_sequence(params: dict, cfg: ModelConfig, cache_cfg: CacheConfig,
     return {k: np.stack(v) for k, v in outs.items()}, latency, info
 
 
+@functools.lru_cache(maxsize=16)
+def _offline_fn(cfg: ModelConfig, causal: bool) -> Callable:
+    """The jitted batch forward per (model, mask): jax compiles it once per frames shape."""
+    model = StreamVGGT(cfg)
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, None, causal, method=StreamVGGT.offline))
+
+
+def offline_sequence(params: dict, cfg: ModelConfig, causal: bool,
+                     frames: np.ndarray) -> tuple[dict[str, np.ndarray], list[float], dict[str, int]]:
+    """Frames [S, H, W, 3] through the batch forward as `xsvggt reconstruct --offline` runs them (one
+    device). Returns what `stream_sequence` does: (predictions, seconds per frame (the forward's time
+    spread evenly, compilation excluded), {"cache_bytes": 0})."""
+    x = jax.numpy.asarray(frames)[None]
+    compiled = _offline_fn(cfg, causal).lower(params, x).compile()  # compiled once per shape (jax's cache)
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(params, x))
+    per_frame = (time.perf_counter() - t0) / len(frames)
+    preds = {k: np.asarray(out[k][0], np.float32) for k in PREDICTION_KEYS}
+    return preds, [per_frame] * len(frames), {"cache_bytes": 0}
+
+
 # ----------------------------------------------------------------------------------- ground truth
 @dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: identity equality
 class GroundTruth:
@@ -232,8 +261,34 @@ def _depth_protocol(dataset_name: str, max_depth: Optional[float]) -> DepthProto
     return DEPTH_PROTOCOLS.get(dataset_name, DepthProtocol(max_depth=max_depth))
 
 
-def score(task: str, preds: Mapping[str, np.ndarray], truth: GroundTruth, protocol: DepthProtocol) -> dict[str, float]:
-    """The task's metrics of one sequence (see the module docstring)."""
+def predicted_points(preds: Mapping[str, np.ndarray], points: str = "pointmap") -> np.ndarray:
+    """The predicted points [S, H, W, 3] in the first camera's frame: the point map ("pointmap") or the
+    depth unprojected with the predicted cameras ("depth"; they put frame 0's camera at the origin)."""
+    if points not in POINTS:
+        raise ConfigError("points", f"must be one of {', '.join(POINTS)}, got {points!r}")
+    if points == "pointmap":
+        return preds["pts3d_in_other_view"]
+    extr, intr = pose_encoding_to_extri_intri(preds["camera_pose"], preds["depth"].shape[1:3])
+    return unproject_depth(preds["depth"], extr, intr)
+
+
+def pair_errors(preds: Mapping[str, np.ndarray], truth: GroundTruth) -> tuple[np.ndarray, np.ndarray]:
+    """(rotation, translation) errors in degrees of every pair of the frames with a valid ground-truth
+    pose (`eval.pose.pairwise_pose_errors`)."""
+    pred_extr, _ = pose_encoding_to_extri_intri(preds["camera_pose"], preds["depth"].shape[1:3])
+    keep = truth.pose_valid
+    return pairwise_pose_errors(pred_extr[keep], truth.extrinsics[keep])
+
+
+def pair_metrics(rot_err: np.ndarray, trans_err: np.ndarray) -> dict[str, float]:
+    """RRA@30, RTA@30 and AUC@30 of pair errors."""
+    return {**pose_accuracy(rot_err, trans_err, 30.0), "auc@30": pose_auc(rot_err, trans_err, 30)}
+
+
+def score(task: str, preds: Mapping[str, np.ndarray], truth: GroundTruth, protocol: DepthProtocol,
+          points: str = "pointmap") -> dict[str, float]:
+    """The task's metrics of one sequence (see the module docstring); points: the recon task's
+    (`predicted_points`)."""
     if task == "video-depth":
         pred = preds["depth"][..., 0]                                            # [S, H, W]
         if pred.shape != truth.depth.shape:  # ground truth at the dataset's resolution: upstream's bicubic
@@ -250,16 +305,13 @@ def score(task: str, preds: Mapping[str, np.ndarray], truth: GroundTruth, protoc
         valid = (truth.depth > 0) & np.isfinite(truth.depth)
         h, w = truth.depth.shape[1:]
         crop = CROP_SIZE if min(h, w) >= CROP_SIZE else None  # frames smaller than the protocol's crop: whole
-        return reconstruction_metrics(preds["pts3d_in_other_view"], gt, valid, crop=crop)
+        return reconstruction_metrics(predicted_points(preds, points), gt, valid, crop=crop)
     # pose
     hw = preds["depth"].shape[1:3]
     pred_extr, _ = pose_encoding_to_extri_intri(preds["camera_pose"], hw)         # [S, 3, 4]
     keep = truth.pose_valid
-    pred_extr, gt_extr = pred_extr[keep], truth.extrinsics[keep]
-    metrics = trajectory_metrics(extrinsics_to_c2w(pred_extr), extrinsics_to_c2w(gt_extr))
-    rot_err, trans_err = pairwise_pose_errors(pred_extr, gt_extr)
-    metrics.update(pose_accuracy(rot_err, trans_err, 30.0))                    # rra@30, rta@30
-    metrics["auc@30"] = pose_auc(rot_err, trans_err, 30)
+    metrics = trajectory_metrics(extrinsics_to_c2w(pred_extr[keep]), extrinsics_to_c2w(truth.extrinsics[keep]))
+    metrics.update(pair_metrics(*pair_errors(preds, truth)))                    # rra@30, rta@30, auc@30
     return metrics
 
 
@@ -267,7 +319,9 @@ def score(task: str, preds: Mapping[str, np.ndarray], truth: GroundTruth, protoc
 _BOOKKEEPING = ("frames", "cache_bytes", "ms_per_frame")
 
 
-def _aggregate(task: str, per_seq: list[dict[str, Any]]) -> dict[str, float]:
+def _aggregate(task: str, per_seq: list[dict[str, Any]], pairs: Optional[list] = None) -> dict[str, float]:
+    """The mean over scored sequences (video-depth: weighted by valid pixels); `pairs` ((rotation,
+    translation) errors of each scored sequence): RRA / RTA / AUC over all of them pooled instead."""
     scored = [{k: v for k, v in m.items() if k not in _BOOKKEEPING} for m in per_seq
               if "error" not in m and m.get("valid_pixels", 1) > 0]
     if not scored:
@@ -277,13 +331,16 @@ def _aggregate(task: str, per_seq: list[dict[str, Any]]) -> dict[str, float]:
     else:
         keys = [k for k, v in scored[0].items() if isinstance(v, (int, float))]
         out = {k: float(np.mean([m[k] for m in scored])) for k in keys}
+    if pairs:
+        out.update(pair_metrics(np.concatenate([r for r, _ in pairs]), np.concatenate([t for _, t in pairs])))
     return {**out, "sequences_scored": len(scored)}
 
 
 # ------------------------------------------------------------------------------------------ driver
 def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | Iterable[str | Setting | CacheConfig],
              task: str, *, resize: str = "crop", frame_size: Optional[int] = None,
-             progress: Optional[Callable[[Sequence], None]] = None, keep_predictions: bool = False) -> EvalResults:
+             progress: Optional[Callable[[Sequence], None]] = None, keep_predictions: bool = False,
+             points: str = "pointmap", pose_pairs: str = "sequence") -> EvalResults:
     """Stream every sequence of `dataset` once per setting and score `task` ("recon", "video-depth",
     "pose"; see the module docstring).
 
@@ -291,10 +348,15 @@ def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | I
     `Setting`s or `CacheConfig`s (a bare CacheConfig is named by its repr). resize: "crop" | "pad";
     frame_size: width the frames are resized to (default `cfg.img_size`: 518 for the published model).
     progress: called with each sequence after it has been streamed with every setting.
-    keep_predictions: keep every setting's predictions in `EvalResults.predictions`.
+    keep_predictions: keep every setting's predictions in `EvalResults.predictions`. points: the recon
+    task's points ("pointmap" or "depth", `predicted_points`); pose_pairs: "sequence" or "pooled" (the
+    pose task's RRA / RTA / AUC over all sequences' pairs together): see `settings.PROTOCOLS`.
     Raises EvalConfigError / SettingsError / DataError / FrameError before any model work."""
     target = cfg.img_size if frame_size is None else frame_size
     chosen = as_settings(settings)
+    if points not in POINTS or pose_pairs not in ("sequence", "pooled"):
+        raise EvalConfigError(f"points must be one of {POINTS} and pose_pairs sequence or pooled, got {points!r}, "
+                              f"{pose_pairs!r}")
     sizes = check_evaluation(cfg, dataset, task, resize, target)
     protocol = _depth_protocol(dataset.info.name, dataset.info.max_depth)
     params = jax.device_put(params)  # committed, so every call of a memoised step hits its compile cache
@@ -303,12 +365,18 @@ def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | I
     caches: dict[str, dict[str, int]] = {s.name: {} for s in chosen}
     peaks: dict[str, tuple[int, Optional[int]]] = {}
     kept: dict[str, dict] = {s.name: {} for s in chosen}
+    pooled: dict[str, list] = {s.name: [] for s in chosen}
     for seq in dataset:
         truth = load_ground_truth(seq, task, resize, target)
         for setting in chosen:
-            preds, lat, info = stream_sequence(params, cfg, setting.cache, truth.frames)
+            if setting.offline:
+                preds, lat, info = offline_sequence(params, cfg, setting.offline == "causal", truth.frames)
+            else:
+                preds, lat, info = stream_sequence(params, cfg, setting.cache, truth.frames)
             try:
-                metrics = score(task, preds, truth, protocol)
+                metrics = score(task, preds, truth, protocol, points)
+                if task == "pose" and pose_pairs == "pooled":
+                    pooled[setting.name].append(pair_errors(preds, truth))
             except EvalInputError as e:  # e.g. too few valid points: recorded, the other sequences go on
                 log.warning("%s / %s: %s", setting.name, seq.name, e)
                 metrics = {"error": str(e)}
@@ -326,12 +394,14 @@ def evaluate(params: dict, cfg: ModelConfig, dataset: Dataset, settings: str | I
         if progress is not None:
             progress(seq)
     results = tuple(
-        SettingResult(s, per_seq[s.name], _aggregate(task, list(per_seq[s.name].values())), caches[s.name],
+        SettingResult(s, per_seq[s.name], _aggregate(task, list(per_seq[s.name].values()), pooled[s.name]),
+                      caches[s.name],
                       _median_ms(latency[s.name]), *peaks[s.name])
         for s in chosen)
     return EvalResults(task=task, dataset=dataset.info.name, settings=results, model=cfg.to_dict(), resize=resize,
                        frame_size=target, frame_hw=sizes, frames={s.name: len(s) for s in dataset},
-                       predictions=kept if keep_predictions else None)
+                       predictions=kept if keep_predictions else None,
+                       protocol={"points": points, "pose_pairs": pose_pairs})
 
 
 def _median_ms(seconds: list[float]) -> float:
@@ -353,4 +423,5 @@ def finite_or_none(value: Any) -> Any:
 
 
 __all__ = ["EvalConfigError", "EvalResults", "GroundTruth", "PREDICTION_KEYS", "SettingResult", "TASKS", "Task",
-           "check_evaluation", "evaluate", "finite_or_none", "load_ground_truth", "score", "stream_sequence"]
+           "check_evaluation", "evaluate", "finite_or_none", "load_ground_truth", "offline_sequence", "pair_errors",
+           "pair_metrics", "predicted_points", "score", "stream_sequence"]

@@ -16,12 +16,28 @@ Every `CacheConfig` field the suffix does not set (pool, group, scale_dtype, see
 `defaults` passed to `parse_settings`, so any configuration `xsvggt reconstruct` accepts can be written.
 Examples: `none` (plain StreamVGGT), `xstream:2048`, `xstream-int4:2048` (= `xstream-kcvt4:2048`),
 `sliding:1024`, `xstream-kcvt8:512`, `none-ktvt2` (full cache, 2-bit codes).
+
+Two settings are not caches: `offline-full` and `offline-causal` run each sequence through the batch
+forward (every frame at once, full or frame-causal attention; no cache), as `reconstruct --offline`.
+
+`PROTOCOLS`: how each model's authors evaluate it, where that differs (`config.MODELS` names):
+
+* StreamVGGT (and XStreamVGGT): streamed, cache settings `none,xstream:2048,xstream-int4:2048`; the
+  recon task scores the point head's map (`pts3d_in_other_view`); pose metrics per sequence, averaged;
+  `--frames-per-sequence N` takes the first N frames.
+* VGGT: `offline-full`; recon scores depth unprojected with the predicted cameras (its paper and code
+  find these more accurate than its point head); RRA / RTA / AUC@30 over the pairs of every sequence
+  pooled (its CO3D evaluation: errors of all pairs of a category, then the AUC); N random frames a
+  sequence (`numpy.random.RandomState(--seed)`, drawn in sequence order, kept in the drawn order: its
+  CO3D evaluation draws 10 with `np.random.seed(0)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Optional
 
 from xsvggt_jax.cache.core import DEFAULT_LAYOUT, CacheConfig  # DEFAULT_LAYOUT: importable from here as before
 from xsvggt_jax.errors import ConfigError
@@ -31,12 +47,38 @@ class SettingsError(ConfigError):
     """A cache setting string that does not follow the grammar (the message is one sentence)."""
 
 
+OFFLINE_SETTINGS = {"offline-full": "full", "offline-causal": "causal"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One named cache configuration of an evaluation. name: the text the user wrote (stripped)."""
+    """One named cache configuration of an evaluation. name: the text the user wrote (stripped);
+    offline: "full" or "causal" for an `OFFLINE_SETTINGS` setting (then no cache: `cache` None)."""
 
     name: str
-    cache: CacheConfig
+    cache: Optional[CacheConfig]
+    offline: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How a model is evaluated where its authors' evaluations differ (module docstring). settings: the
+    default settings string; points: the recon task's points, "pointmap" (`pts3d_in_other_view`) or
+    "depth" (depth unprojected with the predicted cameras); pose_pairs: "sequence" (pose metrics per
+    sequence, then the mean) or "pooled" (RRA / RTA / AUC over every sequence's pairs together);
+    sampling: which N frames `--frames-per-sequence N` keeps, "first" or "random"."""
+
+    settings: str
+    points: str
+    pose_pairs: str
+    sampling: str
+
+
+POINTS = ("pointmap", "depth")
+PROTOCOLS: Mapping[str, Protocol] = MappingProxyType({
+    "streamvggt": Protocol("none,xstream:2048,xstream-int4:2048", "pointmap", "sequence", "first"),
+    "vggt": Protocol("offline-full", "depth", "pooled", "random"),
+})
 
 
 def parse_setting(text: str, defaults: Mapping[str, object] | None = None) -> Setting:
@@ -46,6 +88,8 @@ def parse_setting(text: str, defaults: Mapping[str, object] | None = None) -> Se
     name = text.strip()
     if not name:
         raise SettingsError("an empty cache setting (two commas in a row, or a trailing comma?)")
+    if name in OFFLINE_SETTINGS:
+        return Setting(name, None, OFFLINE_SETTINGS[name])
     try:
         return Setting(name, CacheConfig.from_text(name, defaults))
     except ConfigError as e:
@@ -88,4 +132,5 @@ def _distinct(settings: tuple[Setting, ...]) -> tuple[Setting, ...]:
     return settings
 
 
-__all__ = ["DEFAULT_LAYOUT", "Setting", "SettingsError", "as_settings", "parse_setting", "parse_settings"]
+__all__ = ["DEFAULT_LAYOUT", "OFFLINE_SETTINGS", "POINTS", "PROTOCOLS", "Protocol", "Setting", "SettingsError",
+           "as_settings", "parse_setting", "parse_settings"]

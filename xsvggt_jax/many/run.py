@@ -24,6 +24,7 @@ from xsvggt_jax.io.outdir import OutputDir
 from xsvggt_jax.io.outputs import ExportOptions
 from xsvggt_jax.many import hosts
 from xsvggt_jax.many.driver import Stats, group_pools, resolve_modes, run_scenes
+from xsvggt_jax.many.offline import run_offline_scenes
 from xsvggt_jax.many.scenes import (SUMMARY, Job, Scene, completed_report, input_fingerprint, pool_key,
                                     process_share, recorded_identity, summary_entry)
 from xsvggt_jax.stream.loop import Progress
@@ -148,9 +149,10 @@ def stats_entry(stats: Stats, process_id: int, slots: int, prefetch: int) -> dic
             "device_idle_fraction": stats.device_idle_fraction}
 
 
-def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: CacheConfig, params: dict,
+def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: Optional[CacheConfig], params: dict,
              options: SceneOptions, *, slots: int = 1, prefetch: int = 4, quiet: bool = True,
-             slot_compute: str = "auto", query_pools: str = "auto") -> dict:
+             slot_compute: str = "auto", query_pools: str = "auto", offline: Optional[str] = None,
+             frames_per_device: Optional[int] = None) -> dict:
     """Run this process's share of `scenes` (all of them in a single-process run) into ROOT/<scene>/
     (opened and written as `options` says; each scene's report.json records its input,
     `scenes.IDENTITY`) and write ROOT/summary.json (process 0, after every process finished;
@@ -161,7 +163,10 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
     "device_idle_fraction": frame-wait time / loop time over all processes}. Raises
     `pipeline.CacheMemoryError` before any scene runs when a pool's caches do not fit. slot_compute:
     how a pool steps its slots, query_pools: whether scenes with different numbers of query points
-    share a pool (both as `driver.run_scenes`)."""
+    share a pool (both as `driver.run_scenes`). offline: "full" or "causal" runs every scene through
+    that batch forward instead of streaming it (`many.offline.run_offline_scenes`: `slots` scenes a
+    forward, scenes with more than `frames_per_device` frames sequence parallel; no cache: `cache_cfg`
+    None)."""
     import jax
 
     n, i = jax.process_count(), jax.process_index()
@@ -170,11 +175,17 @@ def run_many(scenes: Sequence[Scene], root: Path, cfg: ModelConfig, cache_cfg: C
     mine = process_share(scenes, n, i)
     log.info("process %d of %d: %d of %d scenes", i, n, len(mine), len(scenes))
     jobs, entries = plan(mine, root, cfg, options)
-    check_pool_memory(cfg, cache_cfg, jobs, slots, resolve_modes(slot_compute, query_pools, jax.local_devices())[2])
+    if not offline:
+        check_pool_memory(cfg, cache_cfg, jobs, slots, resolve_modes(slot_compute, query_pools, jax.local_devices())[2])
     progress = Progress(sum(job.source.num_frames for job in jobs), quiet)
     try:
-        results, stats = run_scenes(cfg, cache_cfg, params, jobs, options.exports, slots=slots, prefetch=prefetch,
-                                    progress=progress, slot_compute=slot_compute, query_pools=query_pools)
+        if offline:
+            results, stats = run_offline_scenes(cfg, params, jobs, options.exports, causal=offline == "causal",
+                                                slots=slots, prefetch=prefetch, frames_per_device=frames_per_device,
+                                                progress=progress)
+        else:
+            results, stats = run_scenes(cfg, cache_cfg, params, jobs, options.exports, slots=slots, prefetch=prefetch,
+                                        progress=progress, slot_compute=slot_compute, query_pools=query_pools)
     finally:
         progress.close()
     part = {"scenes": entries + results, "processes": [stats_entry(stats, i, slots, prefetch)]}

@@ -53,12 +53,25 @@ def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], qu
     out = jax.block_until_ready(compiled(params, x, q))
     total = time.perf_counter() - t0
     preds = {k: np.asarray(v[0], np.float32) for k, v in out.items()}
+    check_finite(preds, s)
+    return offline_result(preds, frames, query_points, causal, compile_s, total, impl, devices)
+
+
+def check_finite(preds: dict, frames: int) -> None:
+    """NonFiniteError naming the outputs with NaN/Inf and the first frame holding one (preds [S, ...])."""
     bad = [k for k, v in preds.items() if not np.isfinite(v).all()]
     if bad:
-        first = min(int(np.argmax(~np.isfinite(preds[k]).reshape(len(frames), -1).all(1))) for k in bad)
+        first = min(int(np.argmax(~np.isfinite(preds[k]).reshape(frames, -1).all(1))) for k in bad)
         raise NonFiniteError(f"the model produced NaN/Inf (in {', '.join(bad)}; first at frame {first}): "
                              "check the weights (and the input); no outputs were written")
-    per_frame = total / s
+
+
+def offline_result(preds: dict, frames: np.ndarray, query_points: Optional[np.ndarray], causal: bool,
+                   compile_s: float, seconds: float, attention: str, devices: int) -> Reconstruction:
+    """The `Reconstruction` of one scene's offline forward: preds [S, ...] float32, frames [S, H, W, 3],
+    `seconds` the forward's device time (spread evenly over the frames)."""
+    s = len(frames)
+    per_frame = seconds / s
     return Reconstruction(f"offline_{'causal' if causal else 'full'}", preds, to_uint8_rgb(frames),
                           0 if query_points is None else len(query_points), (per_frame,) * s, (0,) * s,
-                          {"cache_bytes": 0}, compile_s, per_frame, total, attention=impl, devices=devices)
+                          {"cache_bytes": 0}, compile_s, per_frame, seconds, attention=attention, devices=devices)

@@ -57,7 +57,7 @@ def _report(unused, missing, mismatched, cfg: ModelConfig, expected: int, source
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): " + _listing(mismatch_text))
     if problems:
-        raise ConversionError(f"{source} is not a StreamVGGT state_dict for this configuration:\n  "
+        raise ConversionError(f"{source} is not a {cfg.model_info.title} state_dict for this configuration:\n  "
                               + "\n  ".join(problems))
 
 

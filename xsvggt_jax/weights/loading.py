@@ -2,13 +2,16 @@
 `eval` and `train`, and the one `--dtype` flag and override (here, below eval/ and train/, so that
 every command can use it).
 
-* `add_weight_flags(group)`: --params | --checkpoint, --spec, --cache-dir and --dtype (`add_dtype_flag`).
+* `add_weight_flags(group)`: --params | --checkpoint, --spec, --cache-dir and --dtype (`add_dtype_flag`), and
+  with `model=True` --model (`add_model_flag`: which published model the weights are, `config.MODELS`).
 * `model_config(args)`: the configuration those flags name, reading no weights (checks before loading).
 * `load_model(args)`: (params, config): a params directory (--params, or train's --init DIR), else an
   upstream checkpoint (--checkpoint [--spec], converted once and cached under --cache-dir), else the
   caller's `default` (the demo model, eval's random tiny model, train's random init).
 * Both apply --dtype (`with_dtype`), the compute dtype (default "auto": float32 on CPU; on accelerators
-  bfloat16 aggregator + float32 heads, upstream's autocast); parameters keep theirs.
+  bfloat16 aggregator + float32 heads, upstream's autocast); parameters keep theirs. And --model
+  (`with_model`): a --checkpoint is StreamVGGT unless --model says otherwise; a params directory is the
+  model it records (`xsvggt convert --model`), unless --model says otherwise.
 
 Errors are typed (`xsvggt_jax.errors`): ParamsError / CheckpointError / ConversionError from the
 weights, ConfigError for a bad --spec or --config, InputError when no weights are named.
@@ -17,14 +20,18 @@ weights, ConfigError for a bad --spec or --config, InputError when no weights ar
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from xsvggt_jax.config import AUTO_DTYPE, DTYPES, ModelConfig
+from xsvggt_jax.config import AUTO_DTYPE, DTYPES, MODELS, ModelConfig
 from xsvggt_jax.errors import ConfigError, InputError
 
-__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "add_dtype_flag", "add_weight_flags", "check_weight_flags",
-           "config_from_name", "load_model", "model_config", "spec_config", "with_dtype"]
+__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "MODEL_HELP", "add_dtype_flag", "add_model_flag", "add_weight_flags",
+           "check_weight_flags", "config_from_name", "load_model", "model_config", "spec_config", "with_dtype",
+           "with_model"]
+
+log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = (AUTO_DTYPE, *DTYPES)
 DTYPE_HELP = ("compute dtype (default auto: float32 on CPU; on GPU/TPU bfloat16 in the aggregator and float32 in "
@@ -37,10 +44,21 @@ def add_dtype_flag(group) -> None:
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO_DTYPE, help=DTYPE_HELP)
 
 
-def add_weight_flags(group, *, params: bool = True, required: bool = True,
-                     checkpoint_help: str = "upstream StreamVGGT .pth / .safetensors (converted on the fly)") -> None:
+MODEL_HELP = ("which published model the weights are (their tensors cannot tell): streamvggt (default for a "
+              "--checkpoint) or vggt (VGGT-1B, VGGT-1B-Commercial: trained with full attention, runs --offline full by "
+              "default); a --params directory records the one it was converted as")
+
+
+def add_model_flag(group) -> None:
+    """The --model flag (choices: `config.MODELS`; default: what the weights record, see `with_model`)."""
+    group.add_argument("--model", choices=tuple(MODELS), help=MODEL_HELP)
+
+
+def add_weight_flags(group, *, params: bool = True, required: bool = True, model: bool = False,
+                     checkpoint_help: str = "upstream StreamVGGT / VGGT .pth / .pt / .safetensors (converted on the "
+                                            "fly)") -> None:
     """--params | --checkpoint (one of them `required`; no --params with `params=False`), --spec,
-    --cache-dir and --dtype, on an argument group."""
+    --cache-dir and --dtype, on an argument group; --model too with `model`."""
     src = group.add_mutually_exclusive_group(required=required) if params else group
     if params:
         src.add_argument("--params", help="params directory written by `xsvggt convert`")
@@ -48,6 +66,8 @@ def add_weight_flags(group, *, params: bool = True, required: bool = True,
     group.add_argument("--spec", help="spec.json of a non-published configuration (with --checkpoint)")
     group.add_argument("--cache-dir", help="where converted checkpoints are cached (default ~/.cache/xsvggt-jax)")
     add_dtype_flag(group)
+    if model:
+        add_model_flag(group)
 
 
 def check_weight_flags(args: argparse.Namespace) -> None:
@@ -63,6 +83,18 @@ def with_dtype(cfg: ModelConfig, args: argparse.Namespace) -> ModelConfig:
     """`cfg` with the --dtype override (unchanged without one): the one place it is applied."""
     dtype = getattr(args, "dtype", None)
     return cfg.replace(dtype=dtype) if dtype and dtype != cfg.dtype else cfg
+
+
+def with_model(cfg: ModelConfig, args: argparse.Namespace) -> ModelConfig:
+    """`cfg` labelled with the --model the user named (unchanged without one): the one place it is applied.
+    The checkpoints of the models have the same tensors, so the name is the user's to give; a params
+    directory recorded as another model is run as the one named (logged)."""
+    name = getattr(args, "model", None)
+    if not name or name == cfg.model:
+        return cfg
+    if getattr(args, "params", None):
+        log.info("%s records the %s model; running it as %s (--model)", args.params, cfg.model, name)
+    return cfg.replace(model=name)
 
 
 def spec_config(spec: Optional[str]) -> ModelConfig:
@@ -89,15 +121,15 @@ def _params_dir(args: argparse.Namespace, params_dir: Optional[str]) -> Optional
 def model_config(args: argparse.Namespace, *, params_dir: Optional[str] = None) -> Optional[ModelConfig]:
     """The configuration the weight flags name, --dtype applied, reading no weights: the params directory
     `params_dir` (default --params), else --checkpoint's (--spec or published); None when neither is
-    given."""
+    given. --model applied (`with_model`)."""
     from xsvggt_jax.weights.params import load_config
 
     check_weight_flags(args)
     directory = _params_dir(args, params_dir)
     if directory:
-        return with_dtype(load_config(directory), args)
+        return with_model(with_dtype(load_config(directory), args), args)
     if getattr(args, "checkpoint", None):
-        return with_dtype(spec_config(getattr(args, "spec", None)), args)
+        return with_model(with_dtype(spec_config(getattr(args, "spec", None)), args), args)
     return None
 
 
@@ -105,7 +137,8 @@ def load_model(args: argparse.Namespace, *, params_dir: Optional[str] = None,
                default: Optional[Callable[[], tuple[Any, ModelConfig]]] = None) -> tuple[Any, ModelConfig]:
     """(params, config) from the weight flags, --dtype applied: the params directory `params_dir` (default
     --params), else --checkpoint [--spec] (converted on the first use, then read from the conversion
-    cache under --cache-dir), else `default()` -> (params, config). InputError when none applies."""
+    cache under --cache-dir), else `default()` -> (params, config). InputError when none applies.
+    --model applied (`with_model`)."""
     from xsvggt_jax.weights.cached import params_from_checkpoint
     from xsvggt_jax.weights.params import load_params
 
@@ -121,4 +154,4 @@ def load_model(args: argparse.Namespace, *, params_dir: Optional[str] = None,
         params, cfg = default()
     else:
         raise InputError("no weights given: use --params DIR or --checkpoint FILE")
-    return params, with_dtype(cfg, args)
+    return params, with_model(with_dtype(cfg, args), args)
