@@ -128,6 +128,7 @@ def run(args) -> Path:
     from xsvggt_jax.eval.settings import parse_settings
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.nn.model import init_params
+    from xsvggt_jax.weights.quant import describe
 
     if args.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
@@ -155,7 +156,8 @@ def run(args) -> Path:
             results = evaluate(params, cfg, dataset, settings, args.task, resize=args.resize,
                                frame_size=args.frame_size, progress=tick)
             write_report(results, tmp, extra={"data": None if args.dataset == "procedural" else str(args.data),
-                                               "random_model": random_model}, note=note)
+                                               "random_model": random_model, "weights": describe(params)},
+                         note=note)
     finally:
         if bar is not None:
             bar.close()
