@@ -21,6 +21,7 @@ directory, e.g. the CLI's reconstruction results).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -285,14 +286,21 @@ def load_weight_format(directory: str | os.PathLike) -> WeightFormat:
         raise ParamsError(f"{path}: invalid weight format ({e})") from e
 
 
+@functools.lru_cache(maxsize=8)  # tracing the model's parameter shapes takes seconds
+def _expected_shapes(cfg: ModelConfig, fmt: WeightFormat) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    from flax.traverse_util import flatten_dict
+
+    from xsvggt_jax.nn.model import param_shapes
+
+    return tuple(("/".join(k), tuple(v.shape)) for k, v in flatten_dict(stored_shapes(param_shapes(cfg), fmt)).items())
+
+
 def _check_arrays(stored: dict, cfg: ModelConfig, fmt: WeightFormat, directory: Path) -> None:
     """Compare the checkpoint's array metadata with the parameter tree `cfg` needs (abstractly), its
     kernels stored as `fmt` says."""
     from flax.traverse_util import flatten_dict
 
-    from xsvggt_jax.nn.model import param_shapes
-
-    want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(stored_shapes(param_shapes(cfg), fmt)).items()}
+    want = dict(_expected_shapes(cfg, fmt))
     have = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(stored).items()}
     for name in sorted(want.keys() | have.keys()):
         if name not in have:

@@ -16,9 +16,13 @@ params directory and in device memory) and dequantized where the jitted step use
 
 Layout of a code node for a kernel of shape [..., N] (Dense [K, N], conv [kh, kw, cin, N]): the
 leading axes are the reduction, flattened to K rows; one float32 scale per (group of `group` rows,
-output column): scale [K / group, N]. Codes are symmetric (no zero point), absmax-calibrated:
-int8 in [-128, 127], int4 in [-8, 7] (qwix's `quantize` / `dequantize` do the arithmetic; qwix's
-QArray is the decoded form). int8 codes keep the kernel's shape. int4 codes are packed two to a byte
+output column): scale [K / group, N], qwix's subchannel ("tiled") layout. Codes are symmetric (no
+zero point), absmax-calibrated as qwix calibrates them (scale = absmax / (qmax + 1/2)): int8 in
+[-128, 127], int4 in [-8, 7]. In the step a node is decoded as a qwix `QArray` by `qwix.dequantize`;
+the codes are made on the host in numpy (tests/test_weight_quant.py holds them equal to
+`qwix.quantize`'s), because qwix's quantize runs eagerly op by op on device arrays: it compiled for
+every kernel shape and took 30 s to quantize the tiny reference model here (numpy: well under 1 s).
+int8 codes keep the kernel's shape. int4 codes are packed two to a byte
 along the output axis (column 2j in the low nibble, 2j+1 in the high one) into int8 [..., N / 2],
 because XLA stores an int4 array one byte per element on the CPU (measured: a 1024x512 int4 array
 takes 524288 bytes on device), which would save nothing there. A kernel is quantized when its name is
@@ -141,19 +145,20 @@ def _code_shape(shape: tuple[int, ...], fmt: str) -> tuple[int, ...]:
 
 
 def _quantize_kernel(x, fmt: WeightFormat) -> dict:
-    import qwix
-
+    """A float kernel -> its code node (numpy, on the host: conversion compiles nothing)."""
     shape = tuple(x.shape)
     k, n = _rows(shape), shape[-1]
     g = _group_rows(shape, fmt.group)
-    x2 = jnp.asarray(x, jnp.float32).reshape(k, n)
-    q = qwix.quantize(x2, jnp.int8 if fmt.format == "int8" else jnp.int4, channelwise_axes=[1],
-                      tiled_axes={0: g} if g < k else None)
-    codes = np.asarray(q.qvalue).astype(np.int8).reshape(shape)
-    scale = np.asarray(q.scale, np.float32).reshape(k // g, n)
+    x3 = np.asarray(x, np.float32).reshape(k // g, g, n)
+    qmax = 2 ** (BITS[fmt.format] - 1) - 1
+    # symmetric absmax over each group, the bound qmax + 1/2 so the top bucket is used fully (as qwix's
+    # `quantize` calibrates); an all-zero group gets scale 1 (its codes are 0 either way)
+    scale = np.abs(x3).max(axis=1) / np.float32(qmax + 0.5)
+    scale = np.where(scale < np.sqrt(np.finfo(np.float32).tiny), np.float32(1), scale).astype(np.float32)
+    codes = np.clip(np.round(x3 / scale[:, None, :]), -qmax - 1, qmax).astype(np.int8).reshape(shape)
     if fmt.format == "int4":
         lo, hi = codes[..., 0::2].view(np.uint8), codes[..., 1::2].view(np.uint8)
-        codes = ((lo & 0x0F) | (hi << 4)).view(np.int8)
+        codes = ((lo & 0x0F) | (hi << 4)).astype(np.uint8).view(np.int8)
     return {fmt.format: codes, SCALE: scale}
 
 
