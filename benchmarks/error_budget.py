@@ -10,7 +10,8 @@ scene (`xsvggt_jax.data.procedural`, the "demo" preset, `--frames` long, seed `-
   cache      `--caches`, NAME=SETTING pairs separated by ";", each SETTING a `CacheConfig.from_text`
              text (default: xstream pruning to `--budget` tokens a layer, unquantized ("none") and
              KCVT int8 / int4 / int2; the K/V of the global layers are quantized, upstream's rule);
-             the first is the reference's and must not quantize;
+             the first is the reference's and must not quantize. A cache of prune=none (a control
+             without pruning) is allocated for the whole stream and grows with it;
   precision  `--precisions` (default float32, bfloat16: the whole network in that dtype).
 float32 runs every weights x cache cell; the other precisions run the caches `--reduced-caches` names
 (default "none": the grid is cut there so that it fits in a CPU half hour; "all" runs the full grid).
@@ -73,11 +74,7 @@ def parse_caches(text: str, budget: int) -> dict[str, CacheConfig]:
         name, eq, setting = item.partition("=")
         if not eq or not name.strip() or name.strip() in out:
             raise ConfigError(f"--caches: expected NAME=SETTING items with distinct names, got {item!r}")
-        cc = CacheConfig.from_text(setting, where=f"--caches {name.strip()}")
-        if not cc.pruned:
-            raise ConfigError(f"--caches {name.strip()}: prune={cc.prune} grows with the stream; give a bounded "
-                              "cache (e.g. xstream:512)")
-        out[name.strip()] = cc
+        out[name.strip()] = CacheConfig.from_text(setting, where=f"--caches {name.strip()}")
     if next(iter(out.values())).quant != "none":
         raise ConfigError("--caches: the first cache is the reference's and must not quantize")
     return out
@@ -97,7 +94,8 @@ def run_cell(cell: Cell, params32: dict, fmt: WeightFormat, base_cfg, cache_cfg:
     cfg = base_cfg.replace(dtype=cell.precision)
     params = jax.device_put(quantize_params(params32, fmt), jax.devices()[0])
     hw = tuple(frames.shape[2:4])
-    cache = jax.device_put(init_cache(cfg, cache_cfg, 1, hw), jax.devices()[0])
+    max_frames = None if cache_cfg.pruned else frames.shape[0]   # prune=none: a cache for the whole stream
+    cache = jax.device_put(init_cache(cfg, cache_cfg, 1, hw, max_frames=max_frames), jax.devices()[0])
     fn = jax.jit(lambda p, c, f: run_stream(cfg, cache_cfg, p, c, f))
     t0 = time.perf_counter()
     compiled = fn.lower(params, cache, frames).compile()
@@ -127,32 +125,32 @@ def stream_metrics(out: dict, ref: dict) -> dict:
 
 
 def growth(per: dict, window: int) -> dict:
-    """metric -> {"early": median of frames 1..window, "late": median of the last `window`, "ratio"}
-    (frame 0 has no history: left out)."""
+    """metric -> medians over frames 1-10 ("start"), 11-100 ("early") and the last `window` ("late"),
+    and "ratio" = late / start: how far the error grew along the stream (frame 0 has no history and is
+    left out)."""
     out = {}
     for m, xs in per.items():
         xs = np.asarray(xs)
-        early, late = float(np.median(xs[1:window + 1])), float(np.median(xs[-window:]))
-        out[m] = {"early": early, "late": late, "ratio": late / early if early > 0 else None}
+        start, early, late = (float(np.median(xs[a:b])) for a, b in ((1, 11), (11, 101), (len(xs) - window, None)))
+        out[m] = {"start": start, "early": early, "late": late, "ratio": late / start if start > 0 else None}
     return out
 
 
 def table(result: dict) -> str:
     w = result["window"]
-    head = ["weights", "cache", "precision", "weights bytes", "cache bytes", "depth_rel first/last",
-            "points_rel first/last", "cam_t_rel first/last", "cam_rot_deg first/last"]
-    lines = [f"first / last: medians over frames 1-{w} / the last {w}; ratio last/first in parentheses",
+    head = ["weights", "cache", "precision", "weights bytes", "cache bytes", *METRICS]
+    lines = [f"each metric: medians over frames 1-10 / 11-100 / the last {w}, and (last / 1-10)",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, c in result["cells"].items():
         cells = [c["weights_format"], c["cache_name"], c["precision"], f"{c['weights']['bytes']:,}",
                  f"{c['cache']['cache_bytes']:,}"]
         for m in METRICS:
-            g = c["growth"][m] if c.get("growth") else None
-            if g is None or (g["early"] == 0 and g["late"] == 0):
-                cells.append("reference" if name == result["reference"] else "0")
+            g = c["growth"][m]
+            if name == result["reference"]:
+                cells.append("reference")
             else:
-                ratio = f" ({g['ratio']:.2f}x)" if g["ratio"] is not None else ""
-                cells.append(f"{g['early']:.2e} / {g['late']:.2e}{ratio}")
+                ratio = f" ({g['ratio']:.1f}x)" if g["ratio"] is not None else ""
+                cells.append(f"{g['start']:.1e} / {g['early']:.1e} / {g['late']:.1e}{ratio}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -174,17 +172,19 @@ def plot(result: dict, path: Path) -> None:
             continue
         row = precisions.index(c["precision"])
         for col, m in enumerate(METRICS):
-            xs = np.asarray(c["per_frame"][m])
-            pad = np.pad(xs, (k // 2, k // 2), mode="edge")
-            xs = np.median(np.lib.stride_tricks.sliding_window_view(pad, k), axis=-1)
-            axes[row, col].plot(np.arange(len(xs)), np.maximum(xs, 1e-9), linestyle=styles[caches.index(c["cache_name"])
-                                                                                          % len(styles)],
+            xs = np.asarray(c["per_frame"][m])[1:]            # frame 0 has no history (log x axis)
+            if len(xs) > 4 * k:   # a running median from frame 50 on; the start as it is, to show early growth
+                pad = np.pad(xs, (k // 2, k // 2), mode="edge")
+                xs = np.concatenate([xs[:50], np.median(np.lib.stride_tricks.sliding_window_view(pad, k), axis=-1)[50:]])
+            axes[row, col].plot(np.arange(1, len(xs) + 1), np.maximum(xs, 1e-6),
+                                linestyle=styles[caches.index(c["cache_name"]) % len(styles)],
                                 color=f"C{weights.index(c['weights_format'])}", lw=1,
                                 label=f"weights {c['weights_format']}, cache {c['cache_name']}")
     for row, p in enumerate(precisions):
         for col, m in enumerate(METRICS):
             ax = axes[row, col]
-            ax.set(yscale="log", xlabel="frame", title=f"{m}, {p} (running median, {k} frames)")
+            ax.set(xscale="log", yscale="log", xlabel="frame")
+            ax.set_title(f"{m}, {p}" + (f" (running median of {k} after frame 50)" if col == 0 else ""), fontsize=9)
             ax.grid(alpha=0.3, which="both")
         axes[row, 0].legend(fontsize=7)
     fig.suptitle(f"error budget vs float weights / unquantized cache / float32: demo model, procedural scene "
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="output base name (default error_budget_<frames>f)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--summarize", type=Path, metavar="JSON",
+                   help="recompute the summary, table and plot of a saved result (no streaming)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -222,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.summarize:
+        return summarize(args.summarize, args.no_plot)
     try:
         if args.frames < 2 * args.window or args.window < 1:
             raise ConfigError(f"--frames ({args.frames}) must be at least twice --window ({args.window}) >= 1")
@@ -277,6 +281,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     atomic_write_text(out_dir / f"{result['name']}.json", json.dumps(result))
     if not args.no_plot:
         plot(result, out_dir / f"{result['name']}.png")
+    sys.stdout.write(table(result) + "\n")
+    return result
+
+
+def summarize(path: Path, no_plot: bool) -> dict:
+    """Re-derive a saved result's per-cell summary (`growth`), rewrite it with its plot, print the table."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        _fail(f"{path}: unreadable result ({e})")
+    for c in result["cells"].values():
+        c["growth"] = growth(c["per_frame"], result["window"])
+    atomic_write_text(Path(path), json.dumps(result))
+    if not no_plot:
+        plot(result, Path(path).with_suffix(".png"))
     sys.stdout.write(table(result) + "\n")
     return result
 

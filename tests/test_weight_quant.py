@@ -184,3 +184,16 @@ def test_weights_flag_errors(quant_dirs, tiny_dir, tmp_path, capsys):
     err = run_error(["train", "--init", str(quant_dirs / "int8"), "--out", str(out), "--steps", "1"], capsys)
     assert "needs float weights" in err, err
     assert not out.exists()
+
+
+def test_weights_flag_on_the_model_commands():
+    """--weights is one flag (the loader's) on every command that runs a model from given weights, and
+    on convert; train, which needs float weights, has none."""
+    from xsvggt_jax.app.cli import _parser
+    from xsvggt_jax.weights.loading import WEIGHTS_HELP
+
+    commands = _parser()._subparsers._group_actions[0].choices
+    for name in ("demo", "reconstruct", "reconstruct-many", "eval", "convert"):
+        (flag,) = [a for a in commands[name]._actions if "--weights" in a.option_strings]
+        assert flag.help == WEIGHTS_HELP and flag.default is None, name
+    assert not [a for a in commands["train"]._actions if "--weights" in a.option_strings]
