@@ -120,7 +120,7 @@ def stream_metrics(out: dict, ref: dict) -> dict:
         extent = float(np.linalg.norm(path.max(0) - path.min(0)))
         row = frame_metrics({k: out[k][i:i + 1] for k in KEYS}, {k: ref[k][i:i + 1] for k in KEYS}, extent)
         for m, x in row.items():
-            per[m].append(x)
+            per[m].append(float(f"{x:.4g}"))   # 4 significant digits: the JSON keeps every frame of every cell
     return per
 
 
@@ -292,6 +292,7 @@ def summarize(path: Path, no_plot: bool) -> dict:
     except (OSError, ValueError) as e:
         _fail(f"{path}: unreadable result ({e})")
     for c in result["cells"].values():
+        c["per_frame"] = {m: [float(f"{x:.4g}") for x in xs] for m, xs in c["per_frame"].items()}
         c["growth"] = growth(c["per_frame"], result["window"])
     atomic_write_text(Path(path), json.dumps(result))
     if not no_plot:
