@@ -42,6 +42,7 @@ import numpy as np
 from benchmarks.drift import frame_metrics
 from xsvggt_jax import pretrained
 from xsvggt_jax.cache.core import CacheConfig, cache_report, init_cache
+from xsvggt_jax.config import ModelConfig
 from xsvggt_jax.data import procedural
 from xsvggt_jax.errors import ConfigError
 from xsvggt_jax.io.fsutil import atomic_write, atomic_write_text
@@ -238,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             [c.strip() for c in args.reduced_caches.split(",") if c.strip()]
         if set(reduced) - set(caches):
             raise ConfigError(f"--reduced-caches names {sorted(set(reduced) - set(caches))}, not in --caches")
-        base_cfg = pretrained.load("demo")[1]
+        base_cfg = ModelConfig.from_dict(pretrained.card("demo")["config"])
         for p in precisions:
             base_cfg.replace(dtype=p)  # ConfigError for an unknown dtype, before any work
     except ConfigError as e:

@@ -17,7 +17,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from conftest import rel_err, run_error
 from xsvggt_jax.app.cli import main
 from xsvggt_jax.weights.loading import load_model
-from xsvggt_jax.weights.params import CHECKSUM_FILE, ParamsError, load_params, load_weight_format
+from xsvggt_jax.weights.params import CHECKSUM_FILE, ParamsError, load_params, load_weight_format, save_params
 from xsvggt_jax.weights.quant import (KEEP_FLOAT, WeightFormat, dequantize_params, describe, quantize_params,
                                       stored_shapes)
 
@@ -54,15 +54,15 @@ def numpy_quantize(x: np.ndarray, bits: int, group: int | None):
 
 
 @pytest.fixture(scope="module")
-def quant_dirs(tiny_dir, tmp_path_factory):
-    """The reference weights as params directories: float (convert), int8 (convert of the float
-    directory --weights int8) and int4 (convert of the checkpoint --weights int4)."""
+def quant_dirs(tiny_params, tiny_cfg, tmp_path_factory):
+    """The reference weights (the session's converted `tiny_params`) as params directories: float
+    (save_params), int8 (`xsvggt convert FLOAT_DIR --weights int8`) and int4 (save_params of
+    quantize_params, as convert writes it)."""
     root = tmp_path_factory.mktemp("wq")
-    spec = ["--spec", str(tiny_dir / "spec.json")]
-    assert main(["convert", str(tiny_dir / "weights.pth"), *spec, "--out", str(root / "float")]) == 0
+    save_params(tiny_params, root / "float", tiny_cfg)
     assert main(["convert", str(root / "float"), "--weights", "int8", "--out", str(root / "int8")]) == 0
-    assert main(["convert", str(tiny_dir / "weights.pth"), *spec, "--weights", "int4", "--out",
-                 str(root / "int4")]) == 0
+    int4 = WeightFormat.from_text("int4")
+    save_params(quantize_params(jax.device_get(tiny_params), int4), root / "int4", tiny_cfg, weights=int4)
     return root
 
 
