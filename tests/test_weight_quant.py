@@ -149,14 +149,16 @@ def test_quantized_params_dir_round_trip(quant_dirs):
 
 @pytest.mark.parametrize("text", ["int8", "int4"])
 def test_tiny_reference_streamed_with_quantized_weights(text, quant_dirs, tiny_dir, tmp_path):
-    """`xsvggt reconstruct` of a quantized params directory (as stored: the codes travel packed into the
-    jitted step) stays within the stated bound of upstream's float stream, and is not the float run."""
+    """`xsvggt reconstruct` with quantized weights (int8: the float directory quantized at load by
+    --weights; int4: the directory convert wrote, as stored; either way the codes travel packed into
+    the jitted step) stays within the stated bounds of upstream's float stream, and is not the float run."""
     frames = np.load(tiny_dir / "frames.npz")
     npz = tmp_path / "in.npz"
     np.savez(npz, images=frames["images"][:FRAMES])
     out = tmp_path / "out"
-    assert main(["reconstruct", str(npz), "--params", str(quant_dirs / text), "--out", str(out),
-                 "--dtype", "float32"]) == 0
+    weights = ["--params", str(quant_dirs / "float"), "--weights", "int8"] if text == "int8" else \
+        ["--params", str(quant_dirs / "int4")]
+    assert main(["reconstruct", str(npz), *weights, "--out", str(out), "--dtype", "float32"]) == 0
     preds, ref = np.load(out / "predictions.npz"), np.load(tiny_dir / "stream_none.npz")
     errs = {k: rel_err(preds[k], ref[k][:FRAMES]) for k in BOUNDS[text]}
     print(text, "vs upstream float:", {k: f"{v:.2e}" for k, v in errs.items()})
