@@ -161,6 +161,7 @@ def test_reconstruct_stream_matches_upstream(stream_run, tiny_dir):
     assert (report["device_peak_bytes"] is None) == (report["backend"] == "cpu")  # no allocator stats on CPU
     assert report["seconds_per_frame"] > 0 and report["compile_seconds"] > 0
     assert report["dtype"] == "float32" and report["compute_dtype"] == {"trunk": "float32", "heads": "float32"}
+    assert report["weights"]["format"] == "float" and report["weights"]["bytes"] == report["weights"]["float32_bytes"]
 
 
 def test_report_records_the_precision_policy(params_dirs, small_input, tmp_path):

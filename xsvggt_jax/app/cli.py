@@ -1,7 +1,7 @@
 """Command line of xsvggt-jax.
 
     xsvggt demo [--checkpoint FILE] [--out DIR]           procedural scene through the whole pipeline
-    xsvggt convert SRC --out DIR [--spec spec.json] [--model vggt]   upstream checkpoint -> orbax params dir
+    xsvggt convert SRC --out DIR [--spec spec.json] [--model vggt] [--weights int8|int4]   upstream checkpoint -> params dir
     xsvggt reconstruct INPUT (--params DIR | --checkpoint FILE) --out OUTDIR [options]
     xsvggt reconstruct-many INPUT... [--manifest FILE] (--params DIR | --checkpoint FILE) --out ROOT [options]
     xsvggt live SOURCE [--out OUTDIR] [options]           camera / stream / video / folder, live (app/live.py)
@@ -45,15 +45,28 @@ MAX_MESSAGE = 2000
 
 # ------------------------------------------------------------------------------------------ convert
 def _convert(args) -> Path:
+    """SRC (an upstream checkpoint, or a float params directory) -> a params directory, its kernels
+    quantized once as --weights says (`weights.quant`)."""
     from xsvggt_jax.weights.convert import convert_state_dict
     from xsvggt_jax.weights.torch_reader import read_state_dict
-    from xsvggt_jax.weights.params import _check_target, save_params
+    from xsvggt_jax.weights.params import _check_target, load_params, load_weight_format, save_params
+    from xsvggt_jax.weights.quant import WeightFormat, quantize_params
 
-    cfg = with_model(spec_config(args.spec), args)  # the model is the user's to name: recorded in DIR
+    fmt = args.weights or WeightFormat()
+    from_dir = Path(args.src).is_dir()
+    if from_dir and args.spec:
+        raise ConfigError("--spec describes an upstream checkpoint; a params directory carries its own configuration")
+    if from_dir and load_weight_format(args.src).quantized:
+        raise ConfigError(f"{args.src} holds {load_weight_format(args.src).to_text()} weights already: convert from "
+                          "float weights")
     _check_target(Path(args.out).absolute(), args.overwrite)  # fail fast, before reading SRC
-    state = read_state_dict(args.src)
-    params = convert_state_dict(state, cfg, source=str(args.src))
-    return save_params(params, args.out, cfg, overwrite=args.overwrite)
+    if from_dir:
+        params, cfg = load_params(args.src)
+        cfg = with_model(cfg, args)
+    else:
+        cfg = with_model(spec_config(args.spec), args)  # the model is the user's to name: recorded in DIR
+        params = convert_state_dict(read_state_dict(args.src), cfg, source=str(args.src))
+    return save_params(quantize_params(params, fmt), args.out, cfg, overwrite=args.overwrite, weights=fmt)
 
 
 # ------------------------------------------------------------------------------------- reconstruct
@@ -188,6 +201,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_npz: dict | N
     from xsvggt_jax.stream.offline import run_offline
     from xsvggt_jax.stream.pipeline import CacheMemoryError, NonFiniteError, check_cache_memory, prediction_bytes, stream_frames
     from xsvggt_jax.runtime import peak_rss_bytes
+    from xsvggt_jax.weights.quant import describe
 
     _resolve_mode(args)
     _validate(args)
@@ -243,7 +257,7 @@ def _reconstruct(args, source=None, note: str | None = None, extra_npz: dict | N
                                     meta=meta, attention=args.attention)
             for name, arrays in (extra_npz or {}).items():
                 atomic_savez(tmp / name, **arrays)
-            write_scene(tmp, run, source, _export_options(args), cfg, note)
+            write_scene(tmp, run, source, _export_options(args), cfg, note, weights=describe(params))
             shutil.rmtree(tmp / ".work", ignore_errors=True)
     except (FrameError, StateError, ParamsError, NonFiniteError, FsError) as e:
         _drop_unused_state(state_dir, args)
@@ -482,11 +496,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(d, demo=True)
 
     c = sub.add_parser("convert", help="convert an upstream .pth/.safetensors checkpoint to a params dir")
-    c.add_argument("src", help="upstream state_dict (.pth zip format or .safetensors)")
+    c.add_argument("src", help="upstream state_dict (.pth zip format or .safetensors), or a float params directory "
+                               "(to write it quantized with --weights)")
     c.add_argument("--out", required=True, help="params directory to write")
     c.add_argument("--spec", help="model spec.json (default: the published StreamVGGT configuration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     add_model_flag(c)
+    from xsvggt_jax.weights.loading import add_weights_flag
+    add_weights_flag(c)
 
     r = sub.add_parser("reconstruct", help="reconstruct from images, a video or an .npz")
     r.add_argument("input", help="folder of images, video file, or .npz with 'images' [S,3,H,W] in [0,1]")

@@ -146,6 +146,7 @@ def run(args) -> Path:
     from xsvggt_jax.eval.settings import PROTOCOLS, parse_settings
     from xsvggt_jax.io.outdir import OutputDir
     from xsvggt_jax.nn.model import init_params
+    from xsvggt_jax.weights.quant import describe
 
     if args.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
@@ -177,7 +178,8 @@ def run(args) -> Path:
                                frame_size=args.frame_size, progress=tick, points=args.points or protocol.points,
                                pose_pairs=protocol.pose_pairs)
             write_report(results, tmp, extra={"data": None if args.dataset == "procedural" else str(args.data),
-                                               "random_model": random_model}, note=note)
+                                               "random_model": random_model, "weights": describe(params)},
+                         note=note)
     finally:
         if bar is not None:
             bar.close()

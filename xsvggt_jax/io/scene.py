@@ -23,12 +23,12 @@ REPORT = "report.json"
 
 
 def write_scene(tmp: Path, result: Reconstruction, source: FrameSource, options: ExportOptions, cfg: ModelConfig,
-                note: Optional[str] = None) -> dict:
+                note: Optional[str] = None, weights: Optional[dict] = None) -> dict:
     """Write `result`'s exports (predictions.npz, points.ply, trajectory.txt, colmap/, depth/: see
     `io.outputs`), stream.png and report.json into the staging directory `tmp`; report.json last.
     source: the scene's frames (its name and size are reported); cfg: the model that ran (which published
-    model, `config.MODELS`, its dtype and precision are reported); note: a line added to the report.
-    Returns the report."""
+    model, `config.MODELS`, its dtype and precision are reported); note: a line added to the report; weights: the record of the weights
+    that ran (`weights.quant.describe`: format, groups, bytes), reported as "weights". Returns the report."""
     s, hw = source.num_frames, (source.height, source.width)
     exports = write_outputs(tmp, result.predictions, result.rgb, source, options)
     if result.offline:
@@ -50,7 +50,8 @@ def write_scene(tmp: Path, result: Reconstruction, source: FrameSource, options:
         "cache_bytes_per_frame": [int(x) for x in result.cache_bytes], "peak_memory_bytes": peak_rss_bytes(),
         "backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
         "device_kind": jax.devices()[0].device_kind, "device_peak_bytes": device_peak_bytes(),
-        "model": cfg.model, "dtype": cfg.dtype, "compute_dtype": cfg.compute_dtypes(), "precision": cfg.precision, **exports, **details,
+        "model": cfg.model, "dtype": cfg.dtype, "compute_dtype": cfg.compute_dtypes(), "precision": cfg.precision,
+        **({"weights": weights} if weights is not None else {}), **exports, **details,
         **({"note": note} if note else {}),
     }
     atomic_write_json(tmp / REPORT, report)

@@ -61,6 +61,7 @@ from xsvggt_jax.stream.loop import Progress, Stepped, stream_steps
 from xsvggt_jax.stream.mesh import batch_sharding, make_mesh, replicated
 from xsvggt_jax.stream.pool import PoolError, init_pool, make_pool_step, pad_queries, reset_slots, resolve_slot_compute
 from xsvggt_jax.stream.step import place_cache
+from xsvggt_jax.weights.quant import describe
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def run_scenes(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, jobs: Seq
     params = jax.device_put(params, replicated(mesh) if mesh is not None else devices[0])
     groups = group_pools(jobs, query_pools)
     results: list[dict] = []
-    writer = Writer(cfg, cache_cfg, exports, results)
+    writer = Writer(cfg, cache_cfg, exports, results, weights=describe(params))
     run = _Run(cfg, cache_cfg, params, mesh, slot_compute, query_pools == "shared", slots, prefetch,
                slots if lookahead is None else lookahead, writer, Stats(), progress)
     try:

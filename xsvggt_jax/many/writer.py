@@ -57,8 +57,9 @@ class Writer:
     (removed by `abort` after an interruption)."""
 
     def __init__(self, cfg: ModelConfig, cache_cfg: CacheConfig, exports: ExportOptions, results: list,
-                 depth: int = 2):
+                 depth: int = 2, weights: Optional[dict] = None):
         self.cfg, self.cache_cfg, self.exports, self.results = cfg, cache_cfg, exports, results
+        self.weights = weights  # report.json's record of the weights (`weights.quant.describe`)
         self.queue: queue.Queue = queue.Queue(depth)
         self.open: set[Active] = set()
         self.clock = DeviceClock()
@@ -148,7 +149,7 @@ class Writer:
             info = self.cache_info(a.job)
             result = Reconstruction.streamed(a.store.arrays, a.store.rgb, pool_key(src)[2], a.latency, info,
                                              self.cache_cfg)
-            write_scene(a.tmp, result, src, self.exports, self.cfg)
+            write_scene(a.tmp, result, src, self.exports, self.cfg, weights=self.weights)
             record_identity(a.tmp / REPORT, a.job.scene)  # a re-run skips it only for this very input
             a.store = None
             shutil.rmtree(a.tmp / ".work", ignore_errors=True)

@@ -17,6 +17,7 @@ from xsvggt_jax.io.rgb import to_uint8_rgb
 from xsvggt_jax.nn.model import StreamVGGT
 from xsvggt_jax.stream.pipeline import NonFiniteError
 from xsvggt_jax.stream.result import Reconstruction
+from xsvggt_jax.weights.quant import dequantize_params
 
 
 def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], query_points: Optional[np.ndarray],
@@ -45,7 +46,8 @@ def run_offline(cfg: ModelConfig, params: dict, frames: Iterable[np.ndarray], qu
         impl = resolve_attention(attention, mask=FrameCausal(cfg.tokens_per_frame(h, w)) if causal else Full(),
                                  dtype=cfg.jnp_dtype, keys=s * cfg.tokens_per_frame(h, w))
         model = StreamVGGT(cfg, attention=attention)
-        fwd = jax.jit(lambda p, x, q: model.apply({"params": p}, x, q, causal, method=StreamVGGT.offline))
+        fwd = jax.jit(lambda p, x, q: model.apply({"params": dequantize_params(p)}, x, q, causal,
+                                                 method=StreamVGGT.offline))
     t0 = time.perf_counter()
     compiled = fwd.lower(params, x, q).compile()
     compile_s = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from xsvggt_jax.attention.kernels import KEY_BLOCK, QUERY_BLOCK
 from xsvggt_jax.nn.model import StreamVGGT
 from xsvggt_jax.stream.mesh import DATA, SEQ, make_mesh
 from xsvggt_jax.errors import InputError
+from xsvggt_jax.weights.quant import dequantize_params
 
 Array = jax.Array
 FRAMES = P(DATA, SEQ)    # [B, S, ...]: the batch over "data", the frames over "seq"
@@ -69,7 +70,7 @@ def offline_sharded(params: Any, images: Array, mesh: Mesh, causal: bool = True,
 
     def local(p, x):                                        # this device's frames [B/d, S/n, H, W, 3]
         first = jax.lax.axis_index(SEQ) * x.shape[1]
-        return model.apply({"params": p}, x, None, causal, spec=spec, frame_offset=first,
+        return model.apply({"params": dequantize_params(p)}, x, None, causal, spec=spec, frame_offset=first,
                            method=StreamVGGT.offline)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), FRAMES), out_specs=FRAMES, check_vma=False)(params, images)

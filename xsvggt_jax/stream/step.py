@@ -38,6 +38,7 @@ from xsvggt_jax.cache.core import (CacheConfig, CacheMismatchError, CacheOverflo
 from xsvggt_jax.config import ModelConfig, check_frame_size
 from xsvggt_jax.nn.model import StreamVGGT
 from xsvggt_jax.errors import InputError
+from xsvggt_jax.weights.quant import dequantize_params
 
 Array = jax.Array
 
@@ -113,7 +114,8 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
     not change the real points' outputs); None: all real. attention: the cached layers' attention
     implementation (`attention.ATTENTION_IMPLS`; "packed" reads a quantized cache's codes).
     Pure: jit it (see `make_step`), vmap it over stacked caches; the counters are arrays, so it
-    traces once per stream shape.
+    traces once per stream shape. params: float, or with int8 / int4 kernels (`weights.quant`), which
+    stay packed as the arguments and are decoded here, at use.
     """
     check_cache(cache_cfg, cache)
     check_frame(cfg, cache, frame)
@@ -122,8 +124,8 @@ def step(cfg: ModelConfig, cache_cfg: CacheConfig, params: dict, cache: StreamCa
     glob = layer_caches(cache.global_kv, cache.global_len, jax.random.fold_in(key, 0), cache_cfg, ns)
     cam = layer_caches(cache.camera_kv, cache.camera_len, jax.random.fold_in(key, 1), cache_cfg.camera(), ns)
     slot = jnp.minimum(cache.frame_index, 1).reshape(1)  # frame 0 uses special-token slot 0
-    out, (glob, cam) = StreamVGGT(cfg, attention=attention).apply(
-        {"params": params}, frame[:, None], slot, glob, cam, cache.track_points if heads else None,
+    out, (glob, cam) = StreamVGGT(cfg, attention=attention).apply(                    # int8/int4 kernels decoded here, at use
+        {"params": dequantize_params(params)}, frame[:, None], slot, glob, cam, cache.track_points if heads else None,
         return_aggregated, heads, query_valid, method=StreamVGGT.stream_frame)
     out = jax.tree.map(lambda x: x[:, 0], out)                     # drop the frame axis
     if return_aggregated:

@@ -2,8 +2,9 @@
 `eval` and `train`, and the one `--dtype` flag and override (here, below eval/ and train/, so that
 every command can use it).
 
-* `add_weight_flags(group)`: --params | --checkpoint, --spec, --cache-dir and --dtype (`add_dtype_flag`), and
-  with `model=True` --model (`add_model_flag`: which published model the weights are, `config.MODELS`).
+* `add_weight_flags(group)`: --params | --checkpoint, --spec, --cache-dir, --dtype (`add_dtype_flag`),
+  --weights (`add_weights_flag`) and with `model=True` --model (`add_model_flag`: which published model
+  the weights are, `config.MODELS`).
 * `model_config(args)`: the configuration those flags name, reading no weights (checks before loading).
 * `load_model(args)`: (params, config): a params directory (--params, or train's --init DIR), else an
   upstream checkpoint (--checkpoint [--spec], converted once and cached under --cache-dir), else the
@@ -12,6 +13,11 @@ every command can use it).
   bfloat16 aggregator + float32 heads, upstream's autocast); parameters keep theirs. And --model
   (`with_model`): a --checkpoint is StreamVGGT unless --model says otherwise; a params directory is the
   model it records (`xsvggt convert --model`), unless --model says otherwise.
+* `load_model` applies --weights (`weights.quant.WeightFormat`, text FORMAT[:GROUP]): float weights are
+  quantized once, in memory, to int8 / int4 code nodes (a params directory written by `xsvggt convert
+  --weights` already holds them: it loads as stored). Left out: the weights as stored. A quantized
+  directory cannot be re-quantized (another format, or float): ConfigError, before any array is read.
+  A command without the flag (train) refuses quantized weights (ParamsError).
 
 Errors are typed (`xsvggt_jax.errors`): ParamsError / CheckpointError / ConversionError from the
 weights, ConfigError for a bad --spec or --config, InputError when no weights are named.
@@ -27,16 +33,37 @@ from typing import Any, Callable, Optional
 from xsvggt_jax.config import AUTO_DTYPE, DTYPES, MODELS, ModelConfig
 from xsvggt_jax.errors import ConfigError, InputError
 
-__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "MODEL_HELP", "add_dtype_flag", "add_model_flag", "add_weight_flags",
-           "check_weight_flags", "config_from_name", "load_model", "model_config", "spec_config", "with_dtype",
-           "with_model"]
-
 log = logging.getLogger(__name__)
+
+__all__ = ["DTYPE_CHOICES", "DTYPE_HELP", "MODEL_HELP", "WEIGHTS_HELP", "add_dtype_flag", "add_model_flag",
+           "add_weights_flag", "add_weight_flags", "check_weight_flags", "config_from_name", "load_model",
+           "model_config", "spec_config", "weight_format", "with_dtype", "with_model"]
 
 DTYPE_CHOICES = (AUTO_DTYPE, *DTYPES)
 DTYPE_HELP = ("compute dtype (default auto: float32 on CPU; on GPU/TPU bfloat16 in the aggregator and float32 in "
               "the heads, as upstream's autocast; float32 / bfloat16 / float16: the whole network; parameters "
               "keep their dtype)")
+
+
+WEIGHTS_HELP = ("weight-only quantization, FORMAT[:GROUP]: float, int8 (one scale per output channel), int4 (groups "
+                "of 64 input rows), e.g. int4:128 or int8:channel; kernels stored packed on the device and decoded "
+                "inside the step (heads' last layers stay float). Default: the weights as stored (a params "
+                "directory written by `xsvggt convert --weights` is quantized already)")
+
+
+def weight_format(text: str):
+    """argparse type of --weights: a `WeightFormat` (ArgumentTypeError naming the problem)."""
+    from xsvggt_jax.weights.quant import WeightFormat
+
+    try:
+        return WeightFormat.from_text(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.problem or str(e)) from None
+
+
+def add_weights_flag(group) -> None:
+    """The --weights flag (a `WeightFormat`; default None: as stored) on a parser or argument group."""
+    group.add_argument("--weights", type=weight_format, metavar="FORMAT[:GROUP]", help=WEIGHTS_HELP)
 
 
 def add_dtype_flag(group) -> None:
@@ -58,7 +85,7 @@ def add_weight_flags(group, *, params: bool = True, required: bool = True, model
                      checkpoint_help: str = "upstream StreamVGGT / VGGT .pth / .pt / .safetensors (converted on the "
                                             "fly)") -> None:
     """--params | --checkpoint (one of them `required`; no --params with `params=False`), --spec,
-    --cache-dir and --dtype, on an argument group; --model too with `model`."""
+    --cache-dir, --dtype and --weights, on an argument group; --model too with `model`."""
     src = group.add_mutually_exclusive_group(required=required) if params else group
     if params:
         src.add_argument("--params", help="params directory written by `xsvggt convert`")
@@ -68,6 +95,7 @@ def add_weight_flags(group, *, params: bool = True, required: bool = True, model
     add_dtype_flag(group)
     if model:
         add_model_flag(group)
+    add_weights_flag(group)
 
 
 def check_weight_flags(args: argparse.Namespace) -> None:
@@ -118,15 +146,50 @@ def _params_dir(args: argparse.Namespace, params_dir: Optional[str]) -> Optional
     return params_dir or getattr(args, "params", None)
 
 
+def _check_stored(args: argparse.Namespace, directory: str) -> None:
+    """The weight format a params directory stores against --weights (cheap: config.json only)."""
+    from xsvggt_jax.weights.params import ParamsError, load_weight_format
+
+    stored = load_weight_format(directory)
+    if not stored.quantized:
+        return
+    if not hasattr(args, "weights"):
+        raise ParamsError(f"{directory} holds {stored.to_text()} weights; this command needs float weights "
+                          "(a params directory written without --weights)")
+    want = args.weights
+    if want is not None and (want.format, want.group) != (stored.format, stored.group):
+        raise ConfigError(f"--weights {want.to_text()}: {directory} holds {stored.to_text()} weights, which are not "
+                          f"quantized again; leave --weights out (or give {stored.to_text()}), or start from float "
+                          "weights")
+
+
+def _apply_weights(params: Any, args: argparse.Namespace) -> Any:
+    """--weights applied to loaded parameters: float ones quantized (placed like them); else as they are."""
+    import jax
+
+    from xsvggt_jax.weights.quant import describe, is_quantized, quantize_params
+
+    want = getattr(args, "weights", None)
+    if want is not None and want.quantized and not is_quantized(params):
+        first = jax.tree.leaves(params)[0]
+        like = first.sharding if getattr(first, "committed", False) else None
+        params = jax.device_put(quantize_params(params, want), like)
+        info = describe(params)
+        log.info("weights quantized to %s: %d bytes (float32: %d)", want.to_text(), info["bytes"],
+                 info["float32_bytes"])
+    return params
+
+
 def model_config(args: argparse.Namespace, *, params_dir: Optional[str] = None) -> Optional[ModelConfig]:
     """The configuration the weight flags name, --dtype applied, reading no weights: the params directory
-    `params_dir` (default --params), else --checkpoint's (--spec or published); None when neither is
-    given. --model applied (`with_model`)."""
+    `params_dir` (default --params; its weight format checked against --weights), else --checkpoint's
+    (--spec or published); None when neither is given. --model applied (`with_model`)."""
     from xsvggt_jax.weights.params import load_config
 
     check_weight_flags(args)
     directory = _params_dir(args, params_dir)
     if directory:
+        _check_stored(args, directory)
         return with_model(with_dtype(load_config(directory), args), args)
     if getattr(args, "checkpoint", None):
         return with_model(with_dtype(spec_config(getattr(args, "spec", None)), args), args)
@@ -135,16 +198,17 @@ def model_config(args: argparse.Namespace, *, params_dir: Optional[str] = None) 
 
 def load_model(args: argparse.Namespace, *, params_dir: Optional[str] = None,
                default: Optional[Callable[[], tuple[Any, ModelConfig]]] = None) -> tuple[Any, ModelConfig]:
-    """(params, config) from the weight flags, --dtype applied: the params directory `params_dir` (default
-    --params), else --checkpoint [--spec] (converted on the first use, then read from the conversion
-    cache under --cache-dir), else `default()` -> (params, config). InputError when none applies.
-    --model applied (`with_model`)."""
+    """(params, config) from the weight flags, --dtype and --weights applied: the params directory
+    `params_dir` (default --params), else --checkpoint [--spec] (converted on the first use, then read
+    from the conversion cache under --cache-dir), else `default()` -> (params, config). InputError when
+    none applies. --model applied (`with_model`)."""
     from xsvggt_jax.weights.cached import params_from_checkpoint
     from xsvggt_jax.weights.params import load_params
 
     check_weight_flags(args)
     directory, checkpoint = _params_dir(args, params_dir), getattr(args, "checkpoint", None)
     if directory:
+        _check_stored(args, directory)
         params, cfg = load_params(directory)
     elif checkpoint:
         cache_dir = getattr(args, "cache_dir", None)
@@ -154,4 +218,4 @@ def load_model(args: argparse.Namespace, *, params_dir: Optional[str] = None,
         params, cfg = default()
     else:
         raise InputError("no weights given: use --params DIR or --checkpoint FILE")
-    return params, with_model(with_dtype(cfg, args), args)
+    return _apply_weights(params, args), with_model(with_dtype(cfg, args), args)

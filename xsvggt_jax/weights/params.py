@@ -2,14 +2,16 @@
 
 Layout of a params directory::
 
-    DIR/config.json   {"format": "xsvggt-params/2", "model": ModelConfig.to_dict()}
+    DIR/config.json   {"format": "xsvggt-params/2", "model": ModelConfig.to_dict()}, plus
+                      "weights": WeightFormat.to_dict() when the kernels are stored as int8 / int4
+                      code nodes (`weights.quant`; absent: float weights)
                       (format 1, ModelConfig.to_spec() + "dtype" and "precision", is still read)
     DIR/params/       orbax StandardCheckpointer checkpoint of the `params` tree
     DIR/checksum.json {"format": "xsvggt-checksum/1", "arrays": {name: sha256 of its bytes},
-                      "model": ModelConfig.architecture()} written by `save_params`; `load_params`
-                      refuses arrays whose bytes changed (a bit flip) and a config.json edited to
-                      another architecture that keeps every shape. A directory without it (older
-                      versions) loads unchecked.
+                      "model": ModelConfig.architecture()} (and "weights" as in config.json) written
+                      by `save_params`; `load_params` refuses arrays whose bytes changed (a bit flip)
+                      and a config.json edited to another architecture (or weight format) that keeps
+                      every shape. A directory without it (older versions) loads unchecked.
 
 Writes are atomic: everything is built in a hidden temporary sibling of DIR and renamed into place
 at the end, so a failure never leaves a half-written DIR (`staged_dir` does the same for any output
@@ -19,6 +21,7 @@ directory, e.g. the CLI's reconstruction results).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -34,8 +37,9 @@ import numpy as np
 
 from xsvggt_jax.config import ConfigError, ModelConfig
 from xsvggt_jax.errors import InputError
+from xsvggt_jax.weights.quant import WeightFormat, is_quantized, stored_shapes
 
-__all__ = ["ParamsError", "save_params", "load_params", "load_config", "staged_dir"]
+__all__ = ["ParamsError", "save_params", "load_params", "load_config", "load_weight_format", "staged_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ CONFIG_FILE = "config.json"
 PARAMS_SUBDIR = "params"
 CHECKSUM_FILE = "checksum.json"
 CHECKSUM_FORMAT = "xsvggt-checksum/1"
+WEIGHTS_KEY = "weights"
 
 
 class ParamsError(InputError):
@@ -164,8 +169,17 @@ def _read_checksum(directory: Path) -> Optional[dict]:
     return record
 
 
-def _check_config_checksum(record: dict, cfg: ModelConfig, directory: Path) -> None:
-    """config.json describes the architecture the arrays were saved with (cheap: before any array is read)."""
+def _weights_record(fmt: WeightFormat) -> Optional[dict]:
+    return fmt.to_dict() if fmt.quantized else None
+
+
+def _check_config_checksum(record: dict, cfg: ModelConfig, fmt: WeightFormat, directory: Path) -> None:
+    """config.json describes the architecture and weight format the arrays were saved with (cheap:
+    before any array is read)."""
+    if record.get(WEIGHTS_KEY) != _weights_record(fmt):
+        raise ParamsError(f"{directory}: {CONFIG_FILE} describes other weights ({fmt.to_dict()}) than the arrays were "
+                          f"saved as ({record.get(WEIGHTS_KEY) or 'float'}, recorded in {CHECKSUM_FILE}; edited after "
+                          "saving?)")
     saved, now = _flat_dict(record["model"]), _flat_dict(cfg.architecture())
     diff = [f"{k} {saved.get(k, '(absent)')!r} (saved) vs {now.get(k, '(absent)')!r} ({CONFIG_FILE})"
             for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
@@ -189,13 +203,22 @@ def _check_array_checksums(record: dict, params: dict, directory: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ save / load
-def save_params(params: dict, directory: str | os.PathLike, cfg: ModelConfig, overwrite: bool = False) -> Path:
+def save_params(params: dict, directory: str | os.PathLike, cfg: ModelConfig, overwrite: bool = False,
+                weights: Optional[WeightFormat] = None) -> Path:
     """Write `params` (the Flax `params` collection of `cfg`; numpy or jax arrays) and `cfg` to
-    `directory`, atomically. Refuses an existing non-empty `directory` unless `overwrite=True`."""
+    `directory`, atomically. Refuses an existing non-empty `directory` unless `overwrite=True`.
+    weights: the format of quantized `params` (`weights.quant.quantize_params(params, weights)`),
+    recorded in config.json; None (or float) for float parameters."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
+    fmt = weights or WeightFormat()
+    if is_quantized(params) != fmt.quantized:
+        raise ParamsError(f"save_params: weights={fmt.to_text()!r} but the parameters are "
+                          f"{'quantized' if is_quantized(params) else 'float'}")
     config = {"format": FORMAT, "model": cfg.to_dict()}
+    if fmt.quantized:
+        config[WEIGHTS_KEY] = fmt.to_dict()
     with staged_dir(directory, overwrite) as tmp:
         # the context closes the checkpointer (joins its background commit threads): an unclosed one
         # finishes after interpreter shutdown has begun and prints "Event loop is closed" tracebacks
@@ -205,6 +228,8 @@ def save_params(params: dict, directory: str | os.PathLike, cfg: ModelConfig, ov
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         checksum = {"format": CHECKSUM_FORMAT, "algorithm": "sha256", "model": cfg.architecture(),
                     "arrays": _array_digests(params)}
+        if fmt.quantized:
+            checksum[WEIGHTS_KEY] = fmt.to_dict()
         (tmp / CHECKSUM_FILE).write_text(json.dumps(checksum, indent=1) + "\n")
     log.info("saved params to %s", directory)
     return directory
@@ -214,7 +239,7 @@ def _config_from_json(data: Any, path: Path) -> ModelConfig:
     if not isinstance(data, dict) or data.get("format") not in (FORMAT, FORMAT_V1):
         raise ParamsError(f"{path}: not a params config (missing \"format\": \"{FORMAT}\")")
     if data["format"] == FORMAT:
-        unknown = sorted(set(data) - {"format", "model"})
+        unknown = sorted(set(data) - {"format", "model", WEIGHTS_KEY})
         if unknown:
             raise ParamsError(f"{path}: unknown key(s) {unknown}")
         return ModelConfig.from_dict(data.get("model"))
@@ -228,31 +253,54 @@ def _config_from_json(data: Any, path: Path) -> ModelConfig:
     return ModelConfig.from_spec(spec, **overrides)
 
 
-def load_config(directory: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig stored in a params directory (cheap: reads only config.json)."""
-    directory = Path(directory)
+def _read_config(directory: Path) -> tuple[dict, Path]:
+    """config.json of a params directory, parsed (ParamsError when missing or unreadable)."""
     if not directory.is_dir():
         raise ParamsError(f"{directory}: params directory not found")
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise ParamsError(f"{directory}: not a params directory ({CONFIG_FILE} is missing)")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text()), path
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ParamsError(f"{path}: unreadable config ({e})") from e
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig stored in a params directory (cheap: reads only config.json)."""
+    data, path = _read_config(Path(directory))
     try:
         return _config_from_json(data, path)
     except ConfigError as e:
         raise ParamsError(f"{path}: invalid configuration ({e})") from e
 
 
-def _check_arrays(stored: dict, cfg: ModelConfig, directory: Path) -> None:
-    """Compare the checkpoint's array metadata with the parameter tree `cfg` needs (abstractly)."""
+def load_weight_format(directory: str | os.PathLike) -> WeightFormat:
+    """How a params directory stores its kernels (float unless config.json says int8 / int4; cheap)."""
+    data, path = _read_config(Path(directory))
+    if not isinstance(data, dict) or data.get("format") != FORMAT or WEIGHTS_KEY not in data:
+        return WeightFormat()
+    try:
+        return WeightFormat.from_dict(data[WEIGHTS_KEY])
+    except ConfigError as e:
+        raise ParamsError(f"{path}: invalid weight format ({e})") from e
+
+
+@functools.lru_cache(maxsize=8)  # tracing the model's parameter shapes takes seconds
+def _expected_shapes(cfg: ModelConfig, fmt: WeightFormat) -> tuple[tuple[str, tuple[int, ...]], ...]:
     from flax.traverse_util import flatten_dict
 
     from xsvggt_jax.nn.model import param_shapes
 
-    want = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(param_shapes(cfg)).items()}
+    return tuple(("/".join(k), tuple(v.shape)) for k, v in flatten_dict(stored_shapes(param_shapes(cfg), fmt)).items())
+
+
+def _check_arrays(stored: dict, cfg: ModelConfig, fmt: WeightFormat, directory: Path) -> None:
+    """Compare the checkpoint's array metadata with the parameter tree `cfg` needs (abstractly), its
+    kernels stored as `fmt` says."""
+    from flax.traverse_util import flatten_dict
+
+    want = dict(_expected_shapes(cfg, fmt))
     have = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(stored).items()}
     for name in sorted(want.keys() | have.keys()):
         if name not in have:
@@ -281,6 +329,7 @@ def load_params(directory: str | os.PathLike, *,
 
     directory = Path(directory).absolute()
     cfg = load_config(directory)
+    fmt = load_weight_format(directory)
     ckpt = directory / PARAMS_SUBDIR
     if not ckpt.is_dir():
         raise ParamsError(f"{directory}: not a params directory ({PARAMS_SUBDIR}/ checkpoint is missing)")
@@ -292,9 +341,9 @@ def load_params(directory: str | os.PathLike, *,
     try:
         with ocp.StandardCheckpointer(multiprocessing_options=local) as ckptr:
             stored = ckptr.metadata(ckpt).item_metadata.tree
-            _check_arrays(stored, cfg, directory)
+            _check_arrays(stored, cfg, fmt, directory)
             if record is not None:
-                _check_config_checksum(record, cfg, directory)
+                _check_config_checksum(record, cfg, fmt, directory)
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), stored)
             params = ckptr.restore(ckpt, target)
     except ParamsError:
