@@ -19,10 +19,12 @@ import time
 from collections.abc import Iterable
 from typing import Any, Optional
 
+from xsvggt_jax.errors import InputError
+
 WAIT_SLICE_S = 0.1  # waits are cut into slices so that a signal handler runs promptly in the main thread
 
 
-class FeedTimeout(Exception):
+class FeedTimeout(InputError):
     """No frame arrived within the timeout given to `FrameQueue.get`."""
 
 
