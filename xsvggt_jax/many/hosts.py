@@ -3,8 +3,8 @@
 `initialize` calls `jax.distributed.initialize` (explicit coordinator, or JAX's cluster
 auto-detection: SLURM, Open MPI, TPU pods, ...). Each process runs its share of the scenes
 (`scenes.process_share`) on its local devices, writes its partial summary `ROOT/.summary-<I>.json`,
-and then all meet at a barrier (`multihost_utils.sync_global_devices`: a tiny collective over every
-process's devices; on CPU, JAX's gloo collectives); afterwards every process reads all partial
+and then all meet at a barrier (`barrier`: the coordination service's, which waits as long as the
+slowest process's share takes); afterwards every process reads all partial
 summaries (so every process knows whether a scene failed and exits accordingly), process 0 writes
 `ROOT/summary.json`, and after a second barrier removes the partial files. ROOT must be a file
 system all processes share.
@@ -58,11 +58,25 @@ def partial_path(root: Path, process_id: int) -> Path:
     return root / f".summary-{process_id}.json"
 
 
-def barrier(name: str) -> None:
-    """All processes wait here (no-op for one process)."""
+BARRIER_TIMEOUT_S = 24 * 3600  # processes meet after their share of the scenes: hours apart is legitimate
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """All processes wait here (no-op for one process). The coordination service's barrier, which
+    `jax.distributed.initialize` set up, with `timeout_s`: the processes arrive after uneven work, and
+    a device collective (`multihost_utils.sync_global_devices`) fails when they arrive more than 30 s
+    apart (its CPU collectives' first use waits 30 s for the others: seen under load in
+    tests/test_many.py's two-process run). That collective is the fallback where the client lacks the
+    barrier."""
     import jax
 
     if jax.process_count() > 1:
+        from jax._src import distributed  # the client of jax.distributed.initialize (no public handle)
+
+        client = distributed.global_state.client
+        if client is not None and hasattr(client, "wait_at_barrier"):
+            client.wait_at_barrier(name, int(timeout_s * 1000))
+            return
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
