@@ -144,8 +144,11 @@ def build(run_dir: Path, name: str, scenes: int, out_dir: Path = PACKAGE_DIR, *,
                     "forward": "causal, whole clip", "metrics": metrics},
     }
     # optional card parts (absent from the demo's card, whose text stays as it was built)
-    if compare:
-        info["heldout"]["compared"] = list(compare)
+    if compare:  # name -> its training regime, for the table's row label
+        info["heldout"]["compared"] = {
+            other: "trained on {frames}-frame clips at {h}x{w}".format(
+                frames=pretrained.card(other)["training"]["data"]["frames"], h=pretrained.card(other)["frame_size"][0],
+                w=pretrained.card(other)["frame_size"][1]) for other in compare}
     if check_scenes:
         info["heldout"]["check"] = {"scenes": check_scenes,
                                     "metrics": heldout_metrics(params, cfg, size, frames, check_scenes)["model"]}
@@ -206,7 +209,7 @@ def model_card_markdown(info: dict) -> str:
     h, w = info["frame_size"]
     fmt = lambda v: "–" if v is None else f"{v:.4f}"
     names = ["model", *held.get("compared", ()), "random_weights", "constant_depth", "identity_poses"]
-    rows = [(ROW_LABELS.get(k, f"`{k}` model"), m[k]) for k in names]
+    rows = [(ROW_LABELS.get(k) or f"`{k}` model ({held['compared'][k]})", m[k]) for k in names]
     table = "\n".join(f"| {label} | {fmt(r.get('abs_rel'))} | {fmt(r.get(DELTA_KEYS[0]))} | {fmt(r.get('ate'))} | "
                       f"{fmt(r.get('focal_err'))} |" for label, r in rows)
     secs = t["train_seconds"]
