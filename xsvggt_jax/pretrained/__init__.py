@@ -23,7 +23,7 @@ from xsvggt_jax.nn.model import param_shapes
 from xsvggt_jax.errors import InputError
 
 #: Shipped models; one entry per `<name>.safetensors` / `<name>.json` pair in this package.
-MODELS: tuple[str, ...] = ("demo",)
+MODELS: tuple[str, ...] = ("demo", "stream8")
 
 
 class PretrainedError(InputError):
