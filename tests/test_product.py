@@ -116,8 +116,8 @@ def test_resume_is_bit_identical(tiny_params_dir, tiny_dir, tmp_path, monkeypatc
     real = pipeline.make_step
     calls = {"n": 0}
 
-    def interrupted(*a):
-        fn = real(*a)
+    def interrupted(*a, **kw):  # make_step's signature: options pass through
+        fn = real(*a, **kw)
 
         def wrapped(*b):
             calls["n"] += 1

@@ -180,8 +180,8 @@ import xsvggt_jax.stream.pipeline as pipeline
 from xsvggt_jax.app.cli import main
 real, ready = pipeline.make_step, Path(sys.argv[1])
 
-def slow(*a):
-    fn = real(*a)
+def slow(*a, **kw):  # make_step's signature: options pass through
+    fn = real(*a, **kw)
     def step(*b):
         out = fn(*b)
         ready.touch()  # a frame went through: the stream is running
@@ -220,8 +220,8 @@ def interrupted_state(params_dir, tiny_frames, tmp_path_factory):
     np.savez(src, images=tiny_frames[0][:3])
     real, calls = pipeline.make_step, {"n": 0}
 
-    def interrupted(*a):
-        fn = real(*a)
+    def interrupted(*a, **kw):  # make_step's signature: options pass through
+        fn = real(*a, **kw)
 
         def wrapped(*b):
             calls["n"] += 1

@@ -26,6 +26,7 @@ import xsvggt_jax.train.loop as loop
 from xsvggt_jax.app.cli import main
 from xsvggt_jax.cache.core import CacheConfig
 from xsvggt_jax.config import ModelConfig
+from xsvggt_jax.weights.quant import WeightFormat
 from xsvggt_jax.train.state import Checkpoints, OptimConfig, init_state, make_optimizer
 
 
@@ -264,6 +265,7 @@ def test_init_path_spellings_are_one_run(plan, tmp_path, capsys, monkeypatch):
     import xsvggt_jax.weights.params as params_dir
     monkeypatch.setattr(params_dir, "load_params", lambda path: (_params(), ModelConfig.preset("micro")))
     monkeypatch.setattr(params_dir, "load_config", lambda path: ModelConfig.preset("micro"))
+    monkeypatch.setattr(params_dir, "load_weight_format", lambda path: WeightFormat())  # float weights
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p").mkdir()
     base = ["train", "--steps", "2", "--save-every", "1", "--eval-scenes", "0", "--out", "run", "--quiet"]

@@ -109,8 +109,17 @@ def _inside(path: Path, root: Path) -> bool:
 def _resolve_mode(args) -> None:
     """--offline from the model (`config.MODELS`, reading no weights) when neither --offline nor --stream
     is given: VGGT runs `--offline full`. Streaming a model trained with full attention: one warning line."""
-    cfg = model_config(args)
-    info = (cfg or ModelConfig()).model_info
+    from xsvggt_jax.config import MODELS
+    from xsvggt_jax.weights.params import ParamsError
+
+    name = getattr(args, "model", None)  # the user's --model, else the model the weights record
+    if not name:
+        try:
+            cfg = model_config(args)
+        except ParamsError:  # an unreadable --params: the loader says so, after the flag checks (_validate)
+            cfg = None
+        name = (cfg or ModelConfig()).model
+    info = MODELS[name]
     if not args.offline and not getattr(args, "stream", False) and info.offline:
         args.offline, args.offline_by_model = info.offline, info.title
     if not args.offline and info.stream_warning():
