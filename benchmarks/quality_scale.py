@@ -1,12 +1,12 @@
 """Quality per device byte at a realistic scale: every cache policy, code width, quantization order and
 weight precision of a model trained on 8-frame clips of 108-patch frames, on >= 200-frame streams.
 
-    PYTHONPATH=. python -m benchmarks.quality_scale --update-readme                  # the shipped stream8 model
+    PYTHONPATH=. python -m benchmarks.quality_scale --update-readme              # the shipped stream8 model
     PYTHONPATH=. python -m benchmarks.quality_scale --resume --update-readme     # add rows (new policies, ...)
     PYTHONPATH=. python -m benchmarks.quality_scale --from-json benchmarks/results/quality_scale.json --update-readme
 
-The staged grid (`plan_stage1`, `plan_stage2`), at budgets of 1, 2, 4 and 8 frames' tokens
-(`--frame-budgets`; tokens per frame = patches + special tokens at the model's frame size):
+The staged grid (`quality_scale_grid.plan_stage1`, `plan_stage2`), at budgets of 1, 2, 4 and 8
+frames' tokens (`--frame-budgets`; tokens per frame = patches + special tokens at the frame size):
 1. the uncompressed reference `none`, then every policy of the registry (`cache.prune.POLICIES`, so
    policies registered later join by rerunning) with a float cache, and XStreamVGGT's default
    (`quality.default_name`: xstream + KCVT int4, group 64, pool 16, camera cache float) per budget;
@@ -25,12 +25,13 @@ truth and vs the uncompressed float-weight run) on `--sequences` held-out proced
 
 Bytes: cache bytes are the allocated arrays of the fixed-shape cache (`cache_report`); weight bytes are
 the bytes of the params pytree's leaves as streamed (float32 for the shipped model; low-bit weights:
-their codes and scales, which the step decodes at use); total device
-bytes = weights + cache. The answer (`leanest`): per tolerance (1%, 5%) the setting of least total
+their codes and scales, which the step decodes at use); total device bytes = weights + cache. The
+answer (`quality_scale_grid.leanest`, `CRITERIA`): per tolerance (1%, 5%) the setting of least total
 bytes whose AbsRel and ATE vs the ground truth are at most (1 + tol) x the uncompressed run's, and,
 stricter, whose deviation from the uncompressed run is within tol (AbsRel vs none <= tol, ATE vs
-none <= tol x the uncompressed run's ATE); each against XStreamVGGT's default at the same budget and
-against the leanest default setting that meets the same bar.
+none <= tol x the uncompressed run's ATE), both metrics and each alone; each against XStreamVGGT's
+default at the same budget and against the leanest default setting that meets the same bar.
+`--extra` adds any setting strings after the stages (e.g. compressed camera caches).
 
 `--resume` keeps the records of an existing JSON of the same model, frame size and sequences and
 streams only the missing settings (the reference is re-streamed for the `_ref` metrics), so new
@@ -47,20 +48,19 @@ import datetime
 import importlib
 import json
 import logging
-import math
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from xsvggt_jax.cache.core import CacheConfig
-from xsvggt_jax.cache.prune import POLICIES
-
 from . import quality
-from .summarize import markdown, markers, update_readme
+from .quality_scale_grid import (CODE_WIDTHS, FLOAT, ORDERS, REFERENCE, answers, has_quant_once, plan_stage1,
+                                 plan_stage2, policies, split_name)
+from .quality_scale_report import plot, report
+from .summarize import markers, update_readme
 
 log = logging.getLogger(__name__)
 
@@ -70,72 +70,6 @@ DEFAULT_JSON = HERE / "results" / "quality_scale.json"
 DEFAULT_PNG = HERE / "quality_scale.png"
 START, END = markers("quality_scale")
 DEFAULT_MODEL = "stream8"
-REFERENCE = quality.REFERENCE
-FLOAT = "float"
-CODE_WIDTHS = ("int8", "int4", "int2")    # stage 2's quantized caches (KCVT, `quality.DEFAULT_FIELDS`)
-ORDERS = ("upstream", "once")
-TOLERANCES = (0.01, 0.05)
-WEIGHT_SEP = "+w="                         # record name of a weight variant: <cache setting>+w=<label>
-
-
-def has_quant_once() -> bool:
-    """CacheConfig has the quantize-once field (issue 24, item 1)."""
-    return "quant_once" in {f.name for f in dataclasses.fields(CacheConfig)}
-
-
-def policies() -> list[str]:
-    """Every pruning policy of the registry (the uncompressed `none` apart)."""
-    return [name for name, fn in POLICIES.items() if fn is not None]
-
-
-def setting_text(policy: str, budget: int, width: str = FLOAT, order: str = "upstream") -> str:
-    """The study's setting string (`quality.study_setting` reads it)."""
-    head = f"{policy}:{budget}" if width == FLOAT else f"{policy}-{width}:{budget}"
-    return head + ("/quant_once=true" if order == "once" and width != FLOAT else "")
-
-
-def record_name(setting: str, weights: str = FLOAT) -> str:
-    return setting if weights == FLOAT else f"{setting}{WEIGHT_SEP}{weights}"
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """record name -> (cache setting, weights label)."""
-    setting, _, weights = name.partition(WEIGHT_SEP)
-    return setting, weights or FLOAT
-
-
-# --------------------------------------------------------------------------------------------- plan
-def plan_stage1(budgets: Sequence[int], policy_names: Sequence[str]) -> list[str]:
-    """Reference, then per budget (smallest first) every policy with a float cache and the default."""
-    names = [REFERENCE]
-    for b in budgets:
-        names += [setting_text(p, b) for p in policy_names]
-        names.append(quality.default_name(b))
-    return list(dict.fromkeys(names))
-
-
-def rank_policies(records: dict, budget: int, policy_names: Sequence[str]) -> list[str]:
-    """Policies at `budget` (float cache, float weights) by fidelity to `none`: the sum of their ranks
-    in AbsRel vs none and in ATE vs none (ties: fewer bytes, then name). Missing ones are left out."""
-    rows = {p: records[setting_text(p, budget)] for p in policy_names if setting_text(p, budget) in records}
-
-    def ranks(metric):
-        order = sorted(rows, key=lambda p: quality._nan(rows[p]["metrics"][metric]))
-        return {p: i for i, p in enumerate(order)}
-    ra, rt = ranks("abs_rel_ref"), ranks("ate_ref")
-    return sorted(rows, key=lambda p: (ra[p] + rt[p], rows[p]["cache_bytes"], p))
-
-
-def plan_stage2(records: dict, budgets: Sequence[int], policy_names: Sequence[str], best: int,
-                widths: Sequence[str], orders: Sequence[str], weights: Sequence[str]) -> list[str]:
-    """Record names of stage 2 (module docstring): per budget the `best` policies across float and the
-    code `widths` x `orders` x float and `weights`; `none` per weight variant first."""
-    names = [record_name(REFERENCE, w) for w in weights if w != FLOAT]
-    for b in budgets:
-        for p in rank_policies(records, b, policy_names)[:best]:
-            cache = [setting_text(p, b)] + [setting_text(p, b, c, o) for c in widths for o in orders]
-            names += [record_name(s, w) for w in (FLOAT, *weights) for s in cache]
-    return list(dict.fromkeys(names))
 
 
 # ------------------------------------------------------------------------------------------ stream
@@ -163,176 +97,6 @@ def stream_record(params: dict, cfg, setting, sequences: dict, refs: dict, every
             "metrics": quality.mean_metrics(list(per_seq.values())), "sequences": per_seq}
 
 
-# ---------------------------------------------------------------------------------------- analysis
-def _ok(rec: dict, ref: dict, tol: float, kind: str) -> bool:
-    m, r = rec["metrics"], ref["metrics"]
-    vals = [quality._nan(m[k]) for k in ("abs_rel", "ate", "abs_rel_ref", "ate_ref")]
-    if any(math.isnan(v) for v in vals):
-        return False
-    if kind == "gt":
-        return m["abs_rel"] <= (1 + tol) * r["abs_rel"] and m["ate"] <= (1 + tol) * r["ate"]
-    return m["abs_rel_ref"] <= tol and m["ate_ref"] <= tol * r["ate"]
-
-
-def leanest(records: dict, tol: float, kind: str) -> dict:
-    """The answer for one tolerance and criterion ("gt": AbsRel and ATE vs the ground truth within
-    (1 + tol) x the uncompressed run's; "ref": AbsRel vs none <= tol and ATE vs none <= tol x its
-    ATE): the qualifying setting of least total bytes (ties: cache bytes, name), XStreamVGGT's default
-    at its budget, and the leanest default that qualifies (None when none does)."""
-    ref = records[REFERENCE]
-    ok = sorted((n for n, r in records.items() if n != REFERENCE and _ok(r, ref, tol, kind)),
-                key=lambda n: (records[n]["total_bytes"], records[n]["cache_bytes"], n))
-    out: dict[str, Any] = {"tolerance": tol, "criterion": kind, "qualifying": len(ok), "best": None}
-    if not ok:
-        return out
-    best = ok[0]
-    rec = records[best]
-    same = quality.default_name(rec["cache_config"]["budget"])
-    defaults = [n for n in ok if n == quality.default_name(records[n]["cache_config"]["budget"])]
-    out.update(best=best, total_bytes=rec["total_bytes"], cache_bytes=rec["cache_bytes"],
-               weight_bytes=rec["weight_bytes"], metrics={k: rec["metrics"][k] for k in quality.COMPARED},
-               default_same_budget=same if same in records else None,
-               default_same_budget_total=records[same]["total_bytes"] if same in records else None,
-               default_same_budget_cache=records[same]["cache_bytes"] if same in records else None,
-               default_same_budget_ok=same in ok,
-               leanest_default=defaults[0] if defaults else None,
-               leanest_default_total=records[defaults[0]]["total_bytes"] if defaults else None,
-               leanest_default_cache=records[defaults[0]]["cache_bytes"] if defaults else None)
-    return out
-
-
-def answers(records: dict) -> list[dict]:
-    if REFERENCE not in records:
-        return []
-    return [leanest(records, tol, kind) for kind in ("gt", "ref") for tol in TOLERANCES]
-
-
-# ------------------------------------------------------------------------------------------ report
-def _kib(x: Optional[int]) -> str:
-    return "-" if x is None else f"{x / 1024:,.0f}"
-
-
-def settings_table(result: dict) -> str:
-    """Every record by total bytes; `a` / `t` mark the AbsRel / ATE Pareto fronts (total bytes vs error
-    against the ground truth), `D` XStreamVGGT's default."""
-    recs = result["records"]
-    names = sorted(recs, key=lambda n: (recs[n]["total_bytes"], n))
-    fronts = {m: {names[i] for i in quality.pareto_front([(recs[n]["total_bytes"], quality._nan(recs[n]["metrics"][m]))
-                                                            for n in names])} for m in ("abs_rel", "ate")}
-    header = ("setting", "weights", "weights KiB", "cache KiB", "total KiB", "AbsRel", "δ<1.25", "ATE",
-              "AbsRel vs none", "ATE vs none", "Acc vs none", "ms/frame", "front")
-    body = []
-    for n in names:
-        r, m = recs[n], recs[n]["metrics"]
-        setting, weights = split_name(n)
-        mark = "".join(["D" if n == quality.default_name(r["cache_config"]["budget"]) else "",
-                        "a" if n in fronts["abs_rel"] else "", "t" if n in fronts["ate"] else ""])
-        body.append([f"`{setting}`", weights, _kib(r["weight_bytes"]), _kib(r["cache_bytes"]), _kib(r["total_bytes"]),
-                     *(quality._fmt(m[k]) for k in ("abs_rel", "delta_1.25", "ate", "abs_rel_ref", "ate_ref", "acc_ref")),
-                     f"{r['ms_per_frame']:.0f}", mark or "-"])
-    return markdown(header, body)
-
-
-def policy_table(result: dict) -> str:
-    """Stage 1: per budget the policies (float cache) by fidelity rank, with the default beside them."""
-    recs, body = result["records"], []
-    for b in result["budgets"]:
-        ranked = rank_policies(recs, b, result["policies"])
-        for i, p in enumerate(ranked):
-            r = recs[setting_text(p, b)]
-            m = r["metrics"]
-            body.append([str(b), str(i + 1), f"`{p}`", _kib(r["cache_bytes"]),
-                         *(quality._fmt(m[k]) for k in ("abs_rel", "ate", "abs_rel_ref", "ate_ref"))])
-    return markdown(("budget", "rank", "policy (float cache)", "cache KiB", "AbsRel", "ATE", "AbsRel vs none",
-                     "ATE vs none"), body)
-
-
-def answer_table(result: dict) -> str:
-    body = []
-    for a in result["answers"]:
-        bar = (f"AbsRel, ATE <= {1 + a['tolerance']:g} x none's" if a["criterion"] == "gt"
-               else f"vs none <= {a['tolerance']:.0%}")
-        if a["best"] is None:
-            body.append([bar, "none qualifies", *("-" * 6)])
-            continue
-        m = a["metrics"]
-        ratio = lambda d: "-" if d is None else f"{d / a['total_bytes']:.2f}x"
-        same = ("-" if a["default_same_budget"] is None else
-                f"`{a['default_same_budget']}` {_kib(a['default_same_budget_total'])} ({_kib(a['default_same_budget_cache'])})"
-                f"{'' if a['default_same_budget_ok'] else ', fails the bar'}")
-        lean = ("no default qualifies" if a["leanest_default"] is None else
-                f"`{a['leanest_default']}` {_kib(a['leanest_default_total'])} ({_kib(a['leanest_default_cache'])})")
-        body.append([bar, f"`{a['best']}`", f"{_kib(a['total_bytes'])} ({_kib(a['cache_bytes'])})",
-                     f"{quality._fmt(m['abs_rel'])} / {quality._fmt(m['ate'])}",
-                     f"{quality._fmt(m['abs_rel_ref'])} / {quality._fmt(m['ate_ref'])}",
-                     same, ratio(a["default_same_budget_total"]), f"{lean}, {ratio(a['leanest_default_total'])}"])
-    return markdown(("bar", "leanest setting", "total KiB (cache)", "AbsRel / ATE", "vs none", "default at its budget: "
-                     "total KiB (cache)", "default / leanest", "leanest qualifying default, ratio"), body)
-
-
-def report(result: dict) -> str:
-    ref = result["records"].get(REFERENCE, {}).get("metrics", {})
-    notes = " ".join(result.get("notes", []))
-    head = (f"{result['frames']} frames x {len(result['sequences'])} held-out procedural sequences at "
-            f"{result['frame'][0]}x{result['frame'][1]} ({result['tokens_per_frame']} tokens a frame; budgets "
-            f"{', '.join(map(str, result['budgets']))}), params `{result['params']}`, {result['backend']}; "
-            f"{len(result['records'])} settings in {result['wall_s'] / 60:.0f} min"
-            f"{'' if result['complete'] else ' (INCOMPLETE)'}. Uncompressed float run: AbsRel "
-            f"{quality._fmt(ref.get('abs_rel'))}, ATE {quality._fmt(ref.get('ate'))}. {notes}".rstrip())
-    return (f"{head}\n\nThe answer (bytes are total device bytes, weights + cache, KiB; cache in brackets):\n\n"
-            f"{answer_table(result)}\n\nStage 1, the policies (float cache, ranked by fidelity to `none`):\n\n"
-            f"{policy_table(result)}\n\nEvery setting by total device bytes (`a` / `t`: AbsRel / ATE Pareto "
-            f"front vs the ground truth; `D`: XStreamVGGT's default):\n\n{settings_table(result)}")
-
-
-def plot(result: dict, path: Path) -> None:
-    """Error vs total device bytes (log): AbsRel and ATE vs the ground truth and vs the uncompressed run;
-    colour = policy, marker = code width, hollow = low-bit weights; Pareto front line; defaults ringed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-
-    from xsvggt_jax.io.fsutil import atomic_write
-
-    recs = result["records"]
-    names = list(recs)
-    pols = sorted({recs[n]["cache_config"]["prune"] for n in names})
-    shapes = {FLOAT: "o", 8: "s", 4: "^", 2: "v"}
-    fig = Figure(figsize=(12, 9))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2)
-    panels = (("abs_rel", "depth AbsRel vs GT"), ("ate", "ATE vs GT"),
-              ("abs_rel_ref", "depth AbsRel vs uncompressed"), ("ate_ref", "ATE vs uncompressed"))
-    for ax, (metric, title) in zip(axes.flat, panels):
-        xs = [recs[n]["total_bytes"] / 2 ** 20 for n in names]
-        ys = [quality._nan(recs[n]["metrics"][metric]) for n in names]
-        for n, x, y in zip(names, xs, ys):
-            cc = recs[n]["cache_config"]
-            colour = f"C{pols.index(cc['prune']) % 10}"
-            hollow = split_name(n)[1] != FLOAT
-            ax.scatter(x, y, marker=shapes.get(FLOAT if cc["quant"] == "none" else cc["bits"], "x"), s=30, zorder=3,
-                       facecolors="none" if hollow else colour, edgecolors=colour)
-            if n == quality.default_name(cc["budget"]):
-                ax.scatter(x, y, facecolors="none", edgecolors="k", s=140, lw=1.5, zorder=4)
-        front = quality.pareto_front(list(zip(xs, ys)))
-        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="k", lw=1, alpha=0.6, zorder=2)
-        for i in front:
-            ax.annotate(names[i], (xs[i], ys[i]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set(xscale="log", xlabel="total device bytes: weights + cache (MiB, log)", ylabel=metric, title=title)
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.grid(alpha=0.3, which="both")
-    handles = [axes[0, 0].scatter([], [], color=f"C{i % 10}", label=p) for i, p in enumerate(pols)]
-    handles += [axes[0, 0].scatter([], [], color="grey", marker=m, label="float cache" if b == FLOAT else f"{b}-bit cache")
-                for b, m in shapes.items()]
-    handles.append(axes[0, 0].scatter([], [], facecolors="none", edgecolors="grey", label="low-bit weights"))
-    handles.append(axes[0, 0].scatter([], [], facecolors="none", edgecolors="k", s=140, label="XStreamVGGT default"))
-    axes[0, 0].legend(handles=handles, fontsize=7, ncol=2)
-    fig.suptitle(f"quality per device byte: {len(result['sequences'])} x {result['frames']} frames at "
-                 f"{result['frame'][0]}x{result['frame'][1]}, params {result['params']} (line: Pareto front)", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-
-
 # -------------------------------------------------------------------------------------------- main
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -358,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-params", default="", metavar="LABEL=DIR,...",
                    help="more weight variants: params directories of the same model (e.g. int8=DIR)")
     p.add_argument("--stages", type=int, choices=(1, 2), default=2, help="run stage 1 only, or both (default)")
+    p.add_argument("--extra", default="", metavar="SETTING[+w=LABEL],...",
+                   help="more rows after the stages: `quality.study_setting` strings (e.g. a compressed camera "
+                        "cache: random-int4:3616/camera_quant=kcvt), optionally with a weight variant")
     p.add_argument("--time-limit", type=float, help="minutes: start no new setting after this (the JSON says INCOMPLETE)")
     p.add_argument("--keyframe-every", type=int, default=20, help="point-cloud metrics on every k-th frame (default 20)")
     p.add_argument("--pixel-stride", type=int, default=4, help="... at every s-th row and column (default 4)")
@@ -387,6 +154,7 @@ class Plan:
     weights: dict[str, dict]      # label -> params ("float" first)
     sources: dict[str, str]       # label -> where its params come from
     notes: list[str]
+    extra: list[str]              # --extra record names
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Plan:
@@ -457,11 +225,20 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Pla
             weights[name] = wp
     except ValueError as e:  # ParamsError, PretrainedError, ConfigError (frame size)
         parser.error(str(e))
+    extra = _csv(args.extra)
+    for name in extra:
+        setting, w = split_name(name)
+        try:
+            quality.study_setting(setting)
+        except ValueError as e:
+            parser.error(f"--extra {name!r}: {e}")
+        if w not in weights:
+            parser.error(f"--extra {name!r}: no weight variant {w!r} (have {', '.join(weights)})")
     tpf = cfg.tokens_per_frame(*hw)
     sources = {FLOAT: label, **{f: f"{label} quantized in memory (weights.quant {f})" for f in formats},
                **{name: d for name, _, d in pairs}}
     return Plan(params, cfg, label, hw, [k * tpf for k in frames_budgets], pols, widths, orders, weights, sources,
-                notes)
+                notes, extra)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -470,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.from_json is not None:
         result = json.loads(args.from_json.read_text())
+        result["answers"] = answers(result["records"])  # the analysis of this code, on the stored records
     else:
         result = study(args, check_args(parser, args))
     if not args.no_plot:
@@ -517,7 +295,11 @@ def study(args: argparse.Namespace, plan: Plan) -> dict:
         old = json.loads(args.json.read_text())
         if _same_run(old, result):
             records = {n: r for n, r in old["records"].items() if n != REFERENCE}
-            result["wall_s_before_resume"] = old.get("wall_s", 0.0) + old.get("wall_s_before_resume", 0.0)
+            for key in ("budgets", "policies", "widths", "orders", "notes"):  # the report covers both runs
+                result[key] = list(dict.fromkeys([*old.get(key, []), *result[key]]))
+            result["budgets"].sort()
+            result["weights"] = {**old.get("weights", {}), **result["weights"]}
+            result["wall_s_before_resume"] = old.get("wall_s", 0.0)  # which counts the runs before it
             log.info("resuming %s: %d records kept", args.json, len(records))
         else:
             log.warning("%s is another run (model, frames or sequences differ): starting afresh", args.json)
@@ -550,6 +332,8 @@ def study(args: argparse.Namespace, plan: Plan) -> dict:
     if done and args.stages == 2:
         done = run(plan_stage2(records, plan.budgets, plan.policies, args.best, plan.widths, plan.orders,
                                [w for w in weights if w != FLOAT]))
+    if done and plan.extra:
+        done = run(plan.extra)
     result["load_avg_after"] = os.getloadavg()[0]
     save(complete=done)
     log.info("wrote %s", args.json)
