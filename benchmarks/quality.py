@@ -386,16 +386,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=int, default=3, help="held-out sequences (default 3)")
     p.add_argument("--frames", type=int, default=100, help="frames per sequence (default 100)")
     p.add_argument("--size", help="frame HxW (default: the demo model's training size, 84x112)")
-    p.add_argument("--keyframe-every", type=int, default=10, help="point-cloud metrics on every k-th frame")
-    p.add_argument("--pixel-stride", type=int, default=4, help="... at every s-th row and column")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output JSON (default benchmarks/results/quality.json)")
-    p.add_argument("--png", type=Path, default=DEFAULT_PNG, help="output plot (default benchmarks/quality.png)")
+    add_study_flags(p, keyframe_every=10, json_default=DEFAULT_JSON, png_default=DEFAULT_PNG, markers_name="quality")
+    return p
+
+
+def add_study_flags(p: argparse.ArgumentParser, *, keyframe_every: int, json_default: Path, png_default: Path,
+                    markers_name: str) -> None:
+    """The flags this study shares with `quality_scale`: metric sampling, outputs, README, compile cache."""
+    p.add_argument("--keyframe-every", type=int, default=keyframe_every,
+                   help=f"point-cloud metrics on every k-th frame (default {keyframe_every})")
+    p.add_argument("--pixel-stride", type=int, default=4, help="... at every s-th row and column (default 4)")
+    p.add_argument("--json", type=Path, default=json_default, help=f"output JSON (default {_shown(json_default)})")
+    p.add_argument("--png", type=Path, default=png_default, help=f"output plot (default {_shown(png_default)})")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--from-json", type=Path, help="no study: report (and plot) an existing JSON")
     p.add_argument("--update-readme", nargs="?", const=HERE / "README.md", type=Path, metavar="README",
-                   help="put the tables between the quality markers of this README (default benchmarks/README.md)")
+                   help=f"put the tables between the {markers_name} markers of this README (default benchmarks/README.md)")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
-    return p
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(HERE.parent)) if path.is_relative_to(HERE.parent) else str(path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -126,16 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more rows after the stages: `quality.study_setting` strings (e.g. a compressed camera "
                         "cache: random-int4:3616/camera_quant=kcvt), optionally with a weight variant")
     p.add_argument("--time-limit", type=float, help="minutes: start no new setting after this (the JSON says INCOMPLETE)")
-    p.add_argument("--keyframe-every", type=int, default=20, help="point-cloud metrics on every k-th frame (default 20)")
-    p.add_argument("--pixel-stride", type=int, default=4, help="... at every s-th row and column (default 4)")
     p.add_argument("--resume", action="store_true", help="keep the records of an existing --json of the same run")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output JSON (default results/quality_scale.json)")
-    p.add_argument("--png", type=Path, default=DEFAULT_PNG, help="output plot (default benchmarks/quality_scale.png)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--from-json", type=Path, help="no study: report (and plot) an existing JSON")
-    p.add_argument("--update-readme", nargs="?", const=HERE / "README.md", type=Path, metavar="README",
-                   help="put the tables between the quality_scale markers of this README (default benchmarks/README.md)")
-    p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
+    quality.add_study_flags(p, keyframe_every=20, json_default=DEFAULT_JSON, png_default=DEFAULT_PNG,
+                            markers_name="quality_scale")
     return p
 
 

@@ -20,15 +20,19 @@ def demo():
     return params, cfg, pretrained.card("demo")
 
 
-def test_shipped_file_is_small_float16_and_matches_its_config(demo):
-    params, cfg, card = demo
+def _shipped_file_is_small_float16_and_matches(name: str, params, cfg, card) -> None:
+    """A shipped model: float16 on disk (2 bytes a parameter + header), its card's config and text."""
     files = resources.files("xsvggt_jax.pretrained")
-    size = len(files.joinpath("demo.safetensors").read_bytes())
+    size = len(files.joinpath(f"{name}.safetensors").read_bytes())
     n = sum(x.size for x in jax.tree.leaves(params))
-    assert card["storage_dtype"] == "float16" and size < 2 * n + 64 * 1024  # 2 bytes a parameter + header
+    assert card["storage_dtype"] == "float16" and size < 2 * n + 64 * 1024
     assert cfg == ModelConfig.from_dict(card["config"])
     assert all(x.dtype == np.float32 and np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
-    assert files.joinpath("demo.md").read_text() == model_card_markdown(card)
+    assert files.joinpath(f"{name}.md").read_text() == model_card_markdown(card)
+
+
+def test_shipped_file_is_small_float16_and_matches_its_config(demo):
+    _shipped_file_is_small_float16_and_matches("demo", *demo)
 
 
 def test_heldout_metrics_reproduce_the_card_within_1e_4(demo):
@@ -63,12 +67,7 @@ def stream8():
 
 def test_stream8_is_small_float16_in_the_published_like_regime(stream8):
     params, cfg, card = stream8
-    files = resources.files("xsvggt_jax.pretrained")
-    size = len(files.joinpath("stream8.safetensors").read_bytes())
-    n = sum(x.size for x in jax.tree.leaves(params))
-    assert card["storage_dtype"] == "float16" and size < 2 * n + 64 * 1024
-    assert cfg == ModelConfig.from_dict(card["config"])
-    assert files.joinpath("stream8.md").read_text() == model_card_markdown(card)
+    _shipped_file_is_small_float16_and_matches("stream8", *stream8)
     h, w = card["frame_size"]
     patches = (h // cfg.patch_size) * (w // cfg.patch_size)
     assert patches >= 108 and card["training"]["data"]["frames"] >= 8   # budgets of 1-4 frames cut into history
