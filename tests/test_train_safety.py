@@ -264,8 +264,8 @@ def test_unrelated_run_json_is_not_a_training_run(plan, tmp_path, capsys):
 def test_init_path_spellings_are_one_run(plan, tmp_path, capsys, monkeypatch):
     import xsvggt_jax.weights.params as params_dir
     monkeypatch.setattr(params_dir, "load_params", lambda path: (_params(), ModelConfig.preset("micro")))
-    monkeypatch.setattr(params_dir, "load_config", lambda path: ModelConfig.preset("micro"))
-    monkeypatch.setattr(params_dir, "load_weight_format", lambda path: WeightFormat())  # float weights
+    # config.json's reads (load_config and load_weight_format go through it): micro, float weights
+    monkeypatch.setattr(params_dir, "load_stored", lambda path: (ModelConfig.preset("micro"), WeightFormat()))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p").mkdir()
     base = ["train", "--steps", "2", "--save-every", "1", "--eval-scenes", "0", "--out", "run", "--quiet"]

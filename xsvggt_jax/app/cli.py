@@ -56,9 +56,9 @@ def _convert(args) -> Path:
     from_dir = Path(args.src).is_dir()
     if from_dir and args.spec:
         raise ConfigError("--spec describes an upstream checkpoint; a params directory carries its own configuration")
-    if from_dir and load_weight_format(args.src).quantized:
-        raise ConfigError(f"{args.src} holds {load_weight_format(args.src).to_text()} weights already: convert from "
-                          "float weights")
+    stored = load_weight_format(args.src) if from_dir else None
+    if stored is not None and stored.quantized:
+        raise ConfigError(f"{args.src} holds {stored.to_text()} weights already: convert from float weights")
     _check_target(Path(args.out).absolute(), args.overwrite)  # fail fast, before reading SRC
     if from_dir:
         params, cfg = load_params(args.src)

@@ -146,12 +146,13 @@ def _params_dir(args: argparse.Namespace, params_dir: Optional[str]) -> Optional
     return params_dir or getattr(args, "params", None)
 
 
-def _check_stored(args: argparse.Namespace, directory: str) -> None:
-    """The weight format a params directory stores against --weights (cheap: config.json only)."""
-    from xsvggt_jax.weights.params import ParamsError, load_weight_format
+def _check_stored(args: argparse.Namespace, directory: str) -> ModelConfig:
+    """The weight format a params directory stores against --weights; its config (cheap: config.json only)."""
+    from xsvggt_jax.weights.params import ParamsError, load_stored
 
-    stored = load_weight_format(directory)
+    cfg, stored = load_stored(directory)
     if not stored.quantized:
+        return cfg
         return
     if not hasattr(args, "weights"):
         raise ParamsError(f"{directory} holds {stored.to_text()} weights; this command needs float weights "
@@ -161,6 +162,7 @@ def _check_stored(args: argparse.Namespace, directory: str) -> None:
         raise ConfigError(f"--weights {want.to_text()}: {directory} holds {stored.to_text()} weights, which are not "
                           f"quantized again; leave --weights out (or give {stored.to_text()}), or start from float "
                           "weights")
+    return cfg
 
 
 def _apply_weights(params: Any, args: argparse.Namespace) -> Any:
@@ -184,13 +186,10 @@ def model_config(args: argparse.Namespace, *, params_dir: Optional[str] = None) 
     """The configuration the weight flags name, --dtype applied, reading no weights: the params directory
     `params_dir` (default --params; its weight format checked against --weights), else --checkpoint's
     (--spec or published); None when neither is given. --model applied (`with_model`)."""
-    from xsvggt_jax.weights.params import load_config
-
     check_weight_flags(args)
     directory = _params_dir(args, params_dir)
     if directory:
-        _check_stored(args, directory)
-        return with_model(with_dtype(load_config(directory), args), args)
+        return with_model(with_dtype(_check_stored(args, directory), args), args)
     if getattr(args, "checkpoint", None):
         return with_model(with_dtype(spec_config(getattr(args, "spec", None)), args), args)
     return None

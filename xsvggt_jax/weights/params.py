@@ -268,20 +268,25 @@ def _read_config(directory: Path) -> tuple[dict, Path]:
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
     """The ModelConfig stored in a params directory (cheap: reads only config.json)."""
-    data, path = _read_config(Path(directory))
-    try:
-        return _config_from_json(data, path)
-    except ConfigError as e:
-        raise ParamsError(f"{path}: invalid configuration ({e})") from e
+    return load_stored(directory)[0]
 
 
 def load_weight_format(directory: str | os.PathLike) -> WeightFormat:
     """How a params directory stores its kernels (float unless config.json says int8 / int4; cheap)."""
+    return load_stored(directory)[1]
+
+
+def load_stored(directory: str | os.PathLike) -> tuple[ModelConfig, WeightFormat]:
+    """(ModelConfig, WeightFormat) of a params directory, from one read of its config.json."""
     data, path = _read_config(Path(directory))
-    if not isinstance(data, dict) or data.get("format") != FORMAT or WEIGHTS_KEY not in data:
-        return WeightFormat()
     try:
-        return WeightFormat.from_dict(data[WEIGHTS_KEY])
+        cfg = _config_from_json(data, path)
+    except ConfigError as e:
+        raise ParamsError(f"{path}: invalid configuration ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT or WEIGHTS_KEY not in data:
+        return cfg, WeightFormat()
+    try:
+        return cfg, WeightFormat.from_dict(data[WEIGHTS_KEY])
     except ConfigError as e:
         raise ParamsError(f"{path}: invalid weight format ({e})") from e
 
@@ -328,8 +333,7 @@ def load_params(directory: str | os.PathLike, *,
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    cfg = load_config(directory)
-    fmt = load_weight_format(directory)
+    cfg, fmt = load_stored(directory)
     ckpt = directory / PARAMS_SUBDIR
     if not ckpt.is_dir():
         raise ParamsError(f"{directory}: not a params directory ({PARAMS_SUBDIR}/ checkpoint is missing)")
