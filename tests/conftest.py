@@ -28,18 +28,24 @@ def require_reference(path: Path = REFERENCE) -> Path:
     return path
 
 
-# XLA's CPU back end with LLVM's cheaper pipeline: compiles this model's programs ~30% faster, but it
-# is not the program users run, and it rounds differently (the KTVT stream's whole-stream error moves
-# from 6.7e-6 to 1.3e-5). So the tests in this process, which check parity with upstream, keep XLA's
-# defaults, and only subprocesses that compare their own runs with each other (sharded vs single, two
-# meshes, notebooks) get these flags, through `child_xla_flags`.
+# XLA's CPU back end with LLVM's cheaper pipeline, for the whole run: this process (set before jax
+# creates its backend, which reads XLA_FLAGS once) and, through the environment, every subprocess the
+# tests start. It compiles this model's programs 40-45% faster (tests/test_cache.py +
+# test_policies_new.py: 98 s of CPU against 177 s), and compile time is most of the suite's. The HLO
+# programs are the same; only LLVM's code generation for them differs, so results move by rounding
+# only: every parity test passes at its unchanged tolerance under both pipelines (e.g. the KTVT
+# stream's whole-stream error is 1.3e-5 here and 6.7e-6 with XLA's defaults, against 5e-4). To run
+# the suite with XLA's default pipeline: XSVGGT_TEST_XLA_DEFAULTS=1 python -m pytest.
 CHILD_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+if os.environ.get("XSVGGT_TEST_XLA_DEFAULTS") != "1":
+    _flags = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in CHILD_XLA_FLAGS if f not in _flags])
 
 
 def child_xla_flags(*extra: str) -> str:
-    """XLA_FLAGS for a subprocess whose checks compare its own runs only: this process's flags, the
-    faster-compiling CHILD_XLA_FLAGS and `extra` (e.g. --xla_force_host_platform_device_count=N)."""
-    return " ".join(filter(None, [os.environ.get("XLA_FLAGS"), *CHILD_XLA_FLAGS, *extra]))
+    """XLA_FLAGS for a subprocess: this run's flags (above) and `extra` (e.g.
+    --xla_force_host_platform_device_count=N)."""
+    return " ".join(filter(None, [os.environ.get("XLA_FLAGS"), *extra]))
 
 
 def rel_err(ours, ref) -> float:
