@@ -67,16 +67,18 @@ def run_error(argv, capsys) -> str:
 
 
 # The test files in descending order of their run time on a 2-core CPU (pytest --durations, summed per
-# file, 2026-12-07). pyproject's addopts hand whole files to two xdist workers in collection order
-# (--dist loadfile --no-loadscope-reorder): the longest files go first and the short ones fill in at the
-# end (longest-processing-time scheduling), so the two workers finish close together instead of one
-# starting a multi-minute file while the other is done. Files not named here follow, in name order.
+# file: a clean-clone CI run of 2026-12-07, with the cheaper LLVM pipeline above). pyproject's addopts
+# hand whole files to two xdist workers in collection order (--dist loadfile --no-loadscope-reorder): the
+# longest files go first and the short ones fill in at the end (longest-processing-time scheduling), so
+# the two workers finish close together instead of one starting a multi-minute file while the other is
+# done. Files not named here follow, in name order.
 HEAVIEST_FIRST = (
-    "test_many.py", "test_train_step.py", "test_parity.py", "test_step.py", "test_parallel.py",
-    "test_multidevice.py", "test_product.py", "test_notebooks.py", "test_benchmarks.py", "test_cli.py",
-    "test_params.py", "test_seqpar.py", "test_live.py", "test_policies_new.py", "test_train_losses.py",
-    "test_cache.py", "test_precision.py", "test_eval_runner.py", "test_safety.py", "test_model_shapes.py",
-    "test_track_mask.py", "test_heads.py", "test_pretrained.py", "test_policies.py", "test_quant.py",
+    "test_train_step.py", "test_many.py", "test_parity.py", "test_product.py", "test_notebooks.py",
+    "test_multidevice.py", "test_step.py", "test_cache.py", "test_safety.py", "test_parallel.py", "test_quant.py",
+    "test_benchmarks.py", "test_live.py", "test_weight_quant.py", "test_cli.py", "test_precision.py",
+    "test_packed_attention.py", "test_params.py", "test_seqpar.py", "test_model_shapes.py", "test_attention.py",
+    "test_view.py", "test_eval_runner.py", "test_policies_new.py", "test_policies.py", "test_quality_scale.py",
+    "test_pretrained.py", "test_vggt.py", "test_train_losses.py", "test_track_mask.py",
 )
 
 

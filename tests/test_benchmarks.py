@@ -66,11 +66,12 @@ def test_summary_table_lists_every_setting(run, capsys):
 
 
 def test_plot_is_written(tmp_path):
-    res = stream.main(["--config", "tiny", "--frames", "2", "--settings", "sliding", "--budget", "64",
+    """The module run's setting and length (its step program: a compilation-cache hit), plotted."""
+    res = stream.main(["--config", "tiny", "--frames", "3", "--settings", "xstream-int4", "--budget", "64",
                        "--out-dir", str(tmp_path), "--name", "plotted", *SMALL_MATMUL])
     png = tmp_path / "plotted.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "plotted.json").exists() and res["settings"]["sliding"]["traces"] == 1
+    assert (tmp_path / "plotted.json").exists() and res["settings"]["xstream-int4"]["traces"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
