@@ -153,7 +153,6 @@ def _check_stored(args: argparse.Namespace, directory: str) -> ModelConfig:
     cfg, stored = load_stored(directory)
     if not stored.quantized:
         return cfg
-        return
     if not hasattr(args, "weights"):
         raise ParamsError(f"{directory} holds {stored.to_text()} weights; this command needs float weights "
                           "(a params directory written without --weights)")
