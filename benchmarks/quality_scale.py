@@ -288,8 +288,10 @@ def study(args: argparse.Namespace, plan: Plan) -> dict:
         old = json.loads(args.json.read_text())
         if _same_run(old, result):
             records = {n: r for n, r in old["records"].items() if n != REFERENCE}
-            for key in ("budgets", "policies", "widths", "orders", "notes"):  # the report covers both runs
+            for key in ("budgets", "policies", "widths", "orders"):  # the report covers both runs
                 result[key] = list(dict.fromkeys([*old.get(key, []), *result[key]]))
+            # the notes say which axes this tree cannot run: an earlier run's "not measured" is stale
+            # once this one measures it, so they are this run's (plan.notes)
             result["budgets"].sort()
             result["weights"] = {**old.get("weights", {}), **result["weights"]}
             result["wall_s_before_resume"] = old.get("wall_s", 0.0)  # which counts the runs before it
